@@ -1,0 +1,78 @@
+"""WKV ops: one interface for RWKV-5, 6 and 7, several implementations.
+
+    y, final_state = wkv(r, k, v, logw, u=..., state=..., op="torch")          # RWKV-5 / RWKV-6
+    y, final_state = wkv(r, k, v, logw, a=..., b=..., state=..., op="torch")   # RWKV-7
+
+Shapes: r, k, v, logw, a, b are [B, T, H, N] (N = head size); u is [H, N]; ``state`` (optional,
+default zero) and ``final_state`` are [B, H, N, N] in fp32, laid out S[value, key] for every version
+(the layout of ``blocks.i.att.time_state`` in a checkpoint). ``logw`` is log(decay) <= 0.
+``y`` has r's dtype. Every op gives gradients to every input, the initial state included.
+
+Ops (``OP`` in training.sh):
+  torch    the fp32 per-token recurrence in reference.py: the oracle, any device, slow
+  chunk    the same maths in chunks of matrix products, pure PyTorch: the CPU training op
+  fla      the Triton chunk kernels of flash-linear-attention (fla-core), CUDA only
+  rwkvfla  the same kernels from rwkv-fla, for users who installed that package instead
+  auto     the fastest op that works here
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .reference import wkv6_reference, wkv7_reference
+
+OP_NAMES = ("auto", "torch", "chunk", "fla", "rwkvfla")
+
+# name -> (wkv7 function, wkv6 function, availability check(device) -> reason or None)
+_REGISTRY: dict[str, tuple[Callable, Callable, Callable[[torch.device], str | None]]] = {
+    "torch": (wkv7_reference, wkv6_reference, lambda device: None),
+}
+
+
+def register(name: str, fn7: Callable, fn6: Callable, check: Callable[[torch.device], str | None]) -> None:
+    _REGISTRY[name] = (fn7, fn6, check)
+
+
+def _load_builtin() -> None:
+    # Imported lazily so that a failing optional op never breaks ``import trainer.ops``.
+    from . import chunk  # noqa: F401  (registers "chunk")
+    from . import fla_ops  # noqa: F401  (registers "fla" and "rwkvfla"; imports fla only when called)
+
+
+def why_unavailable(name: str, device: torch.device | str) -> str | None:
+    """None if op ``name`` runs on ``device``, else the reason and what to install."""
+    _load_builtin()
+    device = torch.device(device)
+    if name not in _REGISTRY:
+        return f"unknown OP '{name}'; choose one of {', '.join(OP_NAMES)}"
+    return _REGISTRY[name][2](device)
+
+
+def resolve(name: str, device: torch.device | str) -> str:
+    """Turn ``auto`` into a concrete op and check that the chosen op can run on ``device``."""
+    device = torch.device(device)
+    if name == "auto":
+        order = ("fla", "rwkvfla", "chunk") if device.type == "cuda" else ("chunk",)
+        for cand in order:
+            if why_unavailable(cand, device) is None:
+                return cand
+        return "torch"
+    reason = why_unavailable(name, device)
+    if reason:
+        raise UserError(f"OP={name} cannot run here: {reason}", "set OP=auto to pick one that works")
+    return name
+
+
+def wkv(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, *, u: Tensor | None = None,
+        a: Tensor | None = None, b: Tensor | None = None, state: Tensor | None = None,
+        op: str = "torch") -> tuple[Tensor, Tensor]:
+    if op not in _REGISTRY:
+        _load_builtin()
+    fn7, fn6, _ = _REGISTRY[op]
+    if a is not None:
+        return fn7(r, k, v, logw, a, b, state)
+    return fn6(r, k, v, logw, u, state)

@@ -1,0 +1,413 @@
+"""The training loop: one validated TrainConfig in, checkpoints in OUTPUT out.
+
+Built on Lightning Fabric (Lightning 2.x), which gives devices, precision, DDP and DeepSpeed, while the loop
+itself stays here, short and explicit, so that resume is exact and Ctrl+C always saves first.
+
+Files written to OUTPUT:
+  rwkv-E.pth           the trained tensors after epoch E, with metadata (checkpoint.save_adapter)
+  rwkv-interrupted.pth the same, written when Ctrl+C stops a run mid-epoch
+  train_state.pth      optimizer, position and RNG of the newest save: what RESUME=1 continues from
+  loss.csv, loss.png   the loss of every optimizer step, and its plot (redrawn at each save)
+  samples.txt          the text generated from SAMPLE_PROMPT at each save
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import TrainConfig
+from .errors import UserError
+from .schedule import learning_rate
+
+GRAD_CLIP = 1.0
+ADAM_BETAS = (0.9, 0.99)
+ADAM_EPS = 1e-8
+SAMPLE_TOKENS = 64
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)     # one per optimizer step, this run only
+    saved: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+    global_step: int = 0
+
+
+# --------------------------------------------------------------------------- set-up
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    want = cfg.ACCELERATOR
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("ACCELERATOR=cuda but PyTorch sees no CUDA GPU.",
+                        "check `nvidia-smi` and that torch was installed with CUDA, or set ACCELERATOR=cpu")
+    return torch.device(want)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """Fabric's precision string and the dtype the frozen weights are stored in."""
+    if cfg.PRECISION == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            raise UserError(f"PRECISION=bf16 but this GPU ({name}) has no bf16 support.",
+                            "set PRECISION=fp16 (or fp32) in training.sh")
+        return "bf16-mixed", torch.bfloat16
+    if cfg.PRECISION == "fp16":
+        if device.type != "cuda":
+            raise UserError("PRECISION=fp16 needs a CUDA GPU.", "on the CPU use PRECISION=fp32 or bf16")
+        return "16-mixed", torch.float16
+    return "32-true", torch.float32
+
+
+def method_settings(cfg: TrainConfig) -> dict:
+    mode = cfg.FINETUNE_MODE
+    if mode == "lora":
+        return {"r": cfg.LORA_R, "alpha": cfg.LORA_ALPHA, "dropout": cfg.LORA_DROPOUT}
+    if mode == "pissa":
+        return {"r": cfg.PISSA_R, "svd_niter": cfg.SVD_NITER}
+    if mode in ("bone", "bat"):
+        return {"r": cfg.DISHA_R}
+    return {}
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    model: torch.nn.Module
+    method: object
+    dataset: object
+    op: str
+    base_meta: dict
+
+
+def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
+    """Everything before the first step: checks, model, method, data. Used by the dry run too."""
+    from . import ops
+    from .data.binidx import BinIdx
+    from .data.dataset import make_dataset
+    from .peft import get_method
+
+    cfg.check_files()
+    device = resolve_device(cfg)
+    precision, weight_dtype = resolve_precision(cfg, device)
+    op = ops.resolve(cfg.OP, device)
+
+    model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
+    base_meta = checkpoint.base_metadata(cfg.model_path, model)
+    method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
+    method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.op = op
+    model.grad_cp = bool(cfg.GRAD_CP)
+
+    dataset = make_dataset(cfg.DATALOAD, BinIdx(cfg.data_prefix), ctx_len=cfg.CTX_LEN,
+                           micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
+                           loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=0)
+    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta)
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train, total
+
+
+def dry_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
+    """Print the resolved config, the trainable parameter count and two decoded samples, then stop."""
+    from .data.dataset import preview
+    from .data.tokenizer import get_tokenizer
+
+    prep = prepare(cfg, log)
+    train, total = count_trainable(prep.model)
+    mc = prep.model.cfg
+    log("Resolved configuration:")
+    log(cfg.summary())
+    log(f"Model: RWKV-{mc.version}, {mc.n_layer} layers × {mc.n_embd} wide, head size {mc.head_size}, "
+        f"vocabulary {mc.vocab_size} ({total / 1e6:.2f} M parameters)")
+    log(f"Device: {prep.device}, precision {prep.precision}, WKV op '{prep.op}'")
+    log(f"Trainable: {train:,} parameters ({100 * train / total:.3f}% of {total:,})")
+    prep.dataset.set_epoch(0)
+    tok = get_tokenizer()
+    for j in range(min(2, len(prep.dataset))):
+        log(f"--- sample {j} (text the loss ignores is marked) ---")
+        log(preview(prep.dataset[j], tok))
+    log("Dry run only: nothing was trained.")
+    return prep
+
+
+# --------------------------------------------------------------------------- loss
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions where mask is 1."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = mask.flatten().to(ce.dtype)
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------- saving
+class RunFiles:
+    """Everything written to OUTPUT, each write atomic."""
+
+    def __init__(self, out: Path, prep: Prepared):
+        self.out = out
+        self.prep = prep
+        out.mkdir(parents=True, exist_ok=True)
+        self.csv_path = out / "loss.csv"
+
+    def adapter_path(self, epoch: int | None) -> Path:
+        return self.out / ("rwkv-interrupted.pth" if epoch is None else f"rwkv-{epoch}.pth")
+
+    def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
+             optimizer: torch.optim.Optimizer, complete: bool) -> Path:
+        prep = self.prep
+        tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
+        meta = {
+            "method": prep.cfg.FINETUNE_MODE,
+            "settings": prep.method.metadata(),
+            "train_parts": list(prep.cfg.TRAIN_PARTS),
+            "quant": prep.cfg.QUANT,
+            "base": prep.base_meta,
+            "epoch": epoch,
+            "complete": complete,
+            "optimizer_steps": opt_step,
+            "config": prep.cfg.to_env(),
+        }
+        path = self.adapter_path(epoch if complete else None)
+        checkpoint.save_adapter(path, tensors, meta)
+        checkpoint.save_train_state(self.out / "train_state.pth", {
+            "adapter": path.name,
+            "epoch": epoch if not complete else epoch + 1,
+            "step_in_epoch": step_in_epoch if not complete else 0,
+            "opt_step": opt_step,
+            "micro_step": micro_step,
+            "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": prep.cfg.to_env(),
+        })
+        return path
+
+    def append_losses(self, rows: list[tuple]) -> None:
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
+            w.writerows(rows)
+
+    def plot(self) -> Path | None:
+        if not self.csv_path.exists():
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        steps, losses = [], []
+        with open(self.csv_path) as fh:
+            for row in csv.DictReader(fh):
+                steps.append(int(row["optimizer_step"]))
+                losses.append(float(row["loss"]))
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        ax.plot(steps, losses, lw=1, alpha=0.5, label="loss")
+        if len(losses) >= 10:
+            k = max(2, len(losses) // 20)
+            smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{self.prep.cfg.FINETUNE_MODE} on {self.prep.cfg.DATA}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        tmp = self.out / "loss.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.out / "loss.png")
+        return self.out / "loss.png"
+
+    def sample(self, epoch: int, log: Callable[[str], None]) -> str:
+        from .generate import generate_text
+        model = self.prep.model
+        was_training = model.training
+        model.eval()
+        rng = torch.get_rng_state()        # sampling must not change the training run's random stream
+        try:
+            text = generate_text(model, self.prep.cfg.SAMPLE_PROMPT, tokens=SAMPLE_TOKENS,
+                                 temperature=1.0, top_p=0.5, seed=self.prep.cfg.SEED)
+        finally:
+            model.train(was_training)
+            torch.set_rng_state(rng)
+        with open(self.out / "samples.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"=== epoch {epoch}\n{self.prep.cfg.SAMPLE_PROMPT}{text}\n\n")
+        log(f"sample after epoch {epoch}: {self.prep.cfg.SAMPLE_PROMPT!r} → {text.strip()[:200]!r}")
+        return text
+
+
+# --------------------------------------------------------------------------- the loop
+def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
+    if not cfg.RESUME:
+        return None
+    path = cfg.output_dir / "train_state.pth"
+    if not path.is_file():
+        raise UserError(f"RESUME=1 but there is nothing to resume in {cfg.output_dir}/ (no train_state.pth).",
+                        "set RESUME=0 to start a new run")
+    state = checkpoint.load_train_state(path)
+    old = state.get("config", {})
+    for key in ("MODEL", "FINETUNE_MODE", "DATA", "CTX_LEN", "MICRO_BSZ", "EPOCH_STEPS", "DATALOAD",
+                "LORA_R", "PISSA_R", "DISHA_R", "TRAIN_PARTS", "SEED"):
+        if key in old and old[key] != cfg.to_env()[key]:
+            raise UserError(f"RESUME=1 but {key} changed since the saved run ({old[key]!r} → {cfg.to_env()[key]!r}).",
+                            f"set {key}={old[key]} to resume, or RESUME=0 and a new OUTPUT to start afresh")
+    tensors, _meta = checkpoint.load_adapter(cfg.output_dir / state["adapter"])
+    prep.method.load_adapter(prep.model, tensors)
+    for p in prep.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return state
+
+
+def _wandb_run(cfg: TrainConfig):
+    if not cfg.WANDB:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"WANDB={cfg.WANDB} but the wandb package is not installed.",
+                        "pip install wandb (and run `wandb login` once), or set WANDB=\"\"") from None
+    return wandb.init(project=cfg.WANDB, config=cfg.to_env())
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train as configured. ``max_steps`` (micro steps, for tests) stops early as if interrupted."""
+    from lightning_fabric import Fabric
+    from tqdm import tqdm
+
+    prep = prepare(cfg, log)
+    torch.manual_seed(cfg.SEED)
+    model = prep.model
+    files = RunFiles(cfg.output_dir, prep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.LR_INIT, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    state = _resume_state(cfg, prep)
+
+    fabric = Fabric(accelerator=prep.device.type, devices=1, precision=prep.precision)
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer, move_to_device=False)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    start_epoch = state["epoch"] if state else 0
+    start_step = state["step_in_epoch"] if state else 0
+    opt_step = state["opt_step"] if state else 0
+    micro_step = state["micro_step"] if state else 0
+    if state:
+        log(f"resuming from {state['adapter']}: epoch {start_epoch}, step {start_step}, "
+            f"optimizer step {opt_step}")
+
+    accum = cfg.MINI_BSZ
+    total_opt_steps = math.ceil(cfg.EPOCH_STEPS / accum) * cfg.EPOCH_COUNT
+    tokens_per_step = cfg.MICRO_BSZ * cfg.CTX_LEN * cfg.world_size
+    result = TrainResult(global_step=opt_step)
+    pending_rows: list[tuple] = []
+    train, total = count_trainable(model)
+    log(f"training {train:,} of {total:,} parameters on {prep.device} ({prep.precision}, op '{prep.op}'), "
+        f"{cfg.EPOCH_COUNT} epochs × {cfg.EPOCH_STEPS} steps → {cfg.output_dir}/")
+
+    run = _wandb_run(cfg)
+    log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
+    bar = tqdm(total=cfg.EPOCH_COUNT * cfg.EPOCH_STEPS, initial=start_epoch * cfg.EPOCH_STEPS + start_step,
+               disable=not progress, unit="step", dynamic_ncols=True)
+    epoch, loss_acc = start_epoch, 0.0
+    committed = (start_epoch, start_step, micro_step)   # position after the last optimizer step
+    t_last, tok_since = time.perf_counter(), 0
+    model.train()
+    try:
+        for epoch in range(start_epoch, cfg.EPOCH_COUNT):
+            prep.dataset.set_epoch(epoch)
+            first = start_step if epoch == start_epoch else 0
+            for step in range(first, cfg.EPOCH_STEPS):
+                if max_steps is not None and micro_step >= max_steps:
+                    raise KeyboardInterrupt
+                batch = prep.dataset.collate([prep.dataset[j] for j in
+                                              range(step * cfg.MICRO_BSZ, (step + 1) * cfg.MICRO_BSZ)])
+                x = batch["input_ids"].to(prep.device)
+                y = batch["targets"].to(prep.device)
+                m = batch["mask"].to(prep.device)
+                boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
+                with fabric.no_backward_sync(model, enabled=not boundary):
+                    logits = model(x)
+                    loss = masked_loss(logits, y, m)
+                    fabric.backward(loss / accum)
+                lv = loss.item()
+                if not math.isfinite(lv):
+                    raise UserError(f"the loss became {lv} at epoch {epoch}, step {step}; nothing was saved "
+                                    "for this step.", "lower LR_INIT, use PRECISION=bf16 instead of fp16, "
+                                    "or check the data")
+                loss_acc += lv / accum
+                micro_step += 1
+                tok_since += x.numel()
+                if boundary:
+                    lr = learning_rate(opt_step, total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL,
+                                       cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    fabric.clip_gradients(model, optimizer, max_norm=GRAD_CLIP)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    opt_step += 1
+                    now = time.perf_counter()
+                    tps = tok_since / max(now - t_last, 1e-9)
+                    t_last, tok_since = now, 0
+                    result.losses.append(loss_acc)
+                    pending_rows.append((opt_step, epoch, f"{loss_acc:.6f}", f"{lr:.3e}", f"{tps:.1f}"))
+                    bar.set_postfix(loss=f"{loss_acc:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    if run is not None:
+                        run.log({"loss": loss_acc, "lr": lr, "tokens_per_s": tps, "epoch": epoch}, step=opt_step)
+                    if not progress and (opt_step % log_every == 0 or opt_step == total_opt_steps):
+                        log(f"epoch {epoch} step {step + 1}/{cfg.EPOCH_STEPS}  optimizer step {opt_step}/"
+                            f"{total_opt_steps}  loss {loss_acc:.4f}  lr {lr:.2e}  {tps:,.0f} tokens/s")
+                    loss_acc = 0.0
+                    committed = (epoch, step + 1, micro_step)
+                    if len(pending_rows) >= 10:
+                        files.append_losses(pending_rows)
+                        pending_rows = []
+                bar.update(1)
+            # epoch done
+            files.append_losses(pending_rows)
+            pending_rows = []
+            if (epoch + 1) % cfg.EPOCH_SAVE == 0 or epoch + 1 == cfg.EPOCH_COUNT:
+                path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,
+                                  micro_step=micro_step, optimizer=optimizer, complete=True)
+                result.saved.append(path)
+                bar.write(f"saved {path}")
+                files.plot()
+                files.sample(epoch, bar.write)
+    except KeyboardInterrupt:
+        bar.close()
+        files.append_losses(pending_rows)
+        # A partial gradient accumulation is dropped: resume restarts at the last optimizer step.
+        c_epoch, c_step, c_micro = committed
+        optimizer.zero_grad(set_to_none=True)
+        path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
+                          optimizer=optimizer, complete=False)
+        files.plot()
+        result.saved.append(path)
+        result.interrupted = True
+        log(f"\nstopped: saved {path} (epoch {c_epoch}, step {c_step}). Continue with RESUME=1.")
+    finally:
+        bar.close()
+        if run is not None:
+            run.finish()
+    result.global_step = opt_step
+    return result

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Step 2: fine-tune a base RWKV model on your tokenized data.
+# Edit the variables below, then run ./training.sh   (./training.sh --dry-run checks everything first
+# and shows two training samples with the loss mask, without training).
+# Every value is checked before anything is loaded; a mistake gets a one-line message with the fix.
+set -a   # every variable below is handed to the trainer
+
+# ---------------------------------------------------------------- paths
+MODEL="demo.pth"          # base model: a .pth file in model/ (RWKV-5, 6 or 7; sizes are read from the file)
+DATA="sample"             # data: the name make_tokenize.sh printed (data/NAME.bin + data/NAME.idx)
+OUTPUT="output"           # where checkpoints, loss.csv, loss.png and samples.txt go
+
+# ---------------------------------------------------------------- method
+FINETUNE_MODE="lora"      # lora | pissa | bone | bat | state | full. Beginners: lora. state = tiny file, mountable in RWKV-Runner
+LORA_R=64                 # lora: rank. 8-64 usual; higher = more capacity, more memory
+LORA_ALPHA=128            # lora: the update is scaled by LORA_ALPHA/LORA_R; 2×LORA_R is a good start
+LORA_DROPOUT=0            # lora: 0 is fine; 0.05 can help with very small data
+PISSA_R=64                # pissa: rank
+SVD_NITER=4               # pissa: power iterations of the fast SVD at start-up; 4 is plenty
+DISHA_R=64                # bone / bat: block size; must divide the model width (64 works for every released size)
+TRAIN_PARTS=""            # also train: any of "emb head time ln" (RWKV-PEFT trains "time ln"); empty = only the method
+
+# ---------------------------------------------------------------- data
+CTX_LEN=512               # tokens per sample: make_tokenize.sh suggests one; state tuning likes it short (512)
+DATALOAD="pad"            # pad: each item from its start, padded (any MICRO_BSZ) | only: one item per step | get: random windows
+LOSS_MASK="pad"           # pad: ignore padding | qa: train only on the Assistant's answers | none
+
+# ---------------------------------------------------------------- schedule
+MICRO_BSZ=1               # samples per step per GPU: raise it while memory allows (see make_tokenize's table)
+MINI_BSZ=1                # gradient accumulation: micro-batches added up per optimizer step (1 = off)
+EPOCH_COUNT=1             # epochs to train
+EPOCH_STEPS=100           # steps per epoch: items / MICRO_BSZ covers every item once (make_tokenize's table)
+EPOCH_SAVE=1              # save a checkpoint every N epochs (the last epoch is always saved)
+LR_INIT=1e-4              # learning rate: lora/pissa/bone 1e-4 to 2e-5; full 1e-5; state tuning 1 (yes, one)
+LR_FINAL=1e-5             # learning rate at the end; state tuning 0.01
+WARMUP_STEPS=0            # optimizer steps of warm-up; state tuning: 10
+LR_SCHEDULE="cos"         # cos: smooth decay | wsd: flat, then decay over the last 20% | const
+
+# ---------------------------------------------------------------- long context (not built yet: keep the defaults)
+TRAIN_TYPE="normal"       # normal | infctx
+CHUNK_CTX=512             # infctx: tokens per chunk
+INITIAL_CTX_LEN=0         # infctx: start with this CTX_LEN and grow (0 = off)
+CTX_WARMUP_STEPS=0        # infctx: steps to grow it to CTX_LEN
+
+# ---------------------------------------------------------------- hardware
+ACCELERATOR="auto"        # auto: the GPU if there is one | cuda | cpu
+PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32 (CPU, slow)
+OP="auto"                 # WKV kernel: auto picks the fastest that works | fla | chunk | torch (slow reference)
+GRAD_CP=1                 # 1 = gradient checkpointing: much less memory, ~30% slower; 0 = faster
+QUANT="none"              # none | int8 | nf4 (not built yet: keep none)
+STRATEGY="auto"           # auto | deepspeed_stage_1/2/3(_offload) (not built yet: keep auto)
+GPU_COUNT=1               # GPUs per machine (several GPUs: not built yet)
+NODES=1                   # machines
+SEED=42                   # random seed: same seed + same settings = same run
+WANDB=""                  # a wandb project name to log there too; empty = off (loss.csv and loss.png are always written)
+RESUME=0                  # 1 = continue from the newest checkpoint in OUTPUT (optimizer and schedule included)
+
+set +a
+cd "$(dirname "$0")" && exec python3 -m tools.train "$@"

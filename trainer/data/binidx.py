@@ -1,0 +1,197 @@
+"""binidx: the token files RWKV-LM and RWKV-PEFT train from (Megatron's MMapIndexedDataset layout).
+
+``PREFIX.bin`` holds the tokens of all items back to back. ``PREFIX.idx`` (little-endian):
+
+    b"MMIDIDX\\x00\\x00"   9 bytes magic
+    u64 version = 1
+    u8  dtype code         1 u8, 2 i8, 3 i16, 4 i32, 5 i64, 6 f64, 7 f64, 8 u16 (what we write);
+                           newer Megatron adds 9 u32, 10 u64. (RWKV-LM's reader maps 6 to Python's
+                           float, i.e. float64, not float32.)
+    u64 item count n
+    u64 document-index count (n + 1 when every item is one document)
+    int32[n] sizes         tokens per item
+    int64[n] pointers      byte offset of each item in .bin
+    int64[d] document index  [0, 1, ..., n]
+
+    write_binidx("data/chat", items)     # atomic: both files appear together or not at all
+    ds = BinIdx("data/chat")             # len(ds), ds[i] (np.ndarray), ds.sizes, ds.tokens (memmap)
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+                           6: np.float64, 7: np.float64, 8: np.uint16, 9: np.uint32, 10: np.uint64}
+CODE_UINT16 = 8
+_HEADER = struct.Struct("<9sQBQQ")    # magic, version, dtype code, item count, document-index count
+_WRITE_BUFFER = 4 << 20               # bytes of tokens gathered before one write
+
+
+def paths(prefix: str | Path) -> tuple[Path, Path]:
+    """(``prefix.bin``, ``prefix.idx``); a prefix ending in .bin or .idx is accepted too."""
+    p = Path(prefix)
+    if p.suffix in (".bin", ".idx"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".bin"), p.with_name(p.name + ".idx")
+
+
+def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]) -> None:
+    """Write ``items`` (token id sequences, each one document) as ``prefix.bin`` + ``prefix.idx``.
+
+    Both files are written under temporary names and moved into place only when complete; on any
+    error or Ctrl+C the temporaries are removed and an older pair, if any, is left untouched. The old
+    ``.idx`` is removed before the new ``.bin`` moves in, so a crash between the two moves leaves a
+    ``.bin`` without ``.idx`` (refused by the reader), never a mismatched pair.
+    """
+    bin_path, idx_path = paths(prefix)
+    tag = f".tmp{os.getpid()}"
+    bin_tmp, idx_tmp = bin_path.with_name(bin_path.name + tag), idx_path.with_name(idx_path.name + tag)
+    sizes: list[int] = []
+    try:
+        with open(bin_tmp, "wb") as f:
+            buf: list[np.ndarray] = []
+            buffered = 0
+            for item in items:
+                arr = _as_uint16(item, len(sizes))
+                sizes.append(arr.size)
+                buf.append(arr)
+                buffered += arr.size
+                if buffered * 2 >= _WRITE_BUFFER:
+                    f.write(np.concatenate(buf).tobytes())
+                    buf, buffered = [], 0
+            if buf:
+                f.write(np.concatenate(buf).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        size_arr = np.asarray(sizes, dtype=np.int64)
+        if size_arr.size and size_arr.max() > np.iinfo(np.int32).max:
+            raise ValueError("an item has more than 2**31 - 1 tokens, which binidx cannot store")
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(size_arr[:-1] * 2, out=pointers[1:])
+        doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+        with open(idx_tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, CODE_UINT16, len(sizes), len(doc_idx)))
+            f.write(size_arr.astype("<i4").tobytes())
+            f.write(pointers.astype("<i8").tobytes())
+            f.write(doc_idx.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        if idx_path.exists():
+            idx_path.unlink()
+        os.replace(bin_tmp, bin_path)
+        os.replace(idx_tmp, idx_path)
+    except BaseException:
+        for tmp in (bin_tmp, idx_tmp):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        raise
+
+
+def _as_uint16(item: Sequence[int] | np.ndarray, i: int) -> np.ndarray:
+    arr = np.asarray(item)
+    if arr.ndim != 1:
+        raise ValueError(f"item {i} is not a flat sequence of token ids (shape {arr.shape})")
+    if arr.dtype == np.uint16:
+        return arr.astype("<u2", copy=False)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u2")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"item {i} holds {arr.dtype} values, not integer token ids")
+    if arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"item {i} has token ids outside 0..65535 (min {arr.min()}, max {arr.max()})")
+    return arr.astype("<u2")
+
+
+class BinIdx:
+    """Read-only view of a binidx pair (ours or any written by RWKV-LM's make_data.py).
+
+    ``len(ds)`` items; ``ds[i]`` the tokens of item i; ``ds.get(i, offset, length)`` a part of it;
+    ``ds.sizes`` (int32), ``ds.pointers`` (int64 byte offsets), ``ds.doc_idx``, ``ds.total_tokens``,
+    ``ds.tokens``: a memmap over the whole .bin for random-window sampling, ``ds.dtype``.
+    """
+
+    def __init__(self, prefix: str | Path):
+        self.bin_path, self.idx_path = paths(prefix)
+        fix = "run ./make_tokenize.sh on your .jsonl file again to rebuild both files"
+        for p in (self.idx_path, self.bin_path):
+            if not p.is_file():
+                other = self.bin_path if p == self.idx_path else self.idx_path
+                raise UserError(f"{p} does not exist" + (f" (but {other.name} does)" if other.is_file()
+                                                         else "") + ".", fix)
+        raw = self.idx_path.read_bytes()
+        if len(raw) < _HEADER.size or raw[:9] != MAGIC:
+            raise UserError(f"{self.idx_path} is not a binidx index file (it does not start with "
+                            f"MMIDIDX).", fix)
+        _, version, code, n, n_doc = _HEADER.unpack_from(raw, 0)
+        if version != VERSION:
+            raise UserError(f"{self.idx_path} has binidx version {version}; only version 1 is known.", fix)
+        if code not in DTYPES:
+            raise UserError(f"{self.idx_path} has an unknown token dtype code {code}.", fix)
+        self.dtype = np.dtype(DTYPES[code]).newbyteorder("<")
+        need = _HEADER.size + 4 * n + 8 * n + 8 * n_doc
+        if len(raw) < need:
+            raise UserError(f"{self.idx_path} is truncated: {len(raw)} bytes, its header needs {need} "
+                            f"for {n} items.", fix)
+        pos = _HEADER.size
+        self.sizes = np.frombuffer(raw, dtype="<i4", count=n, offset=pos).astype(np.int32)
+        pos += 4 * n
+        self.pointers = np.frombuffer(raw, dtype="<i8", count=n, offset=pos).astype(np.int64)
+        pos += 8 * n
+        self.doc_idx = np.frombuffer(raw, dtype="<i8", count=n_doc, offset=pos).astype(np.int64)
+        bin_bytes = self.bin_path.stat().st_size
+        item = self.dtype.itemsize
+        if n and (self.sizes.min() < 0 or self.pointers.min() < 0
+                  or int((self.pointers + self.sizes.astype(np.int64) * item).max()) > bin_bytes):
+            raise UserError(f"{self.bin_path} is truncated or does not belong to {self.idx_path.name}: "
+                            f"the index points past its end ({bin_bytes} bytes).", fix)
+        if bin_bytes % item:
+            raise UserError(f"{self.bin_path} is {bin_bytes} bytes, not a whole number of "
+                            f"{self.dtype} tokens.", fix)
+        if bin_bytes:
+            self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+        else:
+            self.tokens = np.zeros(0, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return int(self.sizes.shape[0])
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset .. offset+length`` of item ``i`` (to its end when length is None)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"item {i} out of range for {n} items in {self.bin_path.name}")
+        i %= n
+        size = int(self.sizes[i])
+        if offset < 0 or offset > size:
+            raise IndexError(f"offset {offset} out of range for item {i} of {size} tokens")
+        if length is None:
+            length = size - offset
+        length = max(0, min(length, size - offset))
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        return np.asarray(self.tokens[start:start + length])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def __repr__(self) -> str:
+        return f"BinIdx({str(self.bin_path)[:-4]!r}: {len(self)} items, {self.total_tokens} tokens)"

@@ -69,6 +69,8 @@ def test_pad_batches_of_any_size(make_bi):
     dl = DataLoader(ds, batch_size=3, sampler=EpochSampler(ds), collate_fn=collate)
     batches = list(dl)
     assert len(batches) == 4
+    again = [ds.collate([ds[j] for j in range(k, k + 3)]) for k in range(0, 12, 3)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
     for b in batches:
         assert b["input_ids"].shape == b["targets"].shape == b["mask"].shape == (3, 16)
         real = b["mask"] > 0

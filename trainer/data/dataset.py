@@ -168,6 +168,11 @@ class TokenDataset(Dataset):
     def sample(self, epoch: int, j: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @staticmethod
+    def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The module's ``collate``: samples → [B, T] tensors."""
+        return collate(samples)
+
     # -- masks
     @property
     def qa_fallback_count(self) -> int:
@@ -224,6 +229,12 @@ class GetDataset(TokenDataset):
                 f"but the data holds {total}.",
                 "add data, lower CTX_LEN, or use DATALOAD=pad.")
         self.max_start = total - (self.ctx_len + 1)  # inclusive
+        ptr = getattr(self.data, "pointers", None)
+        if self.loss_mask == "qa" and ptr is not None and len(ptr) and not np.array_equal(
+                np.asarray(ptr, np.int64) // self.data.tokens.dtype.itemsize, self.offsets[:-1]):
+            raise UserError("this binidx stores its items out of order, so LOSS_MASK=qa cannot map "
+                            "DATALOAD=get windows to items.",
+                            "rebuild the data with ./make_tokenize.sh, or use DATALOAD=pad.")
 
     def window_start(self, epoch: int, j: int) -> int:
         g = self.global_index(j)

@@ -229,19 +229,18 @@ class TrainConfig:
         self._check_data_fits()
 
     def _check_data_fits(self) -> None:
-        from .data.binidx import BinIdx
-        data = BinIdx(self.data_prefix)
-        n = len(data)
-        per_epoch = self.EPOCH_STEPS * self.MICRO_BSZ * self.world_size
-        if self.DATALOAD in ("pad", "only") and per_epoch > n:
+        from .data.dataset import data_facts, items_per_epoch
+        facts = data_facts(self.data_prefix)
+        per_epoch = items_per_epoch(self.EPOCH_STEPS, self.MICRO_BSZ, self.world_size)
+        if self.DATALOAD in ("pad", "only") and per_epoch > facts.items:
             raise UserError(f"EPOCH_STEPS × MICRO_BSZ{' × GPUs' if self.world_size > 1 else ''} = {per_epoch} "
-                            f"is more than the {n} items in {self.data_prefix}.",
-                            f"lower EPOCH_STEPS to at most {n // (self.MICRO_BSZ * self.world_size)} "
+                            f"is more than the {facts.items} items in {self.data_prefix}.",
+                            f"lower EPOCH_STEPS to at most {facts.items // (self.MICRO_BSZ * self.world_size)} "
                             "(see the table make_tokenize.sh printed), or tokenize with a higher REPEAT")
-        if self.DATALOAD == "get" and data.total_tokens < self.CTX_LEN + 1:
+        if self.DATALOAD == "get" and facts.total_tokens < self.CTX_LEN + 1:
             raise UserError(f"DATALOAD=get needs at least CTX_LEN+1 = {self.CTX_LEN + 1} tokens, but "
-                            f"{self.data_prefix} has {data.total_tokens}.",
-                            f"lower CTX_LEN below {data.total_tokens}, or use DATALOAD=pad")
+                            f"{self.data_prefix} has {facts.total_tokens}.",
+                            f"lower CTX_LEN below {facts.total_tokens}, or use DATALOAD=pad")
 
     def summary(self) -> str:
         lines = []

@@ -1,0 +1,103 @@
+"""Every config rule fires with a one-line message naming the variable; good values pass."""
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.data.binidx import write_binidx
+from trainer.errors import UserError
+
+BASE = {"MODEL": "m.pth", "DATA": "d"}
+
+
+def cfg(**kw):
+    return TrainConfig.from_env({**BASE, **{k: str(v) for k, v in kw.items()}})
+
+
+def err(**kw) -> str:
+    with pytest.raises(UserError) as e:
+        cfg(**kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_types():
+    c = cfg(TRAIN_PARTS="time, ln", GRAD_CP="0", LR_INIT="3e-4", WANDB="")
+    assert c.TRAIN_PARTS == ("time", "ln") and c.GRAD_CP is False and c.LR_INIT == 3e-4 and c.WANDB == ""
+    assert c.FINETUNE_MODE == "lora" and c.CTX_LEN == 512
+    assert TrainConfig.from_env({**BASE, "CTX_LEN": ""}).CTX_LEN == 512   # empty number keeps the default
+    env = c.to_env()
+    assert TrainConfig.from_env(env) == c                                  # round trip through the variables
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"FINETUNE_MODE": "lorra"}, "FINETUNE_MODE"),
+    ({"DATALOAD": "all"}, "DATALOAD"),
+    ({"LOSS_MASK": "qaa"}, "LOSS_MASK"),
+    ({"LR_SCHEDULE": "linear"}, "LR_SCHEDULE"),
+    ({"PRECISION": "fp8"}, "PRECISION"),
+    ({"TRAIN_PARTS": "time lnx"}, "TRAIN_PARTS"),
+    ({"LORA_R": "0"}, "LORA_R"),
+    ({"LORA_R": "eight"}, "LORA_R"),
+    ({"CTX_LEN": "-5"}, "CTX_LEN"),
+    ({"MICRO_BSZ": "0"}, "MICRO_BSZ"),
+    ({"LORA_DROPOUT": "1.5"}, "LORA_DROPOUT"),
+    ({"LORA_ALPHA": "0"}, "LORA_ALPHA"),
+    ({"LR_INIT": "0"}, "LR_INIT"),
+    ({"LR_INIT": "1e-5", "LR_FINAL": "1e-4"}, "LR_FINAL"),
+    ({"DATALOAD": "only", "MICRO_BSZ": "2"}, "MICRO_BSZ"),
+    ({"GRAD_CP": "maybe"}, "GRAD_CP"),
+    ({"MODEL": ""}, "MODEL"),
+    ({"DATA": ""}, "DATA"),
+    ({"ACCELERATOR": "tpu"}, "ACCELERATOR"),
+])
+def test_each_rule_fires(kw, words):
+    assert words in err(**kw)
+
+
+def test_options_not_built_yet_are_refused_not_ignored():
+    from trainer.config import NOT_YET_AVAILABLE
+    for name, bad in (("TRAIN_TYPE", "infctx"), ("QUANT", "nf4"), ("STRATEGY", "deepspeed_stage_2")):
+        if name in NOT_YET_AVAILABLE:
+            assert name in err(**{name: bad})
+    if "GPU_COUNT" in NOT_YET_AVAILABLE:
+        assert "GPU_COUNT" in err(GPU_COUNT=2)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "model" / "real.pth").write_bytes(b"x")
+    write_binidx(tmp_path / "data" / "chat", [[5, 6, 7, 0]] * 10)       # 10 items, 40 tokens
+    return tmp_path
+
+
+def test_missing_model_lists_what_exists(project):
+    c = TrainConfig.from_env({"MODEL": "rwkv7-1.5b", "DATA": "chat"})
+    with pytest.raises(UserError, match=r"model/rwkv7-1.5b.pth not found.*real.pth"):
+        c.check_files()
+
+
+def test_missing_data_lists_what_exists(project):
+    c = TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chta"})
+    with pytest.raises(UserError, match=r"DATA: data/chta.*not found.*chat"):
+        c.check_files()
+
+
+def test_data_names_are_forgiving(project):
+    for name in ("chat", "chat.bin", "data/chat", "chat.jsonl"):
+        TrainConfig.from_env({"MODEL": "real", "DATA": name, "EPOCH_STEPS": "10"}).check_files()
+
+
+def test_epoch_larger_than_data(project):
+    c = TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chat", "EPOCH_STEPS": "6", "MICRO_BSZ": "2"})
+    with pytest.raises(UserError, match=r"EPOCH_STEPS × MICRO_BSZ = 12 is more than the 10 items.*at most 5"):
+        c.check_files()
+
+
+def test_get_needs_enough_tokens(project):
+    c = TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chat", "DATALOAD": "get", "CTX_LEN": "64"})
+    with pytest.raises(UserError, match=r"needs at least CTX_LEN\+1 = 65 tokens.*has 40"):
+        c.check_files()
+    TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chat", "DATALOAD": "get", "CTX_LEN": "39"}).check_files()

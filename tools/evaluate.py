@@ -1,0 +1,87 @@
+"""Evaluate a model on tokenized data: the mean next-token loss (cross-entropy, nats) and perplexity.
+
+    python -m tools.evaluate --model model/M.pth --data data/NAME [--items K] [--ctx-len L] [--op OP]
+
+Reads data/NAME.bin + .idx (made by make_tokenize.sh). Each of the first K documents (default: all) is
+cut to its first L tokens (default: whole), starts from the zero state, and every token after the first
+is predicted, the end-of-document token included. The last line printed is JSON:
+{"loss": ..., "tokens": ..., "ppl": ...}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from trainer.errors import UserError, run_cli
+
+
+def pick_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU here", "use --device cpu (slower)")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    """The compute dtype: fp32 on the CPU (bf16 matmuls are slow there), bf16 on a GPU, unless given."""
+    from trainer.checkpoint import DTYPES
+    if name == "auto":
+        return DTYPES["bf16" if device.type == "cuda" else "fp32"]
+    return DTYPES[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the base model .pth")
+    ap.add_argument("--data", required=True, help="binidx prefix, e.g. data/mydata (for mydata.bin/.idx)")
+    ap.add_argument("--items", type=int, default=None, help="evaluate the first K documents (default all)")
+    ap.add_argument("--ctx-len", type=int, default=None, help="cut each document to its first L tokens")
+    ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
+    args = ap.parse_args(argv)
+    if args.items is not None and args.items < 1:
+        raise UserError(f"--items must be at least 1, got {args.items}")
+    if args.ctx_len is not None and args.ctx_len < 2:
+        raise UserError(f"--ctx-len must be at least 2, got {args.ctx_len}")
+
+    from trainer import ops
+    from trainer.checkpoint import load_model
+    from trainer.data.binidx import BinIdx
+    from trainer.inference import evaluate_loss
+
+    device = pick_device(args.device)
+    data = BinIdx(args.data)
+    model = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+    model.op = ops.resolve(args.op, device)
+    n = len(data) if args.items is None else min(args.items, len(data))
+    docs = (data[i] for i in range(n))
+    cfg = model.cfg
+    print(f"model {args.model}: RWKV-{cfg.version} {cfg.n_layer}x{cfg.n_embd}, op {model.op}, {device}, "
+          f"{model.dtype}; data {args.data}: {n} of {len(data)} documents", file=sys.stderr)
+    t0 = time.time()
+    last = [t0]
+
+    def progress(done: int, tokens: int) -> None:
+        now = time.time()
+        if now - last[0] > 5 or done == n:
+            last[0] = now
+            print(f"  {done}/{n} documents, {tokens} tokens, {tokens / max(now - t0, 1e-9):.0f} tokens/s",
+                  file=sys.stderr)
+
+    result = evaluate_loss(model, docs, ctx_len=args.ctx_len, progress=progress)
+    if result["tokens"] == 0:
+        raise UserError(f"no token to predict in the first {n} documents of {args.data} (each needs at "
+                        "least 2 tokens)", "check the data, or raise --items / --ctx-len")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

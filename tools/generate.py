@@ -1,0 +1,57 @@
+"""Let a model continue a prompt, for a quick look at what it has learnt.
+
+    python -m tools.generate --model model/M.pth --prompt "User: hello\n\nAssistant:" [--tokens 100]
+                             [--temperature 1.0] [--top-p 0.85] [--seed 0] [--op auto]
+
+"\n" in the prompt is a newline. Generation stops after --tokens tokens or at the end-of-text token.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.errors import UserError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the model .pth")
+    ap.add_argument("--prompt", required=True, help='text to continue ("\\n" is a newline)')
+    ap.add_argument("--tokens", type=int, default=100, help="how many tokens to generate at most")
+    ap.add_argument("--temperature", type=float, default=1.0, help="higher: more random; 0: always the likeliest")
+    ap.add_argument("--top-p", type=float, default=0.85, help="sample from the likeliest tokens making up this "
+                    "much probability (lower: safer text)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
+    ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    args = ap.parse_args(argv)
+    if args.tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {args.tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+    from tools.evaluate import pick_device, pick_dtype
+    from trainer import ops
+    from trainer.checkpoint import load_model
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.inference import generate
+
+    device = pick_device(args.device)
+    model = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+    model.op = ops.resolve(args.op, device)
+    tok = get_tokenizer()
+    prompt = args.prompt.replace("\\n", "\n")
+    ids = generate(model, tok.encode(prompt), max_tokens=args.tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, vocab_limit=min(model.cfg.vocab_size, 65530))
+    if ids and ids[-1] == 0:
+        ids = ids[:-1]
+    sys.stdout.write(prompt + tok.decode(ids) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,44 @@
+"""Make a new RWKV model with random weights (RWKV-LM's initialisation), saved in the official layout.
+
+    python -m tools.make_model --version 7 --layers 2 --width 128 --out model/demo.pth
+                               [--vocab 65536] [--head-size 64] [--seed 0] [--dtype bf16|fp16|fp32]
+
+Small ones are for trying the toolkit on a CPU; the rwkv package and RWKV-Runner load the file too.
+"""
+from __future__ import annotations
+
+import argparse
+
+from trainer.errors import UserError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.make_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", type=int, required=True, choices=(5, 6, 7), help="RWKV version: 5 (5.2), 6 or 7")
+    ap.add_argument("--layers", type=int, required=True, help="number of blocks, e.g. 2 for a demo, 12 for 0.1B")
+    ap.add_argument("--width", type=int, required=True, help="n_embd, a multiple of the head size, e.g. 128 or 768")
+    ap.add_argument("--out", required=True, help="the .pth file to write (e.g. model/demo.pth)")
+    ap.add_argument("--vocab", type=int, default=65536, help="vocabulary size (65536: the RWKV World tokenizer)")
+    ap.add_argument("--head-size", type=int, default=64, help="head size (64 in every released model)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                    help="dtype of the saved weights (bf16 like the released models)")
+    args = ap.parse_args(argv)
+
+    from trainer.checkpoint import DTYPES, config_from_sizes, init_model, save_atomic
+
+    if not args.out.endswith(".pth"):
+        raise UserError(f"--out {args.out} should end with .pth", f"e.g. --out {args.out}.pth")
+    cfg = config_from_sizes(args.version, args.layers, args.width, vocab_size=args.vocab, head_size=args.head_size)
+    model = init_model(cfg, seed=args.seed)
+    sd = {k: v.to(DTYPES[args.dtype]).contiguous() for k, v in model.state_dict().items()}
+    save_atomic(sd, args.out)
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {args.out}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd} wide, head size "
+          f"{cfg.head_size}, vocabulary {cfg.vocab_size}, {n / 1e6:.2f} M parameters, {args.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -37,7 +37,7 @@ def _resolve(name: str, data_dir: Path) -> Path:
     p = Path(name)
     if len(p.parts) > 1 or p.is_absolute():
         return p
-    if p.suffix != ".jsonl" and not (data_dir / p).is_file():
+    if not p.suffix and not (data_dir / p).is_file():
         p = p.with_name(p.name + ".jsonl")
     return data_dir / p
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seed must be a whole number >= 0, got {args.seed!r}.", "e.g. --seed 1") from None
     src = _resolve(args.file, Path(args.data_dir))
     if src.suffix != ".jsonl":
-        raise UserError(f"{src} is not a .jsonl file.", "give the name of a .jsonl file, e.g. sample.jsonl")
+        raise UserError(f"{src} is not a .jsonl file.",
+                        "give the name of a .jsonl file (one JSON object per line, e.g. sample.jsonl); "
+                        "if yours is one under another name, rename it to end in .jsonl")
     prefix = src.with_suffix("")
 
     from trainer.data.binidx import paths, write_binidx

@@ -74,7 +74,7 @@ def batch_table(n: int, spread: int = 10) -> list[tuple[int, list[int]]]:
     return [(m, divisors(m)) for m in range(max(1, n - spread), n + spread + 1)]
 
 
-def batch_table_lines(n: int, spread: int = 10, max_shown: int = 10, max_bsz: int = 512) -> list[str]:
+def batch_table_lines(n: int, spread: int = 10, max_shown: int = 16, max_bsz: int = 128) -> list[str]:
     rows = batch_table(n, spread)
     w = len(str(rows[-1][0]))
     lines = [f"MICRO_BSZ x EPOCH_STEPS = items, for item counts near yours (EPOCH_STEPS = items / MICRO_BSZ):"]

@@ -24,6 +24,7 @@ import torch
 
 _SCRIPT = r"""
 import sys, torch
+torch.set_num_threads(1)
 jobs = torch.load(sys.argv[1], weights_only=False)
 v7 = sys.argv[3] == '7'
 from rwkv.model import RWKV
@@ -79,7 +80,8 @@ class _Run:
         self.jobs_path = os.path.join(self.dir.name, "jobs.pt")
         self.out_path = os.path.join(self.dir.name, "out.pt")
         torch.save(jobs, self.jobs_path)
-        env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0", CUDA_VISIBLE_DEVICES="")
+        env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0", CUDA_VISIBLE_DEVICES="",
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         env.pop("RWKV_V7_ON", None)
         if version == 7:
             env["RWKV_V7_ON"] = "1"
@@ -105,3 +107,23 @@ def start_many(runs: dict[str, tuple[int, list[dict]]], timeout: float = 600) ->
     """Run several families in parallel: {"name": (version, jobs)} -> {"name": results}."""
     started = {name: _Run(v, jobs) for name, (v, jobs) in runs.items()}
     return {name: r.wait(timeout) for name, r in started.items()}
+
+
+def random_model(version: int, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 1024, seed: int = 0,
+                 head_size: int = 64):
+    """A tiny fp32 model with RWKV-LM's init plus noise on every tensor, so that no part is trivial
+    (a fresh init has zero output projections: every block would be the identity)."""
+    from trainer.checkpoint import config_from_sizes, init_model
+
+    model = init_model(config_from_sizes(version, n_layer, n_embd, vocab_size, head_size), seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name == "emb.weight":
+                p.copy_(r)
+            elif p.dim() >= 2 and not name.endswith(("time_decay", "time_faaaa", "r_k", "time_state")):
+                p.add_(r * 0.5 / max(p.shape[-2:]) ** 0.5)
+            else:
+                p.add_(r * 0.1)
+    return model

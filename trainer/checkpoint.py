@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,20 +68,18 @@ def load_checkpoint(path) -> dict[str, Tensor]:
         sd = _torch_load(p)
     except UserError:
         raise
-    except (zipfile.BadZipFile, EOFError) as err:
-        raise UserError(f"model file {_name(p)} is truncated or corrupt ({err})",
-                        "download or save it again") from None
+    except (zipfile.BadZipFile, EOFError):
+        raise UserError(f"model file {_name(p)} is truncated or corrupt", "download or save it again") from None
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
             KeyError, IndexError, TypeError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        low = msg.lower()
+        low = str(err).lower()
         if "weights only" in low or "weights_only" in low:
             raise UserError(f"{_name(p)} holds Python objects besides tensors; refusing to load it "
                             "(not a plain RWKV checkpoint)", "use an RWKV .pth state dict") from None
         if any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat", "unexpected end")):
-            raise UserError(f"model file {_name(p)} is truncated or corrupt ({msg[:120]})",
-                            "download or save it again") from None
-        raise UserError(f"{_name(p)} is not a PyTorch checkpoint ({msg[:120]})",
+            raise UserError(f"model file {_name(p)} is truncated or corrupt (an incomplete download or "
+                            "copy?)", "download or save it again") from None
+        raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file",
                         "give an RWKV .pth model file") from None
     if not isinstance(sd, Mapping) or not sd:
         raise UserError(f"{_name(p)} does not hold a dict of tensors (found {type(sd).__name__})",
@@ -93,12 +92,14 @@ def load_checkpoint(path) -> dict[str, Tensor]:
 
 
 def _torch_load(p: Path):
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-    return torch.load(p, map_location="cpu", weights_only=True)   # legacy (non-zip) format: no mmap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # e.g. "Detected pickle protocol 4" on odd files
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+        return torch.load(p, map_location="cpu", weights_only=True)   # legacy (non-zip) format: no mmap
 
 
 def detect_config(sd: Mapping[str, Tensor], path="checkpoint") -> ModelConfig:

@@ -33,7 +33,7 @@ VOCAB_NAME = "rwkv_vocab_v20230424.txt"
 # encode_flat hands the Rust encode_batch slices of about this many bytes / items: large enough that the
 # per-call and thread start-up costs vanish, small enough for a smooth progress bar (bench/RESULTS.md).
 BATCH_BYTES = 1 << 20
-BATCH_ITEMS = 4096
+BATCH_ITEMS = 1024
 
 
 def vocab_file() -> Path:

@@ -1,0 +1,253 @@
+"""What every fine-tuning method shares: the interface, the adapted linear layer, TRAIN_PARTS.
+
+A method (one file each: lora, pissa, disha, state, full) subclasses ``Method`` and is used by the
+trainer, the checkpoint code and merge only through this interface:
+
+    method = get_method("lora")({"r": 64, "alpha": 128, "dropout": 0.0})
+    method.apply(model, train_parts=("time", "ln"))   # wrap in place, freeze, mark what trains
+    method.trainable_names(model)                       # exact state-dict names of the trained tensors
+    sd = method.adapter_state_dict(model)               # what output/rwkv-N.pth holds
+    method.load_adapter(model, sd)                      # after apply(): put a saved adapter back
+    method.metadata()                                   # the settings, JSON-able, stored with sd
+    Method.merge(base_sd, sd, settings)                 # pure tensor maths -> full official layout
+
+Names are always relative to the model given to ``apply`` (an ``RWKV`` from ``trainer/model.py``),
+whose state-dict keys are the official checkpoint layout.
+
+The targeted linear layers are attention receptance, key, value, output, gate and FFN key, value,
+receptance (those that exist in the model's version). Each is replaced by an ``AdaptedLinear`` that keeps
+the frozen base weight as its parameter ``weight`` (so ``blocks.0.att.key.weight`` stays the state-dict
+key) and computes the base product only in ``base_forward``. A quantised base (``trainer/quant.py``)
+overrides exactly two methods: ``base_forward(x)`` and ``base_weight()`` (the dequantised weight, used
+by Bat and by anything that needs W itself).
+
+TRAIN_PARTS adds, by name rule (so every RWKV version is covered without lists per version):
+  emb   emb.weight
+  head  head.weight
+  time  every parameter directly on an att / ffn module (time_*, x_*, w0/w1/w2, a*, v*, g1/g2, k_k,
+        k_a, r_k, ...): names ``blocks.N.att.X`` / ``blocks.N.ffn.X`` with no further dot, i.e. not a
+        Linear weight and not a norm; the method's own tensors (time_state) are excluded
+  ln    every norm weight and bias: ln0, ln1, ln2, ln_out and att.ln_x (``...lnSOMETHING.weight|bias``)
+Those tensors are saved in the adapter and merge puts them in place of the base's.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+PARTS = ("emb", "head", "time", "ln")
+
+# Module names (relative to the model) of the linear layers that LoRA / PiSSA / DiSHA adapt.
+TARGET_RE = re.compile(r"^blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance))$")
+
+_PART_RULES = {
+    "emb": re.compile(r"^emb\.weight$"),
+    "head": re.compile(r"^head\.weight$"),
+    "time": re.compile(r"^blocks\.\d+\.(att|ffn)\.[^.]+$"),
+    "ln": re.compile(r"(^|\.)ln[^.]*\.(weight|bias)$"),
+}
+
+
+def check_parts(train_parts: Iterable[str]) -> tuple[str, ...]:
+    parts = tuple(train_parts or ())
+    for p in parts:
+        if p not in PARTS:
+            raise UserError(f"TRAIN_PARTS has {p!r}, which is not one of: {' '.join(PARTS)}.",
+                            'write e.g. TRAIN_PARTS="time ln", or leave it empty')
+    return parts
+
+
+def part_names(names: Iterable[str], train_parts: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
+    """The names among ``names`` that the TRAIN_PARTS select (in the order of ``names``)."""
+    rules = [_PART_RULES[p] for p in check_parts(train_parts)]
+    excluded = set(exclude)
+    return [n for n in names if n not in excluded and any(r.search(n) for r in rules)]
+
+
+class AdaptedLinear(nn.Module):
+    """A bias-free ``nn.Linear`` with a frozen base weight plus a method's trainable update.
+
+    ``forward(x) = base_forward(x) + delta_forward(x)``. Subclasses define ``delta_forward`` and the
+    update in weight space, ``delta_weight(...)``, which merge uses too.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("adapted linear layers must have no bias (RWKV's have none)")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight                  # the same Parameter: same key, device, dtype
+        self.weight.requires_grad_(False)
+
+    # The two methods a quantised base overrides.
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def base_weight(self) -> Tensor:
+        """The base weight as a float tensor [out, in] (dequantised where stored quantised)."""
+        return self.weight
+
+    def delta_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base_forward(x) + self.delta_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """name -> module of the linear layers the adapter methods wrap, in model order."""
+    found = {name: m for name, m in model.named_modules() if TARGET_RE.match(name)}
+    if not found:
+        raise ValueError("no attention / FFN linear layers found: is this an RWKV model from trainer.model?")
+    for name, m in found.items():
+        if isinstance(m, AdaptedLinear):
+            raise ValueError(f"{name} is already adapted: apply() was called twice on this model")
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{name} is a {type(m).__name__}, expected nn.Linear")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def shape_error(key: str, got: tuple, want: tuple) -> UserError:
+    return UserError(f"the adapter's {key} has shape {list(got)} but the base model's is {list(want)}: "
+                     "the adapter was trained on a different model size.",
+                     "merge with the base model the adapter was trained on")
+
+
+class Method:
+    """One fine-tuning method. Subclasses set ``name`` and override the hooks marked below."""
+
+    name: str = ""
+    # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
+    SUFFIXES: tuple[str, ...] = ()
+
+    def __init__(self, settings: dict | None = None):
+        self.settings = dict(settings or {})
+        self.train_parts: tuple[str, ...] = ()
+
+    # ---- helpers for settings ------------------------------------------------------------------
+    def _int(self, key: str, var: str, minimum: int = 1, default: int | None = None) -> int:
+        value = self.settings.get(key, default)
+        if value is None:
+            raise UserError(f"{self.name} needs {var} (setting {key!r}).", f"set {var} in training.sh")
+        if isinstance(value, bool) or int(value) != value or value < minimum:
+            raise UserError(f"{var}={value} must be a whole number of at least {minimum}.",
+                            f"set {var} to e.g. 64" if minimum >= 1 else f"set {var} to e.g. 4")
+        return int(value)
+
+    # ---- the interface -------------------------------------------------------------------------
+    def apply(self, model: nn.Module, train_parts: Iterable[str] = ()) -> None:
+        """Wrap in place, freeze everything, then make the method's tensors and the parts trainable."""
+        self.train_parts = check_parts(train_parts)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._wrap(model)
+        names = set(self.trainable_names(model))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        params = [n for n, _ in model.named_parameters()]
+        own = [n for n in params if self._is_own(n)]
+        return own + part_names(params, self.train_parts, exclude=own)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The trained tensors (+ what merge needs), detached, sharing storage with the model."""
+        params = dict(model.named_parameters())
+        sd = {n: params[n].detach() for n in self.trainable_names(model)}
+        sd.update(self._extra_state(model))
+        return sd
+
+    def load_adapter(self, model: nn.Module, sd: dict[str, Tensor]) -> None:
+        """After ``apply``: copy a saved adapter into the model (resume, evaluation)."""
+        expected = self.adapter_state_dict(model)
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            detail = []
+            if missing:
+                detail.append(f"missing {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+            if unexpected:
+                detail.append(f"unexpected {', '.join(unexpected[:4])}{' …' if len(unexpected) > 4 else ''}")
+            raise UserError(f"the adapter does not fit this {self.name} set-up ({'; '.join(detail)}).",
+                            "use the same FINETUNE_MODE, its settings and TRAIN_PARTS as the run that saved it")
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise shape_error(k, tuple(v.shape), tuple(expected[k].shape))
+        with torch.no_grad():
+            self._before_load(model, sd)
+            for k, v in sd.items():
+                expected[k].copy_(v)
+
+    def metadata(self) -> dict:
+        return dict(self.settings)
+
+    @staticmethod
+    def merge(base_sd: dict, adapter_sd: dict, settings: dict) -> dict:
+        raise NotImplementedError
+
+    # ---- hooks for subclasses --------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> None:
+        """Add the method's modules / tensors to the model (parameters arrive frozen or not; apply sets it)."""
+
+    def _is_own(self, name: str) -> bool:
+        return name.rsplit(".", 1)[-1] in self.SUFFIXES
+
+    def _extra_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """Untrained tensors that merge needs (PiSSA's initial A and B)."""
+        return {}
+
+    def _before_load(self, model: nn.Module, sd: dict[str, Tensor]) -> None:
+        """Runs under no_grad before the tensors of ``sd`` are copied into the model."""
+
+
+def merge_rest(base_sd: dict, adapter_sd: dict, handled: set[str]) -> dict:
+    """Start of every merge: a new dict with the base tensors, where every adapter key not in ``handled``
+    (TRAIN_PARTS tensors, a full fine-tune) replaces the base tensor of the same name and shape.
+
+    Tensors not replaced are the base's own objects (shared, never modified)."""
+    out = dict(base_sd)
+    for k, v in adapter_sd.items():
+        if k in handled:
+            continue
+        if k not in base_sd:
+            raise UserError(f"the adapter has {k}, which the base model does not have: the adapter was "
+                            "trained on another kind of model (RWKV version or layer count).",
+                            "merge with the base model the adapter was trained on")
+        if tuple(v.shape) != tuple(base_sd[k].shape):
+            raise shape_error(k, tuple(v.shape), tuple(base_sd[k].shape))
+        out[k] = v
+    return out
+
+
+def base_weight_of(base_sd: dict, module: str, suffix: str, adapter_sd: dict) -> Tensor:
+    """The base's ``module.weight`` in fp32, with a clear error if the adapter does not fit it."""
+    key = module + ".weight"
+    if key not in base_sd:
+        raise UserError(f"the adapter has {module}.{suffix} but the base model has no {key}: the adapter "
+                        "was trained on another kind of model (RWKV version or layer count).",
+                        "merge with the base model the adapter was trained on")
+    return base_sd[key].float()
+
+
+def need(adapter_sd: dict, key: str) -> Tensor:
+    """``adapter_sd[key]`` in fp32, or a clear error if the checkpoint lacks it."""
+    if key not in adapter_sd:
+        raise UserError(f"the adapter checkpoint lacks {key}: it is incomplete or from another tool.",
+                        "use an unmodified output/rwkv-N.pth written by training.sh")
+    return adapter_sd[key].float()

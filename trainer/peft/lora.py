@@ -1,0 +1,71 @@
+"""LoRA: W x + (alpha / r) · B A dropout(x), with A [r, in] random and B [out, r] zero at the start.
+
+Tensors: ``<linear>.lora_A`` [r, in], ``<linear>.lora_B`` [out, r] on every targeted linear layer
+(see base.py). Settings: ``{"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT}``.
+Merge: ``W + (alpha / r) · B A`` in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import (AdaptedLinear, Method, base_weight_of, merge_rest, need, replace_module, shape_error,
+                   target_linears)
+
+
+class LoraLinear(AdaptedLinear):
+    def __init__(self, linear: nn.Linear, r: int, scale: float, dropout: float):
+        super().__init__(linear)
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))      # the usual LoRA initialisation
+        self.scale = scale
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_forward(self, x: Tensor) -> Tensor:
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(x.dtype)
+
+
+class LoRA(Method):
+    name = "lora"
+    SUFFIXES = ("lora_A", "lora_B")
+
+    def __init__(self, settings: dict | None = None):
+        super().__init__(settings)
+        self.r = self._int("r", "LORA_R")
+        alpha = self.settings.get("alpha")
+        if alpha is None or not float(alpha) > 0:
+            raise UserError(f"LORA_ALPHA={alpha} must be more than 0.", "a common choice is 2 × LORA_R")
+        dropout = float(self.settings.get("dropout", 0.0))
+        if not 0 <= dropout < 1:
+            raise UserError(f"LORA_DROPOUT={dropout} must be at least 0 and below 1.", "use 0 to 0.1")
+        self.alpha, self.dropout = float(alpha), dropout
+        self.settings = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout}
+
+    def _wrap(self, model: nn.Module) -> None:
+        for name, linear in target_linears(model).items():
+            replace_module(model, name, LoraLinear(linear, self.r, self.alpha / self.r, self.dropout))
+
+    @staticmethod
+    def merge(base_sd: dict, adapter_sd: dict, settings: dict) -> dict:
+        r, alpha = int(settings["r"]), float(settings["alpha"])
+        scale = alpha / r
+        modules = [k[: -len(".lora_A")] for k in adapter_sd if k.endswith(".lora_A")]
+        handled = {m + s for m in modules for s in (".lora_A", ".lora_B")}
+        out = merge_rest(base_sd, adapter_sd, handled)
+        for m in modules:
+            w = base_weight_of(base_sd, m, "lora_A", adapter_sd)
+            a, b = need(adapter_sd, m + ".lora_A"), need(adapter_sd, m + ".lora_B")
+            if a.shape[0] != r:
+                raise UserError(f"{m}.lora_A has rank {a.shape[0]} but the checkpoint's settings say r={r}.",
+                                "the checkpoint is damaged or was edited: use an unmodified output/rwkv-N.pth")
+            if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                raise shape_error(m + ".weight", (b.shape[0], a.shape[1]), tuple(w.shape))
+            out[m + ".weight"] = w + scale * (b @ a)
+        return out

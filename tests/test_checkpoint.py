@@ -184,6 +184,9 @@ def test_time_state_and_dropped_v7_layer0_keys_load(tmp_path, saved):
 def test_save_atomic_never_leaves_half_files(tmp_path, monkeypatch):
     p = tmp_path / "sub" / "m.pth"
     save_atomic({"a": torch.arange(5)}, p)                 # creates the folder
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask      # like a plain open(), not mkstemp's 0600
     assert torch.equal(load_checkpoint(p)["a"], torch.arange(5))
     # an object that cannot be pickled: the old file stays, no temp file is left
     with pytest.raises(Exception):

@@ -243,3 +243,34 @@ def test_fresh_tiny_model_learns(version):
         losses.append(loss.item())
     assert abs(losses[0] - math.log(V)) < 0.4
     assert losses[-1] < 0.5 * math.log(2), losses
+
+
+def _cpu_ops():
+    try:
+        return [name for name in ops.OP_NAMES if name not in ("auto", "torch")
+                and ops.why_unavailable(name, "cpu") is None]
+    except ImportError:                       # an op module not written yet
+        return []
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_every_cpu_op_gives_the_oracles_logits_and_gradients(version):
+    names = _cpu_ops()
+    if not names:
+        pytest.skip("no op besides torch runs on the CPU yet")
+    model = with_time_state(random_model(version, 2, 128, 256, seed=8), seed=9)
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for name in ["torch"] + names:
+        model.op = name
+        model.zero_grad()
+        logits, state = model.forward_with_state(idx)
+        F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        results[name] = (logits.detach(), state[-1][1].detach(),
+                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    want = results.pop("torch")
+    for name, (logits, s, grads) in results.items():
+        _close(logits, want[0], atol=1e-4)
+        _close(s, want[1], atol=1e-4 * max(1.0, want[1].abs().max().item()))
+        for n, g in want[2].items():
+            _close(grads[n], g, atol=1e-4 * max(1.0, g.abs().max().item()))

@@ -264,6 +264,7 @@ def save_atomic(obj: Any, path) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.chmod(tmp, _file_mode(p))      # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -280,6 +281,16 @@ def save_atomic(obj: Any, path) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _file_mode(p: Path) -> int:
+    """The mode of the file being replaced, else what a plain open() would create (0666 & ~umask)."""
+    try:
+        return p.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def _fsync_dir(d: Path) -> None:

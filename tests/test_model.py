@@ -274,3 +274,41 @@ def test_every_cpu_op_gives_the_oracles_logits_and_gradients(version):
         _close(s, want[1], atol=1e-4 * max(1.0, want[1].abs().max().item()))
         for n, g in want[2].items():
             _close(grads[n], g, atol=1e-4 * max(1.0, g.abs().max().item()))
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_bf16_weights_with_fp32_trainables_under_autocast(version):
+    """How training runs: frozen weights bf16, trained tensors fp32, autocast bf16. The WKV op gets
+    r/k/v/a/b in one dtype and a fp32 decay; logits stay close to the fp32 model; gradients flow."""
+    seen = []
+
+    def check7(r, k, v, logw, a, b, state):
+        seen.append({t.dtype for t in (r, k, v, a, b)} | {("logw", logw.dtype)})
+        return ops.reference.wkv7_reference(r, k, v, logw, a, b, state)
+
+    def check6(r, k, v, logw, u, state):
+        seen.append({t.dtype for t in (r, k, v)} | {("logw", logw.dtype)})
+        return ops.reference.wkv6_reference(r, k, v, logw, u, state)
+
+    ops.register("test_dtypes", check7, check6, lambda device: None)
+    model = with_time_state(random_model(version, 2, 128, 256, seed=11), seed=1)
+    idx = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(idx)
+    model = model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        trained = "ln" in name or name.split(".")[-1] in ("time_state", "x_k", "w0", "time_maa_x", "time_mix_k",
+                                                            "time_decay", "k_k", "a0")
+        p.requires_grad_(trained)
+        if trained:
+            p.data = p.data.float()
+    model.op = "test_dtypes"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.roll(-1, 1).flatten())
+    loss.backward()
+    assert seen and all(s == {torch.bfloat16, ("logw", torch.float32)} for s in seen), seen
+    assert (logits.float() - want).abs().max() < 0.05 * want.abs().max()
+    ts = model.blocks[0].att.time_state
+    assert ts.dtype == torch.float32 and ts.grad is not None and ts.grad.abs().max() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -93,6 +93,11 @@ class _TimeMix(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, self.head_size)
 
+    def _rkv(self, r: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B,T,H,N] views in one dtype (r's: the compute dtype; under autocast parameters kept in
+        fp32 can promote k or v) for the WKV op."""
+        return self._heads(r), self._heads(k.to(r.dtype)), self._heads(v.to(r.dtype))
+
     def _norm(self, y: Tensor) -> Tensor:
         B, T, H, N = y.shape
         return self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
@@ -120,7 +125,7 @@ class TimeMix5(_TimeMix):
         g = F.silu(self.gate(mix(self.time_mix_g)))
         B, T, _ = x.shape
         logw = (-torch.exp(self.time_decay.float())).expand(B, T, self.n_head, self.head_size).contiguous()
-        y, s = wkv(self._heads(r), self._heads(k), self._heads(v), logw, u=self.time_faaaa, state=state, op=op)
+        y, s = wkv(*self._rkv(r, k, v), logw, u=self.time_faaaa, state=state, op=op)
         return self.output(self._norm(y) * g), s, v_first
 
 
@@ -152,8 +157,7 @@ class TimeMix6(_TimeMix):
         g = F.silu(self.gate(x + xx * (self.time_maa_g + mg)))
         ww = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
         logw = -torch.exp(ww.float())
-        y, s = wkv(self._heads(r), self._heads(k), self._heads(v), self._heads(logw), u=self.time_faaaa,
-                   state=state, op=op)
+        y, s = wkv(*self._rkv(r, k, v), self._heads(logw), u=self.time_faaaa, state=state, op=op)
         return self.output(self._norm(y) * g), s, v_first
 
 
@@ -186,8 +190,9 @@ class TimeMix7(_TimeMix):
         kk = F.normalize(self._heads(k * self.k_k), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
         logw = -EXP_MINUS_HALF * torch.sigmoid((self.w0 + w).float())
-        r4, k4, v4 = self._heads(r), self._heads(k), self._heads(v)
-        y, s = wkv(r4, k4, v4, self._heads(logw), a=-kk, b=kk * self._heads(a), state=state, op=op)
+        r4, k4, v4 = self._rkv(r, k, v)
+        aa, bb = (-kk).to(r.dtype), (kk * self._heads(a)).to(r.dtype)
+        y, s = wkv(r4, k4, v4, self._heads(logw), a=aa, b=bb, state=state, op=op)
         bonus = ((r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4).flatten(2)
         return self.output((self._norm(y) + bonus) * g), s, v_first
 

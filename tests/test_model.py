@@ -312,3 +312,21 @@ def test_bf16_weights_with_fp32_trainables_under_autocast(version):
     ts = model.blocks[0].att.time_state
     assert ts.dtype == torch.float32 and ts.grad is not None and ts.grad.abs().max() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_state_tuning_with_frozen_weights_and_grad_cp(version):
+    """Only time_state trainable (state tuning), gradient checkpointing on and off: same gradient."""
+    model = with_time_state(random_model(version, 2, 128, 256, seed=12), seed=2).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("time_state"))
+    idx = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for cp in (False, True):
+        model.grad_cp = cp
+        model.zero_grad()
+        F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        grads.append([b.att.time_state.grad.clone() for b in model.blocks])
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        _close(a, b, atol=1e-7)

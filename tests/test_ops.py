@@ -160,13 +160,14 @@ def test_chunk_any_chunk_size(version, chunk_size):
 def test_chunk_len_keeps_exponents_in_range():
     T = 256
     mild = torch.full((1, T, 1, 4), -0.6)
-    assert _chunk_len(mild, T, 32) == 32
-    assert _chunk_len(mild[:, :10], 10, 32) == 10
+    fp32, fp64 = MAX_RANGE[torch.float32], MAX_RANGE[torch.float64]
+    assert _chunk_len(mild, T, 32, fp32) == 32
+    assert _chunk_len(mild[:, :10], 10, 32, fp32) == 10
     strong = torch.full((1, T, 1, 4), -5.0)
-    L = _chunk_len(strong, T, 32)
-    assert L == 16 and 5.0 * L <= MAX_RANGE
+    assert _chunk_len(strong, T, 32, fp32) == 16
     floored = torch.full((1, T, 1, 4), LOGW_FLOOR)
-    assert _chunk_len(floored, T, 32) == 8
+    assert _chunk_len(floored, T, 32, fp32) == 8
+    assert _chunk_len(floored, T, 64, fp64) == 64 and _chunk_len(floored, T, 128, fp64) == 64
 
 
 @pytest.mark.parametrize("version", [6, 7])
@@ -300,6 +301,15 @@ def test_fla_wrappers_convert_layouts(fake_fla, op, version, state):
     assert_match(run_op(fn, version, x), run_op(ORACLE[version], version, x), FP32_TOL, f"{op} v{version}")
 
 
+@pytest.mark.parametrize("op", ["fla", "rwkvfla"])
+def test_fla_wrappers_return_our_dtypes(fake_fla, op):
+    x = make_inputs(7, T=5, dtype=torch.bfloat16)
+    fn = fla_ops.wkv7_fla if op == "fla" else fla_ops.wkv7_rwkvfla
+    y, S = fn(x["r"], x["k"], x["v"], x["logw"], x["a"], x["b"], x["state"])
+    assert y.dtype == torch.bfloat16 and y.shape == x["r"].shape
+    assert S.dtype == torch.float32 and S.shape == x["state"].shape and S.is_contiguous()
+
+
 def test_fla_rwkv7_safe_gate_only_within_bound(fake_fla):
     x = make_inputs(7, T=9)
     run_op(fla_ops.wkv7_fla, 7, x)
@@ -333,5 +343,4 @@ def test_fla_matches_oracle_on_gpu(op, version, dtype, state):
          for n, t in x.items()}
     ref = run_op(ORACLE[version], version, x)
     got = run_op(fn, version, x, dtype=dtype)
-    assert got["y"].dtype == torch.float32  # run_op casts; the op itself returns r's dtype
     assert_match(got, ref, GPU_TOL[dtype], f"{op} v{version} {dtype} state={state}")

@@ -25,14 +25,13 @@ and only "S <- S M + dS" runs chunk after chunk.
 
 Numerical safety. A score exp(e_t - c_s) is computed as the product of exp(e_t - m) and exp(m - c_s)
 with m the middle of the chunk's log-decay range, so each factor stays below exp(R/2) where R is the
-chunk's total log decay. The chunk length is halved per call until R <= 120 (factors <= e^60,
-far from fp32 overflow at e^88; entries above the diagonal may overflow and are discarded by
-tril, never multiplied). Per-step log decays are floored at -15 (a decay below 3e-7 contributes
-less than fp32 rounding; the floor never changes a result beyond that), so the chunk length never
-drops below 8: RWKV-7 (logw >= -0.61) always runs at full length (up to 128), RWKV-6 at full length
-unless a chunk's decays add up past exp(-120) (e.g. every step at exp(-5): 16). When the chunk has to
-shrink, the op computes in float64 (see _prepare): with such strong decays the fp32 gradient of logw
-loses precision to cancellation (relative error ~1e-7 / decay), as in every chunked form.
+chunk's total log decay: R <= 120 in fp32 (factors <= e^60, far from overflow at e^88; entries
+above the diagonal may overflow and are discarded by tril, never multiplied). Per-step log decays
+are floored at -15 (a decay below 3e-7 contributes less than fp32 rounding; the floor changes no
+result beyond that). RWKV-7 (logw >= -0.61) always runs in fp32. When some chunk's decays multiply
+below exp(-120) (RWKV-5/6 channels with decays around exp(-4) and below), the op runs in float64
+instead, where R may reach 1000: besides the range, the fp32 gradient of logw loses precision to
+cancellation at such decays (relative error ~1e-7 / decay, as in every chunked form).
 """
 from __future__ import annotations
 
@@ -44,21 +43,18 @@ from . import register
 
 CHUNK = 32           # default (largest) chunk length; best measured on a 2-core CPU
 LOGW_FLOOR = -15.0   # per-step log decay floor: exp(-15) = 3e-7, below fp32 resolution of a sum
-MAX_RANGE = 120.0    # largest total log decay inside one chunk (exp(60) per factor)
+MAX_RANGE = {torch.float32: 120.0,    # largest total log decay inside one chunk: exp(60) per factor
+             torch.float64: 1000.0}   # (fp32 overflows at exp(88), float64 at exp(709))
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _chunk_len(logw: Tensor, T: int, chunk_size: int) -> int:
-    """The largest chunk length (chunk_size, halved as needed) whose log-decay range stays <= MAX_RANGE."""
+def _chunk_len(logw: Tensor, T: int, chunk_size: int, max_range: float) -> int:
+    """The largest chunk length (chunk_size, halved as needed) whose log-decay range stays <= max_range."""
     lw = logw.detach()
     L = max(1, min(chunk_size, T))
     while L > 1:
         pad = (-T) % L
         sums = F.pad(lw, (0, 0, 0, 0, 0, pad)).reshape(lw.shape[0], -1, L, *lw.shape[2:]).sum(2)
-        if float(sums.min()) >= -MAX_RANGE:
+        if float(sums.min()) >= -max_range:
             return L
         L //= 2
     return 1
@@ -81,17 +77,19 @@ def _from_chunks(y: Tensor, T: int) -> Tensor:
 
 def _prepare(r: Tensor, logw: Tensor, state: Tensor | None, chunk_size: int):
     B, T, H, N = r.shape
-    dtype = _compute_dtype(r)
-    logw = logw.to(dtype).expand(B, T, H, N).clamp(min=LOGW_FLOOR)
-    L = _chunk_len(logw, T, chunk_size)
+    dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    logw = logw.to(torch.float64).expand(B, T, H, N).clamp(min=LOGW_FLOOR)
+    L = _chunk_len(logw, T, chunk_size, MAX_RANGE[dtype])
     if L < min(chunk_size, T):
-        # Strong decays (a chunk's decays multiply below exp(-120)). The gradient of logw is a sum of
-        # terms of the size of r*dr that cancel down to something proportional to the decay, so in
-        # fp32 its relative error grows like 1e-7 / decay (1e-5 at decays around exp(-5)). The
-        # whole op then runs in float64: about 2x slower, still far faster than the oracle.
+        # Strong decays: a chunk's decays multiply below exp(-120). Run the op in float64, at full
+        # chunk length (its exponent range is far wider). Not only for the range: the gradient of
+        # logw is a sum of terms of the size of r*dr that cancel down to something proportional to
+        # the decay, so in fp32 its relative error grows like 1e-7 / decay (1e-5 at exp(-5)).
         dtype = torch.float64
-    # Exponents in float64: c reaches -120, where fp32 would round it by ~1e-5 absolute, which
-    # exp() turns into a 1e-5 relative error. Each factor exp(...) is then rounded once to fp32.
+        L = _chunk_len(logw, T, chunk_size, MAX_RANGE[dtype])
+    # Exponents in float64 in any case: c reaches -120, where fp32 would round it by ~1e-5
+    # absolute, which exp() turns into a 1e-5 relative error. Each factor exp(...) is then rounded
+    # once to the compute dtype.
     lw = _to_chunks(logw, L, torch.float64)             # padding: logw = 0, decay 1
     c = lw.cumsum(-2)                                   # inclusive
     e = c - lw                                          # exclusive
@@ -127,7 +125,7 @@ def wkv6_chunk(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, u: Tensor, state: 
         S = S * gamma[:, :, i, None, :] + dS[:, :, i]
     S0s = torch.stack(starts, 2)                        # state at the start of each chunk
     y = Q @ S0s.transpose(-1, -2) + Y0
-    return _from_chunks(y, T).to(r.dtype), S.to(_compute_dtype(r))
+    return _from_chunks(y, T).to(r.dtype), S.to(torch.float64 if r.dtype == torch.float64 else torch.float32)
 
 
 def wkv7_chunk(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor,
@@ -164,7 +162,7 @@ def wkv7_chunk(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tens
                           M[:, :, i].reshape(B * H, N, N)).reshape(B, H, N, N)
     S0s = torch.stack(starts, 2)
     y = Q @ S0s.transpose(-1, -2) + Y0
-    return _from_chunks(y, T).to(r.dtype), S.to(_compute_dtype(r))
+    return _from_chunks(y, T).to(r.dtype), S.to(torch.float64 if r.dtype == torch.float64 else torch.float32)
 
 
 def _check(device: torch.device) -> str | None:

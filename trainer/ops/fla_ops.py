@@ -112,9 +112,14 @@ def check_rwkvfla(device: torch.device) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _reason_once(check, device_type: str) -> str | None:
+    return check(torch.device(device_type))  # package metadata lookups are slow: once per process
+
+
 def _load(what: str, check, device: torch.device) -> object:
     """Check that the op can run on ``device``, then import its kernel function lazily."""
-    reason = check(device)
+    reason = _reason_once(check, device.type)
     if reason:
         op = "fla" if what.startswith("fla.") else "rwkvfla"
         raise UserError(f"OP={op} cannot run here: {reason}", "set OP=auto to pick one that works")
@@ -145,7 +150,7 @@ def wkv7_fla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor
     chunk_rwkv7 = _load("fla.ops.rwkv7.chunk_rwkv7", check_fla, r.device)
     dt = r.dtype
     k, v, a, b = (x.to(dt) for x in (k, v, a, b))
-    logw = logw.expand_as(r).contiguous()  # own dtype kept: fla's tests pass an fp32 log decay with half inputs
+    logw = logw.expand_as(r).contiguous()  # own dtype kept (fla's tests pass fp32 log decays with half inputs)
     extra = {}
     if _rwkv7_safe(logw):
         extra = dict(safe_gate=True, lower_bound=RWKV7_LOWER_BOUND, chunk_size=64)

@@ -149,7 +149,7 @@ def test_chunk_matches_oracle_head_size_64(version):
 
 
 @pytest.mark.parametrize("version", [6, 7])
-@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
+@pytest.mark.parametrize("chunk_size", [3, 16, 64])
 def test_chunk_any_chunk_size(version, chunk_size):
     x = make_inputs(version, T=45)
     fn = CHUNK[version]
@@ -172,13 +172,13 @@ def test_chunk_len_keeps_exponents_in_range():
 
 @pytest.mark.parametrize("version", [6, 7])
 def test_chunk_gradcheck_float64(version):
-    """Exact gradients, independent of the oracle: finite differences in float64, 3 chunks of 3 (padded)."""
-    x = make_inputs(version, B=1, T=8, H=1, N=3, dtype=torch.float64)
+    """Exact gradients, independent of the oracle: finite differences in float64, 3 chunks of 2 (padded)."""
+    x = make_inputs(version, B=1, T=5, H=1, N=2, dtype=torch.float64)
     names = ["r", "k", "v", "logw", "a", "b"] if version == 7 else ["r", "k", "v", "logw", "u"]
     leaves = [x[n].detach().double().requires_grad_() for n in names]
     state = x["state"].detach().double().requires_grad_()
     fn = CHUNK[version]
-    assert torch.autograd.gradcheck(lambda *a: fn(*a, chunk_size=3), (*leaves, state), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, chunk_size=2), (*leaves, state), eps=1e-6, atol=1e-7)
 
 
 def test_chunk_keeps_input_dtype_and_state_fp32():

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="binidx prefix, e.g. data/mydata (for mydata.bin/.idx)")
     ap.add_argument("--items", type=int, default=None, help="evaluate the first K documents (default all)")
     ap.add_argument("--ctx-len", type=int, default=None, help="cut each document to its first L tokens")
+    ap.add_argument("--adapter", default=None, help="a checkpoint from output/ (rwkv-N.pth) to apply: any method")
     ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     data = BinIdx(args.data)
     model = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+    if args.adapter:
+        from trainer.checkpoint import attach_adapter
+        meta = attach_adapter(model, args.adapter, args.model)
+        print(f"applied {args.adapter}: {meta['method']} after epoch {meta.get('epoch')}", file=sys.stderr)
     model.op = ops.resolve(args.op, device)
     n = len(data) if args.items is None else min(args.items, len(data))
     docs = (data[i] for i in range(n))

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.85, help="sample from the likeliest tokens making up this "
                     "much probability (lower: safer text)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
+    ap.add_argument("--adapter", default=None, help="a checkpoint from output/ (rwkv-N.pth) to apply: any method")
     ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     model = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+    if args.adapter:
+        from trainer.checkpoint import attach_adapter
+        meta = attach_adapter(model, args.adapter, args.model)
+        print(f"applied {args.adapter}: {meta['method']} after epoch {meta.get('epoch')}", file=sys.stderr)
     model.op = ops.resolve(args.op, device)
     tok = get_tokenizer()
     prompt = args.prompt.replace("\\n", "\n")

@@ -57,30 +57,7 @@ def load_checkpoint(path) -> dict[str, Tensor]:
     not a flat dict of tensors.
     """
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"model file {_name(p)} does not exist",
-                        "check the path (MODEL_PATH / --model); models usually live in model/")
-    if p.is_dir():
-        raise UserError(f"{_name(p)} is a folder, not a model file", "give the path of the .pth file inside it")
-    if p.stat().st_size == 0:
-        raise UserError(f"model file {_name(p)} is empty", "download or save it again")
-    try:
-        sd = _torch_load(p)
-    except UserError:
-        raise
-    except (zipfile.BadZipFile, EOFError):
-        raise UserError(f"model file {_name(p)} is truncated or corrupt", "download or save it again") from None
-    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
-            KeyError, IndexError, TypeError) as err:
-        low = str(err).lower()
-        if "weights only" in low or "weights_only" in low:
-            raise UserError(f"{_name(p)} holds Python objects besides tensors; refusing to load it "
-                            "(not a plain RWKV checkpoint)", "use an RWKV .pth state dict") from None
-        if any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat", "unexpected end")):
-            raise UserError(f"model file {_name(p)} is truncated or corrupt (an incomplete download or "
-                            "copy?)", "download or save it again") from None
-        raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file",
-                        "give an RWKV .pth model file") from None
+    sd = _load_file(p, "model file")
     if not isinstance(sd, Mapping) or not sd:
         raise UserError(f"{_name(p)} does not hold a dict of tensors (found {type(sd).__name__})",
                         "give an RWKV .pth model file")
@@ -89,6 +66,34 @@ def load_checkpoint(path) -> dict[str, Tensor]:
         raise UserError(f"{_name(p)} is not a plain dict of tensors (entry {bad[0]!r} is "
                         f"{type(sd[bad[0]]).__name__})", "give an RWKV .pth model file, not a training checkpoint")
     return dict(sd)
+
+
+def _load_file(p: Path, what: str) -> Any:
+    """torch.load (weights only) with every failure turned into a one-line UserError naming the file."""
+    if not p.exists():
+        raise UserError(f"{what} {_name(p)} does not exist",
+                        "check the path (MODEL_PATH / --model); models usually live in model/")
+    if p.is_dir():
+        raise UserError(f"{_name(p)} is a folder, not a {what}", "give the path of the .pth file inside it")
+    if p.stat().st_size == 0:
+        raise UserError(f"{what} {_name(p)} is empty", "download or save it again")
+    try:
+        return _torch_load(p)
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, EOFError):
+        raise UserError(f"{what} {_name(p)} is truncated or corrupt", "download or save it again") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
+            KeyError, IndexError, TypeError) as err:
+        low = str(err).lower()
+        if "weights only" in low or "weights_only" in low:
+            raise UserError(f"{_name(p)} holds Python objects besides tensors; refusing to load it "
+                            "(not a plain RWKV checkpoint)", "use an RWKV .pth state dict") from None
+        if any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat", "unexpected end")):
+            raise UserError(f"{what} {_name(p)} is truncated or corrupt (an incomplete download or "
+                            "copy?)", "download or save it again") from None
+        raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file",
+                        "give an RWKV .pth model file") from None
 
 
 def _torch_load(p: Path):
@@ -339,3 +344,100 @@ def config_from_sizes(version: int, n_layer: int, n_embd: int, vocab_size: int =
 def init_model(cfg: ModelConfig, seed: int = 0) -> RWKV:
     """A new fp32 model on the CPU with RWKV-LM's random initialisation for its version."""
     return init_weights_(RWKV(cfg), seed)
+
+
+# ------------------------------------------------------------------------------------------ training files
+# An adapter file (output/rwkv-E.pth) is a flat dict: the trained tensors under their model key names, plus
+# one string entry META_KEY holding JSON: the method and its settings, TRAIN_PARTS, the base model's name,
+# sizes and fingerprint, the epoch. Everything merge and resume need, so nothing is ever retyped.
+META_KEY = "_rwkv_peft_simple"
+ADAPTER_FORMAT = 1
+_FINGERPRINT_KEYS = ("ln_out.weight", "ln_out.bias", "blocks.0.ln0.weight", "blocks.0.ln1.weight",
+                     "blocks.0.att.receptance.weight", "head.weight")
+
+
+def fingerprint(sd: Mapping[str, Tensor]) -> str:
+    """A short hash identifying a base model: its keys and shapes, and values of a few tensors (as fp32,
+    so the same weights stored in fp32 or bf16 after rounding to bf16 give the same fingerprint)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(f"{k}:{tuple(sd[k].shape)};".encode())
+    for k in _FINGERPRINT_KEYS:
+        if k in sd:
+            t = sd[k].reshape(-1)[:4096].to(torch.bfloat16).float()
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_metadata(path, model: RWKV | None = None) -> dict:
+    """What an adapter records about its base model (read from the file, before any method changes it)."""
+    sd = load_checkpoint(path)
+    cfg = detect_config(sd, path)
+    return {"name": Path(path).name, "version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+            "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "fingerprint": fingerprint(sd)}
+
+
+def save_adapter(path, tensors: Mapping[str, Tensor], meta: dict) -> None:
+    import json
+    obj = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    obj[META_KEY] = json.dumps({"format": ADAPTER_FORMAT, **meta}, ensure_ascii=False)
+    save_atomic(obj, path)
+
+
+def load_adapter(path) -> tuple[dict[str, Tensor], dict]:
+    """(trained tensors, metadata) of a file written by save_adapter; another tool's file is refused."""
+    import json
+    p = Path(path)
+    obj = _load_file(p, "checkpoint")
+    if not isinstance(obj, Mapping) or META_KEY not in obj:
+        raise UserError(f"{_name(p)} was not written by this toolkit's trainer (no {META_KEY} metadata)",
+                        "give a checkpoint from output/ written by ./training.sh")
+    meta = json.loads(obj[META_KEY])
+    if meta.get("format", 0) > ADAPTER_FORMAT:
+        raise UserError(f"{_name(p)} was written by a newer version of this toolkit (format {meta['format']})",
+                        "update rwkv-peft-simple")
+    tensors = {k: v for k, v in obj.items() if k != META_KEY}
+    return tensors, meta
+
+
+def save_train_state(path, state: dict) -> None:
+    save_atomic(state, path)
+
+
+def load_train_state(path) -> dict:
+    obj = _load_file(Path(path), "training state")
+    if not isinstance(obj, Mapping) or "optimizer" not in obj:
+        raise UserError(f"{_name(path)} is not a training state written by ./training.sh",
+                        "set RESUME=0 to start a new run")
+    return dict(obj)
+
+
+def check_base(meta: dict, base_path, sd: Mapping[str, Tensor] | None = None, where: str = "") -> None:
+    """Refuse a base model that is not the one the adapter was trained on (sizes or fingerprint)."""
+    base = meta.get("base", {})
+    sd = load_checkpoint(base_path) if sd is None else sd
+    cfg = detect_config(sd, base_path)
+    got = {"version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}
+    want = {k: base.get(k) for k in got}
+    if got != want:
+        raise UserError(f"{where or 'the checkpoint'} was trained on {base.get('name')} (RWKV-{want['version']}, "
+                        f"{want['n_layer']}x{want['n_embd']}) but {_name(base_path)} is RWKV-{got['version']}, "
+                        f"{got['n_layer']}x{got['n_embd']}", f"use the base model {base.get('name')}")
+    if base.get("fingerprint") and base["fingerprint"] != fingerprint(sd):
+        raise UserError(f"{_name(base_path)} is not the base model {where or 'the checkpoint'} was trained on "
+                        f"({base.get('name')}, fingerprint {base['fingerprint']}): same size, other weights",
+                        f"use the model file {base.get('name')} that training used")
+
+
+def attach_adapter(model: RWKV, adapter_path, base_path) -> dict:
+    """Apply a trained checkpoint from output/ to ``model`` (loaded from ``base_path``): the method is
+    read from the file and applied through the PEFT interface. Returns the checkpoint's metadata."""
+    from .peft import get_method
+    tensors, meta = load_adapter(adapter_path)
+    check_base(meta, base_path, where=_name(adapter_path))
+    method = get_method(meta["method"])(meta.get("settings", {}))
+    method.apply(model, train_parts=tuple(meta.get("train_parts", ())))
+    method.load_adapter(model, {k: v.to(model.device) for k, v in tensors.items()})
+    model.requires_grad_(False)
+    return meta

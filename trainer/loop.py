@@ -99,6 +99,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
     from .peft import get_method
 
     cfg.check_files()
+    torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg)
     precision, weight_dtype = resolve_precision(cfg, device)
     op = ops.resolve(cfg.OP, device)
@@ -113,10 +114,22 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
     model.op = op
     model.grad_cp = bool(cfg.GRAD_CP)
 
-    dataset = make_dataset(cfg.DATALOAD, BinIdx(cfg.data_prefix), ctx_len=cfg.CTX_LEN,
+    data = BinIdx(cfg.data_prefix)
+    top = int(data.tokens.max()) if data.total_tokens else 0
+    if top >= model.cfg.vocab_size:
+        raise UserError(f"{cfg.data_prefix}.bin holds token id {top}, but {cfg.model_path.name} has a vocabulary "
+                        f"of {model.cfg.vocab_size}.", "tokenize the data for this model's vocabulary "
+                        "(make_tokenize.sh uses the RWKV World tokenizer of 65536 ids)")
+    dataset = make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
                            micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
                            loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=0)
     return Prepared(cfg, device, precision, model, method, dataset, op, base_meta)
+
+
+def autocast_for(prep: "Prepared"):
+    """The autocast context of the run's precision (mixed: frozen bf16/fp16 weights, fp32 trained ones)."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(prep.precision)
+    return torch.autocast(prep.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
@@ -170,7 +183,7 @@ class RunFiles:
         return self.out / ("rwkv-interrupted.pth" if epoch is None else f"rwkv-{epoch}.pth")
 
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
-             optimizer: torch.optim.Optimizer, complete: bool) -> Path:
+             optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
         prep = self.prep
         tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
         meta = {
@@ -193,7 +206,7 @@ class RunFiles:
             "opt_step": opt_step,
             "micro_step": micro_step,
             "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state() if rng is None else rng,
             "config": prep.cfg.to_env(),
         })
         return path
@@ -236,14 +249,24 @@ class RunFiles:
         return self.out / "loss.png"
 
     def sample(self, epoch: int, log: Callable[[str], None]) -> str:
-        from .generate import generate_text
+        from .data.tokenizer import get_tokenizer
+        from .inference import generate
         model = self.prep.model
+        tok = get_tokenizer()
+        prompt = tok.encode(self.prep.cfg.SAMPLE_PROMPT)
+        if max(prompt, default=0) >= model.cfg.vocab_size:   # a model with a custom small vocabulary
+            with open(self.out / "samples.txt", "a", encoding="utf-8") as fh:
+                fh.write(f"=== epoch {epoch}\n(no sample: the prompt's World-tokenizer ids do not fit this "
+                         f"model's vocabulary of {model.cfg.vocab_size})\n\n")
+            return ""
         was_training = model.training
         model.eval()
         rng = torch.get_rng_state()        # sampling must not change the training run's random stream
         try:
-            text = generate_text(model, self.prep.cfg.SAMPLE_PROMPT, tokens=SAMPLE_TOKENS,
-                                 temperature=1.0, top_p=0.5, seed=self.prep.cfg.SEED)
+            with autocast_for(self.prep):
+                ids = generate(model, prompt, max_tokens=SAMPLE_TOKENS,
+                               temperature=1.0, top_p=0.5, seed=self.prep.cfg.SEED)
+            text = tok.decode([i for i in ids if i != 0])
         finally:
             model.train(was_training)
             torch.set_rng_state(rng)
@@ -294,7 +317,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from tqdm import tqdm
 
     prep = prepare(cfg, log)
-    torch.manual_seed(cfg.SEED)
+    torch.manual_seed(cfg.SEED + 1)      # the training stream (dropout), independent of what init used
     model = prep.model
     files = RunFiles(cfg.output_dir, prep)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -326,10 +349,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
 
     run = _wandb_run(cfg)
     log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
+    last_log = time.perf_counter()
     bar = tqdm(total=cfg.EPOCH_COUNT * cfg.EPOCH_STEPS, initial=start_epoch * cfg.EPOCH_STEPS + start_step,
                disable=not progress, unit="step", dynamic_ncols=True)
     epoch, loss_acc = start_epoch, 0.0
-    committed = (start_epoch, start_step, micro_step)   # position after the last optimizer step
+    # position (and random stream) after the last optimizer step: what an interrupted run saves
+    committed = (start_epoch, start_step, micro_step, torch.get_rng_state())
     t_last, tok_since = time.perf_counter(), 0
     model.train()
     try:
@@ -374,11 +399,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     bar.set_postfix(loss=f"{loss_acc:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     if run is not None:
                         run.log({"loss": loss_acc, "lr": lr, "tokens_per_s": tps, "epoch": epoch}, step=opt_step)
-                    if not progress and (opt_step % log_every == 0 or opt_step == total_opt_steps):
+                    if not progress and (opt_step % log_every == 0 or opt_step in (1, total_opt_steps)
+                                         or now - last_log > 15):
+                        last_log = now
                         log(f"epoch {epoch} step {step + 1}/{cfg.EPOCH_STEPS}  optimizer step {opt_step}/"
                             f"{total_opt_steps}  loss {loss_acc:.4f}  lr {lr:.2e}  {tps:,.0f} tokens/s")
                     loss_acc = 0.0
-                    committed = (epoch, step + 1, micro_step)
+                    committed = (epoch, step + 1, micro_step, torch.get_rng_state())
                     if len(pending_rows) >= 10:
                         files.append_losses(pending_rows)
                         pending_rows = []
@@ -397,10 +424,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         bar.close()
         files.append_losses(pending_rows)
         # A partial gradient accumulation is dropped: resume restarts at the last optimizer step.
-        c_epoch, c_step, c_micro = committed
+        c_epoch, c_step, c_micro, c_rng = committed
         optimizer.zero_grad(set_to_none=True)
         path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
-                          optimizer=optimizer, complete=False)
+                          optimizer=optimizer, complete=False, rng=c_rng)
         files.plot()
         result.saved.append(path)
         result.interrupted = True

@@ -1,0 +1,163 @@
+"""The training loop end to end on tiny models (CPU, fp32): every method x every RWKV version, saving,
+exact resume, Ctrl+C."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data.binidx import write_binidx
+from trainer.loop import train
+from trainer.peft import get_method
+
+from rwkv_ref import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 256
+METHOD_KEYS = {   # a key every saved adapter of the method must contain, and the suffixes allowed
+    "lora": ("blocks.0.att.key.lora_A", (".lora_A", ".lora_B")),
+    "pissa": ("blocks.0.att.key.lora_B", (".lora_A", ".lora_B", ".pissa_init_A", ".pissa_init_B")),
+    "bone": ("blocks.0.ffn.key.disha", (".disha",)),
+    "bat": ("blocks.1.att.value.disha", (".disha",)),
+    "state": ("blocks.1.att.time_state", (".time_state",)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_project(root: Path, version: int, items=None, seed=0) -> None:
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    # like a pretrained base, no tensor is zero (a fresh init's zero output projections would give
+    # PiSSA nothing to start from)
+    model = random_model(version, 2, 128, vocab_size=VOCAB, seed=seed)
+    checkpoint.save_atomic(model.state_dict(), root / "model" / "tiny.pth")
+    if items is None:   # 8 short "memorisable" documents of small ids, each ending with 0
+        rng = np.random.default_rng(1)
+        items = [list(rng.integers(1, VOCAB, size=rng.integers(12, 30))) + [0] for _ in range(8)]
+    write_binidx(root / "data" / "toy", items)
+
+
+def config(**kw) -> TrainConfig:
+    env = dict(MODEL="tiny.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="8",
+               LORA_ALPHA="16", PISSA_R="8", DISHA_R="32", CTX_LEN="32", MICRO_BSZ="2", EPOCH_STEPS="4",
+               EPOCH_COUNT="1", PRECISION="fp32", LR_INIT="1e-2", LR_FINAL="1e-2", OP="chunk",
+               GRAD_CP="0", SAMPLE_PROMPT="ab")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("mode", ["lora", "pissa", "bone", "bat", "state", "full"])
+def test_every_method_every_version(tmp_path, monkeypatch, mode, version):
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, version)
+    lr = "0.5" if mode == "state" else ("2e-3" if mode == "full" else "1e-2")
+    cfg = config(FINETUNE_MODE=mode, LR_INIT=lr, LR_FINAL=lr, EPOCH_STEPS=4, EPOCH_COUNT=3,
+                 TRAIN_PARTS="ln" if mode == "lora" else "", GRAD_CP=int(mode == "state"))
+    res = train(cfg, progress=False, log=lambda *_: None)
+    assert len(res.losses) == 12 and not res.interrupted
+    # the same 8 items every epoch: the loss on them must fall clearly
+    assert np.mean(res.losses[-4:]) < np.mean(res.losses[:4]) - 0.05, res.losses
+    saved = sorted(p.name for p in (tmp_path / "output").glob("rwkv-*.pth"))
+    assert saved == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-2.pth"]
+    for name in ("loss.csv", "loss.png", "samples.txt", "train_state.pth"):
+        assert (tmp_path / "output" / name).is_file()
+    tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-2.pth")
+    # the file holds exactly the method's tensors (plus TRAIN_PARTS), and the metadata merge needs
+    base_keys = set(checkpoint.load_checkpoint(tmp_path / "model" / "tiny.pth"))
+    if mode == "full":
+        assert set(tensors) == base_keys
+    else:
+        must, suffixes = METHOD_KEYS[mode]
+        assert must in tensors
+        extra = {k for k in tensors if not k.endswith(suffixes)}
+        if mode == "lora":
+            assert extra and all(".ln" in k or k.startswith("ln_out") for k in extra)
+        else:
+            assert not extra
+    assert meta["method"] == mode and meta["epoch"] == 2 and meta["complete"] is True
+    assert meta["base"]["name"] == "tiny.pth" and meta["base"]["version"] == version
+    assert meta["base"]["fingerprint"] == checkpoint.fingerprint(checkpoint.load_checkpoint("model/tiny.pth"))
+    assert meta["settings"] == get_method(mode)(meta["settings"]).metadata()
+    # the adapter reproduces the trained model: its loss on the data is the loss the loop reached
+    model = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
+    model.op = "chunk"
+    checkpoint.attach_adapter(model, "output/rwkv-2.pth", "model/tiny.pth")
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=3, MINI_BSZ=2, LORA_DROPOUT="0.1", LR_FINAL="1e-3",
+              WARMUP_STEPS=1, TRAIN_PARTS="time")
+    full = train(config(OUTPUT="a", **kw), progress=False, log=lambda *_: None)
+    first = train(config(OUTPUT="b", **kw), progress=False, log=lambda *_: None, max_steps=7)
+    assert first.interrupted and (tmp_path / "b" / "rwkv-interrupted.pth").is_file()
+    rest = train(config(OUTPUT="b", RESUME=1, **kw), progress=False, log=lambda *_: None)
+    assert len(full.losses) == 6 and len(first.losses) == 3 and len(rest.losses) == 3
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
+    a, _ = checkpoint.load_adapter(tmp_path / "a" / "rwkv-2.pth")
+    b, _ = checkpoint.load_adapter(tmp_path / "b" / "rwkv-2.pth")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_changed_settings_and_missing_state(tmp_path, monkeypatch):
+    from trainer.errors import UserError
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 6)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(config(RESUME=1), progress=False, log=lambda *_: None)
+    train(config(), progress=False, log=lambda *_: None, max_steps=1)
+    with pytest.raises(UserError, match="LORA_R changed"):
+        train(config(RESUME=1, LORA_R=4), progress=False, log=lambda *_: None)
+
+
+def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
+    from trainer.errors import UserError
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 0, step \d"):
+        train(config(FINETUNE_MODE="full", LR_INIT="1e30", LR_FINAL="1e30", EPOCH_STEPS=4),
+              progress=False, log=lambda *_: None)
+
+
+def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
+    make_project(tmp_path, 7)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           **{k: v for k, v in config(EPOCH_STEPS=4, EPOCH_COUNT=10_000).to_env().items()}}
+    env["MICRO_BSZ"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "tools.train", "--no-progress"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stdout:       # wait until it is really training (its first optimizer step logged)
+        lines.append(line)
+        if "optimizer step" in line:
+            break
+        assert time.time() < deadline, "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    assert "stopped: saved" in out and "RESUME=1" in out
+    tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-interrupted.pth")
+    assert meta["complete"] is False and "blocks.0.att.key.lora_A" in tensors
+    state = checkpoint.load_train_state(tmp_path / "output" / "train_state.pth")
+    assert state["adapter"] == "rwkv-interrupted.pth" and state["opt_step"] >= 1

@@ -1,6 +1,7 @@
 """Evaluate a model on tokenized data: the mean next-token loss (cross-entropy, nats) and perplexity.
 
     python -m tools.evaluate --model model/M.pth --data data/NAME [--items K] [--ctx-len L] [--op OP]
+                             [--adapter output/rwkv-N.pth | --state merge/M-state-N.pth]
 
 Reads data/NAME.bin + .idx (made by make_tokenize.sh). Each of the first K documents (default: all) is
 cut to its first L tokens (default: whole), starts from the zero state, and every token after the first
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=None, help="evaluate the first K documents (default all)")
     ap.add_argument("--ctx-len", type=int, default=None, help="cut each document to its first L tokens")
     ap.add_argument("--adapter", default=None, help="a checkpoint from output/ (rwkv-N.pth) to apply: any method")
+    ap.add_argument("--state", default=None, help="a state file (merge/<model>-state-N.pth): start every document "
+                    "from it instead of the zero state")
     ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--items must be at least 1, got {args.items}")
     if args.ctx_len is not None and args.ctx_len < 2:
         raise UserError(f"--ctx-len must be at least 2, got {args.ctx_len}")
+    if args.adapter and args.state:
+        raise UserError("--adapter and --state together: give one of them",
+                        "a state-tuning checkpoint works with --adapter; its merged state file with --state")
 
     from trainer import ops
     from trainer.checkpoint import load_model
@@ -64,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint import attach_adapter
         meta = attach_adapter(model, args.adapter, args.model)
         print(f"applied {args.adapter}: {meta['method']} after epoch {meta.get('epoch')}", file=sys.stderr)
+    if args.state:
+        from trainer.checkpoint import attach_state_file
+        attach_state_file(model, args.state)
+        print(f"initial state from {args.state}", file=sys.stderr)
     model.op = ops.resolve(args.op, device)
     n = len(data) if args.items is None else min(args.items, len(data))
     docs = (data[i] for i in range(n))

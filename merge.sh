@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Step 3 of 3: turn a training checkpoint into a model (or a state file) the RWKV tools run.
+#
+#   ./merge.sh EPOCH          EPOCH: the number of a checkpoint in OUTPUT (rwkv-EPOCH.pth), or "interrupted"
+#
+# Everything else is read from the checkpoint itself: the method (lora, pissa, bone, bat, state, full), its
+# settings, TRAIN_PARTS and the base model (looked up in model/ by name, and checked to be the very model
+# training used). Writes, in MERGE_DIR:
+#   <base>-<method>-EPOCH.pth   a complete model in the official layout (RWKV-Runner, Ai00, the rwkv package)
+#   <base>-state-EPOCH.pth      for state tuning: the tuned state alone, used together with the base model
+# and prints how to use it. Nothing is written unless every check passes; a file is never half-written.
+# The variables below can also be given on the command line, e.g.  DTYPE=fp32 ./merge.sh 2
+set -euo pipefail
+
+DTYPE="${DTYPE:-bf16}"          # bf16 (what released models use) | fp16 | fp32 (exact, twice the size)
+OUTPUT="${OUTPUT:-output}"      # the folder training.sh wrote its checkpoints to (its OUTPUT)
+MERGE_DIR="${MERGE_DIR:-merge}" # where the merged model / state file goes
+BASE="${BASE:-}"                # empty: the base model named in the checkpoint, from model/. Set it only if that
+                                # file moved or was renamed (it is still checked to be the same weights)
+STATE_MODEL="${STATE_MODEL:-0}" # state tuning: 1 = also write <base>-state-EPOCH-model.pth, the base model with the
+                                # state inside (the rwkv package reads it for RWKV-5/6; for RWKV-7 it ignores it)
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$HERE"
+if [ $# -ne 1 ]; then
+    echo "usage: ./merge.sh EPOCH   (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))" >&2
+    exit 2
+fi
+EXTRA=()
+[ "$STATE_MODEL" = "1" ] && EXTRA+=(--state-model)
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m tools.merge "$1" --dtype "$DTYPE" --output "$OUTPUT" --merge-dir "$MERGE_DIR" \
+    --model-dir model --base "$BASE" "${EXTRA[@]+"${EXTRA[@]}"}"

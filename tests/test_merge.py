@@ -321,3 +321,38 @@ def test_merge_sh_end_to_end(runs):
     assert all(t.dtype == torch.float16 for t in sd.values())
     p = subprocess.run(["bash", str(root / "merge.sh"), "9"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "epoch 0" in p.stderr, p.stderr
+
+
+def _snippets(text: str) -> list[str]:
+    """The rwkv-package code blocks merge prints (indented 4 spaces under a 'the rwkv package' line)."""
+    lines, out, cur = text.splitlines(), [], None
+    for line in lines + [""]:
+        if cur is not None and line.startswith("    "):
+            cur.append(line[4:])
+            continue
+        if cur:
+            out.append("\n".join(cur))
+        cur = [] if "the rwkv package" in line else None
+    return out
+
+
+def test_printed_rwkv_package_snippets_run_and_match(runs):
+    """What merge prints for the rwkv package, run as printed: same last-token logits as our model."""
+    res, roots = runs
+    procs = []
+    for mode, v in (("state", 6), ("lora", 7), ("state", 7)):
+        e = res[(mode, v)]
+        for code in _snippets(merge_tool.usage_text(e["result"])):
+            code = code.replace("[token ids]", str(TOKENS)).replace('"cuda fp16"', '"cpu fp32"')
+            code += "\nimport json; print('LOGITS', json.dumps([float(x) for x in logits]))"
+            env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "OMP_NUM_THREADS": "1"}
+            env.pop("RWKV_V7_ON", None)
+            want = e["base"] if (mode, v) == ("state", 7) and "forward([" in code and ", None)" in code else e["ours"]
+            procs.append((subprocess.Popen([sys.executable, "-c", code], cwd=roots[v], env=env, text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT), want[-1], code))
+    assert len(procs) == 5           # v6 state: model + state file; v7 lora: model; v7 state: model + state file
+    for p, want, code in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, code + "\n" + out[-2000:]
+        got = torch.tensor(json.loads(out.split("LOGITS ")[-1]))
+        _close(got, want)

@@ -372,6 +372,7 @@ def test_accepted(kw):
 
 
 # --------------------------------------------------------------------------------- GPU (the lead runs these)
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", ["fla", "rwkvfla"])
 @pytest.mark.parametrize("version", [6, 7])

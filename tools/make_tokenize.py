@@ -2,7 +2,7 @@
 
     python -m tools.make_tokenize FILE.jsonl [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--data-dir DIR]
 
-A bare FILE name is looked up in the data folder (``data/`` beside this repository, or --data-dir); a
+A bare FILE name is looked up in the data folder (``data/`` in the current folder, or --data-dir); a
 name with a folder in it is used as given. The output goes beside the input.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import numpy as np
 
 from trainer.errors import UserError, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SEED = 42
 
 
@@ -51,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("max_tokens", nargs="?", help="drop items longer than this many tokens, end token included")
     ap.add_argument("--no-eof", action="store_true", help="do not end each item with token 0")
     ap.add_argument("--seed", default=None, help=f"shuffle seed (default {DEFAULT_SEED})")
-    ap.add_argument("--data-dir", default=str(REPO / "data"), help="where bare file names are looked up")
+    ap.add_argument("--data-dir", default="data",
+                    help="where bare file names are looked up (default: data/ in the current folder, as for "
+                         "training and merging; make_tokenize.sh passes its own data/)")
     return ap.parse_args(argv)
 
 

@@ -36,11 +36,11 @@ LR_FINAL=1e-5             # learning rate at the end; state tuning 0.01
 WARMUP_STEPS=0            # optimizer steps of warm-up; state tuning: 10
 LR_SCHEDULE="cos"         # cos: smooth decay | wsd: flat, then decay over the last 20% | const
 
-# ---------------------------------------------------------------- long context (not built yet: keep the defaults)
-TRAIN_TYPE="normal"       # normal | infctx
-CHUNK_CTX=512             # infctx: tokens per chunk
-INITIAL_CTX_LEN=0         # infctx: start with this CTX_LEN and grow (0 = off)
-CTX_WARMUP_STEPS=0        # infctx: steps to grow it to CTX_LEN
+# ---------------------------------------------------------------- long context
+TRAIN_TYPE="normal"       # normal | infctx: texts longer than memory allows, fed in chunks with the exact gradient
+CHUNK_CTX=512             # infctx: tokens per chunk; memory depends on this, not on CTX_LEN (512-2048 usual)
+INITIAL_CTX_LEN=0         # ctx warm-up: start training at this length and grow to CTX_LEN (0 = off)
+CTX_WARMUP_STEPS=0        # ctx warm-up: optimizer steps to grow from INITIAL_CTX_LEN to CTX_LEN
 
 # ---------------------------------------------------------------- hardware
 ACCELERATOR="auto"        # auto: the GPU if there is one | cuda | cpu

@@ -161,3 +161,33 @@ def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
     assert meta["complete"] is False and "blocks.0.att.key.lora_A" in tensors
     state = checkpoint.load_train_state(tmp_path / "output" / "train_state.pth")
     assert state["adapter"] == "rwkv-interrupted.pth" and state["opt_step"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["lora", "state"])
+def test_infctx_training_equals_normal_training(tmp_path, monkeypatch, mode):
+    """The loop with TRAIN_TYPE=infctx (chunks of 7 tokens, not dividing CTX_LEN=32) takes the same steps."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7, items=[list(range(1, 60)) + [0]] * 4 + [list(range(3, 40)) + [0]] * 4)
+    lr = "0.2" if mode == "state" else "1e-2"
+    kw = dict(FINETUNE_MODE=mode, LR_INIT=lr, LR_FINAL=lr, EPOCH_STEPS=4, EPOCH_COUNT=2, GRAD_CP=1)
+    normal = train(config(OUTPUT="n", **kw), progress=False, log=lambda *_: None)
+    chunked = train(config(OUTPUT="i", TRAIN_TYPE="infctx", CHUNK_CTX=7, **kw), progress=False,
+                    log=lambda *_: None)
+    np.testing.assert_allclose(chunked.losses, normal.losses, rtol=1e-5)
+
+
+def test_ctx_warmup_grows_the_training_length(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 6, items=[list(range(1, 60)) + [0]] * 16)
+    seen = []
+    import trainer.loop as loop_mod
+    real = loop_mod.masked_loss
+
+    def spy(logits, targets, mask):
+        seen.append(targets.shape[1])
+        return real(logits, targets, mask)
+
+    monkeypatch.setattr(loop_mod, "masked_loss", spy)
+    train(config(CTX_LEN=48, INITIAL_CTX_LEN=16, CTX_WARMUP_STEPS=4, EPOCH_STEPS=8), progress=False,
+          log=lambda *_: None)
+    assert seen[0] == 16 and seen[-1] == 48 and seen == sorted(seen)

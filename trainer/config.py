@@ -32,7 +32,6 @@ QUANTS = ("none", "int8", "nf4")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE = {
-    "TRAIN_TYPE": "long-context (infctx) training is not built yet",
     "QUANT": "quantised training (bitsandbytes int8/nf4) is not built yet",
     "STRATEGY": "DeepSpeed strategies are not built yet",
     "GPU_COUNT": "training on several GPUs is not built yet",
@@ -164,9 +163,8 @@ class TrainConfig:
         if self.DATALOAD == "only" and self.MICRO_BSZ > 1:
             raise UserError(f"DATALOAD=only trains one item per step, but MICRO_BSZ={self.MICRO_BSZ}.",
                             "set MICRO_BSZ=1 (use MINI_BSZ to accumulate), or DATALOAD=pad")
-        if self.TRAIN_TYPE == "infctx" and self.CHUNK_CTX > self.CTX_LEN:
-            raise UserError(f"CHUNK_CTX={self.CHUNK_CTX} is larger than CTX_LEN={self.CTX_LEN}.",
-                            "CHUNK_CTX must be at most CTX_LEN (e.g. CTX_LEN=4096 CHUNK_CTX=512)")
+        from .infctx import check_infctx      # infctx and ctx warm-up rules live beside their code
+        check_infctx(self)
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:

@@ -316,6 +316,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from lightning_fabric import Fabric
     from tqdm import tqdm
 
+    from .infctx import ctx_len_at, cut_batch, infctx_loss
+
     prep = prepare(cfg, log)
     torch.manual_seed(cfg.SEED + 1)      # the training stream (dropout), independent of what init used
     model = prep.model
@@ -324,6 +326,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     optimizer = torch.optim.AdamW(params, lr=cfg.LR_INIT, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
     state = _resume_state(cfg, prep)
 
+    if prep.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
     fabric = Fabric(accelerator=prep.device.type, devices=1, precision=prep.precision)
     fabric.launch()
     model, optimizer = fabric.setup(model, optimizer, move_to_device=False)
@@ -339,6 +343,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
             f"optimizer step {opt_step}")
 
     accum = cfg.MINI_BSZ
+    infctx = cfg.TRAIN_TYPE == "infctx"
+    warmup_ctx = cfg.INITIAL_CTX_LEN > 0 and cfg.CTX_WARMUP_STEPS > 0
+    chunk_multiple = cfg.CHUNK_CTX if infctx else 16
     total_opt_steps = math.ceil(cfg.EPOCH_STEPS / accum) * cfg.EPOCH_COUNT
     tokens_per_step = cfg.MICRO_BSZ * cfg.CTX_LEN * cfg.world_size
     result = TrainResult(global_step=opt_step)
@@ -366,13 +373,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     raise KeyboardInterrupt
                 batch = prep.dataset.collate([prep.dataset[j] for j in
                                               range(step * cfg.MICRO_BSZ, (step + 1) * cfg.MICRO_BSZ)])
+                if warmup_ctx:
+                    batch = cut_batch(batch, ctx_len_at(opt_step, cfg.INITIAL_CTX_LEN, cfg.CTX_LEN,
+                                                        cfg.CTX_WARMUP_STEPS, chunk_multiple))
                 x = batch["input_ids"].to(prep.device)
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
                 with fabric.no_backward_sync(model, enabled=not boundary):
-                    logits = model(x)
-                    loss = masked_loss(logits, y, m)
+                    if infctx:   # the plain module: Fabric's wrapper would skip autocast on a method call
+                        loss = infctx_loss(prep.model, x, y, m, cfg.CHUNK_CTX, autocast_ctx=autocast_for(prep))
+                    else:
+                        loss = masked_loss(model(x), y, m)
                     fabric.backward(loss / accum)
                 lv = loss.item()
                 if not math.isfinite(lv):

@@ -191,3 +191,50 @@ def test_ctx_warmup_grows_the_training_length(tmp_path, monkeypatch):
     train(config(CTX_LEN=48, INITIAL_CTX_LEN=16, CTX_WARMUP_STEPS=4, EPOCH_STEPS=8), progress=False,
           log=lambda *_: None)
     assert seen[0] == 16 and seen[-1] == 48 and seen == sorted(seen)
+
+
+def test_dry_run_shows_config_count_and_masked_samples(tmp_path, monkeypatch):
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.loop import count_trainable, dry_run
+    monkeypatch.chdir(tmp_path)
+    tok = get_tokenizer()
+    items = [tok.encode("User: hi there\n\nAssistant: hello, friend") + [0]] * 4
+    make_project(tmp_path, 7, items=items)
+    # the World tokenizer's ids need the full vocabulary
+    checkpoint.save_atomic(random_model(7, 2, 128, vocab_size=65536).state_dict(), "model/tiny.pth")
+    lines = []
+    prep = dry_run(config(LOSS_MASK="qa", EPOCH_STEPS=2, SAMPLE_PROMPT="User: a\n\nAssistant:"),
+                   log=lines.append)
+    text = "\n".join(lines)
+    train_n, _ = count_trainable(prep.model)
+    # LoRA r=8 on RWKV-7, width 128: att receptance/key/value/output 8·(128+128) each, ffn key and value
+    # 8·(128+512) each, two layers
+    assert train_n == 2 * (4 * 8 * 256 + 2 * 8 * 640) == 36_864
+    assert "Trainable: 36,864 parameters" in text
+    assert "FINETUNE_MODE     = lora" in text and "SAMPLE_PROMPT     = 'User: a\\n\\nAssistant:'" in text
+    assert text.count("--- sample") == 2
+    assert "⟦User: hi there\n\nAssistant:⟧ hello, friend" in text      # the qa mask: the question is not trained
+    assert "Dry run only" in text and not (tmp_path / "output").exists()
+
+
+def test_evaluate_with_adapter_gives_the_trained_models_loss(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tools.evaluate import main as evaluate_main
+    from trainer.data.binidx import BinIdx
+    from trainer.inference import evaluate_loss
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 6)
+    train(config(EPOCH_STEPS=4, EPOCH_COUNT=2), progress=False, log=lambda *_: None)
+    evaluate_main(["--model", "model/tiny.pth", "--data", "data/toy", "--op", "chunk"])
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluate_main(["--model", "model/tiny.pth", "--data", "data/toy", "--op", "chunk",
+                   "--adapter", "output/rwkv-1.pth"])
+    tuned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
+    model.op = "chunk"
+    checkpoint.attach_adapter(model, "output/rwkv-1.pth", "model/tiny.pth")
+    data = BinIdx("data/toy")
+    expect = evaluate_loss(model, [data[i] for i in range(len(data))])
+    assert tuned["loss"] == pytest.approx(expect["loss"], rel=1e-6)
+    assert tuned["loss"] < base["loss"] - 0.1

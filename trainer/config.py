@@ -245,6 +245,8 @@ class TrainConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             shown = " ".join(v) if isinstance(v, tuple) else (int(v) if isinstance(v, bool) else v)
+            if isinstance(shown, str) and ("\n" in shown or not shown.strip()):
+                shown = repr(shown)
             lines.append(f"  {f.name:<17} = {shown!s:<24} # {f.metadata['help']}")
         return "\n".join(lines)
 

@@ -332,9 +332,11 @@ def test_dequantised_base_pissa_needs_the_adapter():
     adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
     k = "blocks.0.att.key.weight"
     with_a = Q.dequantised_base(base_sd, "nf4", adapter)[k]
-    without = Q.dequantised_base(base_sd, "nf4")[k]
+    without = Q.dequantised_base(base_sd, "nf4", {})[k]
     assert not torch.equal(with_a, without)
     assert Q.dequantised_base(base_sd, "none") is base_sd
+    with pytest.raises(UserError, match="QUANT=nf4; merging a quantised run is not built yet"):
+        Q.dequantised_base(base_sd, "nf4")              # a caller that forgot the tensors is refused
 
 
 # ------------------------------------------------------------------------------------------ refusals

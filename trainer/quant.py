@@ -349,7 +349,8 @@ def dequantised_base(sd: dict[str, Tensor], quant: str, adapter: dict[str, Tenso
     every other tensor unchanged (the same objects). Pure torch: runs on the CPU, no bitsandbytes needed,
     computed where the tensors are.
 
-    PiSSA: training quantised the residual W − B0 A0, not W. Pass the run's ``adapter`` tensors: for every
+    ``adapter``: the checkpoint's tensors, required (``{}`` when there are none); None is refused.
+    PiSSA: training quantised the residual W − B0 A0, not W. From the run's ``adapter`` tensors: for every
     layer that has ``pissa_init_A`` / ``pissa_init_B`` the result is dequantise(quantise(W − B0 A0)) + B0 A0,
     so that PiSSA's own merge (W + B A − B0 A0) gives exactly the trained dequantise(quantise(W − B0 A0)) + B A.
     (B0 A0 is recomputed in fp32; the GPU at training time may have summed it in another order, which can
@@ -359,7 +360,12 @@ def dequantised_base(sd: dict[str, Tensor], quant: str, adapter: dict[str, Tenso
     if quant not in QUANTS:
         raise UserError(f"the checkpoint says QUANT={quant!r}, which this version does not know (none | int8 | "
                         "nf4).", "merge with the version of the toolkit that trained it")
-    adapter = adapter or {}
+    if adapter is None:
+        # Without the run's tensors a PiSSA layer would silently start from quantise(W): refuse instead.
+        raise UserError(f"this checkpoint was trained with QUANT={quant}; merging a quantised run is not built yet "
+                        "in this merge (it must give the checkpoint's tensors to trainer.quant.dequantised_base, "
+                        "which PiSSA needs)", "keep the checkpoint: a later version merges it; or train with "
+                        "QUANT=none")
     out = dict(sd)
     for k, w in sd.items():
         match = _WEIGHT_RE.match(k)

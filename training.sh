@@ -48,8 +48,8 @@ PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32
 OP="auto"                 # WKV kernel: auto picks the fastest that works | fla | chunk | torch (slow reference)
 GRAD_CP=1                 # 1 = gradient checkpointing: much less memory, ~30% slower; 0 = faster
 QUANT="none"              # none | int8 | nf4 (not built yet: keep none)
-STRATEGY="auto"           # auto | deepspeed_stage_1/2/3(_offload) (not built yet: keep auto)
-GPU_COUNT=1               # GPUs per machine (several GPUs: not built yet)
+STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1/2/3(_offload) (not built yet)
+GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per step (PyTorch DDP)
 NODES=1                   # machines
 SEED=42                   # random seed: same seed + same settings = same run
 WANDB=""                  # a wandb project name to log there too; empty = off (loss.csv and loss.png are always written)

@@ -5,6 +5,10 @@ import argparse
 import os
 import sys
 
+if __package__ in (None, ""):
+    # Run as a script: with several GPUs, Lightning starts one process per GPU by re-running this file.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from trainer.errors import run_cli
 
 

@@ -33,8 +33,8 @@ QUANTS = ("none", "int8", "nf4")
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE = {
     "QUANT": "quantised training (bitsandbytes int8/nf4) is not built yet",
-    "STRATEGY": "DeepSpeed strategies are not built yet",
-    "GPU_COUNT": "training on several GPUs is not built yet",
+    "STRATEGY": ("DeepSpeed strategies are not built yet; several GPUs work with STRATEGY=auto "
+                 "(PyTorch DDP)"),
 }
 STRATEGIES = ("auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")

@@ -50,6 +50,12 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if want == "cuda" and not torch.cuda.is_available():
         raise UserError("ACCELERATOR=cuda but PyTorch sees no CUDA GPU.",
                         "check `nvidia-smi` and that torch was installed with CUDA, or set ACCELERATOR=cpu")
+    if want == "cuda" and torch.cuda.device_count() < cfg.GPU_COUNT:
+        raise UserError(f"GPU_COUNT={cfg.GPU_COUNT} but PyTorch sees {torch.cuda.device_count()} GPU(s) here.",
+                        f"set GPU_COUNT={torch.cuda.device_count()} (per machine)")
+    if want == "cpu" and cfg.world_size > 1 and cfg.ACCELERATOR != "cpu":
+        raise UserError(f"GPU_COUNT={cfg.GPU_COUNT} NODES={cfg.NODES} but there is no CUDA GPU here.",
+                        "set GPU_COUNT=1 NODES=1 to train on the CPU")
     return torch.device(want)
 
 
@@ -91,8 +97,9 @@ class Prepared:
     base_meta: dict
 
 
-def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
-    """Everything before the first step: checks, model, method, data. Used by the dry run too."""
+def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
+            rank: int = 0) -> Prepared:
+    """Everything before the first step: checks, model, method, data (rank's share). Used by the dry run."""
     from . import ops
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
@@ -100,7 +107,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
 
     cfg.check_files()
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
-    device = resolve_device(cfg)
+    device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
     op = ops.resolve(cfg.OP, device)
 
@@ -111,6 +118,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()
+    if model.cfg.version == 7:               # stored in layer 0 but unused there: nothing to train (and DDP
+        for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
+            getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
     model.grad_cp = bool(cfg.GRAD_CP)
 
@@ -122,7 +132,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
                         "(make_tokenize.sh uses the RWKV World tokenizer of 65536 ids)")
     dataset = make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
                            micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
-                           loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=0)
+                           loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
     return Prepared(cfg, device, precision, model, method, dataset, op, base_meta)
 
 
@@ -173,10 +183,12 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
 class RunFiles:
     """Everything written to OUTPUT, each write atomic."""
 
-    def __init__(self, out: Path, prep: Prepared):
+    def __init__(self, out: Path, prep: Prepared, write: bool = True):
         self.out = out
         self.prep = prep
-        out.mkdir(parents=True, exist_ok=True)
+        self.write = write                  # False on every GPU process but the first
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
         self.csv_path = out / "loss.csv"
 
     def adapter_path(self, epoch: int | None) -> Path:
@@ -185,6 +197,9 @@ class RunFiles:
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
         prep = self.prep
+        path = self.adapter_path(epoch if complete else None)
+        if not self.write:
+            return path
         tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
         meta = {
             "method": prep.cfg.FINETUNE_MODE,
@@ -197,7 +212,6 @@ class RunFiles:
             "optimizer_steps": opt_step,
             "config": prep.cfg.to_env(),
         }
-        path = self.adapter_path(epoch if complete else None)
         checkpoint.save_adapter(path, tensors, meta)
         checkpoint.save_train_state(self.out / "train_state.pth", {
             "adapter": path.name,
@@ -212,6 +226,8 @@ class RunFiles:
         return path
 
     def append_losses(self, rows: list[tuple]) -> None:
+        if not self.write or not rows:
+            return
         new = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as fh:
             w = csv.writer(fh)
@@ -220,7 +236,7 @@ class RunFiles:
             w.writerows(rows)
 
     def plot(self) -> Path | None:
-        if not self.csv_path.exists():
+        if not self.write or not self.csv_path.exists():
             return None
         import matplotlib
         matplotlib.use("Agg")
@@ -299,6 +315,15 @@ def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
     return state
 
 
+def _strategy(cfg: TrainConfig):
+    if cfg.world_size == 1:
+        return "auto"
+    if cfg.STRATEGY == "auto":
+        from lightning_fabric.strategies import DDPStrategy
+        return DDPStrategy()
+    return cfg.STRATEGY
+
+
 def _wandb_run(cfg: TrainConfig):
     if not cfg.WANDB:
         return None
@@ -316,21 +341,30 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from lightning_fabric import Fabric
     from tqdm import tqdm
 
-    from .infctx import ctx_len_at, cut_batch, infctx_loss
+    from .infctx import InfctxLoss, ctx_len_at, cut_batch
 
-    prep = prepare(cfg, log)
-    torch.manual_seed(cfg.SEED + 1)      # the training stream (dropout), independent of what init used
+    device = resolve_device(cfg)
+    precision, _ = resolve_precision(cfg, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
+    fabric = Fabric(accelerator=device.type, devices=cfg.GPU_COUNT, num_nodes=cfg.NODES,
+                    strategy=_strategy(cfg), precision=precision)
+    fabric.launch()                       # several GPUs: one process per GPU from here on
+    main = fabric.global_rank == 0        # only rank 0 logs and writes files
+    if not main:
+        log, progress = (lambda *_: None), False
+    prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)
+    torch.manual_seed(cfg.SEED + 1 + fabric.global_rank)   # the training stream (dropout), apart from init
     model = prep.model
-    files = RunFiles(cfg.output_dir, prep)
+    files = RunFiles(cfg.output_dir, prep, write=main)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.LR_INIT, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
     state = _resume_state(cfg, prep)
-
-    if prep.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
-    fabric = Fabric(accelerator=prep.device.type, devices=1, precision=prep.precision)
-    fabric.launch()
-    model, optimizer = fabric.setup(model, optimizer, move_to_device=False)
+    infctx = cfg.TRAIN_TYPE == "infctx"
+    # what runs forward under Fabric's wrapper (autocast, DDP gradient sync): the model, or for infctx
+    # the chunked loss around it (one forward per backward, as DDP needs)
+    module = InfctxLoss(model, cfg.CHUNK_CTX) if infctx else model
+    module, optimizer = fabric.setup(module, optimizer, move_to_device=False)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -343,18 +377,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
             f"optimizer step {opt_step}")
 
     accum = cfg.MINI_BSZ
-    infctx = cfg.TRAIN_TYPE == "infctx"
     warmup_ctx = cfg.INITIAL_CTX_LEN > 0 and cfg.CTX_WARMUP_STEPS > 0
     chunk_multiple = cfg.CHUNK_CTX if infctx else 16
     total_opt_steps = math.ceil(cfg.EPOCH_STEPS / accum) * cfg.EPOCH_COUNT
-    tokens_per_step = cfg.MICRO_BSZ * cfg.CTX_LEN * cfg.world_size
     result = TrainResult(global_step=opt_step)
     pending_rows: list[tuple] = []
-    train, total = count_trainable(model)
-    log(f"training {train:,} of {total:,} parameters on {prep.device} ({prep.precision}, op '{prep.op}'), "
-        f"{cfg.EPOCH_COUNT} epochs × {cfg.EPOCH_STEPS} steps → {cfg.output_dir}/")
+    n_train, n_total = count_trainable(model)
+    gpus = f" × {fabric.world_size} processes" if fabric.world_size > 1 else ""
+    log(f"training {n_train:,} of {n_total:,} parameters on {prep.device}{gpus} ({prep.precision}, op "
+        f"'{prep.op}'), {cfg.EPOCH_COUNT} epochs × {cfg.EPOCH_STEPS} steps → {cfg.output_dir}/")
 
-    run = _wandb_run(cfg)
+    run = _wandb_run(cfg) if main else None
     log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
     last_log = time.perf_counter()
     bar = tqdm(total=cfg.EPOCH_COUNT * cfg.EPOCH_STEPS, initial=start_epoch * cfg.EPOCH_STEPS + start_step,
@@ -363,7 +396,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     # position (and random stream) after the last optimizer step: what an interrupted run saves
     committed = (start_epoch, start_step, micro_step, torch.get_rng_state())
     t_last, tok_since = time.perf_counter(), 0
-    model.train()
+    module.train()
     try:
         for epoch in range(start_epoch, cfg.EPOCH_COUNT):
             prep.dataset.set_epoch(epoch)
@@ -380,12 +413,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
-                with fabric.no_backward_sync(model, enabled=not boundary):
-                    if infctx:   # the plain module: Fabric's wrapper would skip autocast on a method call
-                        loss = infctx_loss(prep.model, x, y, m, cfg.CHUNK_CTX, autocast_ctx=autocast_for(prep))
-                    else:
-                        loss = masked_loss(model(x), y, m)
+                with fabric.no_backward_sync(module, enabled=not boundary):
+                    loss = module(x, y, m) if infctx else masked_loss(module(x), y, m)
                     fabric.backward(loss / accum)
+                if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
+                    loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
                 lv = loss.item()
                 if not math.isfinite(lv):
                     raise UserError(f"the loss became {lv} at epoch {epoch}, step {step}; nothing was saved "
@@ -393,13 +425,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                                     "or check the data")
                 loss_acc += lv / accum
                 micro_step += 1
-                tok_since += x.numel()
+                tok_since += x.numel() * fabric.world_size
                 if boundary:
                     lr = learning_rate(opt_step, total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL,
                                        cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
-                    fabric.clip_gradients(model, optimizer, max_norm=GRAD_CLIP)
+                    fabric.clip_gradients(module, optimizer, max_norm=GRAD_CLIP)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     opt_step += 1
@@ -429,9 +461,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,
                                   micro_step=micro_step, optimizer=optimizer, complete=True)
                 result.saved.append(path)
-                bar.write(f"saved {path}")
-                files.plot()
-                files.sample(epoch, bar.write)
+                if main:
+                    bar.write(f"saved {path}")
+                    files.plot()
+                    files.sample(epoch, bar.write)
+                fabric.barrier()
     except KeyboardInterrupt:
         bar.close()
         files.append_losses(pending_rows)

@@ -47,7 +47,7 @@ ACCELERATOR="auto"        # auto: the GPU if there is one | cuda | cpu
 PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32 (CPU, slow)
 OP="auto"                 # WKV kernel: auto picks the fastest that works | fla | chunk | torch (slow reference)
 GRAD_CP=1                 # 1 = gradient checkpointing: much less memory, ~30% slower; 0 = faster
-QUANT="none"              # none | int8 | nf4 (not built yet: keep none)
+QUANT="none"              # none | int8 | nf4: frozen base weights stored in 8 / 4 bits (QLoRA; NVIDIA GPU, not with full)
 STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1/2/3(_offload) (not built yet)
 GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per step (PyTorch DDP)
 NODES=1                   # machines

@@ -99,3 +99,20 @@ def test_get_needs_enough_tokens(project):
     with pytest.raises(UserError, match=r"needs at least CTX_LEN\+1 = 65 tokens.*has 40"):
         c.check_files()
     TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chat", "DATALOAD": "get", "CTX_LEN": "39"}).check_files()
+
+
+def test_quant_rules():
+    assert "full" in err(QUANT="nf4", FINETUNE_MODE="full")
+    cfg(QUANT="nf4", FINETUNE_MODE="lora")            # the device is checked when training starts
+
+
+def test_quant_on_a_machine_without_gpu_is_refused_before_loading(project, monkeypatch):
+    import torch
+
+    from trainer.loop import prepare
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    c = TrainConfig.from_env({"MODEL": "real.pth", "DATA": "chat", "EPOCH_STEPS": "5", "QUANT": "int8",
+                              "PRECISION": "fp32"})
+    with pytest.raises(UserError, match="NVIDIA GPU"):
+        prepare(c)      # real.pth is not even a model: the refusal comes before loading it

@@ -261,11 +261,7 @@ def test_errors_are_one_line_and_nothing_is_written(runs, tmp_path, capsys, monk
     _refused(capsys, ["0", "--output", "out-lora", "--base", "nope.pth"] + common, "nope.pth does not exist")
     _refused(capsys, ["0", "--output", "out-lora"] + ["--model-dir", "model/other"] + common[2:],
              "tiny.pth, which is not in model/other")
-    # a checkpoint from a quantised run: refused until the dequantisation hook exists
     tensors, meta = checkpoint.load_adapter("out-lora/rwkv-0.pth")
-    os.makedirs("out-q", exist_ok=True)
-    checkpoint.save_adapter("out-q/rwkv-0.pth", tensors, {**meta, "quant": "nf4"})
-    _refused(capsys, ["0", "--output", "out-q"] + common, "QUANT=nf4", "not built yet")
     # a checkpoint whose tensors do not fit the base (edited metadata: sizes match, shapes do not)
     bad = dict(tensors)
     bad["blocks.0.att.key.lora_A"] = torch.zeros(8, 64)
@@ -356,3 +352,39 @@ def test_printed_rwkv_package_snippets_run_and_match(runs):
         assert p.returncode == 0, code + "\n" + out[-2000:]
         got = torch.tensor(json.loads(out.split("LOGITS ")[-1]))
         _close(got, want)
+
+
+def test_qlora_checkpoint_merges_into_the_dequantised_base(tmp_path, monkeypatch):
+    """A QUANT=nf4 run trained on dequantise(quantise(W)): its merge equals our quantised model with the
+    adapter (attach_adapter quantises as training did), not the plain base plus the update."""
+    from trainer.quant import quantize_model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    base = random_model(7, 2, 128, vocab_size=256, seed=3)
+    checkpoint.save_atomic(base.state_dict(), "model/tiny.pth")
+    from trainer.peft import get_method
+    model = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
+    method = get_method("lora")({"r": 8, "alpha": 16})
+    method.apply(model)
+    quantize_model(model, "nf4")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    meta = {"method": "lora", "settings": method.metadata(), "train_parts": [], "quant": "nf4", "epoch": 0,
+            "complete": True, "base": checkpoint.base_metadata("model/tiny.pth")}
+    checkpoint.save_adapter("output/rwkv-0.pth", method.adapter_state_dict(model), meta)
+    res = checkpoint.merge_epoch(0, output_dir="output", model_dir="model", merge_dir="merge", dtype="fp32")
+    merged = checkpoint.load_model(res.model, dtype=torch.float32)
+    tuned = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
+    checkpoint.attach_adapter(tuned, "output/rwkv-0.pth", "model/tiny.pth")
+    idx = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = tuned(idx), merged(idx)
+        plain = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
+        method2 = get_method("lora")(method.metadata())
+        method2.apply(plain)
+        method2.load_adapter(plain, method.adapter_state_dict(model))
+        unquantised = plain(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (unquantised - want).abs().max() > 1e-3       # the quantisation really mattered

@@ -447,6 +447,9 @@ def attach_adapter(model: RWKV, adapter_path, base_path) -> dict:
     method = get_method(meta["method"])(meta.get("settings", {}))
     method.apply(model, train_parts=tuple(meta.get("train_parts", ())))
     method.load_adapter(model, {k: v.to(model.device) for k, v in tensors.items()})
+    if meta.get("quant", "none") not in ("none", "", None):   # a QLoRA run: the weights training saw
+        from .quant import quantize_model
+        quantize_model(model, meta["quant"])
     model.requires_grad_(False)
     return meta
 
@@ -580,7 +583,8 @@ def find_base_model(meta: dict, model_dir="model", override=None, where: str = "
     return p
 
 
-def base_as_trained(base_sd: dict[str, Tensor], quant: str | None) -> dict[str, Tensor]:
+def base_as_trained(base_sd: dict[str, Tensor], quant: str | None, adapter: Mapping[str, Tensor]
+                    ) -> dict[str, Tensor]:
     """The base weights as training saw them. QUANT=none: the file itself. A quantised run (QLoRA) trained on the
     dequantised weights, so merging must start from those: ``trainer.quant.dequantised_base(sd, quant)`` must
     return ``sd`` with every quantised linear replaced by dequantise(quantise(W)) exactly as training computed it
@@ -594,7 +598,7 @@ def base_as_trained(base_sd: dict[str, Tensor], quant: str | None) -> dict[str, 
                         "(the merge must start from the dequantised base weights training saw, which this version "
                         "cannot reproduce exactly)", "keep the checkpoint: a later version merges it; or train "
                         "with QUANT=none") from None
-    return dequantised_base(base_sd, quant)
+    return dequantised_base(base_sd, quant, dict(adapter))
 
 
 def _group(key: str) -> str:
@@ -611,14 +615,15 @@ def merge_state_dicts(base_sd: Mapping[str, Tensor], tensors: Mapping[str, Tenso
     from .peft import get_method
     method = get_method(meta.get("method", ""))
     settings = meta.get("settings", {}) or {}
-    base = base_as_trained(dict(base_sd), meta.get("quant", "none"))
     groups: dict[str, tuple[dict, dict]] = {}
-    for k, v in base.items():
+    for k, v in base_sd.items():
         groups.setdefault(_group(k), ({}, {}))[0][k] = v
     for k, v in tensors.items():
         groups.setdefault(_group(k), ({}, {}))[1][k] = v
     out: dict[str, Tensor] = {}
+    quant = meta.get("quant", "none")
     for g, (b, a) in groups.items():
+        b = base_as_trained(b, quant, a)      # a QLoRA run trained on the dequantised weights
         merged = method.merge(b, a, settings) if a else b
         for k, v in merged.items():
             out[k] = v.to(dtype).contiguous()

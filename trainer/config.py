@@ -32,7 +32,6 @@ QUANTS = ("none", "int8", "nf4")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE = {
-    "QUANT": "quantised training (bitsandbytes int8/nf4) is not built yet",
     "STRATEGY": ("DeepSpeed strategies are not built yet; several GPUs work with STRATEGY=auto "
                  "(PyTorch DDP)"),
 }
@@ -165,6 +164,8 @@ class TrainConfig:
                             "set MICRO_BSZ=1 (use MINI_BSZ to accumulate), or DATALOAD=pad")
         from .infctx import check_infctx      # infctx and ctx warm-up rules live beside their code
         check_infctx(self)
+        from .quant import check_quant        # quantisation rules likewise (the device is checked later)
+        check_quant(self.QUANT, self.FINETUNE_MODE)
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:

@@ -110,11 +110,16 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
     op = ops.resolve(cfg.OP, device)
+    from .quant import check_quant, quantize_model
+    check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
 
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
     base_meta = checkpoint.base_metadata(cfg.model_path, model)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    report = quantize_model(model, cfg.QUANT)    # QLoRA: frozen base linears stored as int8 / nf4
+    if report is not None:
+        log(report.line())
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()

@@ -344,3 +344,18 @@ def test_fla_matches_oracle_on_gpu(op, version, dtype, state):
     ref = run_op(ORACLE[version], version, x)
     got = run_op(fn, version, x, dtype=dtype)
     assert_match(got, ref, GPU_TOL[dtype], f"{op} v{version} {dtype} state={state}")
+
+
+@pytest.mark.parametrize("version", [6, 7])
+@pytest.mark.parametrize("op", ["torch", "chunk"])
+def test_ops_keep_their_precision_under_bf16_autocast(op, version):
+    """Training runs under bf16 autocast: the CPU ops must still compute in fp32 inside (the chunk op's
+    triangular solve has no bf16 kernel at all) and give the fp32 result."""
+    from trainer.ops import wkv
+    x = make_inputs(version, B=1, T=40, H=2, N=16, state=True)
+    kw = dict(a=x["a"], b=x["b"]) if version == 7 else dict(u=x["u"])
+    want, want_s = wkv(x["r"], x["k"], x["v"], x["logw"], state=x["state"], op=op, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_s = wkv(x["r"], x["k"], x["v"], x["logw"], state=x["state"], op=op, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)

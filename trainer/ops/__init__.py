@@ -73,6 +73,9 @@ def wkv(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, *, u: Tensor | None = Non
     if op not in _REGISTRY:
         _load_builtin()
     fn7, fn6, _ = _REGISTRY[op]
-    if a is not None:
-        return fn7(r, k, v, logw, a, b, state)
-    return fn6(r, k, v, logw, u, state)
+    # Each op computes in the precision it was written for (fp32 inside torch/chunk, the kernels' own for
+    # fla): an enclosing autocast (bf16 training) must not downcast its internal products.
+    with torch.autocast(r.device.type, enabled=False):
+        if a is not None:
+            return fn7(r, k, v, logw, a, b, state)
+        return fn6(r, k, v, logw, u, state)

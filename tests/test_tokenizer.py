@@ -133,3 +133,27 @@ def test_shared_instance_and_errors(tok):
         tok.encode_batch(["fine", "bad \udfff"])
     with pytest.raises(TypeError):
         tok.encode(123)
+
+
+def test_joined_batches_give_each_items_own_ids():
+    """encode_batch joins short items with "\\x00" (exact only because b"\\x00" is a token of its own and
+    part of no other token) and splits the ids again: every item must get exactly TRIE's ids."""
+    import os
+
+    import rwkv
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from trainer.data.tokenizer import SEPARATOR_ID, get_tokenizer
+    tok = get_tokenizer()
+    assert tok.table[SEPARATOR_ID] == b"\x00"
+    assert not any(x and len(x) > 1 and b"\x00" in x for x in tok.table)
+    trie = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+    items = ["", "a", " ", "\n\n", "User: hi\n\nAssistant: hello", "中文，测试。", "🙂🙂", "x" * 300, "  end  ",
+             "\r\n", "1234567"] * 37
+    assert tok.encode_batch(items) == [trie.encode(x) for x in items]
+    with_nul = items[:20] + ["a\x00b", "\x00"] + items[20:40]          # such a slice goes item by item
+    assert tok.encode_batch(with_nul) == [trie.encode(x) for x in with_nul]
+    for eof in (True, False):                      # the vectorised flat path: separators become token 0
+        flat, offsets = tok.encode_flat(with_nul + items, eof=eof)
+        for i, x in enumerate(with_nul + items):
+            assert flat[offsets[i]:offsets[i + 1]].tolist() == trie.encode(x) + ([0] if eof else [])

@@ -13,14 +13,6 @@ from trainer.errors import UserError
 from trainer.model import ModelConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """One tiny random checkpoint per version, fp32."""

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rwkv_ref import random_model
 from tools import evaluate as evaluate_tool
@@ -17,14 +16,6 @@ from trainer.errors import run_cli
 from trainer.inference import evaluate_loss, generate, sample_logits
 
 VOCAB = 1024
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,6 @@ SETTINGS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "pissa": {"r": 4, "svd
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(version, mode, op="torch", grad_cp=False, seed=0, **settings):
     """A tiny model (2 layers, 64 wide, 2 heads of 32) with ``mode`` applied and every trainable tensor
     moved off its init (LoRA B and time_state start at zero: their partners' gradients would be zero)."""

@@ -16,7 +16,7 @@ from tools import merge as merge_tool
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data.binidx import write_binidx
-from trainer.errors import UserError, run_cli
+from trainer.errors import run_cli
 from trainer.inference import evaluate_loss
 from trainer.loop import train
 
@@ -27,14 +27,6 @@ VOCAB = 256
 METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
 VERSIONS = (5, 6, 7)
 TOKENS = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, size=12)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_project(root: Path, version: int) -> None:

@@ -17,15 +17,6 @@ TOKENS = torch.randint(0, VOCAB, (T,), generator=torch.Generator().manual_seed(7
 TOKENS[10] = 0                                       # an end-of-document token inside the sequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def with_time_state(model, seed):
     g = torch.Generator().manual_seed(seed)
     cfg = model.cfg

@@ -51,15 +51,6 @@ LINEARS = {
 UNUSED = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and thrash when other jobs share the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def _base_sd(version: int) -> dict:
     """A tiny model's weights, every tensor perturbed so none is zero (RWKV-LM zero-inits some)."""

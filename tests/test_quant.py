@@ -54,14 +54,6 @@ LOGIT_BOUND = {"nf4": 0.10, "int8": 0.01}
 LOSS_BOUND = {"nf4": 0.01, "int8": 0.001}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------ the formats
 def nf4_reference(w: torch.Tensor):
     """Block by block, as written in the format's description: nearest level to w / absmax."""

@@ -30,14 +30,6 @@ METHOD_KEYS = {   # a key every saved adapter of the method must contain, and th
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_project(root: Path, version: int, items=None, seed=0) -> None:
     (root / "model").mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)

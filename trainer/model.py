@@ -365,7 +365,7 @@ def init_weights_(model: RWKV, seed: int = 0) -> RWKV:
     """
     gen = torch.Generator().manual_seed(seed)
     cfg = model.cfg
-    C, H, N, L, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer, cfg.vocab_size
+    C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
     n = torch.arange(C, dtype=torch.float64)
     ddd = (n / C).float().view(1, 1, C)                     # 0 .. (C-1)/C
     lin01 = (n / (C - 1)).float()                            # 0 .. 1

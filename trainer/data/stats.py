@@ -9,7 +9,6 @@ as MICRO_BSZ candidates with EPOCH_STEPS = count / MICRO_BSZ), ``suggest_ctx_len
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +76,7 @@ def batch_table(n: int, spread: int = 10) -> list[tuple[int, list[int]]]:
 def batch_table_lines(n: int, spread: int = 10, max_shown: int = 16, max_bsz: int = 128) -> list[str]:
     rows = batch_table(n, spread)
     w = len(str(rows[-1][0]))
-    lines = [f"MICRO_BSZ x EPOCH_STEPS = items, for item counts near yours (EPOCH_STEPS = items / MICRO_BSZ):"]
+    lines = ["MICRO_BSZ x EPOCH_STEPS = items, for item counts near yours (EPOCH_STEPS = items / MICRO_BSZ):"]
     for m, divs in rows:
         shown = [d for d in divs if d <= max_bsz][:max_shown]
         cells = "  ".join(f"{d}x{m // d}" for d in shown)

@@ -371,7 +371,7 @@ def fingerprint(sd: Mapping[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def base_metadata(path, model: RWKV | None = None) -> dict:
+def base_metadata(path) -> dict:
     """What an adapter records about its base model (read from the file, before any method changes it)."""
     sd = load_checkpoint(path)
     cfg = detect_config(sd, path)

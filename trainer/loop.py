@@ -1,7 +1,8 @@
 """The training loop: one validated TrainConfig in, checkpoints in OUTPUT out.
 
-Built on Lightning Fabric (Lightning 2.x), which gives devices, precision, DDP and DeepSpeed, while the loop
-itself stays here, short and explicit, so that resume is exact and Ctrl+C always saves first.
+Built on Lightning Fabric (Lightning 2.x), which gives devices, precision and several GPUs (DDP; DeepSpeed
+strategies are not built yet and are refused by the config), while the loop itself stays here, short and
+explicit, so that resume is exact and Ctrl+C always saves first.
 
 Files written to OUTPUT:
   rwkv-E.pth           the trained tensors after epoch E, with metadata (checkpoint.save_adapter)
@@ -104,17 +105,17 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
     from .peft import get_method
+    from .quant import check_quant, quantize_model
 
     cfg.check_files()
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
     op = ops.resolve(cfg.OP, device)
-    from .quant import check_quant, quantize_model
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
 
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
-    base_meta = checkpoint.base_metadata(cfg.model_path, model)
+    base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
     report = quantize_model(model, cfg.QUANT)    # QLoRA: frozen base linears stored as int8 / nf4

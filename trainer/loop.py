@@ -393,6 +393,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     log(f"training {n_train:,} of {n_total:,} parameters on {prep.device}{gpus} ({prep.precision}, op "
         f"'{prep.op}'), {cfg.EPOCH_COUNT} epochs × {cfg.EPOCH_STEPS} steps → {cfg.output_dir}/")
 
+    if prep.op in ("fla", "rwkvfla"):
+        log("note: the first steps compile the GPU kernels (Triton, from flash-linear-attention): this takes a "
+            "few minutes once, and later runs reuse the compiled kernels.")
     run = _wandb_run(cfg) if main else None
     log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
     last_log = time.perf_counter()

@@ -260,3 +260,49 @@ def test_two_processes_ddp_equal_one_process_with_the_doubled_batch(tmp_path):
     # rounding noise: compare each tensor as a whole, by the relative size of the difference.
     for k in a:
         assert (b[k] - a[k]).norm() <= 1e-3 * a[k].norm() + 1e-6, k
+
+
+def test_wandb_gets_every_step_when_set(tmp_path, monkeypatch):
+    """WANDB is accepted, so it must work: the run is created with the project and the config, every
+    optimizer step is logged, and the run is finished. (A stand-in module records the calls.)"""
+    import types
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, config: calls["init"].append((project, config)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    res = train(config(WANDB="my-project", EPOCH_STEPS=4), progress=False, log=lambda *_: None)
+    assert calls["init"][0][0] == "my-project" and calls["init"][0][1]["FINETUNE_MODE"] == "lora"
+    assert [s for s, _ in calls["log"]] == [1, 2, 3, 4]
+    assert [d["loss"] for _, d in calls["log"]] == pytest.approx(res.losses)
+    assert calls["finish"] == 1
+
+
+def test_wandb_missing_says_how_to_install(tmp_path, monkeypatch):
+    from trainer.errors import UserError
+    monkeypatch.setitem(sys.modules, "wandb", None)          # import wandb -> ImportError
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(config(WANDB="p"), progress=False, log=lambda *_: None)
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    from trainer.errors import UserError
+    from trainer.loop import resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(UserError, match=r"PRECISION=bf16 but this GPU \(Tesla T4\) has no bf16 support.*fp16"):
+        resolve_precision(config(PRECISION="bf16"), torch.device("cuda"))
+    assert resolve_precision(config(PRECISION="fp16"), torch.device("cuda")) == ("16-mixed", torch.float16)
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        resolve_precision(config(PRECISION="fp16"), torch.device("cpu"))

@@ -29,7 +29,7 @@ LOSS_MASK="pad"           # pad: ignore padding | qa: train only on the Assistan
 MICRO_BSZ=1               # samples per step per GPU: raise it while memory allows (see make_tokenize's table)
 MINI_BSZ=1                # gradient accumulation: micro-batches added up per optimizer step (1 = off)
 EPOCH_COUNT=1             # epochs to train
-EPOCH_STEPS=100           # steps per epoch: items / MICRO_BSZ covers every item once (make_tokenize's table)
+EPOCH_STEPS=88            # steps per epoch: items / MICRO_BSZ covers every item once (make_tokenize's table; 88 fits the demo's sample)
 EPOCH_SAVE=1              # save a checkpoint every N epochs (the last epoch is always saved)
 LR_INIT=1e-4              # learning rate: lora/pissa/bone 1e-4 to 2e-5; full 1e-5; state tuning 1 (yes, one)
 LR_FINAL=1e-5             # learning rate at the end; state tuning 0.01

@@ -73,11 +73,27 @@ class _DiSHA(Method):
         self.r = self._int("r", "DISHA_R")
         self.settings = {"r": self.r}
 
+    R_DIM = 0            # where the block size r can be read from a saved .disha tensor
+
     def _wrap(self, model: nn.Module) -> None:
         targets = target_linears(model)
         check_block_size(self.r, sorted({n for m in targets.values() for n in (m.in_features, m.out_features)}))
         for name, linear in targets.items():
             replace_module(model, name, self.LINEAR(linear, self.r))
+
+    @classmethod
+    def merge(cls, base_sd: dict, adapter_sd: dict, settings: dict) -> dict:
+        """W + the method's update for every adapted layer (shape-checked), in fp32; the rest as saved."""
+        modules = [k[: -len(".disha")] for k in adapter_sd if k.endswith(".disha")]
+        out = merge_rest(base_sd, adapter_sd, {m + ".disha" for m in modules})
+        for m in modules:
+            w = base_weight_of(base_sd, m, "disha", adapter_sd)
+            d = need(adapter_sd, m + ".disha")
+            r = int(settings.get("r", d.shape[cls.R_DIM]))
+            ok, want = cls._fits(w, d, r)
+            _check(m, w, d, ok, want, r)
+            out[m + ".weight"] = w + cls._delta(w, d)
+        return out
 
 
 def check_block_size(r: int, widths: list[int]) -> None:
@@ -95,36 +111,29 @@ class Bone(_DiSHA):
     LINEAR = BoneLinear
 
     @staticmethod
-    def merge(base_sd: dict, adapter_sd: dict, settings: dict) -> dict:
-        modules = [k[: -len(".disha")] for k in adapter_sd if k.endswith(".disha")]
-        out = merge_rest(base_sd, adapter_sd, {m + ".disha" for m in modules})
-        for m in modules:
-            w = base_weight_of(base_sd, m, "disha", adapter_sd)
-            d = need(adapter_sd, m + ".disha")
-            r = int(settings.get("r", d.shape[0]))
-            ok = d.dim() == 2 and d.shape[0] == r and d.shape[1] == w.shape[0] and w.shape[1] % r == 0
-            _check(m, w, d, ok, f"[r, {w.shape[0]}] with r dividing {w.shape[1]}", r)
-            out[m + ".weight"] = w + bone_delta(d, tuple(w.shape))
-        return out
+    def _fits(w: Tensor, d: Tensor, r: int) -> tuple[bool, str]:
+        ok = d.dim() == 2 and d.shape[0] == r and d.shape[1] == w.shape[0] and w.shape[1] % r == 0
+        return ok, f"[r, {w.shape[0]}] with r dividing {w.shape[1]}"
+
+    @staticmethod
+    def _delta(w: Tensor, d: Tensor) -> Tensor:
+        return bone_delta(d, tuple(w.shape))
 
 
 class Bat(_DiSHA):
     name = "bat"
     LINEAR = BatLinear
+    R_DIM = -1
 
     @staticmethod
-    def merge(base_sd: dict, adapter_sd: dict, settings: dict) -> dict:
-        modules = [k[: -len(".disha")] for k in adapter_sd if k.endswith(".disha")]
-        out = merge_rest(base_sd, adapter_sd, {m + ".disha" for m in modules})
-        for m in modules:
-            w = base_weight_of(base_sd, m, "disha", adapter_sd)
-            d = need(adapter_sd, m + ".disha")
-            r = int(settings.get("r", d.shape[-1]))
-            ok = (d.dim() == 3 and tuple(d.shape[1:]) == (r, r) and d.shape[0] * r == w.shape[1]
-                  and w.shape[0] % r == 0)
-            _check(m, w, d, ok, f"[{w.shape[1]}/r, r, r] with r dividing {w.shape[0]}", r)
-            out[m + ".weight"] = w + bat_delta(w, d)
-        return out
+    def _fits(w: Tensor, d: Tensor, r: int) -> tuple[bool, str]:
+        ok = (d.dim() == 3 and tuple(d.shape[1:]) == (r, r) and d.shape[0] * r == w.shape[1]
+              and w.shape[0] % r == 0)
+        return ok, f"[{w.shape[1]}/r, r, r] with r dividing {w.shape[0]}"
+
+    @staticmethod
+    def _delta(w: Tensor, d: Tensor) -> Tensor:
+        return bat_delta(w, d)
 
 
 def _check(module: str, w: Tensor, d: Tensor, ok: bool, want: str, r: int | None) -> None:

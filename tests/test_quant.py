@@ -54,6 +54,15 @@ LOGIT_BOUND = {"nf4": 0.10, "int8": 0.01}
 LOSS_BOUND = {"nf4": 0.01, "int8": 0.001}
 
 
+def assert_only_trained_changed(before: dict, after: dict, trained: set, version: int) -> None:
+    """Every trained tensor moved (but RWKV-7 layer 0's unused v0/v1/v2), every other one is bit-identical."""
+    for k in after:
+        if k in trained:
+            assert not torch.equal(after[k], before[k]) or (version == 7 and k.startswith("blocks.0.att.v")), k
+        else:
+            assert torch.equal(after[k], before[k]), f"{k} changed"
+
+
 # ------------------------------------------------------------------------------------------ the formats
 def nf4_reference(w: torch.Tensor):
     """Block by block, as written in the format's description: nearest level to w / absmax."""
@@ -281,12 +290,7 @@ def test_method_with_quant_cpu(method_name, quant, version):
     before = snapshot(model)
     train_steps(model)
     after = snapshot(model)
-    trained = set(method.trainable_names(model))
-    for k in after:
-        if k in trained:
-            assert not torch.equal(after[k], before[k]) or (version == 7 and k.startswith("blocks.0.att.v")), k
-        else:
-            assert torch.equal(after[k], before[k]), f"{k} changed"
+    assert_only_trained_changed(before, after, set(method.trainable_names(model)), version)
 
     # merge on the base file + dequantised_base gives the trained quantised model
     adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
@@ -483,12 +487,7 @@ def test_method_with_quant_gpu(method_name, quant, version, no_tf32):
     before = snapshot(model)
     train_steps(model, device=dev, autocast_dtype=torch.bfloat16)
     after = snapshot(model)
-    trained = set(method.trainable_names(model))
-    for k in after:
-        if k in trained:
-            assert not torch.equal(after[k], before[k]) or (version == 7 and k.startswith("blocks.0.att.v")), k
-        else:
-            assert torch.equal(after[k], before[k]), f"{k} changed"
+    assert_only_trained_changed(before, after, set(method.trainable_names(model)), version)
 
     # merge on the CPU (as merge.sh) from the bf16 base file, compared in fp32 on the GPU (no autocast):
     # the same weights up to fp32 rounding; PiSSA's residual W − B0 A0 was summed by the GPU in another order,

@@ -331,7 +331,7 @@ def test_dequantised_base_pissa_needs_the_adapter():
     without = Q.dequantised_base(base_sd, "nf4", {})[k]
     assert not torch.equal(with_a, without)
     assert Q.dequantised_base(base_sd, "none") is base_sd
-    with pytest.raises(UserError, match="QUANT=nf4; merging a quantised run is not built yet"):
+    with pytest.raises(UserError, match="QUANT=nf4; its base cannot be rebuilt without the checkpoint's tensors"):
         Q.dequantised_base(base_sd, "nf4")              # a caller that forgot the tensors is refused
 
 

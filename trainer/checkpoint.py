@@ -585,19 +585,12 @@ def find_base_model(meta: dict, model_dir="model", override=None, where: str = "
 
 def base_as_trained(base_sd: dict[str, Tensor], quant: str | None, adapter: Mapping[str, Tensor]
                     ) -> dict[str, Tensor]:
-    """The base weights as training saw them. QUANT=none: the file itself. A quantised run (QLoRA) trained on the
-    dequantised weights, so merging must start from those: ``trainer.quant.dequantised_base(sd, quant)`` must
-    return ``sd`` with every quantised linear replaced by dequantise(quantise(W)) exactly as training computed it
-    (fp32), and every other tensor unchanged. Until that exists, quantised runs are refused."""
+    """The base weights as training saw them: the file itself, or for a quantised run (QLoRA) every quantised
+    linear as dequantise(quantise(W)) exactly as training computed it (``trainer.quant.dequantised_base``;
+    PiSSA's layers need the checkpoint's tensors, ``adapter``)."""
     if quant in (None, "", "none"):
         return base_sd
-    try:
-        from .quant import dequantised_base          # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        raise UserError(f"this checkpoint was trained with QUANT={quant}; merging a quantised run is not built yet "
-                        "(the merge must start from the dequantised base weights training saw, which this version "
-                        "cannot reproduce exactly)", "keep the checkpoint: a later version merges it; or train "
-                        "with QUANT=none") from None
+    from .quant import dequantised_base
     return dequantised_base(base_sd, quant, dict(adapter))
 
 

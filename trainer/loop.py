@@ -322,12 +322,11 @@ def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
 
 
 def _strategy(cfg: TrainConfig):
+    """One device: Fabric's default; several: DDP (the config refuses the DeepSpeed strategies, not built yet)."""
     if cfg.world_size == 1:
         return "auto"
-    if cfg.STRATEGY == "auto":
-        from lightning_fabric.strategies import DDPStrategy
-        return DDPStrategy()
-    return cfg.STRATEGY
+    from lightning_fabric.strategies import DDPStrategy
+    return DDPStrategy()
 
 
 def _wandb_run(cfg: TrainConfig):

@@ -362,10 +362,9 @@ def dequantised_base(sd: dict[str, Tensor], quant: str, adapter: dict[str, Tenso
                         "nf4).", "merge with the version of the toolkit that trained it")
     if adapter is None:
         # Without the run's tensors a PiSSA layer would silently start from quantise(W): refuse instead.
-        raise UserError(f"this checkpoint was trained with QUANT={quant}; merging a quantised run is not built yet "
-                        "in this merge (it must give the checkpoint's tensors to trainer.quant.dequantised_base, "
-                        "which PiSSA needs)", "keep the checkpoint: a later version merges it; or train with "
-                        "QUANT=none")
+        raise UserError(f"this checkpoint was trained with QUANT={quant}; its base cannot be rebuilt without the "
+                        "checkpoint's tensors (PiSSA quantised the residual W - B0 A0, not W)",
+                        "pass the checkpoint's tensors as `adapter` ({} when there are none)")
     out = dict(sd)
     for k, w in sd.items():
         match = _WEIGHT_RE.match(k)

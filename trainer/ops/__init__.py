@@ -13,6 +13,7 @@ Ops (``OP`` in training.sh):
   chunk    the same maths in chunks of matrix products, pure PyTorch: the CPU training op
   fla      the Triton chunk kernels of flash-linear-attention (fla-core), CUDA only
   rwkvfla  the same kernels from rwkv-fla, for users who installed that package instead
+  triton   our own sequential Triton kernel (triton_wkv7.py), RWKV-7 only, CUDA only
   auto     the fastest op that works here
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from ..errors import UserError
 from .reference import wkv6_reference, wkv7_reference
 
-OP_NAMES = ("auto", "torch", "chunk", "fla", "rwkvfla")
+OP_NAMES = ("auto", "torch", "chunk", "fla", "rwkvfla", "triton")
 
 # name -> (wkv7 function, wkv6 function, availability check(device) -> reason or None)
 _REGISTRY: dict[str, tuple[Callable, Callable, Callable[[torch.device], str | None]]] = {
@@ -41,6 +42,7 @@ def _load_builtin() -> None:
     # Imported lazily so that a failing optional op never breaks ``import trainer.ops``.
     from . import chunk  # noqa: F401  (registers "chunk")
     from . import fla_ops  # noqa: F401  (registers "fla" and "rwkvfla"; imports fla only when called)
+    from . import triton_wkv7  # noqa: F401  (registers "triton"; imports triton only when called)
 
 
 def why_unavailable(name: str, device: torch.device | str) -> str | None:

@@ -1,0 +1,220 @@
+"""Our Triton RWKV-7 kernel (trainer/ops/triton_wkv7.py) against the fp32 oracle, forward and backward.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy), in a subprocess so the
+setting cannot leak into other tests: tiny shapes, every output and every gradient, fp32 to 1e-5. On a
+GPU (marked gpu) the compiled kernels at T=300 (not a multiple of the 16-step checkpoint interval),
+N=64, bf16/fp16/fp32, with and without an initial state. Error measure: test_ops.ratio (relative rms).
+(The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: its bf16 errors are about 2x.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_ops import FP32_TOL, GPU_TOL, assert_match, make_inputs, run_op
+from trainer.errors import UserError
+from trainer.ops import resolve, why_unavailable, wkv
+from trainer.ops import triton_wkv7 as tw
+from trainer.ops.reference import wkv7_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+RWKV7_MIN_LOGW = -math.exp(-0.5)   # RWKV-7's strongest decay: w = exp(-e^-0.5) = 0.545
+
+# name -> (make_inputs keywords, input dtype, launch config or None for the default)
+CASES = {
+    "T37_state": (dict(T=37), "float32", None),
+    "T16_no_state": (dict(T=16, state=False), "float32", None),
+    "T17_strong_decays": (dict(T=17, decay="strong"), "float32", None),      # w in [e^-8, e^-4]: replays
+    "T33_extreme_decays": (dict(T=33, decay="extreme"), "float32", None),    # w = e^-40 among slow ones
+    "T1": (dict(T=1), "float32", None),
+    "T40_strongest_rwkv7_decay": (dict(T=40, decay="rwkv7_min"), "float32", None),
+    "N64_T5": (dict(B=1, T=5, H=2, N=64), "float32", None),
+    "N32_two_row_blocks": (dict(B=1, T=21, N=32), "float32", {"fwd": (8, 1, None), "bwd": (16, 1, None)}),
+    "T37_bf16": (dict(T=37), "bfloat16", None),
+    "T20_fp16_no_state": (dict(T=20, state=False), "float16", None),
+}
+TOL = {"float32": FP32_TOL, "bfloat16": GPU_TOL[torch.bfloat16], "float16": 5e-3}
+
+
+def _inputs(kw: dict, dtype: torch.dtype, device="cpu") -> dict:
+    kw = dict(kw)
+    decay = kw.pop("decay", "normal")
+    x = make_inputs(7, decay="normal" if decay == "rwkv7_min" else decay, device=device, **kw)
+    if decay == "rwkv7_min":   # every step at the strongest decay: inverting steps loses the most here
+        x["logw"] = torch.full_like(x["logw"], RWKV7_MIN_LOGW).requires_grad_()
+    # inputs rounded to dtype once, so that the kernel and the fp32 oracle see the same values
+    return {n: (t.detach().to(dtype).float().requires_grad_() if t is not None and n != "state" else t)
+            for n, t in x.items()}
+
+
+def _errors(got: dict, ref: dict) -> dict:
+    from test_ops import ratio
+    return {n: float(got[n].double().square().mean().sqrt()) if not ref[n].any() else ratio(got[n], ref[n])
+            for n in ref}
+
+
+def _run_interpreted_cases() -> dict:
+    """In the subprocess: every case through the interpreter; relative errors per output."""
+    import triton.runtime.interpreter as interp
+    if not hasattr(interp, "_patch_lang_tensor"):
+        raise RuntimeError("this Triton's interpreter has no _patch_lang_tensor")
+    # Triton 3.6's interpreter turns scalars into one-element arrays and int() fails on those in
+    # numpy >= 2.4 ("only 0-dimensional arrays can be converted"); .item() works in every numpy.
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    interp._patch_lang_tensor = patched
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, (kw, dtype_name, config) in CASES.items():
+        dtype = getattr(torch, dtype_name)
+        x = _inputs(kw, dtype)
+        got = run_op(lambda *a: tw.wkv7_triton(*a, config=config), 7, x, dtype=dtype)
+        out[name] = _errors(got, run_op(wkv7_reference, 7, x))
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed (pip install triton): the interpreter tests need it, not a GPU")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernel_matches_oracle(interpreted, case):
+    tol = TOL[CASES[case][1]]
+    errs = interpreted[case]
+    bad = {n: f"{e:.2e}" for n, e in errs.items() if not e < tol}
+    assert not bad, f"{case}: relative error above {tol:g} in {bad} (all: { {n: f'{e:.1e}' for n, e in errs.items()} })"
+    names = {"y", "state_out", "dr", "dk", "dv", "dlogw", "da", "db"} | ({"dstate"} if CASES[case][0].get("state", True) else set())
+    assert set(errs) == names
+
+
+# ---------------------------------------------------------------- refusals and registration (no Triton needed)
+
+def test_triton_op_is_registered_and_refuses_the_cpu():
+    assert "CUDA" in why_unavailable("triton", "cpu") and "OP=chunk" in why_unavailable("triton", "cpu")
+    with pytest.raises(UserError, match="OP=triton"):
+        resolve("triton", "cpu")
+    x = make_inputs(7, T=4)
+    if not tw._interpreting():
+        with pytest.raises(UserError, match="CUDA"):
+            wkv(x["r"], x["k"], x["v"], x["logw"], a=x["a"], b=x["b"], op="triton")
+
+
+def test_triton_op_refuses_rwkv6_with_advice():
+    x = make_inputs(6, T=4)
+    with pytest.raises(UserError, match="only an RWKV-7 kernel; use OP=fla for RWKV-5/6"):
+        wkv(x["r"], x["k"], x["v"], x["logw"], u=x["u"], op="triton")
+
+
+def test_check_reasons(monkeypatch):
+    assert tw.check(torch.device("cuda")) in (None, "Triton is not installed: pip install triton")
+    monkeypatch.setattr(tw.importlib.util, "find_spec", lambda name: None)
+    assert "pip install triton" in tw.check(torch.device("cuda"))
+
+
+def test_default_config_lowers_rows_per_program_only_for_few_heads(monkeypatch):
+    monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
+    assert tw.default_config(8, 64, 64, "cuda")["bwd"][:2] == (64, 4)     # 512 heads: one program per head
+    assert tw.default_config(8, 12, 64, "cuda")["bwd"][:2] == (16, 1)     # 96 heads: 4 programs per head
+    assert tw.default_config(1, 2, 128, "cuda")["fwd"][:2] == (16, 2)
+    assert tw.default_config(1, 1, 16, "cuda")["fwd"][:2] == (16, 1)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+def _gpu_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = why_unavailable("triton", "cuda")
+    if reason:
+        pytest.skip(reason)
+
+
+GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp32 end to end (no tf32 anywhere): near-oracle; half inputs: the rounding of y and of each gradient
+GPU_TOL7 = {torch.bfloat16: GPU_TOL[torch.bfloat16], torch.float16: 5e-3, torch.float32: 2e-5}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
+@pytest.mark.parametrize("state", [True, False])
+def test_triton_matches_oracle_on_gpu(dtype, state):
+    _gpu_skip()
+    dt = GPU_DTYPES[dtype]
+    x = _inputs(dict(B=2, T=300, H=4, N=64, state=state), dt, device="cuda")
+    got = run_op(tw.wkv7_triton, 7, x, dtype=dt)
+    assert got["y"].dtype == torch.float32 and x["r"].dtype == torch.float32  # run_op gives floats back
+    assert_match(got, run_op(wkv7_reference, 7, x), GPU_TOL7[dt], f"triton {dtype} state={state}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["strongest_rwkv7_decay", "strong_decays", "T1", "N16", "N32_partial_sums",
+                                  "N128", "fwd16_bwd32"])
+def test_triton_edge_cases_on_gpu(case):
+    _gpu_skip()
+    kw, config = dict(B=2, T=300, H=4, N=64), None
+    if case == "strongest_rwkv7_decay":
+        kw["decay"] = "rwkv7_min"
+    elif case == "strong_decays":
+        kw.update(T=77, decay="strong")
+    elif case == "T1":
+        kw["T"] = 1
+    elif case == "N16":
+        kw.update(N=16, H=8)
+    elif case == "N32_partial_sums":
+        kw.update(N=32)
+        config = {"fwd": (32, 1, None), "bwd": (8, 1, None)}
+    elif case == "N128":
+        kw.update(N=128, H=2, T=100)
+    elif case == "fwd16_bwd32":
+        config = {"fwd": (16, 1, None), "bwd": (32, 2, None)}
+    x = _inputs(kw, torch.float32, device="cuda")
+    got = run_op(lambda *a: tw.wkv7_triton(*a, config=config), 7, x)
+    assert_match(got, run_op(wkv7_reference, 7, x), GPU_TOL7[torch.float32], f"triton {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_op_under_bf16_autocast():
+    """Training calls the op through wkv() inside bf16 autocast with bf16 inputs and an fp32 decay."""
+    _gpu_skip()
+    x = _inputs(dict(B=2, T=100, H=4, N=64), torch.bfloat16, device="cuda")
+    ref = run_op(wkv7_reference, 7, x)
+    leaves = {n: (t.detach().to(torch.bfloat16) if n not in ("state", "logw") else t.detach()).requires_grad_()
+              for n, t in x.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, s = wkv(leaves["r"], leaves["k"], leaves["v"], leaves["logw"], a=leaves["a"], b=leaves["b"],
+                   state=leaves["state"], op="triton")
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    g = torch.Generator().manual_seed(1)
+    dy, dS = torch.randn(y.shape, generator=g).cuda(), torch.randn(s.shape, generator=g).cuda()
+    ((y.float() * dy).sum() + (s * dS).sum()).backward()
+    got = {"y": y.float(), "state_out": s}
+    got.update({"d" + n: t.grad.float() for n, t in leaves.items()})
+    assert leaves["logw"].grad.dtype == torch.float32 and leaves["r"].grad.dtype == torch.bfloat16
+    assert_match({n: got[n] for n in ref}, ref, GPU_TOL[torch.bfloat16], "triton under autocast")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
+    print(json.dumps(_run_interpreted_cases()))

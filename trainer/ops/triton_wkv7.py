@@ -1,0 +1,315 @@
+"""Our own Triton kernel for RWKV-7's WKV, forward and backward (op "triton"), CUDA only.
+
+The maths is exactly the oracle's (reference.py), one token at a time, in fp32:
+
+    sa_t = S_{t-1} a_t                                    [value]
+    S_t  = S_{t-1} diag(w_t) + sa_t b_t^T + v_t k_t^T     S[value, key], w = exp(logw)
+    y_t  = S_t r_t
+
+Why a sequential kernel (and not chunks of matrix products like fla): per head the state is only
+N x N = 64 x 64, so a step is a few thousand multiply-adds; kept in registers, the state never
+touches memory and each input is read once. This is the design of RWKV-LM's CUDA kernel, written
+in Triton so that no CUDA compiler is needed on the user's machine.
+
+Work split. Every value row of S evolves on its own (sa_t, y_t and the row's update need only that
+row and the key vectors), so a program owns BV value rows x all N keys of one (batch, head): grid
+(B*H, N/BV), no communication in the forward. The backward splits the same way, except that the
+gradients of the key-indexed inputs (r, k, logw, a, b) are sums over value rows: with BV < N each
+program writes its partial sums (fp32) and the wrapper adds them.
+
+Backward, walking time in reverse with G = dL/dS_t (all fp32):
+
+    dr_t = S_t^T dy_t ;  G += dy_t r_t^T
+    dv_t = G k_t      ;  dk_t = G^T v_t
+    dsa  = G b_t      ;  db_t = G^T sa_t
+    dlogw_t = w_t * colsum(G o S_{t-1}) ;  da_t = S_{t-1}^T dsa
+    G <- G diag(w_t) + dsa a_t^T          (G after step 0 is the initial state's gradient)
+
+It needs S_{t-1} at every step, going backwards. The forward saves the state every CHUNK = 16
+steps (fp32 checkpoints, as RWKV-LM does) and every sa_t (fp32, [B, T, H, N]). The backward gets
+S_{t-1} from S_t by inverting the step,
+
+    S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1 / w_t),
+
+which is cheap (no reduction) but multiplies the rounding error of key column j by 1/w_t,j per
+step: over 15 steps of RWKV-7's strongest decay (w = 0.545) by 1.83^15 = 9e3, a relative error of
+about 7e-4 in fp32 (measured), which is what RWKV-LM's kernel accepts. Here the kernel tracks that
+amplification per key column (the sum of -logw since the last exact state); when it would exceed
+e^LOG_AMP_MAX = e^5 (errors of about 1e-5) it replays the forward instead, exactly, from the chunk's
+checkpoint with the saved sa (no reduction either), and inverts onwards from that exact state. At
+the first step of every chunk the checkpoint itself is S_{t-1}. RWKV-7's decays (w in [0.545, 1])
+need at most one replay of a few steps per chunk; much stronger decays (w = e^-8, e^-40: anything
+the oracle accepts) replay at every step: slower (up to 8x the forward's work inside the
+backward), still exact.
+
+Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
+registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
+Head size N: a power of two (64 is the tuned case; 16, 32 and 128 work). Any T >= 1.
+Memory kept for the backward: the checkpoints, B*H*ceil(T/16)*N*N*4 bytes (2 GiB at B=8, T=4096,
+C=4096), and sa, B*T*C*4 bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..errors import UserError
+from . import register
+
+CHUNK = 16          # steps between fp32 state checkpoints saved by the forward
+LOG_AMP_MAX = 5.0   # the backward inverts steps while the sum of -logw since an exact state stays below this
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Define the kernels on first use: a CPU install never imports Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as err:
+        raise UserError(f"OP=triton needs Triton, which cannot be imported ({err})", "pip install triton") from err
+
+    @triton.jit
+    def _keys(p, o, ki):
+        """One key-indexed vector x[b, t, h, :] (o its offset), in fp32."""
+        return tl.load(p + o + ki).to(tl.float32)
+
+    @triton.jit
+    def _rows(p, o, vi):
+        """This program's value rows of x[b, t, h, :], in fp32."""
+        return tl.load(p + o + vi).to(tl.float32)
+
+    # Triton finds the helpers that a kernel calls among the module's globals, not in this closure.
+    globals().update(_keys=_keys, _rows=_rows)
+
+    @triton.jit
+    def _fwd_kernel(r, k, v, logw, a, b, s0, y, sT, ckpt, sa_buf, T, NC,
+                    H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+                    HAS_S0: tl.constexpr, SAVE: tl.constexpr):
+        i_bh = tl.program_id(0).to(tl.int64)           # batch * H + head
+        i_b, i_h = i_bh // H, i_bh % H
+        ki = tl.arange(0, N)                            # key index: the columns of S
+        vi = tl.program_id(1) * BV + tl.arange(0, BV)   # value index: this program's rows of S
+        tile = vi[:, None] * N + ki[None, :]
+        x0 = (i_b * T * H + i_h) * N                    # offset of x[b, 0, h, 0] in [B, T, H, N]
+        if HAS_S0:
+            S = tl.load(s0 + i_bh * N * N + tile)
+        else:
+            S = tl.zeros([BV, N], dtype=tl.float32)
+
+        # The inputs of step t+1 are loaded while step t computes: the loop is bound by latency.
+        o = x0
+        r_t, k_t, lw_t, a_t, b_t = _keys(r, o, ki), _keys(k, o, ki), _keys(logw, o, ki), _keys(a, o, ki), _keys(b, o, ki)
+        v_t = _rows(v, o, vi)
+        for t in range(T):
+            if SAVE:
+                if t % CHUNK == 0:
+                    tl.store(ckpt + (i_bh * NC + t // CHUNK) * N * N + tile, S)
+            on = x0 + tl.cast(tl.minimum(t + 1, T - 1), tl.int64) * (H * N)   # the last step reloads itself
+            r_n, k_n, lw_n, a_n, b_n = _keys(r, on, ki), _keys(k, on, ki), _keys(logw, on, ki), _keys(a, on, ki), _keys(b, on, ki)
+            v_n = _rows(v, on, vi)
+
+            sa = tl.sum(S * a_t[None, :], 1)
+            S = S * tl.exp(lw_t)[None, :] + sa[:, None] * b_t[None, :] + v_t[:, None] * k_t[None, :]
+            tl.store(y + o + vi, tl.sum(S * r_t[None, :], 1).to(y.dtype.element_ty))
+            if SAVE:
+                tl.store(sa_buf + o + vi, sa)
+
+            o = on
+            r_t, k_t, lw_t, a_t, b_t, v_t = r_n, k_n, lw_n, a_n, b_n, v_n
+        tl.store(sT + i_bh * N * N + tile, S)
+
+    @triton.jit
+    def _replay(ckpt, sa_buf, k, v, logw, b, c0, t, i_bh, NC, x0, tile, ki, vi,
+                H: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr):
+        """S_{t-1}, exactly as the forward had it: the checkpoint taken before step c0 (a chunk
+        start), then the steps c0 .. t-1 with their saved sa."""
+        S = tl.load(ckpt + (i_bh * NC + c0 // CHUNK) * N * N + tile)
+        for s in range(c0, t):
+            o = x0 + tl.cast(s, tl.int64) * (H * N)
+            S = S * tl.exp(_keys(logw, o, ki))[None, :] + tl.load(sa_buf + o + vi)[:, None] * _keys(b, o, ki)[None, :] \
+                + _rows(v, o, vi)[:, None] * _keys(k, o, ki)[None, :]
+        return S
+
+    globals().update(_replay=_replay)
+
+    @triton.jit
+    def _bwd_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf,
+                    dr, dk, dv, dlogw, da, db, ds0, T, NC, part,
+                    H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+                    LOG_AMP_MAX: tl.constexpr):
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        ki = tl.arange(0, N)
+        vi = tl.program_id(1) * BV + tl.arange(0, BV)
+        tile = vi[:, None] * N + ki[None, :]
+        x0 = (i_b * T * H + i_h) * N
+        p0 = tl.program_id(1).to(tl.int64) * part       # where this program's key gradients go
+
+        G = tl.load(dsT + i_bh * N * N + tile)          # dL/dS_t, from t = T-1 down
+        S = tl.load(sT + i_bh * N * N + tile)           # S_t
+        amp = tl.zeros([N], dtype=tl.float32)           # sum of -logw since the last exact S
+
+        o = ((i_b * T + T - 1) * H + i_h) * N            # x[b, T-1, h, 0]
+        r_t, k_t, lw_t, a_t, b_t = _keys(r, o, ki), _keys(k, o, ki), _keys(logw, o, ki), _keys(a, o, ki), _keys(b, o, ki)
+        v_t, dy_t, sa_t = _rows(v, o, vi), _rows(dy, o, vi), tl.load(sa_buf + o + vi)
+        for i in range(T):
+            t = T - 1 - i
+            on = x0 + tl.cast(tl.maximum(t - 1, 0), tl.int64) * (H * N)   # step t-1, loaded during step t
+            r_n, k_n, lw_n, a_n, b_n = _keys(r, on, ki), _keys(k, on, ki), _keys(logw, on, ki), _keys(a, on, ki), _keys(b, on, ki)
+            v_n, dy_n, sa_n = _rows(v, on, vi), _rows(dy, on, vi), tl.load(sa_buf + on + vi)
+
+            w_t = tl.exp(lw_t)
+            tl.store(dr + p0 + o + ki, tl.sum(S * dy_t[:, None], 0).to(dr.dtype.element_ty))   # S_t^T dy_t
+            # S <- S_{t-1}: invert step t, or replay it from the checkpoint if inverting would lose accuracy
+            c0 = t - t % CHUNK
+            amp_t = amp - lw_t
+            if (t == c0) | (tl.max(amp_t, 0) > LOG_AMP_MAX):
+                S = _replay(ckpt, sa_buf, k, v, logw, b, c0, t, i_bh, NC, x0, tile, ki, vi, H, N, CHUNK)
+                amp = tl.zeros([N], dtype=tl.float32)
+            else:
+                S = (S - v_t[:, None] * k_t[None, :] - sa_t[:, None] * b_t[None, :]) * tl.exp(-lw_t)[None, :]
+                amp = amp_t
+
+            G += dy_t[:, None] * r_t[None, :]
+            dsa = tl.sum(G * b_t[None, :], 1)
+            tl.store(dv + o + vi, tl.sum(G * k_t[None, :], 1).to(dv.dtype.element_ty))
+            # four sums over value rows as one reduction: one exchange between warps instead of four
+            sums = tl.sum(tl.join(tl.join(G * v_t[:, None], G * sa_t[:, None]),
+                                  tl.join(G * S, S * dsa[:, None])), 0)
+            dk_db, dw_da = tl.split(sums)
+            dk_t, db_t = tl.split(dk_db)
+            dw_t, da_t = tl.split(dw_da)
+            tl.store(dk + p0 + o + ki, dk_t.to(dk.dtype.element_ty))
+            tl.store(db + p0 + o + ki, db_t.to(db.dtype.element_ty))
+            tl.store(dlogw + p0 + o + ki, (dw_t * w_t).to(dlogw.dtype.element_ty))
+            tl.store(da + p0 + o + ki, da_t.to(da.dtype.element_ty))
+            G = G * w_t[None, :] + dsa[:, None] * a_t[None, :]
+
+            o = on
+            r_t, k_t, lw_t, a_t, b_t, v_t, dy_t, sa_t = r_n, k_n, lw_n, a_n, b_n, v_n, dy_n, sa_n
+        tl.store(ds0 + i_bh * N * N + tile, G)
+
+    return _fwd_kernel, _bwd_kernel
+
+
+# ---------------------------------------------------------------- launch configuration
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(B: int, H: int, N: int, device: torch.device) -> dict:
+    """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: rows per program, warps, register cap (None: ptxas
+    decides). One program per head (BV = N, up to 64) about 32 state values per thread; BV is lowered
+    only when there are too few heads to give every SM two programs, because in the backward BV < N
+    costs partial sums of the key gradients."""
+    bv = min(N, 64)
+    while bv > 16 and B * H * (N // bv) < 2 * _sm_count(device):
+        bv //= 2
+    warps = max(1, min(8, bv * N // 1024))
+    return {"fwd": (bv, warps, None), "bwd": (bv, warps, None)}
+
+
+def _launch_options(cfg: tuple) -> dict:
+    bv, warps, maxnreg = cfg
+    return {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg and not _interpreting() else {})}
+
+
+# ---------------------------------------------------------------- the op
+
+def _on_device(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, k, v, logw, a, b, state, config):
+        B, T, H, N = r.shape
+        fwd, _ = _kernels()
+        r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
+        has_s0 = state is not None
+        s0 = state.float().contiguous() if has_s0 else r.new_empty(1, dtype=torch.float32)
+        save = any(ctx.needs_input_grad[:7])
+        NC = (T + CHUNK - 1) // CHUNK
+        y = torch.empty_like(r)
+        sT = r.new_empty(B, H, N, N, dtype=torch.float32)
+        ckpt = r.new_empty((B * H, NC, N, N) if save else (1,), dtype=torch.float32)
+        sa = r.new_empty((B, T, H, N) if save else (1,), dtype=torch.float32)
+        bv = config["fwd"][0]
+        with _on_device(r):
+            fwd[(B * H, N // bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=bv, CHUNK=CHUNK,
+                                  HAS_S0=has_s0, SAVE=save, **_launch_options(config["fwd"]))
+        if save:
+            ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa)
+            ctx.has_s0, ctx.config = has_s0, config
+        return y, sT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dsT):
+        r, k, v, logw, a, b, sT, ckpt, sa = ctx.saved_tensors
+        B, T, H, N = r.shape
+        _, bwd = _kernels()
+        bv = ctx.config["bwd"][0]
+        nv = N // bv
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(r)
+        dsT = dsT.float().contiguous() if dsT is not None else torch.zeros_like(sT)
+        dv, ds0 = torch.empty_like(v), torch.empty_like(sT)
+        keyed = (r, k, logw, a, b)
+        if nv == 1:   # every program holds all value rows: its key gradients are complete, in their dtype
+            outs = [torch.empty_like(x) for x in keyed]
+        else:         # one slice of partial sums (over its value rows) per program, added below
+            outs = [r.new_empty(nv, B, T, H, N, dtype=torch.float32) for _ in keyed]
+        dr, dk, dlogw, da, db = outs
+        with _on_device(r):
+            bwd[(B * H, nv)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0,
+                             T, ckpt.shape[1], B * T * H * N if nv > 1 else 0, H=H, N=N, BV=bv, CHUNK=CHUNK,
+                             LOG_AMP_MAX=LOG_AMP_MAX, **_launch_options(ctx.config["bwd"]))
+        if nv > 1:
+            dr, dk, dlogw, da, db = (g.sum(0).to(x.dtype) for g, x in zip(outs, keyed))
+        return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None
+
+
+def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor,
+                state: Tensor | None = None, config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV with our Triton kernels: (y in r's dtype, final state fp32). ``config`` overrides the
+    launch configuration (see default_config; the benchmark sweeps it)."""
+    if r.device.type != "cuda" and not _interpreting():
+        raise UserError(f"OP=triton needs a CUDA GPU, and this run is on '{r.device.type}'", "use OP=chunk on a CPU")
+    B, T, H, N = r.shape
+    if N & (N - 1):
+        raise UserError(f"OP=triton needs a power-of-two head size, and this model's is {N}",
+                        "use OP=fla (or OP=chunk)")
+    if T < 1:
+        raise UserError("OP=triton got an empty sequence (T = 0)", "give it at least one token")
+    return _WKV7.apply(r, k, v, logw.expand_as(r), a, b, state, config or default_config(B, H, N, r.device))
+
+
+def wkv6_triton(r, k, v, logw, u, state=None):
+    raise UserError("OP=triton has only an RWKV-7 kernel; use OP=fla for RWKV-5/6",
+                    "set OP=fla (or OP=auto) for an RWKV-5/6 model")
+
+
+def check(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"its Triton kernel needs a CUDA GPU, and this run is on '{device.type}' (use OP=chunk on a CPU)"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: pip install triton"
+    return None
+
+
+register("triton", wkv7_triton, wkv6_triton, check)

@@ -212,15 +212,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(B: int, H: int, N: int, device: torch.device) -> dict:
-    """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: rows per program, warps, register cap (None: ptxas
-    decides). One program per head (BV = N, up to 64) about 32 state values per thread; BV is lowered
-    only when there are too few heads to give every SM two programs, because in the backward BV < N
-    costs partial sums of the key gradients."""
+    """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
+    ptxas decides). One program per head (BV = N, up to 64) unless there are too few heads to give every
+    SM two programs (BV < N costs the backward partial sums of the key gradients). The forward keeps
+    about 32 state values per thread; the backward, which holds two tiles (S and dL/dS), about 16, capped
+    at 128 registers so that two programs fit on an SM (ptxas would take about 210). Chosen from the
+    compiled kernels' register counts, not yet from timings: bench/wkv_kernel.py --configs sweeps them."""
     bv = min(N, 64)
     while bv > 16 and B * H * (N // bv) < 2 * _sm_count(device):
         bv //= 2
-    warps = max(1, min(8, bv * N // 1024))
-    return {"fwd": (bv, warps, None), "bwd": (bv, warps, None)}
+    fwd_warps = max(1, min(8, bv * N // 1024))
+    bwd_warps = max(1, min(8, bv * N // 512))
+    cap = 128 if bv * N // (32 * bwd_warps) <= 16 else None
+    return {"fwd": (bv, fwd_warps, None), "bwd": (bv, bwd_warps, cap)}
 
 
 def _launch_options(cfg: tuple) -> dict:

@@ -1,0 +1,499 @@
+"""GPU memory pre-flight: how much a training run will need, told before anything is loaded.
+
+    est = estimate(cfg, sizes)          # cfg: a TrainConfig (or anything with its names); sizes: ModelConfig
+    est.total                           # bytes at the peak as nvidia-smi would show this process
+    est.peak_allocated                  # bytes at the peak as torch.cuda.max_memory_allocated shows them
+    print(est.table())                  # the breakdown, one line per term
+    suggest(cfg, sizes, free_bytes)     # the cheapest changes of settings that fit, each re-estimated
+    preflight(cfg, model_path, device, log, op)   # what the trainer calls: one line, or a warning + fixes
+
+THE FORMULA. B = MICRO_BSZ, T = CTX_LEN (infctx: CHUNK_CTX), L layers, C width, V vocabulary, P the trained
+elements (the method's tensors and TRAIN_PARTS; full: every weight), all in bytes:
+
+  weights    frozen base elements × 2 (bf16/fp16; 4 in fp32), the quantised att/ffn linears at their
+             storage (nf4 0.5625 B/weight, int8 1 + 4/in), trained elements × 4 (the trainer keeps them fp32),
+             PiSSA's initial A and B × 2
+  optimizer  P × 8                 AdamW's exp_avg and exp_avg_sq, fp32
+  grads      P × 4                 fp32
+  step       P × 4                 foreach AdamW's sqrt(exp_avg_sq) buffer while it steps
+  saved      activations kept for the backward pass, per token:
+               GRAD_CP=0: L × layer,  layer = ACT[version][family] · C + ACT_D[version] · D
+                                             + WKV_SAVED[op] · C (+ LoRA/PiSSA 2·r per adapted layer)
+               GRAD_CP=1: L × CP_SAVED · C          (each block keeps only its fp32 input)
+             (D = the block's low-rank widths; family = frozen (state) | lora (lora, pissa) | bone | bat | full;
+             TRAIN_PARTS time/ln add PARTS_ACT[version] · C)
+  layer      one block's activations while the backward pass runs through it: layer (GRAD_CP=1: recomputed)
+             + BWD_WORK · C + WKV_WORK[op] · C per token (Bat: + BAT_BYTES × the block's adapted weights)
+  head       HEAD_BYTES × B·T·V at the start of the backward pass (bf16 logits, Fabric's fp32 copy, the
+             log-softmax and its gradients: often the largest activation), HEAD_SAVED × B·T·V kept before
+  dequant    QUANT: the largest adapted weight dequantised (2 B/weight; int8's fp32 temporaries 10 B/weight)
+  infctx     + the state carried between chunks, kept for each chunk: L·B·(H·N·N + 2C)·4 per chunk
+
+  train peak     = weights + optimizer + max(saved + head (+ CP: layer)       ... the start of backward
+                                             saved + HEAD_SAVED·BTV + layer + grads (no CP: - saved·0)
+                                             grads + step)                    ... the optimizer step
+  load peak      = all base elements × 2 (the trainer puts the whole model on the GPU in bf16 before it
+                   quantises or turns trained tensors into fp32) + the adapter
+  peak_allocated = max(train peak, load peak) + DDP's gradient buckets (P × 4 on several GPUs)
+                   + DeepSpeed's buckets
+  total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+
+Strategies: DDP (STRATEGY=auto, several GPUs): the same per GPU, plus the gradient buckets. DeepSpeed
+ZeRO (GPU_COUNT × NODES = W GPUs): stage 1 divides the optimizer states by W, stage 2 also the grads,
+stage 3 also the weights (each GPU gathers one block at a time); *_offload keeps the optimizer states and
+its step on the CPU (stage 3 offload: the weights too).
+
+Where the constants come from: ACT, ACT_D, PARTS_ACT, CP_SAVED, BWD_WORK, HEAD_BYTES, HEAD_SAVED, BAT_BYTES
+and WKV_*["chunk"] from a simulation of OUR training step on fake tensors under CUDA's autocast rules
+(bench/calibrate_memory.py --simulate: exact bytes of every tensor the real code allocates, for any model
+size, on a CPU); WKV_*["fla"] from the anchor measurement of fla's chunk_rwkv7 (13.5 GiB for B 8, T 4096,
+C 4096: about 108 B per token-channel with inputs and gradients); CUDA_CONTEXT and ALLOCATOR_SLACK from
+RWKV-PEFT's H100 figures (nvidia-smi vs allocated). bench/calibrate_memory.py refits them from measured
+rows (bench/memory_measured.jsonl, written by bench/train_speed.py --json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+GiB = 2 ** 30
+
+# ------------------------------------------------------------------------------------------ constants
+# Saved for the backward pass per token per layer (GRAD_CP=0), bytes per unit of C, without the WKV op,
+# by RWKV version and method family (measured at C 1024-4096: within 1% of constant per C).
+ACT = {7: {"frozen": 72.7, "lora": 94.9, "bone": 75.3, "bat": 75.3, "full": 121.0},
+       6: {"frozen": 63.4, "lora": 90.5, "bone": 67.5, "bat": 67.5, "full": 103.0},
+       5: {"frozen": 45.2, "lora": 72.4, "bone": 49.2, "bat": 49.2, "full": 82.0}}
+PARTS_ACT = {7: 33.0, 6: 20.5, 5: 16.0}   # TRAIN_PARTS time and/or ln: their inputs are kept too
+CP_SAVED = 4.0                           # GRAD_CP=1: each block keeps its fp32 input
+CAST_BYTES = 2.0                         # per trained matrix element: autocast's bf16 copy, kept for backward
+BWD_WORK = 0.0                           # a block's backward temporaries (gradients of its activations)
+BAT_BYTES = 4.2                          # Bat: bytes per adapted weight kept (bf16 W blocks and bf16 ΔW)
+BAT_WORK = 8.6                           # Bat: bytes per weight of the largest layer while its ΔW is rebuilt
+# The WKV op, bytes per token per channel: kept for backward by each layer (GRAD_CP=0; with GRAD_CP=1 only
+# while a layer is recomputed) and needed while it runs (one layer at a time), by op and RWKV version.
+# "torch" (the per-token oracle) keeps far more; it is for tests, not for training on a GPU.
+WKV_SAVED = {"chunk": {7: 171.5, 6: 110.0, 5: 58.2}, "fla": {7: 14.0, 6: 12.0, 5: 12.0},
+             "null": {7: 0.0, 6: 0.0, 5: 0.0}}
+WKV_SAVED["rwkvfla"] = WKV_SAVED["fla"]
+WKV_SAVED["torch"] = WKV_SAVED["chunk"]
+# "triton" (ours, RWKV-7): fp32 state checkpoints every 16 steps (N·4/16 = 16 B per token-channel at N=64)
+# and sa (4), plus its inputs: from its docstring, not measured
+WKV_SAVED["triton"] = {7: 34.0, 6: 34.0, 5: 34.0}
+WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0},
+            "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 20.0, 6: 20.0, 5: 20.0}}
+WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
+WKV_WORK["torch"] = WKV_WORK["chunk"]
+HEAD_BYTES = 12.0                        # per logit at the start of the backward pass
+HEAD_SAVED = 4.0                         # per logit kept from the forward pass (the fp32 log-softmax)
+CUDA_CONTEXT = int(0.6 * GiB)            # CUDA context, cuBLAS handles, kernels: used, never allocated
+ALLOCATOR_SLACK = 0.15                   # reserved / allocated - 1 at the peak
+DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
+DEEPSPEED_BUCKET_ELEMS = int(2e8)        # Lightning's reduce and allgather bucket sizes (elements, fp32)
+INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
+DEFAULT_GPU_OP = "fla"                   # what OP=auto picks on a GPU with fla installed
+
+FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
+_TARGET_WEIGHT = re.compile(r"^(blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance)))"
+                            r"\.weight$")
+_LOWRANK = {7: ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"),
+            6: ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"), 5: ()}
+_V7_LAYER0_UNUSED = ("v0", "v1", "v2")
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    return getattr(cfg, name, default)
+
+
+# ------------------------------------------------------------------------------------------ parameters
+@functools.lru_cache(maxsize=64)
+def _shapes(sizes_key: tuple) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+    """(key, shape, how many layers have it) of the official layout, from a 2-layer skeleton."""
+    from .checkpoint import expected_shapes
+    from .model import ModelConfig
+    sizes = ModelConfig(*sizes_key)
+    L = sizes.n_layer
+    small = dataclasses.replace(sizes, n_layer=min(L, 2))
+    out = []
+    for k, shape in expected_shapes(small).items():
+        out.append((k, shape, L - 1 if k.startswith("blocks.1.") else 1))
+    return tuple(out)
+
+
+def _sizes_key(sizes: Any) -> tuple:
+    return tuple(getattr(sizes, f.name) for f in dataclasses.fields(sizes))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class ParamTable:
+    """Element counts of a model with a method applied (what the trainer builds), by how they are stored."""
+    total: int               # base model elements (official layout)
+    trained: int             # elements trained, fp32: the method's tensors + TRAIN_PARTS (full: all)
+    frozen: int              # base elements kept in the weight dtype
+    quantised: int           # base elements stored quantised
+    quantised_bytes: int     # their storage (codes + scales)
+    buffers: int             # PiSSA's initial A and B (weight dtype)
+    matmul: int              # base elements multiplied with every token (att/ffn linears, time-mix matrices, head)
+    head_matmul: int         # the head's part of ``matmul``
+    adapter_matmul: int      # adapter elements multiplied with every token
+    adapter_step_flops: int  # Bat: FLOPs to rebuild every ΔW once per forward pass
+    trained_matmul: int      # trained elements that are matrix operands (their weight gradient is a product)
+    adapted_layers: int      # att/ffn linear layers the method wraps (LoRA/PiSSA/Bone/Bat), all layers
+    largest_target: int      # elements of the largest att/ffn linear (what dequantisation materialises)
+    block_targets: int       # elements of one block's att/ffn linears (Bat's ΔW per block)
+    block_params: int        # elements of one block (ZeRO-3 gathers one at a time)
+    block_trained_mm: int    # trained matrix elements of one block (autocast keeps a bf16 copy of each)
+    head_trained: bool       # the head trains (TRAIN_PARTS head, full)
+    trained_base: int        # base elements among ``trained`` (TRAIN_PARTS; full: all but v7's unused three)
+
+
+def param_table(cfg: Any, sizes: Any) -> ParamTable:
+    """Count what the trainer's ``prepare`` would hold for ``cfg`` on a model of ``sizes``."""
+    from .peft.base import part_names
+    from .quant import NF4_BLOCK
+    mode = _get(cfg, "FINETUNE_MODE", "lora")
+    quant = _get(cfg, "QUANT", "none") or "none"
+    parts = tuple(_get(cfg, "TRAIN_PARTS", ()) or ())
+    r = {"lora": _get(cfg, "LORA_R", 64), "pissa": _get(cfg, "PISSA_R", 64)}.get(mode, _get(cfg, "DISHA_R", 64))
+    shapes = _shapes(_sizes_key(sizes))
+    names = [k for k, _, _ in shapes]
+    part_set = set(part_names(names, parts))
+    lowrank = _LOWRANK[sizes.version]
+    total = trained = frozen = quantised = qbytes = buffers = 0
+    matmul = head = adapter_mm = adapter_step = trained_mm = adapted = largest = block_t = block_p = 0
+    block_tmm, head_trained, trained_base = 0, False, 0
+    for key, shape, mult in shapes:
+        n = _numel(shape)
+        total += n * mult
+        parts_ = key.split(".")
+        unused = (sizes.version == 7 and key.startswith("blocks.0.att.") and parts_[-1] in _V7_LAYER0_UNUSED)
+        is_target = bool(_TARGET_WEIGHT.match(key))
+        is_mm = is_target or key == "head.weight" or (
+            key.startswith("blocks.") and parts_[2] == "att" and parts_[-1] in lowrank and not unused)
+        in_block = key.startswith("blocks.1.") or (sizes.n_layer == 1 and key.startswith("blocks.0."))
+        if in_block:
+            block_p += n
+            if is_target:
+                block_t += n
+        if is_mm:
+            matmul += n * mult
+            if key == "head.weight":
+                head += n
+        train_it = (mode == "full" or key in part_set) and not unused
+        if is_target:
+            largest = max(largest, n)
+        if train_it:
+            trained += n * mult
+            trained_base += n * mult
+            if is_mm:
+                trained_mm += n * mult
+                block_tmm += n if in_block else 0
+                head_trained = head_trained or key == "head.weight"
+        elif is_target and quant != "none":
+            out_f, in_f = shape
+            quantised += n * mult
+            if quant == "nf4":
+                blocks = -(-n // NF4_BLOCK)
+                qbytes += (blocks * NF4_BLOCK // 2 + blocks * 4) * mult
+            else:
+                qbytes += (n + 4 * out_f) * mult
+        else:
+            frozen += n * mult
+        if is_target and mode in ("lora", "pissa", "bone", "bat"):
+            out_f, in_f = shape
+            adapted += mult
+            own = {"lora": r * (in_f + out_f), "pissa": r * (in_f + out_f), "bone": r * out_f,
+                   "bat": in_f * r}[mode]
+            trained += own * mult
+            trained_mm += own * mult
+            block_tmm += own if in_block else 0
+            adapter_mm += ({"bat": in_f * out_f}.get(mode, own)) * mult
+            if mode == "pissa":
+                buffers += own * mult
+            if mode == "bat":
+                adapter_step += 2 * out_f * in_f * r * mult
+    if mode == "state":
+        trained += sizes.n_layer * sizes.n_head * sizes.head_size ** 2
+    return ParamTable(total, trained, frozen, quantised, qbytes, buffers, matmul, head, adapter_mm, adapter_step,
+                      trained_mm, adapted, largest, block_t, block_p, block_tmm, head_trained,
+                      trained_base)
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+@dataclass
+class Estimate:
+    """Bytes: the terms of the formula (module docstring), the peaks, and what the peak is made of."""
+    terms: dict[str, float]
+    train_peak: float
+    load_peak: float
+    peak_allocated: float
+    total: float
+    peak_at: str                         # "backward", "optimizer step" or "loading"
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"  {k:<14} {v / GiB:8.2f} GiB" for k, v in self.terms.items() if v]
+        lines.append(f"  {'train peak':<14} {self.train_peak / GiB:8.2f} GiB   (at the {self.peak_at})"
+                     if self.peak_at != "loading" else f"  {'train peak':<14} {self.train_peak / GiB:8.2f} GiB")
+        lines.append(f"  {'load peak':<14} {self.load_peak / GiB:8.2f} GiB")
+        lines.append(f"  {'allocated':<14} {self.peak_allocated / GiB:8.2f} GiB   (torch.cuda.max_memory_allocated)")
+        lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB   (as nvidia-smi shows it: + allocator "
+                     f"slack {ALLOCATOR_SLACK:.0%} + CUDA context {CUDA_CONTEXT / GiB:.1f} GiB)")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _resolve_op(cfg: Any, op: str | None) -> str:
+    op = op or _get(cfg, "OP", "auto")
+    op = DEFAULT_GPU_OP if op == "auto" else op
+    return op if op in WKV_SAVED else DEFAULT_GPU_OP     # an op this table does not know yet: as fla
+
+
+def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
+    """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
+
+    ``op``: the WKV op that will run (default: cfg.OP, where auto means fla, what a GPU with fla gets)."""
+    op = _resolve_op(cfg, op)
+    v = sizes.version
+    mode = _get(cfg, "FINETUNE_MODE", "lora")
+    family = FAMILY[mode]
+    quant = _get(cfg, "QUANT", "none") or "none"
+    precision = _get(cfg, "PRECISION", "bf16")
+    wbytes = 4 if precision == "fp32" else 2
+    cp = bool(_get(cfg, "GRAD_CP", True))
+    infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+    ctx = int(_get(cfg, "CTX_LEN", 512))
+    T = min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
+    B = int(_get(cfg, "MICRO_BSZ", 1))
+    BT = B * T
+    L, C, V = sizes.n_layer, sizes.n_embd, sizes.vocab_size
+    strategy = _get(cfg, "STRATEGY", "auto") or "auto"
+    world = int(_get(cfg, "GPU_COUNT", 1)) * int(_get(cfg, "NODES", 1))
+    t = param_table(cfg, sizes)
+    P = t.trained
+    notes: list[str] = []
+
+    # --- what stays on the GPU: weights, optimizer states
+    frozen_w = t.frozen * wbytes + t.quantised_bytes + t.buffers * wbytes
+    trained_w = P * 4
+    opt, grads, step = P * 8.0, P * 4.0, P * 4.0
+    stage = 0
+    if strategy.startswith("deepspeed_stage_"):
+        stage = int(strategy.split("_")[2])
+        offload = strategy.endswith("_offload")
+        if world > 1:
+            opt /= world
+            step /= world
+            if stage >= 2:
+                grads /= world
+        if offload:
+            opt = step = 0.0
+        if stage == 3:
+            gathered = t.block_params * wbytes
+            if offload:
+                frozen_w, trained_w = 2.0 * gathered, 0.0
+                notes.append("ZeRO-3 offload: the weights live on the CPU; two blocks are on the GPU at a time")
+            elif world > 1:
+                frozen_w, trained_w = frozen_w / world + gathered, trained_w / world
+    # --- activations
+    layer = (ACT[v][family] + WKV_SAVED[op][v]) * C
+    if any(p in tuple(_get(cfg, "TRAIN_PARTS", ()) or ()) for p in ("time", "ln")):
+        layer += PARTS_ACT[v] * C
+    if family == "lora":
+        r = _get(cfg, "LORA_R", 64) if mode == "lora" else _get(cfg, "PISSA_R", 64)
+        layer += 2.0 * (r - 64) * t.adapted_layers / L          # ACT["lora"] was measured with r = 64
+    fixed = CAST_BYTES * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
+    head_cast = CAST_BYTES * V * C if t.head_trained else 0.0
+    work = (BWD_WORK + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
+    if cp:
+        saved = L * CP_SAVED * C * BT + head_cast
+        one_layer = layer * BT + fixed + work
+    else:
+        saved = L * (layer * BT + fixed) + head_cast
+        one_layer = work
+    head = HEAD_BYTES * BT * V
+    head_saved = HEAD_SAVED * BT * V
+    dequant = 0.0
+    if quant != "none":
+        dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant == "int8" else 2.0)
+    carried = 0.0
+    if infctx:
+        chunks = -(-ctx // T)
+        carried = chunks * L * B * (sizes.n_head * sizes.head_size ** 2 + 2 * C) * 4.0
+    act_start = saved + head + carried + dequant
+    act_layer = saved + head_saved + one_layer + grads + carried + dequant
+    act_step = grads + step
+    parts = {"backward": max(act_start, act_layer), "optimizer step": act_step}
+    peak_at = max(parts, key=parts.get)
+    train_peak = frozen_w + trained_w + opt + parts[peak_at]
+    # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
+    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes
+    if mode == "full":
+        load_peak = t.total * max(wbytes, 4)       # every tensor ends in fp32, one at a time from bf16
+    if stage == 3 and world > 1:
+        load_peak /= world
+    extra = 0.0
+    if world > 1 and not strategy.startswith("deepspeed"):
+        extra = DDP_BUCKET_BYTES * P
+    elif strategy.startswith("deepspeed"):
+        extra = 2 * min(DEEPSPEED_BUCKET_ELEMS, P) * 4.0
+    peak_alloc = max(train_peak, load_peak) + extra
+    if load_peak > train_peak:
+        peak_at = "loading"
+        notes.append(f"the peak is while loading: the trainer puts all {t.total / 1e9:.2f} B base weights on "
+                     f"the GPU in {'fp32' if wbytes == 4 else 'bf16'} before "
+                     + ("quantising them" if quant != "none" else "converting the trained ones to fp32"))
+    terms = {"weights": frozen_w, "trained": trained_w, "optimizer": opt, "grads": grads, "step": step,
+             "saved": saved, "layer": one_layer, "head": head, "infctx states": carried,
+             "dequant": dequant, "buckets": extra}
+    total = peak_alloc * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+    return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes)
+
+
+# ------------------------------------------------------------------------------------------ suggestions
+@dataclass
+class Change:
+    settings: dict                 # variable -> new value
+    why: str                       # its cost, in words
+    estimate: Estimate
+
+    def line(self) -> str:
+        sets = " ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{sets}   (~{self.estimate.total / GiB:.1f} GiB; {self.why})"
+
+
+def _with(cfg: Any, **changes: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.replace(cfg, **changes)
+    from types import SimpleNamespace
+    d = dict(vars(cfg))
+    d.update(changes)
+    return SimpleNamespace(**d)
+
+
+def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str]]:
+    """Single changes, cheapest first: (settings, cost in words)."""
+    out: list[tuple[dict, str]] = []
+    mode = _get(cfg, "FINETUNE_MODE", "lora")
+    if not _get(cfg, "GRAD_CP", True):
+        out.append(({"GRAD_CP": 1}, "about 30% slower, same results"))
+    B, mini = int(_get(cfg, "MICRO_BSZ", 1)), int(_get(cfg, "MINI_BSZ", 1))
+    b = B
+    while b > 1:
+        b = b // 2 if b % 2 == 0 else next(d for d in range(b - 1, 0, -1) if B % d == 0)
+        out.append(({"MICRO_BSZ": b, "MINI_BSZ": mini * B // b},
+                    f"the same {B * mini} samples per optimizer step, slower"))
+    quant = _get(cfg, "QUANT", "none") or "none"
+    if mode != "full" and quant != "nf4":
+        out.append(({"QUANT": "nf4"}, "frozen weights in 4 bits: a little less precise"))
+    ctx = int(_get(cfg, "CTX_LEN", 512))
+    infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+    chunk = int(_get(cfg, "CHUNK_CTX", 512)) if infctx else ctx
+    strategy = str(_get(cfg, "STRATEGY", "auto"))
+    if not strategy.startswith("deepspeed_stage_3"):
+        c = 1 << (max(chunk - 1, 1)).bit_length() - 1 if chunk > 1 else 1
+        while c >= 128:
+            if c < chunk:
+                out.append(({"TRAIN_TYPE": "infctx", "CHUNK_CTX": c},
+                            f"the same CTX_LEN={ctx} in chunks of {c}, exact gradient, slower"))
+            c //= 2
+    if mode == "full":
+        out.append(({"FINETUNE_MODE": "lora"}, "LoRA trains far fewer numbers than full fine-tuning"))
+    return out
+
+
+def suggestions(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None, limit: int = 4) -> list[Change]:
+    """Changes of settings whose estimate fits in ``free_bytes``, cheapest first (singles, then pairs,
+    then triples of single changes); at most one per kind of change (the mildest that fits)."""
+    singles = _candidates(cfg, sizes)
+    found: list[Change] = []
+    kinds_done: set = set()
+
+    def kind(settings: dict) -> frozenset:
+        return frozenset("MICRO_BSZ" if k == "MINI_BSZ" else "TRAIN_TYPE" if k == "CHUNK_CTX" else k
+                         for k in settings)
+
+    def try_combo(combo: tuple) -> None:
+        settings: dict = {}
+        whys = []
+        for s, why in combo:
+            if set(s) & set(settings):
+                return
+            settings.update(s)
+            whys.append(why)
+        k = kind(settings)
+        if k in kinds_done or any(done <= k for done in kinds_done):
+            return
+        est = estimate(_with(cfg, **settings), sizes, op)
+        if est.total <= free_bytes:
+            kinds_done.add(k)
+            found.append(Change(settings, "; ".join(whys), est))
+
+    import itertools
+    for n in (1, 2, 3):
+        for combo in itertools.combinations(singles, n):
+            try_combo(combo)
+            if len(found) >= limit:
+                return found
+        if found:
+            return found
+    return found
+
+
+def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> list[str]:
+    """The cheapest changes that would fit in ``free_bytes``, as training.sh settings with their estimate.
+
+    Empty when the settings already fit; one line saying so when nothing we can suggest fits."""
+    if estimate(cfg, sizes, op).total <= free_bytes:
+        return []
+    found = suggestions(cfg, sizes, free_bytes, op)
+    if found:
+        return [c.line() for c in found]
+    return [f"none of GRAD_CP=1, a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
+            f"{free_bytes / GiB:.1f} GiB: use a smaller model, a GPU with more memory, or several GPUs"]
+
+
+# ------------------------------------------------------------------------------------------ the trainer's call
+def preflight(cfg: Any, model_path: Any, device: Any, log: Callable[[str], None] = print,
+              op: str | None = None) -> Estimate | None:
+    """Print the estimated peak GPU memory before the model is loaded; warn with fixes when it will not fit.
+
+    Never raises and never stops the run (the estimate can be wrong): a bad model file is left to the
+    loader's own error, a bug here costs one line."""
+    import torch
+    try:
+        from .checkpoint import detect_config, load_checkpoint
+        sizes = detect_config(load_checkpoint(model_path), model_path)
+    except Exception:
+        return None
+    try:
+        est = estimate(cfg, sizes, op)
+        if torch.device(device).type != "cuda":
+            log(f"Estimated peak GPU memory for these settings: {est.total / GiB:.1f} GiB (not checked: this "
+                f"run is on the {torch.device(device).type})")
+            return est
+        dev = torch.device(device)
+        free, _total = torch.cuda.mem_get_info(dev)
+        # as nvidia-smi would show it before this process: what is free + what this process holds
+        free_before = free + torch.cuda.memory_reserved(dev) + CUDA_CONTEXT
+        log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
+        if est.total > free_before:
+            log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "
+                "15%; training starts anyway). Changes that would fit:")
+            for line in suggest(cfg, sizes, free_before, op):
+                log(f"  - {line}")
+        elif est.total > 0.85 * free_before:
+            log("  (close to the limit: the estimate can be off by 15%)")
+        return est
+    except Exception as err:                      # a bug of ours must not stop training
+        log(f"(memory estimate unavailable: {type(err).__name__}: {err})")
+        return None

@@ -104,6 +104,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from . import ops
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
+    from .memory import preflight
     from .peft import get_method
     from .quant import check_quant, quantize_model
 
@@ -113,6 +114,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     precision, weight_dtype = resolve_precision(cfg, device)
     op = ops.resolve(cfg.OP, device)
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
+    preflight(cfg, cfg.model_path, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
     base_meta = checkpoint.base_metadata(cfg.model_path)

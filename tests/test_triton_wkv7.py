@@ -142,12 +142,11 @@ def test_check_reasons(monkeypatch):
 
 def test_default_config_lowers_rows_per_program_only_for_few_heads(monkeypatch):
     monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
-    big = tw.default_config(8, 64, 64, "cuda")                   # 512 heads: one program per head
-    assert big == {"fwd": (64, 4, None), "bwd": (64, 8, 128)}
-    assert tw.default_config(8, 12, 64, "cuda")["bwd"][:2] == (16, 2)     # 96 heads: 4 programs per head
-    assert tw.default_config(1, 2, 128, "cuda") == {"fwd": (16, 2, None), "bwd": (16, 4, 128)}
-    assert tw.default_config(4, 64, 128, "cuda") == {"fwd": (64, 8, None), "bwd": (64, 8, None)}
-    assert tw.default_config(1, 1, 16, "cuda")["fwd"][:2] == (16, 1)
+    assert tw.default_config(8, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": (64, 2, None)}  # a program per head
+    assert tw.default_config(8, 12, 64, "cuda")["bwd"] == (16, 1, None)   # 96 heads: 4 programs per head
+    assert tw.default_config(1, 2, 128, "cuda")["fwd"] == (16, 1, None)
+    assert tw.default_config(4, 64, 128, "cuda")["bwd"] == (64, 4, None)
+    assert tw.default_config(1, 1, 16, "cuda")["fwd"] == (16, 1, None)
 
 
 # ---------------------------------------------------------------- on a GPU

@@ -214,17 +214,17 @@ def _sm_count(device: torch.device) -> int:
 def default_config(B: int, H: int, N: int, device: torch.device) -> dict:
     """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
     ptxas decides). One program per head (BV = N, up to 64) unless there are too few heads to give every
-    SM two programs (BV < N costs the backward partial sums of the key gradients). The forward keeps
-    about 32 state values per thread; the backward, which holds two tiles (S and dL/dS), about 16, capped
-    at 128 registers so that two programs fit on an SM (ptxas would take about 210). Chosen from the
-    compiled kernels' register counts, not yet from timings: bench/wkv_kernel.py --configs sweeps them."""
+    SM two programs (BV < N costs the backward partial sums of the key gradients); about 64 state values
+    per thread. Why so few threads: every warp repeats the same per-step overhead (loading the key
+    vectors, shuffles, stores), so the fewer warps per head the fewer instructions per step. Compiled
+    for an H100 (sm_90, bf16), per head and step: forward 1388 instructions with 2 warps (158 registers)
+    against 1796 with 4; backward 3750 with 2 warps (255 registers, no spills) against 5380 with 4 and
+    8100 with 8. Chosen from those counts, not yet from timings: bench/wkv_kernel.py --configs sweeps."""
     bv = min(N, 64)
     while bv > 16 and B * H * (N // bv) < 2 * _sm_count(device):
         bv //= 2
-    fwd_warps = max(1, min(8, bv * N // 1024))
-    bwd_warps = max(1, min(8, bv * N // 512))
-    cap = 128 if bv * N // (32 * bwd_warps) <= 16 else None
-    return {"fwd": (bv, fwd_warps, None), "bwd": (bv, bwd_warps, cap)}
+    warps = max(1, min(8, bv * N // 2048))
+    return {"fwd": (bv, warps, None), "bwd": (bv, warps, None)}
 
 
 def _launch_options(cfg: tuple) -> dict:

@@ -39,8 +39,9 @@ e^LOG_AMP_MAX = e^5 (errors of about 1e-5) it replays the forward instead, exact
 checkpoint with the saved sa (no reduction either), and inverts onwards from that exact state. At
 the first step of every chunk the checkpoint itself is S_{t-1}. RWKV-7's decays (w in [0.545, 1])
 need at most one replay of a few steps per chunk; much stronger decays (w = e^-8, e^-40: anything
-the oracle accepts) replay at every step: slower (up to 8x the forward's work inside the
-backward), still exact.
+the oracle accepts) replay at every step: slower (7.5 replayed steps per step), still exact.
+Measured (interpreter, fp32, T=40, every w = 0.545): gradients of r, logw and a within 2e-6 of the
+oracle (relative rms), against 1.5e-4 when only inverting as RWKV-LM does.
 
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
 registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.

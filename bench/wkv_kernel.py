@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             if op == "triton" and configs == [None]:
                 B, T, C = shape_of(shape)
                 print(f"{'':28s} triton default config here: "
-                      f"{config_label(triton_wkv7.default_config(B, C // args.head, args.head, torch.device('cuda')))}")
+                      f"{config_label(triton_wkv7.default_config(B, T, C // args.head, args.head, torch.device('cuda')))}")
             for config in configs:
                 try:
                     bench(op, shape, args, config)

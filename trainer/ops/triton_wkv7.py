@@ -212,20 +212,27 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(B: int, H: int, N: int, device: torch.device) -> dict:
+PARTIALS_BUDGET = 2 ** 30   # bytes of fp32 partial sums the backward may use to split a head's rows
+
+
+def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict:
     """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
     ptxas decides). One program per head (BV = N, up to 64) unless there are too few heads to give every
-    SM two programs (BV < N costs the backward partial sums of the key gradients); about 64 state values
+    SM two programs; the backward splits a head's rows only while the partial sums of the five key
+    gradients (fp32, one copy per program of a head) stay within PARTIALS_BUDGET. About 64 state values
     per thread. Why so few threads: every warp repeats the same per-step overhead (loading the key
     vectors, shuffles, stores), so the fewer warps per head the fewer instructions per step. Compiled
     for an H100 (sm_90, bf16), per head and step: forward 1388 instructions with 2 warps (158 registers)
     against 1796 with 4; backward 3750 with 2 warps (255 registers, no spills) against 5380 with 4 and
     8100 with 8. Chosen from those counts, not yet from timings: bench/wkv_kernel.py --configs sweeps."""
-    bv = min(N, 64)
-    while bv > 16 and B * H * (N // bv) < 2 * _sm_count(device):
-        bv //= 2
-    warps = max(1, min(8, bv * N // 2048))
-    return {"fwd": (bv, warps, None), "bwd": (bv, warps, None)}
+    few_heads = lambda bv: B * H * (N // bv) < 2 * _sm_count(device)  # noqa: E731
+    fwd_bv = bwd_bv = min(N, 64)
+    while fwd_bv > 16 and few_heads(fwd_bv):
+        fwd_bv //= 2
+    while bwd_bv > 16 and few_heads(bwd_bv) and 5 * 4 * (2 * N // bwd_bv) * B * T * H * N <= PARTIALS_BUDGET:
+        bwd_bv //= 2
+    warps = lambda bv: max(1, min(8, bv * N // 2048))  # noqa: E731
+    return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": (bwd_bv, warps(bwd_bv), None)}
 
 
 def _launch_options(cfg: tuple) -> dict:
@@ -300,7 +307,7 @@ def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Ten
                         "use OP=fla (or OP=chunk)")
     if T < 1:
         raise UserError("OP=triton got an empty sequence (T = 0)", "give it at least one token")
-    return _WKV7.apply(r, k, v, logw.expand_as(r), a, b, state, config or default_config(B, H, N, r.device))
+    return _WKV7.apply(r, k, v, logw.expand_as(r), a, b, state, config or default_config(B, T, H, N, r.device))
 
 
 def wkv6_triton(r, k, v, logw, u, state=None):

@@ -48,8 +48,10 @@ PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32
 OP="auto"                 # WKV kernel: auto picks the fastest that works | fla | chunk | torch (slow reference)
 GRAD_CP=1                 # 1 = gradient checkpointing: much less memory, ~30% slower; 0 = faster
 QUANT="none"              # none | int8 | nf4: frozen base weights stored in 8 / 4 bits (QLoRA; NVIDIA GPU, not with full)
-STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1/2/3(_offload) (not built yet)
-GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per step (PyTorch DDP)
+STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload
+                          #   (DeepSpeed ZeRO: splits optimizer state (1), + gradients (2), + weights (3) over
+                          #   GPUs; _offload keeps them in CPU memory, not on WSL2; pip install deepspeed)
+GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per step
 NODES=1                   # machines
 SEED=42                   # random seed: same seed + same settings = same run
 WANDB=""                  # a wandb project name to log there too; empty = off (loss.csv and loss.png are always written)

@@ -31,10 +31,7 @@ TRAIN_TYPES = ("normal", "infctx")
 QUANTS = ("none", "int8", "nf4")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
-NOT_YET_AVAILABLE = {
-    "STRATEGY": ("DeepSpeed strategies are not built yet; several GPUs work with STRATEGY=auto "
-                 "(PyTorch DDP)"),
-}
+NOT_YET_AVAILABLE: dict[str, str] = {}
 STRATEGIES = ("auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -166,6 +163,8 @@ class TrainConfig:
         check_infctx(self)
         from .quant import check_quant        # quantisation rules likewise (the device is checked later)
         check_quant(self.QUANT, self.FINETUNE_MODE)
+        from .strategy import check_strategy  # DeepSpeed rules likewise (installed? CUDA? checked at start)
+        check_strategy(self)
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:

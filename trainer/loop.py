@@ -29,9 +29,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .schedule import learning_rate
 
-GRAD_CLIP = 1.0
-ADAM_BETAS = (0.9, 0.99)
-ADAM_EPS = 1e-8
+from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread  # noqa: F401  (re-exported)
 SAMPLE_TOKENS = 64
 
 
@@ -191,9 +189,10 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
 class RunFiles:
     """Everything written to OUTPUT, each write atomic."""
 
-    def __init__(self, out: Path, prep: Prepared, write: bool = True):
+    def __init__(self, out: Path, prep: Prepared, write: bool = True, spread: Spread | None = None):
         self.out = out
         self.prep = prep
+        self.spread = spread or Spread(prep.cfg)
         self.write = write                  # False on every GPU process but the first
         if write:
             out.mkdir(parents=True, exist_ok=True)
@@ -206,9 +205,14 @@ class RunFiles:
              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
         prep = self.prep
         path = self.adapter_path(epoch if complete else None)
+        # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
+        # partitions collectively; only the first rank writes our files
+        with self.spread.master_weights(prep.model):
+            tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
+        tag = f"step-{opt_step}{'' if complete else '-interrupted'}"
+        opt_part = self.spread.save_optimizer(optimizer, self.out, tag, self.write)
         if not self.write:
             return path
-        tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
         meta = {
             "method": prep.cfg.FINETUNE_MODE,
             "settings": prep.method.metadata(),
@@ -227,10 +231,11 @@ class RunFiles:
             "step_in_epoch": step_in_epoch if not complete else 0,
             "opt_step": opt_step,
             "micro_step": micro_step,
-            "optimizer": optimizer.state_dict(),
+            **opt_part,
             "rng": torch.get_rng_state() if rng is None else rng,
             "config": prep.cfg.to_env(),
         })
+        self.spread.forget_old(self.out, keep=tag)
         return path
 
     def append_losses(self, rows: list[tuple]) -> None:
@@ -323,14 +328,6 @@ def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
     return state
 
 
-def _strategy(cfg: TrainConfig):
-    """One device: Fabric's default; several: DDP (the config refuses the DeepSpeed strategies, not built yet)."""
-    if cfg.world_size == 1:
-        return "auto"
-    from lightning_fabric.strategies import DDPStrategy
-    return DDPStrategy()
-
-
 def _wandb_run(cfg: TrainConfig):
     if not cfg.WANDB:
         return None
@@ -354,8 +351,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     precision, _ = resolve_precision(cfg, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
+    spread = Spread(cfg)                  # one GPU, DDP or DeepSpeed: where the steps differ
+    spread.check_device(device)
     fabric = Fabric(accelerator=device.type, devices=cfg.GPU_COUNT, num_nodes=cfg.NODES,
-                    strategy=_strategy(cfg), precision=precision)
+                    strategy=spread.fabric_strategy(), precision=precision)
     fabric.launch()                       # several GPUs: one process per GPU from here on
     main = fabric.global_rank == 0        # only rank 0 logs and writes files
     if not main:
@@ -363,17 +362,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)
     torch.manual_seed(cfg.SEED + 1 + fabric.global_rank)   # the training stream (dropout), apart from init
     model = prep.model
-    files = RunFiles(cfg.output_dir, prep, write=main)
+    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.LR_INIT, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    optimizer = spread.optimizer(params, cfg.LR_INIT, log)
     state = _resume_state(cfg, prep)
     infctx = cfg.TRAIN_TYPE == "infctx"
     # what runs forward under Fabric's wrapper (autocast, DDP gradient sync): the model, or for infctx
     # the chunked loss around it (one forward per backward, as DDP needs)
     module = InfctxLoss(model, cfg.CHUNK_CTX) if infctx else model
     module, optimizer = fabric.setup(module, optimizer, move_to_device=False)
+    spread.attach(fabric)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        spread.load_optimizer(optimizer, state, cfg.output_dir)
         torch.set_rng_state(state["rng"])
     start_epoch = state["epoch"] if state else 0
     start_step = state["step_in_epoch"] if state else 0
@@ -423,9 +423,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
-                with fabric.no_backward_sync(module, enabled=not boundary):
+                with spread.forward_context(autocast_for(prep)):
                     loss = module(x, y, m) if infctx else masked_loss(module(x), y, m)
-                    fabric.backward(loss / accum)
+                spread.backward(fabric, module, loss, accum, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
                     loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
                 lv = loss.item()
@@ -441,9 +441,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                                        cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
-                    fabric.clip_gradients(module, optimizer, max_norm=GRAD_CLIP)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    spread.step(fabric, module, optimizer)
                     opt_step += 1
                     now = time.perf_counter()
                     tps = tok_since / max(now - t_last, 1e-9)

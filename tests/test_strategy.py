@@ -1,0 +1,222 @@
+"""STRATEGY: the refusals, the DeepSpeed config, and the DeepSpeed-only parts of the loop (fp32 master
+weights for saving, partitioned optimizer checkpoints, resume) against a fake engine on the CPU; a real
+DeepSpeed stage 1 run on a GPU (skipped without one)."""
+import dataclasses
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.config import STRATEGIES, TrainConfig
+from trainer.errors import UserError
+from trainer.strategy import (DS_DIR, GRAD_CLIP, Spread, deepspeed_config, deepspeed_stage, is_offload,
+                              strategy_problems)
+
+from test_train import config, make_project
+
+
+def cfg(**kw):
+    base = TrainConfig.from_env(dict(MODEL="m.pth", DATA="d", ACCELERATOR="cuda"))
+    return dataclasses.replace(base, **kw)
+
+
+# ------------------------------------------------------------------------------------- rules
+@pytest.mark.parametrize("kw,wsl,words", [
+    (dict(STRATEGY="deepspeed_stage_2", ACCELERATOR="cpu"), False, ["needs CUDA GPUs", "STRATEGY=auto"]),
+    (dict(STRATEGY="deepspeed_stage_2_offload"), True, ["WSL2", "deepspeed_stage_2 (no offload)"]),
+    (dict(STRATEGY="deepspeed_stage_3_offload"), True, ["WSL2", "deepspeed_stage_3 (no offload)"]),
+    (dict(STRATEGY="deepspeed_stage_3", QUANT="nf4"), False, ["QUANT=nf4", "deepspeed_stage_2"]),
+])
+def test_refusals_name_the_setting_and_the_fix(kw, wsl, words):
+    problems = strategy_problems(cfg(**kw), wsl=wsl)
+    assert len(problems) == 1
+    text = " ".join(problems[0])
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_is_accepted_where_it_can_work(strategy):
+    assert strategy_problems(cfg(STRATEGY=strategy), wsl=False) == []
+    assert strategy_problems(cfg(STRATEGY=strategy, QUANT="nf4"), wsl=False) == [] or "stage_3" in strategy
+    if not is_offload(strategy):
+        assert strategy_problems(cfg(STRATEGY=strategy), wsl=True) == []
+
+
+def test_config_validation_refuses_stage_3_with_quant():
+    with pytest.raises(UserError) as e:
+        TrainConfig.from_env(dict(MODEL="m.pth", DATA="d", STRATEGY="deepspeed_stage_3", QUANT="int8"))
+    assert "QUANT=int8" in e.value.message
+
+
+def test_deepspeed_on_the_cpu_is_refused_before_any_work():
+    with pytest.raises(UserError) as e:
+        Spread(cfg(STRATEGY="deepspeed_stage_1")).check_device(torch.device("cpu"))
+    assert "needs CUDA GPUs" in e.value.message and "STRATEGY=auto" in e.value.fix
+
+
+def test_missing_deepspeed_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+    with pytest.raises(UserError) as e:
+        Spread(cfg(STRATEGY="deepspeed_stage_2")).check_device(torch.device("cuda"))
+    assert "pip install deepspeed" in e.value.message
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "auto"])
+def test_deepspeed_config_follows_the_settings(strategy):
+    c = cfg(STRATEGY=strategy, MINI_BSZ=4, MICRO_BSZ=3)
+    ds = deepspeed_config(c)
+    z = ds["zero_optimization"]
+    assert z["stage"] == deepspeed_stage(strategy) == int(strategy.split("_")[2])
+    assert ("offload_optimizer" in z) == is_offload(strategy)
+    assert ("offload_param" in z) == (strategy == "deepspeed_stage_3_offload")
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_clipping"] == GRAD_CLIP
+    assert "bf16" not in ds and "fp16" not in ds        # Fabric adds the precision block from PRECISION
+
+
+# ------------------------------------------------------------------ DeepSpeed parts, faked
+class FakeEngine:
+    """What the loop asks of DeepSpeed's engine, recorded."""
+
+    def __init__(self):
+        self.boundaries, self.saved, self.loaded = [], [], []
+
+    def set_gradient_accumulation_boundary(self, b):
+        self.boundaries.append(b)
+
+    def save_checkpoint(self, d, tag, client_state, save_latest, exclude_frozen_parameters):
+        assert exclude_frozen_parameters and not save_latest
+        (checkpoint.Path(d) / tag).mkdir(parents=True, exist_ok=True)
+        (checkpoint.Path(d) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+        self.saved.append(tag)
+
+    def load_checkpoint(self, d, tag, **kw):
+        self.loaded.append(tag)
+        return d, {}
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """deepspeed.utils.safe_get_full_fp32_param: the 'master' value is the parameter + 1000 in fp32."""
+    mod = types.ModuleType("deepspeed")
+    utils = types.ModuleType("deepspeed.utils")
+    utils.safe_get_full_fp32_param = lambda p: p.detach().float() + 1000
+    mod.utils = utils
+    monkeypatch.setitem(sys.modules, "deepspeed", mod)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
+    return utils
+
+
+def test_master_weights_swaps_in_fp32_masters_and_puts_the_working_copy_back(fake_deepspeed):
+    lin = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    lin.bias.requires_grad_(False)
+    before_w, before_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    spread = Spread(cfg(STRATEGY="deepspeed_stage_2"))
+    with spread.master_weights(lin):
+        assert lin.weight.dtype == torch.float32
+        torch.testing.assert_close(lin.weight.detach(), before_w.float() + 1000)
+        torch.testing.assert_close(lin.bias.detach(), before_b)          # frozen: untouched
+    assert lin.weight.dtype == torch.bfloat16 and torch.equal(lin.weight.detach(), before_w)
+    with Spread(cfg(STRATEGY="auto")).master_weights(lin):              # DDP: nothing to gather
+        assert torch.equal(lin.weight.detach(), before_w)
+
+
+def test_deepspeed_saves_masters_and_optimizer_partitions_and_resumes_from_them(tmp_path, monkeypatch,
+                                                                             fake_deepspeed):
+    """RunFiles.save under a (fake) DeepSpeed: the adapter holds the fp32 masters, train_state.pth names the
+    partitioned optimizer checkpoint instead of holding a state dict, older tags are removed, and resume
+    loads that tag, refusing another GPU count or strategy."""
+    from trainer.loop import RunFiles, prepare
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    c = dataclasses.replace(config(), STRATEGY="deepspeed_stage_2")
+    prep = prepare(c, log=lambda *_: None)
+    spread = Spread(c)
+    spread.engine = FakeEngine()
+    files = RunFiles(tmp_path / "output", prep, spread=spread)
+    opt = torch.optim.AdamW([p for p in prep.model.parameters() if p.requires_grad])
+    files.save(epoch=0, step_in_epoch=4, opt_step=2, micro_step=4, optimizer=opt, complete=True)
+    files.save(epoch=1, step_in_epoch=4, opt_step=4, micro_step=8, optimizer=opt, complete=True)
+    assert spread.engine.saved == ["step-2", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "output" / DS_DIR).iterdir()) == ["step-4"]
+    state = checkpoint.load_train_state(tmp_path / "output" / "train_state.pth")
+    assert state["optimizer"] is None and state["deepspeed_tag"] == "step-4" and state["world_size"] == 1
+    tensors, _ = checkpoint.load_adapter(tmp_path / "output" / "rwkv-1.pth")
+    want = prep.method.adapter_state_dict(prep.model)
+    key = "blocks.0.att.key.lora_B"
+    torch.testing.assert_close(tensors[key], want[key].float() + 1000)   # the master, not the working copy
+
+    spread.load_optimizer(opt, state, tmp_path / "output")
+    assert spread.engine.loaded == ["step-4"]
+    with pytest.raises(UserError, match="spread over 1 GPUs, this one over 2"):
+        Spread(dataclasses.replace(c, GPU_COUNT=2)).load_optimizer(opt, state, tmp_path / "output")
+    with pytest.raises(UserError, match="used DeepSpeed"):
+        Spread(dataclasses.replace(c, STRATEGY="auto")).load_optimizer(opt, state, tmp_path / "output")
+    ddp_state = {"optimizer": opt.state_dict()}
+    with pytest.raises(UserError, match="did not use DeepSpeed"):
+        spread.load_optimizer(opt, ddp_state, tmp_path / "output")
+
+
+def test_deepspeed_backward_sets_the_boundary_and_leaves_clipping_to_deepspeed():
+    spread = Spread(cfg(STRATEGY="deepspeed_stage_1"))
+    spread.engine = FakeEngine()
+    calls = []
+
+    class FakeFabric:
+        def backward(self, loss, **kw):
+            calls.append(("backward", float(loss), kw))
+
+        def clip_gradients(self, *a, **kw):
+            raise AssertionError("DeepSpeed clips inside its step")
+
+    class FakeOpt:
+        def step(self):
+            calls.append(("step",))
+
+        def zero_grad(self, set_to_none):
+            calls.append(("zero_grad",))
+
+    for boundary in (False, True):
+        spread.backward(FakeFabric(), None, torch.tensor(6.0), 3, boundary)
+    spread.step(FakeFabric(), None, FakeOpt())
+    assert spread.engine.boundaries == [False, True]
+    assert calls == [("backward", 2.0, {"scale_wrt_gas": False})] * 2 + [("step",), ("zero_grad",)]
+
+
+# ------------------------------------------------------------------ the real thing, on a GPU
+needs_deepspeed = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
+    reason="needs a CUDA GPU and DeepSpeed")
+
+
+@pytest.mark.gpu
+@needs_deepspeed
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_deepspeed_trains_like_one_gpu_and_resumes(tmp_path, monkeypatch, strategy):
+    """On one GPU, bf16: DeepSpeed's losses follow the plain run's within bf16 noise, the adapter file
+    is the usual single file, and an interrupted DeepSpeed run resumes to the same losses."""
+    from trainer.loop import train
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(PRECISION="bf16", OP="chunk", EPOCH_STEPS=4, EPOCH_COUNT=2, MINI_BSZ=2, ACCELERATOR="cuda")
+    plain = train(config(OUTPUT="plain", **kw), progress=False, log=lambda *_: None)
+    ds = train(config(OUTPUT="ds", STRATEGY=strategy, **kw), progress=False, log=lambda *_: None)
+    assert len(ds.losses) == len(plain.losses) == 4
+    np.testing.assert_allclose(ds.losses, plain.losses, rtol=0.02)
+    a, meta = checkpoint.load_adapter(tmp_path / "ds" / "rwkv-1.pth")
+    b, _ = checkpoint.load_adapter(tmp_path / "plain" / "rwkv-1.pth")
+    assert set(a) == set(b) and all(a[k].dtype == torch.float32 for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2e-3)
+    # interrupted after 3 micro steps (1 optimizer step), then resumed: the same losses
+    part = train(config(OUTPUT="ds2", STRATEGY=strategy, **kw), progress=False, log=lambda *_: None,
+                 max_steps=3)
+    assert part.interrupted and (tmp_path / "ds2" / DS_DIR).is_dir()
+    rest = train(config(OUTPUT="ds2", STRATEGY=strategy, RESUME=1, **kw), progress=False, log=lambda *_: None)
+    np.testing.assert_allclose(part.losses + rest.losses, ds.losses, rtol=1e-3)

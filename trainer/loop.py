@@ -423,8 +423,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
-                with spread.forward_context(autocast_for(prep)):
-                    loss = module(x, y, m) if infctx else masked_loss(module(x), y, m)
+                loss = module(x, y, m) if infctx else masked_loss(module(x), y, m)
                 spread.backward(fabric, module, loss, accum, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
                     loss = fabric.all_reduce(loss.detach(), reduce_op="mean")

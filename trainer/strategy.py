@@ -13,9 +13,9 @@ Everything that differs between PyTorch DDP and DeepSpeed lives here, so the loo
 DeepSpeed differs from DDP in four ways that matter here:
   - it owns gradient clipping (``gradient_clipping`` in its config; Fabric's clip_gradients refuses) and
     the accumulation boundary (``set_gradient_accumulation_boundary``; there is no no_backward_sync);
-  - it casts the model's parameters to bf16/fp16 and keeps the fp32 master copy of the trained ones
-    inside its optimizer, partitioned over GPUs (stage 1 and up): an adapter is saved from those fp32
-    masters (``safe_get_full_fp32_param``, a collective call), not from the bf16 working copy;
+  - it runs the model in bf16/fp16 (RWKV-LM's way; it turns autocast off inside its engine) and keeps
+    the fp32 master copy of the trained tensors inside its optimizer, partitioned over GPUs (stage 1 and
+    up): an adapter is saved from those fp32 masters (``safe_get_full_fp32_param``, a collective call), not from the bf16 working copy;
   - the optimizer state is partitioned, so each GPU writes its own part: DeepSpeed's own checkpoint
     (trained tensors only) in ``OUTPUT/deepspeed/``, named in train_state.pth; resuming needs the same
     number of GPUs;
@@ -178,11 +178,6 @@ class Spread:
             return
         with fabric.no_backward_sync(module, enabled=not boundary):
             fabric.backward(loss / accum)
-
-    def forward_context(self, autocast: contextlib.AbstractContextManager):
-        """DeepSpeed runs a bf16/fp16 model without autocast: give it the same autocast as the other runs,
-        so norms and the loss stay in fp32 exactly as they do under DDP."""
-        return autocast if self.deepspeed else contextlib.nullcontext()
 
     def step(self, fabric, module, optimizer) -> None:
         if not self.deepspeed:              # DeepSpeed clips inside its step (gradient_clipping)

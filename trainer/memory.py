@@ -5,51 +5,59 @@
     est.peak_allocated                  # bytes at the peak as torch.cuda.max_memory_allocated shows them
     print(est.table())                  # the breakdown, one line per term
     suggest(cfg, sizes, free_bytes)     # the cheapest changes of settings that fit, each re-estimated
-    preflight(cfg, model_path, device, log, op)   # what the trainer calls: one line, or a warning + fixes
+    preflight(cfg, model_path, device, log, op)   # the trainer's call: one line, or a warning with fixes
 
-THE FORMULA. B = MICRO_BSZ, T = CTX_LEN (infctx: CHUNK_CTX), L layers, C width, V vocabulary, P the trained
-elements (the method's tensors and TRAIN_PARTS; full: every weight), all in bytes:
+THE FORMULA (bytes). B = MICRO_BSZ, T = CTX_LEN (infctx: CHUNK_CTX), L layers, C width, V vocabulary,
+BT = B·T; P = trained elements (the method's tensors + TRAIN_PARTS; full: every weight but v7's unused
+layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_shapes) and the methods' rules.
 
-  weights    frozen base elements × 2 (bf16/fp16; 4 in fp32), the quantised att/ffn linears at their
-             storage (nf4 0.5625 B/weight, int8 1 + 4/in), trained elements × 4 (the trainer keeps them fp32),
+  weights    frozen base elements × 2 (bf16/fp16; 4 in fp32); the quantised att/ffn linears at their exact
+             storage (nf4: 32 code bytes + 4 scale bytes per 64 weights; int8: 1 per weight + 4 per row);
              PiSSA's initial A and B × 2
-  optimizer  P × 8                 AdamW's exp_avg and exp_avg_sq, fp32
-  grads      P × 4                 fp32
-  step       P × 4                 foreach AdamW's sqrt(exp_avg_sq) buffer while it steps
-  saved      activations kept for the backward pass, per token:
-               GRAD_CP=0: L × layer,  layer = ACT[version][family] · C + ACT_D[version] · D
-                                             + WKV_SAVED[op] · C (+ LoRA/PiSSA 2·r per adapted layer)
-               GRAD_CP=1: L × CP_SAVED · C          (each block keeps only its fp32 input)
-             (D = the block's low-rank widths; family = frozen (state) | lora (lora, pissa) | bone | bat | full;
-             TRAIN_PARTS time/ln add PARTS_ACT[version] · C)
-  layer      one block's activations while the backward pass runs through it: layer (GRAD_CP=1: recomputed)
-             + BWD_WORK · C + WKV_WORK[op] · C per token (Bat: + BAT_BYTES × the block's adapted weights)
-  head       HEAD_BYTES × B·T·V at the start of the backward pass (bf16 logits, Fabric's fp32 copy, the
-             log-softmax and its gradients: often the largest activation), HEAD_SAVED × B·T·V kept before
-  dequant    QUANT: the largest adapted weight dequantised (2 B/weight; int8's fp32 temporaries 10 B/weight)
-  infctx     + the state carried between chunks, kept for each chunk: L·B·(H·N·N + 2C)·4 per chunk
+  trained    P × 4                  the trainer keeps trained tensors in fp32
+  optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq
+  grads      P × 4
+  step       P × 4                  foreach AdamW's sqrt(exp_avg_sq) buffer while it steps
+  saved      what the forward pass keeps for the backward pass:
+               GRAD_CP=0: L × (layer·BT + casts)
+               GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its fp32 input)
+             layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
+             time or ln)·C + 2·(r − 64) per adapted linear (LoRA/PiSSA rank r), per token;
+             family: frozen (state) | lora (lora, pissa) | bone | bat | full;
+             casts = CAST_BYTES × the block's trained matrix elements (autocast's bf16 copies of fp32
+             weights; full fine-tuning: the whole block) + Bat's BAT_BYTES × the block's adapted weights;
+             + CAST_BYTES·V·C when the head trains
+  layer      one block while the backward pass runs through it: (BWD_WORK + WKV_WORK[op])·C·BT
+             (+ Bat's BAT_WORK × its largest weight), and with GRAD_CP=1 the block's recomputed layer·BT + casts
+  head       HEAD_BYTES·BT·V at the start of the backward pass: bf16 logits, Fabric's fp32 copy, the
+             log-softmax and its gradient (often the largest term!); gone when the blocks' backward starts
+  dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8 INT8_DEQUANT_BYTES)
+  infctx     the states carried into each chunk, ceil(CTX_LEN/CHUNK_CTX)·L·S, one chunk's state gradients
+             L²·S (S = B·(H·N² + 2C)·4), and L·INFCTX_ACT·C·BT
 
-  train peak     = weights + optimizer + max(saved + head (+ CP: layer)       ... the start of backward
-                                             saved + HEAD_SAVED·BTV + layer + grads (no CP: - saved·0)
-                                             grads + step)                    ... the optimizer step
-  load peak      = all base elements × 2 (the trainer puts the whole model on the GPU in bf16 before it
-                   quantises or turns trained tensors into fp32) + the adapter
-  peak_allocated = max(train peak, load peak) + DDP's gradient buckets (P × 4 on several GPUs)
-                   + DeepSpeed's buckets
+  train peak     = weights + trained + optimizer + max(saved + head,                        start of backward
+                                                       saved + layer + grads / L,            top block
+                                                       grads + step)                         optimizer step
+                   (+ dequant and infctx in the first two)
+  load peak      = (all base elements + the adapter + PiSSA's buffers) × 2: the trainer puts the whole model
+                   on the GPU in bf16 before it quantises or turns trained tensors into fp32 (full: × 4)
+  peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: 2 × min(2e8, P) × 4)
   total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
 
-Strategies: DDP (STRATEGY=auto, several GPUs): the same per GPU, plus the gradient buckets. DeepSpeed
-ZeRO (GPU_COUNT × NODES = W GPUs): stage 1 divides the optimizer states by W, stage 2 also the grads,
-stage 3 also the weights (each GPU gathers one block at a time); *_offload keeps the optimizer states and
-its step on the CPU (stage 3 offload: the weights too).
+Strategies: DDP (STRATEGY=auto on several GPUs) needs the same per GPU plus its gradient buckets. DeepSpeed
+ZeRO over W = GPU_COUNT × NODES GPUs: stage 1 divides the optimizer states (and the step) by W, stage 2
+also the grads, stage 3 also the weights (each GPU gathers one block at a time); *_offload keeps the
+optimizer states and the step on the CPU (stage 3 offload the weights too, two blocks on the GPU).
 
-Where the constants come from: ACT, ACT_D, PARTS_ACT, CP_SAVED, BWD_WORK, HEAD_BYTES, HEAD_SAVED, BAT_BYTES
-and WKV_*["chunk"] from a simulation of OUR training step on fake tensors under CUDA's autocast rules
-(bench/calibrate_memory.py --simulate: exact bytes of every tensor the real code allocates, for any model
-size, on a CPU); WKV_*["fla"] from the anchor measurement of fla's chunk_rwkv7 (13.5 GiB for B 8, T 4096,
-C 4096: about 108 B per token-channel with inputs and gradients); CUDA_CONTEXT and ALLOCATOR_SLACK from
-RWKV-PEFT's H100 figures (nvidia-smi vs allocated). bench/calibrate_memory.py refits them from measured
-rows (bench/memory_measured.jsonl, written by bench/train_speed.py --json).
+Where the constants come from. ACT, PARTS_ACT, CP_SAVED, CAST_BYTES, BAT_*, HEAD_*, INFCTX_ACT and the
+"chunk" op's WKV_SAVED: a simulation of OUR training step on fake tensors under CUDA's autocast rules
+(bench/calibrate_memory.py --simulate: the bytes of every tensor the real code allocates, any model size,
+on a CPU); the formula is within 7% of it over 150 cases (v5/6/7, every method, GRAD_CP 0/1, quant,
+infctx, 0.1B-7B). Not simulated, so guessed until GPU rows calibrate them: the fla kernels' WKV_* (from
+the anchor measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and
+channel with inputs and gradients), our triton op's (from its docstring), CUDA_CONTEXT and ALLOCATOR_SLACK
+(from RWKV-PEFT's H100 figures, nvidia-smi vs allocated). bench/calibrate_memory.py compares measured
+rows (bench/memory_measured.jsonl, from bench/train_speed.py --json) with the estimate and fits them.
 """
 from __future__ import annotations
 
@@ -70,7 +78,7 @@ ACT = {7: {"frozen": 72.7, "lora": 94.9, "bone": 75.3, "bat": 75.3, "full": 121.
 PARTS_ACT = {7: 33.0, 6: 20.5, 5: 16.0}   # TRAIN_PARTS time and/or ln: their inputs are kept too
 CP_SAVED = 4.0                           # GRAD_CP=1: each block keeps its fp32 input
 CAST_BYTES = 2.0                         # per trained matrix element: autocast's bf16 copy, kept for backward
-BWD_WORK = 0.0                           # a block's backward temporaries (gradients of its activations)
+BWD_WORK = {True: 50.0, False: 30.0}     # a block's backward temporaries (its activations' gradients), by GRAD_CP
 BAT_BYTES = 4.2                          # Bat: bytes per adapted weight kept (bf16 W blocks and bf16 ΔW)
 BAT_WORK = 8.6                           # Bat: bytes per weight of the largest layer while its ΔW is rebuilt
 # The WKV op, bytes per token per channel: kept for backward by each layer (GRAD_CP=0; with GRAD_CP=1 only
@@ -87,13 +95,14 @@ WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0
             "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 20.0, 6: 20.0, 5: 20.0}}
 WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
 WKV_WORK["torch"] = WKV_WORK["chunk"]
-HEAD_BYTES = 12.0                        # per logit at the start of the backward pass
-HEAD_SAVED = 4.0                         # per logit kept from the forward pass (the fp32 log-softmax)
+HEAD_BYTES = 12.0                        # per logit (B·T·V) at the start of the backward pass
 CUDA_CONTEXT = int(0.6 * GiB)            # CUDA context, cuBLAS handles, kernels: used, never allocated
 ALLOCATOR_SLACK = 0.15                   # reserved / allocated - 1 at the peak
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
 DEEPSPEED_BUCKET_ELEMS = int(2e8)        # Lightning's reduce and allgather bucket sizes (elements, fp32)
+INFCTX_ACT = 9.2                         # infctx: per chunk token and channel per layer, beside the above
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
+QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
 DEFAULT_GPU_OP = "fla"                   # what OP=auto picks on a GPU with fla installed
 
 FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
@@ -313,7 +322,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
         layer += 2.0 * (r - 64) * t.adapted_layers / L          # ACT["lora"] was measured with r = 64
     fixed = CAST_BYTES * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
     head_cast = CAST_BYTES * V * C if t.head_trained else 0.0
-    work = (BWD_WORK + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
+    work = (BWD_WORK[cp] + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
     if cp:
         saved = L * CP_SAVED * C * BT + head_cast
         one_layer = layer * BT + fixed + work
@@ -321,22 +330,24 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
         saved = L * (layer * BT + fixed) + head_cast
         one_layer = work
     head = HEAD_BYTES * BT * V
-    head_saved = HEAD_SAVED * BT * V
     dequant = 0.0
     if quant != "none":
         dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant == "int8" else 2.0)
     carried = 0.0
-    if infctx:
-        chunks = -(-ctx // T)
-        carried = chunks * L * B * (sizes.n_head * sizes.head_size ** 2 + 2 * C) * 4.0
+    if infctx:   # the states carried into every chunk, the gradients of one chunk's states (all layers, for
+        chunks = -(-ctx // T)                       # each layer: L²), and what a chunk keeps besides
+        state = B * (sizes.n_head * sizes.head_size ** 2 + 2 * C) * 4.0
+        carried = chunks * L * state + L * L * state + L * INFCTX_ACT * C * BT
     act_start = saved + head + carried + dequant
-    act_layer = saved + head_saved + one_layer + grads + carried + dequant
+    act_layer = saved + one_layer + grads / L + carried + dequant   # the top block's grads; the head's are gone
     act_step = grads + step
     parts = {"backward": max(act_start, act_layer), "optimizer step": act_step}
     peak_at = max(parts, key=parts.get)
     train_peak = frozen_w + trained_w + opt + parts[peak_at]
     # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
     load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes
+    if quant != "none":
+        load_peak += QUANTISE_WORK * t.largest_target
     if mode == "full":
         load_peak = t.total * max(wbytes, 4)       # every tensor ends in fp32, one at a time from bf16
     if stage == 3 and world > 1:

@@ -1,0 +1,591 @@
+"""Training speed and memory of OUR trainer on random weights in the official shapes (no download).
+
+    python bench/train_speed.py --version 7 --size 1.5B --method lora --ctx 1024 --bsz 1 --grad-cp 1
+    python bench/train_speed.py --version 7 6 --size 0.4B --method lora state full --ctx 512 4096 --bsz 1 8
+    python bench/train_speed.py --grid peft-table --json bench/memory_measured.jsonl
+    python bench/train_speed.py --size tiny --method lora --ctx 64 --steps 2 --warmup 1    # a CPU check
+
+Every list option takes several values; the rows are their product (or a named --grid). Each row runs
+in a fresh subprocess (so memory peaks do not leak between rows and one out-of-memory row does not end
+the grid) which trains through the trainer's own path: ``trainer.loop.train`` with a TrainConfig built
+from the row (``loop.prepare``: checkpoint.load_model, the PEFT method, quant, fp32 trained tensors;
+then Fabric, AdamW, masked_loss / infctx, gradient clipping), with ``max_steps = warmup + steps``. The only
+change made to the loop: ``RunFiles`` (what writes OUTPUT) is replaced by a recorder that keeps the loss
+rows in memory and writes no checkpoint at the final Ctrl+C-style stop, and marks the moment set-up ends.
+
+Model: random weights from ``checkpoint.config_from_sizes`` + ``init_model`` (RWKV-LM's initialisation),
+saved once per shape in bf16 under --model-dir (the first 7B takes minutes on the CPU), then loaded by
+the trainer like any base model. Data: random token ids, DATALOAD=get (every position trains),
+LOSS_MASK=none. Sizes (layers x width, vocabulary 65536): tiny 2x128, 0.1B 12x768, 0.4B 24x1024,
+1.5B/1.6B 24x2048, 3B 32x2560, 7B 32x4096; or write LxC (e.g. 4x256).
+
+Methods: lora (r 64, alpha 128 unless --lora-r/--lora-alpha), pissa, bone, bat, state, full, and any of
+them with +int8 / +nf4 (QUANT); qlora = lora+nf4. --infctx N trains TRAIN_TYPE=infctx with CHUNK_CTX=N
+(0 = normal). --op picks the WKV kernel (auto | fla | rwkvfla | chunk | torch).
+
+Printed per row:
+  tokens/s       steady state: B·T tokens per step over the steps after the warm-up, from the loop's own
+                 per-step timing (harmonic mean of its tokens/s column, i.e. total tokens / total time)
+  alloc GiB      torch.cuda.max_memory_allocated during training (after set-up); "load" = during set-up
+  used GiB       the GPU's used memory as nvidia-smi shows it (pynvml if installed, else
+                 torch.cuda.mem_get_info total - free), sampled every 5 ms, its maximum; base = before the
+                 row's process touched the GPU
+  est GiB        trainer.memory.estimate for the same settings (total = nvidia-smi-like, alloc)
+  MFU / HFU      tokens/s × FLOPs per token / peak; peak = a measured 8192³ bf16 matmul (once per
+                 run, printed; --peak-tflops overrides)
+
+FLOPs per token (N_mm: base weights used in matrix products per token = every att/ffn linear, the small
+time-mix matrices (v7 w1 w2 a1 a2 v1 v2 g1 g2, v6 time_maa_w1/w2 time_decay_w1/w2) and the head; the
+embedding is a lookup and is not counted; N_adp: the adapter's per-token products (LoRA/PiSSA r·(in+out),
+Bone r·out, Bat in·out per adapted layer, Bat's weight-space product amortised over the batch);
+N_tr: trained weights that are matrix operands (adapter + trained head / time-mix matrices; full: N_mm);
+W: the forward WKV recurrence, W = L·k·C·N per token (k FLOPs per state element per token: RWKV-7 k = 9 =
+1 for S·diag(w) + 2 each for S·a, the rank-one (S·a)·bᵀ, v·kᵀ and S·r; RWKV-5/6 k = 5 = 1 + 2 for v·kᵀ + 2
+for S·r)):
+  forward            2·(N_mm + N_adp) + W
+  backward           activation grads 2·(N_mm + N_adp) + 2W, weight grads 2·N_tr
+  recompute          GRAD_CP=1: the blocks' forward again, 2·(N_mm − N_head + N_adp) + W
+  model FLOPs (MFU): forward + backward, no recompute. Full fine-tuning: 6·N_mm + 3W (the standard 6N)
+  hardware (HFU):    model FLOPs + recompute (what the GPU actually executed; the lead's PEFT formula)
+Approximations: layer 0's input gradient (not needed) is counted; elementwise work is not.
+
+--json OUT appends one JSON line per row with everything needed to reproduce it (the command, the
+commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/calibrate_memory.py).
+On a CPU it runs too (use --size tiny); GPU columns are then empty.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GiB = 2 ** 30
+SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "1.6B": (24, 2048),
+         "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096)}
+BASE_METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
+ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "train_parts")
+
+
+# ------------------------------------------------------------------------------------------ rows
+def parse_size(size: str) -> tuple[int, int]:
+    if size in SIZES:
+        return SIZES[size]
+    try:
+        layers, width = size.lower().split("x")
+        return int(layers), int(width)
+    except ValueError:
+        raise SystemExit(f"--size {size!r}: use one of {', '.join(SIZES)} or LAYERSxWIDTH (e.g. 4x256)") from None
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """'lora+nf4' -> ('lora', 'nf4'); 'qlora' -> ('lora', 'nf4'); 'state' -> ('state', 'none')."""
+    if method == "qlora":
+        return "lora", "nf4"
+    base, _, quant = method.partition("+")
+    if base not in BASE_METHODS or quant not in ("", "int8", "nf4"):
+        raise SystemExit(f"--method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally +int8 or +nf4")
+    return base, quant or "none"
+
+
+def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, train_parts=""):
+    return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=int(grad_cp), op=op,
+                infctx=infctx, train_parts=train_parts)
+
+
+def named_grid(name: str) -> tuple[list[dict], dict]:
+    """(rows, option defaults) of a named grid."""
+    if name == "peft-table":
+        # RWKV-PEFT's published settings (its tables: ctx 1024, micro batch 1, LoRA r 64, grad_cp 1, bf16;
+        # its LoRA trains train_parts "time ln" too, state tuning only the state)
+        rows = [_row(7, s, m, 1024, 1, 1, train_parts="" if m == "state" else "time ln")
+                for s in ("1.5B", "3B") for m in ("state", "lora", "lora+nf4")]
+        rows += [_row(6, "7B", m, 1024, 1, 1, train_parts="time ln") for m in ("lora", "lora+nf4")]
+        return rows, {}
+    if name == "anchors":
+        # the RWKV-PEFT configurations measured on an H100 (docs/anchors.md), with our default op
+        rows = [_row(7, "1.5B", "lora", 1024, 1, 1, train_parts="time ln"),
+                _row(7, "1.5B", "state", 1024, 1, 1),
+                _row(7, "1.5B", "lora", 4096, 8, 1, train_parts="time ln")]
+        return rows, {}
+    if name == "mfu":
+        return [_row(7, "1.5B", "full", 4096, 8, 1)], {}
+    if name == "memfit":
+        # broad enough to calibrate trainer/memory.py: methods x (ctx, bsz) x grad_cp on a small model, the
+        # adapter variants and quantisation on 1.5B, RWKV-6, infctx; few steps (memory, not speed)
+        rows = [_row(7, "0.4B", m, ctx, bsz, cp) for m in ("lora", "state", "full")
+                for ctx, bsz in ((512, 1), (2048, 1), (1024, 4)) for cp in (0, 1)]
+        rows += [_row(7, "1.5B", m, 1024, 1, 1) for m in ("lora", "lora+nf4", "lora+int8", "pissa", "bone")]
+        rows += [_row(6, "1.6B", "lora", 1024, 2, cp) for cp in (0, 1)]
+        rows += [_row(7, "0.4B", "lora", 4096, 1, 1, infctx=512)]
+        return rows, {"steps": 3, "warmup": 2}
+    raise SystemExit(f"--grid {name!r}: use one of peft-table, anchors, mfu, memfit")
+
+
+def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: int, warmup: int,
+            precision: str = "bf16", lora_r: int = 64, lora_alpha: float = 128.0) -> dict:
+    """The training.sh variables of a row (what TrainConfig.from_env reads)."""
+    method, quant = parse_method(row["method"])
+    infctx = int(row.get("infctx") or 0)
+    lr = ("1", "0.01") if method == "state" else ("1e-5", "1e-6") if method == "full" else ("1e-4", "1e-5")
+    return {
+        "MODEL": model_path, "DATA": data_prefix, "OUTPUT": output,
+        "FINETUNE_MODE": method, "QUANT": quant, "TRAIN_PARTS": row.get("train_parts") or "",
+        "LORA_R": str(lora_r), "LORA_ALPHA": str(lora_alpha), "PISSA_R": str(lora_r), "DISHA_R": "64",
+        "CTX_LEN": str(row["ctx"]), "MICRO_BSZ": str(row["bsz"]), "MINI_BSZ": "1",
+        "DATALOAD": "get", "LOSS_MASK": "none",
+        "EPOCH_COUNT": "1", "EPOCH_STEPS": str(warmup + steps + 1), "EPOCH_SAVE": "1",
+        "LR_INIT": lr[0], "LR_FINAL": lr[1], "WARMUP_STEPS": "0", "LR_SCHEDULE": "const",
+        "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
+        "OP": row.get("op") or "auto", "PRECISION": precision, "GRAD_CP": str(int(row["grad_cp"])),
+        "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
+        "RESUME": "0",
+    }
+
+
+def row_config(row: dict):
+    """A TrainConfig for a row (model and data paths are placeholders): what calibrate_memory estimates."""
+    from trainer.config import TrainConfig
+    env = row_env(row, "model.pth", "data", "output", int(row.get("steps", 1)), int(row.get("warmup", 0)),
+                  row.get("precision", "bf16"), int(row.get("lora_r", 64)), float(row.get("lora_alpha", 128)))
+    return TrainConfig.from_env(env)
+
+
+def row_sizes(row: dict):
+    from trainer.checkpoint import config_from_sizes
+    layers, width = parse_size(row["size"])
+    return config_from_sizes(int(row["version"]), layers, width, vocab_size=int(row.get("vocab", 65536)))
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def flops_per_token(cfg, sizes) -> dict:
+    """Model and hardware FLOPs per token (see the module docstring) from trainer.memory's parameter table."""
+    from trainer.memory import param_table
+    t = param_table(cfg, sizes)
+    k = 9 if sizes.version == 7 else 5
+    W = sizes.n_layer * k * sizes.n_embd * sizes.head_size
+    adp = t.adapter_matmul + t.adapter_step_flops / (2 * max(1, cfg.MICRO_BSZ * cfg.CTX_LEN))
+    fwd = 2 * (t.matmul + adp) + W
+    bwd = 2 * (t.matmul + adp) + 2 * W + 2 * t.trained_matmul
+    recompute = (2 * (t.matmul - t.head_matmul + adp) + W) if cfg.GRAD_CP else 0
+    if cfg.TRAIN_TYPE == "infctx":    # each chunk's forward runs twice (forward, then inside the backward)
+        recompute += fwd
+    return {"model": fwd + bwd, "hardware": fwd + bwd + recompute, "n_mm": t.matmul, "n_adapter": adp,
+            "n_trained_mm": t.trained_matmul, "wkv": W}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("torch", "lightning", "fla-core", "flash-linear-attention", "rwkv-fla", "triton", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class _UsedMemory:
+    """The GPU's used memory as nvidia-smi shows it: pynvml when installed, else cudaMemGetInfo."""
+
+    def __init__(self, index: int = 0):
+        self.nvml = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            self.source = "pynvml"
+        except Exception:
+            self.source = "torch.cuda.mem_get_info"
+        self.index = index
+
+    def baseline(self) -> int | None:
+        """Used memory before this process touches the GPU (pynvml, else nvidia-smi; None if neither)."""
+        try:
+            if self.nvml is not None:
+                return self.read()
+            q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                f"--id={self.index}"], capture_output=True, text=True, timeout=30)
+            return int(float(q.stdout.strip().splitlines()[0]) * 2 ** 20)
+        except Exception:
+            return None
+
+    def read(self) -> int:
+        if self.nvml is not None:
+            pynvml, h = self.nvml
+            return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+        import torch
+        free, total = torch.cuda.mem_get_info(self.index)
+        return int(total - free)
+
+
+class _Sampler(threading.Thread):
+    """Polls the used memory every 5 ms; keeps the maximum of the set-up phase and of the training phase."""
+
+    def __init__(self, used: _UsedMemory):
+        super().__init__(daemon=True)
+        self.used = used
+        self.phase = "load"
+        self.peak = {"load": 0, "train": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                v = self.used.read()
+            except Exception:
+                v = 0
+            self.peak[self.phase] = max(self.peak[self.phase], v)
+            time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------------------ one row (child)
+def run_row(spec: dict) -> dict:
+    """Train one row in this process and return its result (the child's job)."""
+    import torch
+
+    out: dict = {"status": "ok"}
+    cuda = torch.cuda.is_available()
+    used = _UsedMemory() if cuda else None
+    if used is not None:
+        out["used_baseline_bytes"] = used.baseline()
+    from trainer import loop
+    from trainer.config import TrainConfig
+    from trainer.errors import UserError
+
+    env = row_env(spec, spec["model_path"], spec["data_prefix"], spec["output"], spec["steps"], spec["warmup"],
+                  spec["precision"], spec["lora_r"], spec["lora_alpha"])
+    cfg = TrainConfig.from_env(env)
+    sizes = row_sizes(spec)
+    rows: list[tuple] = []
+    phase: dict = {}
+    sampler = _Sampler(used) if used is not None else None
+
+    class BenchFiles(loop.RunFiles):
+        """Records the loss rows; writes nothing; marks the end of set-up (it is made right after prepare)."""
+
+        def __init__(self, out_dir, prep, *args, **kwargs):     # whatever else the loop passes: unused
+            self.out, self.prep, self.write, self.csv_path = Path(out_dir), prep, False, Path(out_dir) / "loss.csv"
+            phase["op"] = prep.op
+            phase["t_setup"] = time.perf_counter()
+            if cuda:
+                torch.cuda.synchronize()
+                phase["load_alloc"] = torch.cuda.max_memory_allocated()
+                phase["load_reserved"] = torch.cuda.max_memory_reserved()
+                torch.cuda.reset_peak_memory_stats()
+            if sampler is not None:
+                sampler.phase = "train"
+
+        def save(self, **kw):
+            return self.adapter_path(None)
+
+        def append_losses(self, new_rows):
+            rows.extend(new_rows)
+
+        def plot(self):
+            return None
+
+        def sample(self, epoch, log):
+            return ""
+
+    logs: list[str] = []
+    loop.RunFiles = BenchFiles
+    if sampler is not None:
+        sampler.start()
+    t0 = time.perf_counter()
+    try:
+        loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
+    except torch.cuda.OutOfMemoryError as err:
+        out["status"] = "OOM"
+        out["error"] = str(err).splitlines()[0][:300]
+    except UserError as err:
+        out["status"] = "error"
+        out["error"] = str(err)[:300]
+    finally:
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.join()
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["op_resolved"] = phase.get("op")
+    out["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+        out["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        out["peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["load_alloc_bytes"] = phase.get("load_alloc")
+        out["load_reserved_bytes"] = phase.get("load_reserved")
+        if "load_alloc" not in phase:                 # failed during set-up: all of it was the load phase
+            out["load_alloc_bytes"], out["peak_alloc_bytes"] = out["peak_alloc_bytes"], None
+        out["peak_used_bytes"] = sampler.peak["train"] or None
+        out["load_used_bytes"] = sampler.peak["load"] or None
+        out["used_source"] = used.source
+    steady = rows[spec["warmup"]:]
+    tokens = spec["bsz"] * spec["ctx"]
+    if out["status"] == "ok" and steady:
+        seconds = sum(tokens / float(r[4]) for r in steady)
+        out["tokens_per_s"] = round(len(steady) * tokens / seconds, 1)
+        out["step_s"] = round(seconds / len(steady), 4)
+        out["loss_last"] = float(steady[-1][2])
+    elif out["status"] == "ok":
+        out["status"] = "error"
+        out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"
+    try:
+        from trainer.memory import estimate
+        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP)
+        out["est_total_bytes"] = int(est.total)
+        out["est_alloc_bytes"] = int(est.peak_allocated)
+        out["est_peak_at"] = est.peak_at
+        out["est_terms"] = {k: int(v) for k, v in est.terms.items()}
+    except Exception as err:                          # the estimate must never cost a measurement
+        out["est_error"] = f"{type(err).__name__}: {err}"[:200]
+    fl = flops_per_token(cfg, sizes)
+    out["flops_per_token_model"] = fl["model"]
+    out["flops_per_token_hw"] = fl["hardware"]
+    from trainer.memory import param_table
+    table = param_table(cfg, sizes)
+    out["params_total"], out["params_trained"] = table.total, table.trained
+    peak = spec.get("peak_tflops")
+    if peak and out.get("tokens_per_s"):
+        out["mfu"] = round(out["tokens_per_s"] * fl["model"] / (peak * 1e12), 4)
+        out["hfu"] = round(out["tokens_per_s"] * fl["hardware"] / (peak * 1e12), 4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the parent
+def measure_peak_tflops() -> dict:
+    """In this process: the GPU's bf16 matmul peak, 8192³, median of 3 timings of 20 products."""
+    import torch
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "peak_tflops": None}
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / 20)
+    t = sorted(times)[1]
+    return {"device": torch.cuda.get_device_name(0), "peak_tflops": round(2 * n ** 3 / t / 1e12, 1),
+            "cuda": torch.version.cuda}
+
+
+def _child(args: list[str], timeout: float) -> tuple[int, str, str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as err:
+        def text(x):
+            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+        return -9, text(err.stdout), text(err.stderr) + f"\ntimed out after {timeout:.0f} s"
+
+
+def _tagged(stdout: str, tag: str) -> dict | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
+    return None
+
+
+def ensure_model(version: int, layers: int, width: int, vocab: int, model_dir: Path, timeout: float) -> Path:
+    path = model_dir / f"rwkv{version}-{layers}x{width}-v{vocab}.pth"
+    if path.is_file():
+        return path
+    model_dir.mkdir(parents=True, exist_ok=True)
+    print(f"making random RWKV-{version} {layers}x{width} weights once (cached as {path}) ...", flush=True)
+    t = time.perf_counter()
+    rc, so, se = _child(["--_make-model", json.dumps([version, layers, width, vocab, str(path)])], timeout)
+    if rc != 0 or not path.is_file():
+        raise SystemExit(f"could not make {path}:\n{se[-2000:]}")
+    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def make_model_file(version: int, layers: int, width: int, vocab: int, path: str) -> None:
+    import torch
+    from trainer.checkpoint import config_from_sizes, init_model, save_atomic
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = init_model(config_from_sizes(version, layers, width, vocab_size=vocab))
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    del model
+    save_atomic(sd, path)
+
+
+def make_data(prefix: Path, vocab: int, tokens: int) -> None:
+    import numpy as np
+    from trainer.data.binidx import write_binidx
+    rng = np.random.default_rng(0)
+    write_binidx(prefix, [rng.integers(1, min(vocab, 65535), size=tokens, dtype=np.int64)])
+
+
+def _gib(x) -> str:
+    return f"{x / GiB:.2f}" if isinstance(x, (int, float)) and x else "-"
+
+
+HEADER = (f"{'v':>1} {'size':>5} {'method':<10} {'ctx':>5} {'bsz':>3} {'cp':>2} {'op':<7} {'infctx':>6} | "
+          f"{'tokens/s':>9} {'step s':>7} | {'alloc':>6} {'load':>6} {'used':>6} {'base':>5} | "
+          f"{'est':>6} {'e.alloc':>7} | {'MFU':>5} {'HFU':>5} | status")
+
+
+def format_row(row: dict, res: dict) -> str:
+    def pct(x):
+        return f"{100 * x:.1f}%" if x else "-"
+    tps = f"{res['tokens_per_s']:,.0f}" if res.get("tokens_per_s") else "-"
+    step = f"{res['step_s']:.3f}" if res.get("step_s") else "-"
+    op = res.get("op_resolved") or row["op"]
+    status = res["status"] + (f": {res['error']}" if res.get("error") and res["status"] != "OOM" else "")
+    return (f"{row['version']:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
+            f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} | {tps:>9} {step:>7} | "
+            f"{_gib(res.get('peak_alloc_bytes')):>6} {_gib(res.get('load_alloc_bytes')):>6} "
+            f"{_gib(res.get('peak_used_bytes')):>6} {_gib(res.get('used_baseline_bytes')):>5} | "
+            f"{_gib(res.get('est_total_bytes')):>6} {_gib(res.get('est_alloc_bytes')):>7} | "
+            f"{pct(res.get('mfu')):>5} {pct(res.get('hfu')):>5} | {status}")
+
+
+def row_command(row: dict, opts: argparse.Namespace) -> str:
+    parts = ["python", "bench/train_speed.py", "--version", str(row["version"]), "--size", row["size"],
+             "--method", row["method"], "--ctx", str(row["ctx"]), "--bsz", str(row["bsz"]),
+             "--grad-cp", str(row["grad_cp"]), "--op", row["op"], "--infctx", str(row["infctx"] or 0),
+             "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+             "--precision", opts.precision, "--lora-r", str(opts.lora_r), "--lora-alpha", str(opts.lora_alpha),
+             "--vocab", str(opts.vocab)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/train_speed.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", type=int, nargs="+", default=[7], choices=(5, 6, 7))
+    ap.add_argument("--size", nargs="+", default=["0.1B"])
+    ap.add_argument("--method", nargs="+", default=["lora"])
+    ap.add_argument("--ctx", type=int, nargs="+", default=[1024])
+    ap.add_argument("--bsz", type=int, nargs="+", default=[1], help="MICRO_BSZ")
+    ap.add_argument("--grad-cp", type=int, nargs="+", default=[1], choices=(0, 1))
+    ap.add_argument("--op", nargs="+", default=["auto"])
+    ap.add_argument("--infctx", type=int, nargs="+", default=[0], help="CHUNK_CTX for TRAIN_TYPE=infctx; 0 = normal")
+    ap.add_argument("--train-parts", default="", help='TRAIN_PARTS, e.g. "time ln"')
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 10; memfit 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; memfit 2)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lora-alpha", type=float, default=128.0)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--grid", default=None, help="peft-table | anchors | mfu | memfit (replaces the list options)")
+    ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured)")
+    ap.add_argument("--model-dir", default=os.environ.get("RWKV_BENCH_MODELS", str(Path(tempfile.gettempdir())
+                                                                                   / "rwkv-bench-models")))
+    ap.add_argument("--row-timeout", type=float, default=1800.0, help="seconds per row")
+    ap.add_argument("--list", action="store_true", help="print the rows and stop")
+    ap.add_argument("--_row", help=argparse.SUPPRESS)
+    ap.add_argument("--_peak", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_make-model", dest="make_model", help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+
+    if opts._row:                                    # a child: one row
+        res = run_row(json.loads(opts._row))
+        print("ROW:" + json.dumps(res), flush=True)
+        return 0
+    if opts._peak:
+        print("PEAK:" + json.dumps(measure_peak_tflops()), flush=True)
+        return 0
+    if opts.make_model:
+        make_model_file(*json.loads(opts.make_model))
+        return 0
+
+    if opts.grid:
+        rows, defaults = named_grid(opts.grid)
+    else:
+        rows = [_row(*combo, train_parts=opts.train_parts) for combo in itertools.product(
+            opts.version, opts.size, opts.method, opts.ctx, opts.bsz, opts.grad_cp, opts.op, opts.infctx)]
+        defaults = {}
+    opts.steps = opts.steps if opts.steps is not None else defaults.get("steps", 10)
+    opts.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 3)
+    for r in rows:
+        parse_size(r["size"])
+        parse_method(r["method"])
+    skipped = [r for r in rows if r["infctx"] and r["infctx"] > r["ctx"]]
+    rows = [r for r in rows if r not in skipped]
+    if skipped:
+        print(f"skipped {len(skipped)} rows whose CHUNK_CTX is larger than CTX_LEN")
+    if opts.list:
+        for r in rows:
+            print(row_command(r, opts))
+        return 0
+
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if opts.peak_tflops is None:
+        rc, so, se = _child(["--_peak"], 600)
+        peak_info = _tagged(so, "PEAK:") or {"device": "unknown", "peak_tflops": None, "error": se[-500:]}
+    else:
+        peak_info = {"device": None, "peak_tflops": opts.peak_tflops, "given": True}
+    peak = peak_info.get("peak_tflops")
+    versions = _versions()
+    print(f"commit {commit[:10]}{' (uncommitted changes)' if dirty else ''}; {peak_info.get('device') or ''}; "
+          f"torch {versions.get('torch')}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch"))
+    print(f"MFU peak: {peak} TFLOP/s bf16 ({'given' if peak_info.get('given') else 'measured: 8192³ matmul'})"
+          if peak else "MFU peak: none (no GPU; give --peak-tflops to compute MFU)")
+    print(f"{opts.steps} steps after {opts.warmup} warm-up steps per row, precision {opts.precision}\n")
+
+    work = Path(tempfile.mkdtemp(prefix="rwkv-train-speed-"))
+    data_prefix = work / "data" / "random"
+    (work / "data").mkdir()
+    need = max(r["ctx"] for r in rows) * max(r["bsz"] for r in rows) * 4 + 1
+    make_data(data_prefix, opts.vocab, max(need, 1 << 20))
+    print(HEADER)
+    print("-" * len(HEADER))
+    for row in rows:
+        layers, width = parse_size(row["size"])
+        model = ensure_model(row["version"], layers, width, opts.vocab, Path(opts.model_dir), opts.row_timeout)
+        spec = dict(row, model_path=str(model), data_prefix=str(data_prefix), output=str(work / "out"),
+                    steps=opts.steps, warmup=opts.warmup, precision=opts.precision, lora_r=opts.lora_r,
+                    lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak)
+        rc, so, se = _child(["--_row", json.dumps(spec)], opts.row_timeout)
+        res = _tagged(so, "ROW:")
+        if res is None:
+            tail = [ln for ln in se.strip().splitlines() if ln.strip()]
+            oom = "OutOfMemoryError" in se or "CUDA out of memory" in se
+            res = {"status": "OOM" if oom else "crashed", "error": f"rc {rc}: {tail[-1][:300] if tail else ''}"}
+        print(format_row(row, res), flush=True)
+        if opts.json:
+            rec = dict(row, n_layer=layers, n_embd=width, vocab=opts.vocab, steps=opts.steps, warmup=opts.warmup,
+                       precision=opts.precision, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha, **res,
+                       peak_tflops=peak, command=row_command(row, opts), commit=commit, dirty=dirty,
+                       gpu=res.get("device") or peak_info.get("device"), versions=versions,
+                       date=time.strftime("%Y-%m-%d %H:%M:%S"), host=os.uname().nodename)
+            with open(opts.json, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""trainer/memory.py: the estimate's terms, its shape (monotone, GRAD_CP, quantisation, strategies), the
+suggestions, the trainer's print, and its accuracy against two references: the fake-tensor simulation of
+our own training step (bench/calibrate_memory.py, CPU) and measured GPU rows (bench/memory_measured.jsonl,
+skipped until the file has some)."""
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import memory as M
+from trainer.checkpoint import config_from_sizes, init_model, save_atomic
+from trainer.config import TrainConfig
+from trainer.memory import GiB, estimate, param_table, preflight, suggest, suggestions
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def cfg_(**kw) -> TrainConfig:
+    env = dict(MODEL="m.pth", DATA="d", FINETUNE_MODE="lora", LORA_R="64", CTX_LEN="1024", MICRO_BSZ="1",
+               GRAD_CP="1", PRECISION="bf16", OP="fla")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+B15 = config_from_sizes(7, 24, 2048)           # RWKV-7 1.5B
+TINY = config_from_sizes(7, 2, 128, vocab_size=256)
+
+
+# ------------------------------------------------------------------------------------------ the counts
+@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("mode,parts", [("lora", ()), ("pissa", ("ln",)), ("bone", ("time",)), ("bat", ()),
+                                        ("state", ("time", "ln")), ("full", ()), ("lora", ("emb", "head"))])
+def test_param_table_counts_what_the_trainer_builds(version, mode, parts):
+    """Trained and total elements equal those of a model with the method applied as loop.prepare does."""
+    from trainer.loop import method_settings
+    from trainer.peft import get_method
+    sizes = config_from_sizes(version, 2, 128, vocab_size=256)
+    cfg = cfg_(FINETUNE_MODE=mode, TRAIN_PARTS=" ".join(parts), LORA_R=8, PISSA_R=8, DISHA_R=32)
+    model = init_model(sizes)
+    total = sum(p.numel() for p in model.parameters())
+    method = get_method(mode)(method_settings(cfg))
+    method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    if version == 7:                     # as prepare: layer 0's unused v0/v1/v2 never train
+        for name in ("v0", "v1", "v2"):
+            getattr(model.blocks[0].att, name).requires_grad_(False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for n, b in model.named_buffers() if "pissa_init" in n)
+    t = param_table(cfg, sizes)
+    assert (t.total, t.trained, t.buffers) == (total, trained, buffers)
+    assert t.frozen + t.trained_base == total
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantised_bytes_equal_quantize_model(quant):
+    from trainer.loop import method_settings
+    from trainer.peft import get_method
+    from trainer.quant import quantize_model
+    cfg = cfg_(QUANT=quant, LORA_R=8)
+    model = init_model(TINY)
+    get_method("lora")(method_settings(cfg)).apply(model)
+    report = quantize_model(model, quant)
+    t = param_table(cfg, TINY)
+    assert (t.quantised, t.quantised_bytes) == (report.weights, report.quantised_bytes)
+
+
+def test_breakdown_of_a_tiny_config_by_hand():
+    """RWKV-7, 2 layers × 128, vocabulary 256, LoRA r 8 on its 6 linears per layer, CTX_LEN 64, MICRO_BSZ 2,
+    GRAD_CP 0, op chunk, bf16: every term written out from the formula in the module docstring."""
+    cfg = cfg_(LORA_R=8, CTX_LEN=64, MICRO_BSZ=2, GRAD_CP=0, OP="chunk")
+    C, L, V, BT = 128, 2, 256, 128
+    lora = L * (4 * 8 * (C + C) + 2 * 8 * (C + 4 * C))          # att r/k/v/o, ffn key and value
+    assert lora == 36_864
+    t = param_table(cfg, TINY)
+    total = t.total
+    # base: emb + head 2·V·C; per layer 4·C² + 2·4C·C linears, the low-rank w, a, v, g pairs C·d each way, and
+    # 19 tensors of C elements (11 time-mix vectors, r_k [H, N], ln_x 2, ln1 2, ln2 2, ffn x_k); ln0, ln_out 2·C
+    d_decay, d_aaa, d_mv, d_gate = TINY.d_decay, TINY.d_aaa, TINY.d_mv, TINY.d_gate
+    assert (d_decay, d_aaa, d_mv, d_gate) == (32, 32, 32, 64)
+    per_layer = 12 * C * C + 2 * C * (d_decay + d_aaa + d_mv + d_gate) + 19 * C
+    assert total == 2 * V * C + L * per_layer + 2 * 2 * C
+    e = estimate(cfg, TINY)
+    assert e.terms["weights"] == total * 2
+    assert e.terms["trained"] == lora * 4
+    assert (e.terms["optimizer"], e.terms["grads"], e.terms["step"]) == (lora * 8, lora * 4, lora * 4)
+    layer = (M.ACT[7]["lora"] + M.WKV_SAVED["chunk"][7]) * C + 2 * (8 - 64) * 6   # per token and layer
+    block_lora = 4 * 8 * 2 * C + 2 * 8 * 5 * C                                     # autocast's bf16 copies
+    assert e.terms["saved"] == pytest.approx(L * (layer * BT + M.CAST_BYTES * block_lora))
+    assert e.terms["head"] == M.HEAD_BYTES * BT * V
+    assert e.terms["layer"] == (M.BWD_WORK[False] + M.WKV_WORK["chunk"][7]) * C * BT
+    start = e.terms["saved"] + e.terms["head"]                       # the head's backward
+    after = e.terms["saved"] + e.terms["layer"] + e.terms["grads"] / L  # the top block's backward
+    assert e.train_peak == pytest.approx(total * 2 + lora * 4 + lora * 8 + max(start, after, lora * 8))
+    assert e.peak_allocated == max(e.train_peak, e.load_peak)
+    assert e.total == pytest.approx(e.peak_allocated * (1 + M.ALLOCATOR_SLACK) + M.CUDA_CONTEXT)
+    assert "head" in e.table() and "total" in e.table()
+
+
+# ------------------------------------------------------------------------------------------ its shape
+@pytest.mark.parametrize("mode", ["lora", "state", "full", "bone"])
+def test_monotone_in_ctx_and_batch(mode):
+    for cp in (0, 1):
+        by_ctx = [estimate(cfg_(FINETUNE_MODE=mode, CTX_LEN=t, GRAD_CP=cp), B15).total
+                  for t in (256, 512, 1024, 2048, 4096)]
+        by_bsz = [estimate(cfg_(FINETUNE_MODE=mode, MICRO_BSZ=b, GRAD_CP=cp), B15).total for b in (1, 2, 4, 8)]
+        assert all(a <= b for a, b in zip(by_ctx, by_ctx[1:])), by_ctx
+        assert all(a <= b for a, b in zip(by_bsz, by_bsz[1:])), by_bsz
+    # (full fine-tuning at GRAD_CP=1 peaks in the optimizer step until the activations outgrow it)
+    small, large = (estimate(cfg_(FINETUNE_MODE=mode, CTX_LEN=t, MICRO_BSZ=b), B15).total for t, b in ((256, 1), (8192, 8)))
+    assert large > small
+
+
+@pytest.mark.parametrize("mode", ["lora", "state", "pissa", "bone", "bat"])
+def test_grad_cp_lowers_the_peak(mode):
+    for ctx, bsz in ((1024, 1), (4096, 4)):
+        on = estimate(cfg_(FINETUNE_MODE=mode, CTX_LEN=ctx, MICRO_BSZ=bsz, GRAD_CP=1), B15)
+        off = estimate(cfg_(FINETUNE_MODE=mode, CTX_LEN=ctx, MICRO_BSZ=bsz, GRAD_CP=0), B15)
+        assert on.total < off.total
+        assert on.terms["saved"] < off.terms["saved"]
+
+
+def test_nf4_below_int8_below_bf16():
+    w = {q: estimate(cfg_(QUANT=q), B15).terms["weights"] for q in ("none", "int8", "nf4")}
+    assert w["nf4"] < w["int8"] < w["none"]
+    # the quantised linears hold most of the model: about 0.56 and 1.0 bytes instead of 2 per weight
+    t = param_table(cfg_(QUANT="nf4"), B15)
+    assert w["none"] - w["nf4"] == pytest.approx(t.quantised * 2 - t.quantised_bytes)
+    assert t.quantised_bytes == pytest.approx(t.quantised * 0.5625, rel=1e-3)
+
+
+def test_load_peak_holds_the_whole_bf16_model_even_when_quantised():
+    """prepare loads every weight in bf16 onto the GPU before quantising: 7B nf4 cannot need less."""
+    b7 = config_from_sizes(6, 32, 4096)
+    e = estimate(cfg_(QUANT="nf4", TRAIN_PARTS="time ln"), b7)
+    assert e.load_peak >= param_table(cfg_(), b7).total * 2
+    assert e.peak_allocated >= e.load_peak and e.peak_at == "loading"
+
+
+def test_strategies_shard_what_they_should():
+    base = dict(FINETUNE_MODE="full", CTX_LEN=512, GPU_COUNT=4)
+    ddp = estimate(cfg_(**base), B15).terms
+    s1 = estimate(cfg_(**base, STRATEGY="deepspeed_stage_1"), B15).terms
+    s2 = estimate(cfg_(**base, STRATEGY="deepspeed_stage_2"), B15).terms
+    s2o = estimate(cfg_(**base, STRATEGY="deepspeed_stage_2_offload"), B15).terms
+    s3 = estimate(cfg_(**base, STRATEGY="deepspeed_stage_3"), B15).terms
+    assert s1["optimizer"] == ddp["optimizer"] / 4 and s1["grads"] == ddp["grads"]
+    assert s2["optimizer"] == ddp["optimizer"] / 4 and s2["grads"] == ddp["grads"] / 4
+    assert s2o["optimizer"] == 0 and s2o["step"] == 0
+    assert s3["weights"] + s3["trained"] < (ddp["weights"] + ddp["trained"]) / 3
+    assert ddp["buckets"] == M.DDP_BUCKET_BYTES * param_table(cfg_(**base), B15).trained
+    one_gpu = estimate(cfg_(FINETUNE_MODE="full", CTX_LEN=512), B15)
+    assert one_gpu.terms["buckets"] == 0
+
+
+# ------------------------------------------------------------------------------------------ suggestions
+@pytest.mark.parametrize("case", [dict(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0, TRAIN_PARTS="time ln"),
+                                  dict(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=1),
+                                  dict(FINETUNE_MODE="state", CTX_LEN=8192, MICRO_BSZ=4),
+                                  dict(FINETUNE_MODE="full", CTX_LEN=1024, MICRO_BSZ=2)])
+@pytest.mark.parametrize("free_gib", [12, 24])
+def test_every_suggestion_fits_when_re_estimated(case, free_gib):
+    cfg = cfg_(**case)
+    free = free_gib * GiB
+    assert estimate(cfg, B15).total > free                 # it does not fit as it is
+    found = suggestions(cfg, B15, free)
+    lines = suggest(cfg, B15, free)
+    assert len(lines) == max(1, len(found))
+    for change in found:
+        again = estimate(dataclasses.replace(cfg, **change.settings), B15)
+        assert again.total <= free and again.total == change.estimate.total
+        for k, v in change.settings.items():
+            assert f"{k}={v}" in change.line()
+        if "MICRO_BSZ" in change.settings:                  # the batch per optimizer step is kept
+            assert change.settings["MICRO_BSZ"] * change.settings["MINI_BSZ"] == cfg.MICRO_BSZ * cfg.MINI_BSZ
+
+
+def test_suggestions_start_with_the_cheapest():
+    cfg = cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0)
+    found = suggestions(cfg, B15, 40 * GiB)
+    assert found[0].settings == {"GRAD_CP": 1}             # no change of results, only slower
+    assert suggest(cfg_(), B15, 80 * GiB) == []             # it fits: nothing to say
+
+
+def test_nothing_fits_says_so():
+    lines = suggest(cfg_(FINETUNE_MODE="full"), config_from_sizes(6, 32, 4096), 8 * GiB)
+    assert len(lines) == 1 and "smaller model" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ the trainer's print
+@pytest.fixture
+def tiny_model(tmp_path):
+    path = tmp_path / "tiny.pth"
+    save_atomic(init_model(TINY).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_world_model(tmp_path):
+    """2 × 128 with the World vocabulary: its logits make the activations matter."""
+    path = tmp_path / "tiny65k.pth"
+    save_atomic(init_model(config_from_sizes(7, 2, 128)).state_dict(), path)
+    return path
+
+
+def test_preflight_on_the_cpu_is_one_line(tiny_model):
+    lines = []
+    est = preflight(cfg_(OP="chunk"), tiny_model, torch.device("cpu"), lines.append, "chunk")
+    assert len(lines) == 1 and "not checked" in lines[0] and f"{est.total / GiB:.1f} GiB" in lines[0]
+
+
+def test_preflight_on_a_gpu_warns_with_fixes(tiny_world_model, monkeypatch):
+    cfg = cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0)
+    need = estimate(cfg, config_from_sizes(7, 2, 128)).total
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    for free, warned in ((need * 2, False), (need * 0.5, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (int(f - M.CUDA_CONTEXT), 80 * GiB))
+        lines = []
+        preflight(cfg, tiny_world_model, torch.device("cuda"), lines.append)
+        assert lines[0] == f"Estimated peak GPU memory: {need / GiB:.1f} GiB (GPU has {int(free) / GiB:.1f} GiB free)"
+        assert any("WARNING" in ln for ln in lines) == warned
+        if warned:
+            fixes = [ln for ln in lines if ln.startswith("  - ")]
+            assert fixes and all("GiB" in ln for ln in fixes)
+            assert any("MICRO_BSZ=" in ln for ln in fixes)
+
+
+def test_preflight_leaves_a_bad_model_file_to_the_loader(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a model")
+    lines = []
+    assert preflight(cfg_(), tmp_path / "bad.pth", torch.device("cpu"), lines.append) is None and lines == []
+
+
+def test_dry_run_prints_the_estimate(tmp_path, monkeypatch):
+    from trainer.data.binidx import write_binidx
+    from trainer.loop import dry_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    save_atomic(init_model(TINY).state_dict(), tmp_path / "model" / "tiny.pth")
+    (tmp_path / "data").mkdir()
+    write_binidx(tmp_path / "data" / "toy", [list(range(1, 40)) + [0]] * 4)
+    cfg = TrainConfig.from_env(dict(MODEL="tiny.pth", DATA="toy", CTX_LEN="32", EPOCH_STEPS="2", PRECISION="fp32",
+                                    OP="chunk", LORA_R="8", SAMPLE_PROMPT="ab"))
+    lines = []
+    dry_run(cfg, log=lines.append)
+    assert sum("Estimated peak GPU memory" in ln for ln in lines) == 1
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+def test_estimate_matches_the_simulated_training_step():
+    """The formula against the bytes OUR training step allocates (fake tensors, CUDA autocast rules):
+    LoRA without GRAD_CP on the chunk op, state tuning, Bone with TRAIN_PARTS, full fine-tuning, PiSSA on an
+    int8 base with a trained head, LoRA on nf4 with infctx."""
+    import calibrate_memory
+    errors = calibrate_memory.compare_simulated("small", log=lambda *_: None)
+    assert max(map(abs, errors)) < 0.15, errors
+    assert np.mean(np.abs(errors)) < 0.06, errors
+
+
+MEASURED = ROOT / "bench" / "memory_measured.jsonl"
+
+
+def test_estimate_matches_measured_gpu_rows():
+    """Rows measured by bench/train_speed.py --json on a GPU (committed by whoever ran the grid): the
+    estimated peak allocation within 15% of torch.cuda.max_memory_allocated for every row."""
+    import calibrate_memory
+    rows = calibrate_memory.load_rows(MEASURED)
+    if not rows:
+        pytest.skip(f"{MEASURED.name} has no measured GPU rows yet")
+    compared = calibrate_memory.compare_rows(rows)
+    bad = [(c.row["command"], round(c.est.peak_allocated / c.alloc - 1, 3)) for c in compared
+           if abs(c.est.peak_allocated / c.alloc - 1) > 0.15]
+    assert not bad, bad
+
+
+def test_calibration_reads_rows_and_fits(tmp_path):
+    """bench/calibrate_memory.py on rows made from the estimate itself with known distortions: activations
+    × 1.2, head × 0.9, nvidia-smi = 0.5 GiB + 1.1 × allocated; the fit finds those numbers back."""
+    import calibrate_memory
+    import train_speed
+    rows = []
+    for method, ctx, bsz, cp in (("lora", 1024, 1, 1), ("lora", 4096, 8, 1), ("state", 2048, 2, 0),
+                                 ("lora", 512, 4, 0), ("bone", 1024, 2, 1), ("state", 4096, 1, 1)):
+        row = dict(version=7, size="1.5B", method=method, ctx=ctx, bsz=bsz, grad_cp=cp, op="auto", infctx=0,
+                   train_parts="", vocab=65536, status="ok", gpu="NVIDIA H100", op_resolved="fla",
+                   command=f"{method} {ctx} {bsz} {cp}")
+        est = estimate(train_speed.row_config(row), train_speed.row_sizes(row), op="fla")
+        t = est.terms
+        base = t["weights"] + t["trained"] + t["optimizer"]
+        head_peak = est.train_peak - base == t["saved"] + t["head"]
+        head = t["head"] if head_peak else 0.0
+        alloc = base + 1.2 * (est.train_peak - base - head) + 0.9 * head
+        row.update(peak_alloc_bytes=alloc, load_alloc_bytes=0, peak_used_bytes=0.5 * GiB + 1.1 * alloc,
+                   used_baseline_bytes=0)
+        rows.append(row)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows + [dict(status="OOM")]))
+    loaded = calibrate_memory.load_rows(path)
+    assert len(loaded) == len(rows)
+    compared = calibrate_memory.compare_rows(loaded)
+    lines = []
+    calibrate_memory.report(compared, log=lines.append)
+    assert len(lines) == len(rows) + 2
+    fitted = calibrate_memory.fit(compared, log=lines.append)
+    assert fitted["activation_scale"] == pytest.approx(1.2, rel=1e-6)
+    assert fitted["head_scale"] == pytest.approx(0.9, rel=1e-6)
+    assert fitted["slack"] == pytest.approx(0.1, abs=1e-6) and fitted["context"] == pytest.approx(0.5 * GiB, rel=1e-6)

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_env()
     print(host_report(), flush=True)
     if args.dry_run:
-        dry_run(cfg)
+        prep = dry_run(cfg)
+        from trainer.memory import estimate
+        print("Estimated GPU memory, term by term (trainer/memory.py):\n"
+              + estimate(cfg, prep.model.cfg, prep.op).table())
         return 0
     result = train(cfg, max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
     return 130 if result.interrupted and args.max_steps is None else 0

@@ -152,11 +152,13 @@ class SimResult:
         return max([self.load_peak, *self.step_peaks])
 
 
-def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk") -> SimResult:
+def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed: bool = False) -> SimResult:
     """Simulate the trainer's set-up and ``steps`` training steps of ``cfg`` on a model of ``sizes``.
 
     ``cfg``: a TrainConfig (or a namespace with its names); ``sizes``: a ModelConfig. ``op``: "chunk" or
-    "null" (see the module docstring). Runs on the CPU in seconds for small models, a minute for 7B."""
+    "null" (see the module docstring). ``deepspeed``: run as DeepSpeed does (every tensor in the weight
+    dtype, trained ones too, no autocast; its fp32 masters and partitions are not simulated: only the
+    activations are meant to be compared). Runs on the CPU in seconds for small models, a minute for 7B."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer import infctx as infctx_mod
@@ -170,7 +172,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk") -> SimResu
     if op == "null":
         ops.register("null", _null7, _null6, lambda device: None)
     wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.PRECISION]
-    amp = wdtype != torch.float32
+    amp = wdtype != torch.float32 and not deepspeed
     real_dequant = quant_mod.dequantize_weight
 
     def dequant(codes, scales, shape, quant, use_bnb=None):
@@ -203,7 +205,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk") -> SimResu
         quant_mod.quantize_model(model, cfg.QUANT)
         for p in model.parameters():
             if p.requires_grad:
-                p.data = p.data.float()
+                p.data = p.data.to(wdtype) if deepspeed else p.data.float()
         if sizes.version == 7:
             for name in ("v0", "v1", "v2"):
                 getattr(model.blocks[0].att, name).requires_grad_(False)
@@ -360,7 +362,7 @@ def fit(compared: list[Compared], log=print) -> dict:
     act, head, y = [], [], []
     for c in compared:
         t = c.est.terms
-        if c.est.peak_at != "backward":
+        if c.est.peak_at != "backward pass":
             continue
         base = t["weights"] + t["trained"] + t["optimizer"]
         start = t["saved"] + t["head"] + t["infctx states"] + t["dequant"]

@@ -210,10 +210,12 @@ class _UsedMemory:
 
     def __init__(self, index: int = 0):
         self.nvml = None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        self.smi_index = int(visible) if visible.isdigit() else index     # NVML counts every GPU of the host
         try:
             import pynvml
             pynvml.nvmlInit()
-            self.nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            self.nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(self.smi_index))
             self.source = "pynvml"
         except Exception:
             self.source = "torch.cuda.mem_get_info"
@@ -225,7 +227,7 @@ class _UsedMemory:
             if self.nvml is not None:
                 return self.read()
             q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                f"--id={self.index}"], capture_output=True, text=True, timeout=30)
+                                f"--id={self.smi_index}"], capture_output=True, text=True, timeout=30)
             return int(float(q.stdout.strip().splitlines()[0]) * 2 ** 20)
         except Exception:
             return None
@@ -316,6 +318,11 @@ def run_row(spec: dict) -> dict:
     try:
         loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
     except torch.cuda.OutOfMemoryError as err:
+        out["status"] = "OOM"
+        out["error"] = str(err).splitlines()[0][:300]
+    except RuntimeError as err:                       # kernels that report it as a plain RuntimeError
+        if "out of memory" not in str(err).lower():
+            raise
         out["status"] = "OOM"
         out["error"] = str(err).splitlines()[0][:300]
     except UserError as err:

@@ -41,23 +41,30 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
                    (+ dequant and infctx in the first two)
   load peak      = (all base elements + the adapter + PiSSA's buffers) × 2: the trainer puts the whole model
                    on the GPU in bf16 before it quantises or turns trained tensors into fp32 (full: × 4)
-  peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: 2 × min(2e8, P) × 4)
+  peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: see below)
   total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
 
-Strategies: DDP (STRATEGY=auto on several GPUs) needs the same per GPU plus its gradient buckets. DeepSpeed
-ZeRO over W = GPU_COUNT × NODES GPUs: stage 1 divides the optimizer states (and the step) by W, stage 2
-also the grads, stage 3 also the weights (each GPU gathers one block at a time); *_offload keeps the
-optimizer states and the step on the CPU (stage 3 offload the weights too, two blocks on the GPU).
+Strategies: DDP (STRATEGY=auto on several GPUs) needs the same per GPU plus its gradient buckets.
+DeepSpeed ZeRO over W = GPU_COUNT × NODES GPUs runs the model in bf16 without autocast (trainer/strategy.py):
+trained = P × 2 (working copies), optimizer = (8 + 4)·P / W (AdamW states and the fp32 masters), grads =
+P × 2 (stage 2 and 3: / W), step = 8·P / W (the fp32 gradient partition and AdamW's buffer); stage 3 also
+divides the weights by W and adds one gathered block; *_offload puts the optimizer, masters and step on
+the CPU (stage 3 offload: the weights too, two blocks on the GPU); buckets 2 × min(2e8, P) × 2. Its
+activations: ACT, PARTS_ACT and BWD_WORK × DS_ACT_SCALE, CP_SAVED_DS per channel, no autocast copies.
 
-Where the constants come from. ACT, PARTS_ACT, CP_SAVED, CAST_BYTES, BAT_*, HEAD_*, INFCTX_ACT and the
-"chunk" op's WKV_SAVED: a simulation of OUR training step on fake tensors under CUDA's autocast rules
-(bench/calibrate_memory.py --simulate: the bytes of every tensor the real code allocates, any model size,
-on a CPU); the formula is within 7% of it over 150 cases (v5/6/7, every method, GRAD_CP 0/1, quant,
-infctx, 0.1B-7B). Not simulated, so guessed until GPU rows calibrate them: the fla kernels' WKV_* (from
-the anchor measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and
-channel with inputs and gradients), our triton op's (from its docstring), CUDA_CONTEXT and ALLOCATOR_SLACK
-(from RWKV-PEFT's H100 figures, nvidia-smi vs allocated). bench/calibrate_memory.py compares measured
-rows (bench/memory_measured.jsonl, from bench/train_speed.py --json) with the estimate and fits them.
+Where the constants come from. ACT, PARTS_ACT, CP_SAVED, CAST_BYTES, BWD_WORK, BAT_*, HEAD_BYTES,
+INFCTX_ACT, QUANTISE_WORK, DS_ACT_SCALE, CP_SAVED_DS and the "chunk" op's WKV_SAVED come from a simulation
+of OUR training step on fake tensors under CUDA's autocast rules (bench/calibrate_memory.py --simulate:
+the bytes of every tensor the real code allocates, for any model size, on a CPU). Against it the formula
+is within 6% (mean 1%) in 353 cases at widths 768 to 4096: RWKV-5/6/7, every method, TRAIN_PARTS,
+GRAD_CP 0/1, int8/nf4, infctx, 2 to 32 layers, vocabularies 256 to 65536; the chunk op (for CPUs) on
+short 2-layer cases up to 10%, and up to 15% at width 512.
+Not simulated, so guessed until measured GPU rows calibrate them: the fla kernels' WKV_* (from the anchor
+measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and channel with
+inputs and gradients), our triton op's (from its docstring), CUDA_CONTEXT and ALLOCATOR_SLACK (from
+RWKV-PEFT's H100 figures, nvidia-smi vs allocated), DeepSpeed's masters, partitions and buckets (from its
+configuration in trainer/strategy.py). bench/calibrate_memory.py compares measured rows
+(bench/memory_measured.jsonl, from bench/train_speed.py --json) with the estimate and fits them.
 """
 from __future__ import annotations
 
@@ -99,7 +106,9 @@ HEAD_BYTES = 12.0                        # per logit (B·T·V) at the start of t
 CUDA_CONTEXT = int(0.6 * GiB)            # CUDA context, cuBLAS handles, kernels: used, never allocated
 ALLOCATOR_SLACK = 0.15                   # reserved / allocated - 1 at the peak
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
-DEEPSPEED_BUCKET_ELEMS = int(2e8)        # Lightning's reduce and allgather bucket sizes (elements, fp32)
+DEEPSPEED_BUCKET_ELEMS = int(2e8)        # strategy.py's reduce and allgather bucket sizes (elements)
+DS_ACT_SCALE = 0.62                      # DeepSpeed (bf16 model, no autocast): activations vs autocast's
+CP_SAVED_DS = 2.0                        # its blocks' inputs are bf16
 INFCTX_ACT = 9.2                         # infctx: per chunk token and channel per layer, beside the above
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
@@ -247,12 +256,12 @@ class Estimate:
     load_peak: float
     peak_allocated: float
     total: float
-    peak_at: str                         # "backward", "optimizer step" or "loading"
+    peak_at: str                         # "backward pass", "optimizer step" or "loading"
     notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         lines = [f"  {k:<14} {v / GiB:8.2f} GiB" for k, v in self.terms.items() if v]
-        lines.append(f"  {'train peak':<14} {self.train_peak / GiB:8.2f} GiB   (at the {self.peak_at})"
+        lines.append(f"  {'train peak':<14} {self.train_peak / GiB:8.2f} GiB   ({self.peak_at})"
                      if self.peak_at != "loading" else f"  {'train peak':<14} {self.train_peak / GiB:8.2f} GiB")
         lines.append(f"  {'load peak':<14} {self.load_peak / GiB:8.2f} GiB")
         lines.append(f"  {'allocated':<14} {self.peak_allocated / GiB:8.2f} GiB   (torch.cuda.max_memory_allocated)")
@@ -296,35 +305,43 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     trained_w = P * 4
     opt, grads, step = P * 8.0, P * 4.0, P * 4.0
     stage = 0
-    if strategy.startswith("deepspeed_stage_"):
+    ds = strategy.startswith("deepspeed_stage_")
+    if ds:
+        # DeepSpeed (trainer/strategy.py): the model runs in the weight dtype, trained tensors included
+        # (working copies), no autocast; its optimizer keeps fp32 masters and AdamW states partitioned
+        # over the W GPUs; stage 2 also partitions the gradients, stage 3 the weights; offload keeps the
+        # masters and the optimizer on the CPU (stage 3: the weights too)
         stage = int(strategy.split("_")[2])
         offload = strategy.endswith("_offload")
-        if world > 1:
-            opt /= world
-            step /= world
-            if stage >= 2:
-                grads /= world
-        if offload:
-            opt = step = 0.0
+        W = max(world, 1)
+        trained_w = P * wbytes
+        master = 0.0 if (offload or wbytes == 4) else P * 4.0 / W
+        opt = 0.0 if offload else P * 8.0 / W + master
+        grads = P * wbytes / (W if stage >= 2 else 1)
+        step = 0.0 if offload else P * 8.0 / W           # the fp32 gradient partition + AdamW's sqrt buffer
         if stage == 3:
             gathered = t.block_params * wbytes
             if offload:
                 frozen_w, trained_w = 2.0 * gathered, 0.0
                 notes.append("ZeRO-3 offload: the weights live on the CPU; two blocks are on the GPU at a time")
-            elif world > 1:
-                frozen_w, trained_w = frozen_w / world + gathered, trained_w / world
+            else:
+                frozen_w, trained_w = frozen_w / W + gathered, trained_w / W
+        notes.append("DeepSpeed: weights and optimizer follow its ZeRO layout; its activations are scaled from "
+                     "the autocast ones (simulated, not measured yet)")
     # --- activations
-    layer = (ACT[v][family] + WKV_SAVED[op][v]) * C
+    scale = DS_ACT_SCALE if ds else 1.0
+    layer = (ACT[v][family] * scale + WKV_SAVED[op][v]) * C
     if any(p in tuple(_get(cfg, "TRAIN_PARTS", ()) or ()) for p in ("time", "ln")):
-        layer += PARTS_ACT[v] * C
+        layer += PARTS_ACT[v] * scale * C
     if family == "lora":
         r = _get(cfg, "LORA_R", 64) if mode == "lora" else _get(cfg, "PISSA_R", 64)
         layer += 2.0 * (r - 64) * t.adapted_layers / L          # ACT["lora"] was measured with r = 64
-    fixed = CAST_BYTES * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
-    head_cast = CAST_BYTES * V * C if t.head_trained else 0.0
-    work = (BWD_WORK[cp] + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
+    cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
+    fixed = cast * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
+    head_cast = cast * V * C if t.head_trained else 0.0
+    work = (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
     if cp:
-        saved = L * CP_SAVED * C * BT + head_cast
+        saved = L * (CP_SAVED_DS if ds else CP_SAVED) * C * BT + head_cast
         one_layer = layer * BT + fixed + work
     else:
         saved = L * (layer * BT + fixed) + head_cast
@@ -341,7 +358,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     act_start = saved + head + carried + dequant
     act_layer = saved + one_layer + grads / L + carried + dequant   # the top block's grads; the head's are gone
     act_step = grads + step
-    parts = {"backward": max(act_start, act_layer), "optimizer step": act_step}
+    parts = {"backward pass": max(act_start, act_layer), "optimizer step": act_step}
     peak_at = max(parts, key=parts.get)
     train_peak = frozen_w + trained_w + opt + parts[peak_at]
     # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
@@ -355,8 +372,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     extra = 0.0
     if world > 1 and not strategy.startswith("deepspeed"):
         extra = DDP_BUCKET_BYTES * P
-    elif strategy.startswith("deepspeed"):
-        extra = 2 * min(DEEPSPEED_BUCKET_ELEMS, P) * 4.0
+    elif ds:
+        extra = 2 * min(DEEPSPEED_BUCKET_ELEMS, P) * float(wbytes)
     peak_alloc = max(train_peak, load_peak) + extra
     if load_peak > train_peak:
         peak_at = "loading"

@@ -3,7 +3,8 @@
 # DDP and with DeepSpeed ZeRO stage 2 (and whatever STRATEGIES lists), which all see the same items at every
 # step; then a DeepSpeed run stopped after 20 micro steps and resumed on 2 GPUs. Prints the loss curves and
 # their largest relative difference to the 1-GPU curve.
-# Usage: bash bench/ddp_check.sh        (STRATEGIES="deepspeed_stage_2 deepspeed_stage_1" OP=chunk)
+# Usage: bash bench/ddp_check.sh   (STRATEGIES="deepspeed_stage_2 deepspeed_stage_1" OP=chunk; each run takes
+# 30-60 s, give it 8 minutes)
 set -euo pipefail
 ROOT=$(pwd); W=$(mktemp -d); mkdir -p $W/model $W/data; cp data/sample.jsonl $W/data/
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

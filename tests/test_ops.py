@@ -359,3 +359,18 @@ def test_ops_keep_their_precision_under_bf16_autocast(op, version):
         got, got_s = wkv(x["r"], x["k"], x["v"], x["logw"], state=x["state"], op=op, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_prefers_our_triton_kernel_for_rwkv7_on_a_gpu(monkeypatch):
+    """OP=auto on CUDA: triton for RWKV-7 (faster, compiles in seconds), fla for RWKV-5/6; an explicit
+    OP=triton on an RWKV-6 model is refused with the fix."""
+    import trainer.ops as ops_mod
+    monkeypatch.setattr(ops_mod, "why_unavailable", lambda name, device: None)
+    assert ops_mod.resolve("auto", "cuda", 7) == "triton"
+    assert ops_mod.resolve("auto", "cuda", 6) == "fla"
+    assert ops_mod.resolve("auto", "cuda", 5) == "fla"
+    with pytest.raises(UserError) as e:
+        ops_mod.resolve("triton", "cuda", 6)
+    assert "RWKV-6" in e.value.message and "OP=auto" in e.value.fix
+    monkeypatch.setattr(ops_mod, "why_unavailable", lambda name, device: "missing" if name == "triton" else None)
+    assert ops_mod.resolve("auto", "cuda", 7) == "fla"

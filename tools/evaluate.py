@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", default=None, help="a checkpoint from output/ (rwkv-N.pth) to apply: any method")
     ap.add_argument("--state", default=None, help="a state file (merge/<model>-state-N.pth): start every document "
                     "from it instead of the zero state")
-    ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
+    ap.add_argument("--op", default="auto", help="WKV op: auto, triton (RWKV-7), fla, rwkvfla, chunk, torch")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint import attach_state_file
         attach_state_file(model, args.state)
         print(f"initial state from {args.state}", file=sys.stderr)
-    model.op = ops.resolve(args.op, device)
+    model.op = ops.resolve(args.op, device, model.cfg.version)
     n = len(data) if args.items is None else min(args.items, len(data))
     docs = (data[i] for i in range(n))
     cfg = model.cfg

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                     "much probability (lower: safer text)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
     ap.add_argument("--adapter", default=None, help="a checkpoint from output/ (rwkv-N.pth) to apply: any method")
-    ap.add_argument("--op", default="auto", help="WKV op: auto, torch, chunk, fla, rwkvfla")
+    ap.add_argument("--op", default="auto", help="WKV op: auto, triton (RWKV-7), fla, rwkvfla, chunk, torch")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     args = ap.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint import attach_adapter
         meta = attach_adapter(model, args.adapter, args.model)
         print(f"applied {args.adapter}: {meta['method']} after epoch {meta.get('epoch')}", file=sys.stderr)
-    model.op = ops.resolve(args.op, device)
+    model.op = ops.resolve(args.op, device, model.cfg.version)
     tok = get_tokenizer()
     prompt = args.prompt.replace("\\n", "\n")
     ids = generate(model, tok.encode(prompt), max_tokens=args.tokens, temperature=args.temperature,

@@ -75,7 +75,7 @@ class TrainConfig:
     INITIAL_CTX_LEN: int = _var("infctx warm-up: starting CTX_LEN (0 = off)", default=0)
     CTX_WARMUP_STEPS: int = _var("infctx warm-up: steps to grow to CTX_LEN", default=0)
     # hardware
-    OP: str = _var("WKV kernel: auto | torch | chunk | fla | rwkvfla", default="auto")
+    OP: str = _var("WKV kernel: auto | triton | fla | rwkvfla | chunk | torch", default="auto")
     PRECISION: str = _var("bf16 | fp16 | fp32", default="bf16")
     GRAD_CP: bool = _var("gradient checkpointing: 1 saves memory, 0 is faster", default=True)
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")

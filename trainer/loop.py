@@ -110,7 +110,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
-    op = ops.resolve(cfg.OP, device)
+    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
+    op = ops.resolve(cfg.OP, device, sizes.version)
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
     preflight(cfg, cfg.model_path, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 

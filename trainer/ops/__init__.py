@@ -54,15 +54,27 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     return _REGISTRY[name][2](device)
 
 
-def resolve(name: str, device: torch.device | str) -> str:
-    """Turn ``auto`` into a concrete op and check that the chosen op can run on ``device``."""
+# OP=auto on a GPU, fastest first (bench/RESULTS.md): our Triton kernel for RWKV-7 (faster than fla's chunk
+# kernel at training shapes, and it compiles in seconds instead of minutes), fla's for RWKV-5/6.
+AUTO_ORDER_CUDA = {7: ("triton", "fla", "rwkvfla", "chunk"), 6: ("fla", "rwkvfla", "chunk"),
+                   5: ("fla", "rwkvfla", "chunk")}
+ONLY_VERSIONS = {"triton": (7,)}          # ops written for some RWKV versions only
+
+
+def resolve(name: str, device: torch.device | str, version: int | None = None) -> str:
+    """Turn ``auto`` into a concrete op for this device and RWKV ``version`` (7 when not given) and check
+    that the chosen op can run there."""
     device = torch.device(device)
+    version = 7 if version is None else version
     if name == "auto":
-        order = ("fla", "rwkvfla", "chunk") if device.type == "cuda" else ("chunk",)
+        order = AUTO_ORDER_CUDA[version] if device.type == "cuda" else ("chunk",)
         for cand in order:
             if why_unavailable(cand, device) is None:
                 return cand
         return "torch"
+    if name in ONLY_VERSIONS and version not in ONLY_VERSIONS[name]:
+        raise UserError(f"OP={name} has only an RWKV-{'/'.join(map(str, ONLY_VERSIONS[name]))} kernel, and this "
+                        f"model is RWKV-{version}.", "set OP=auto (or OP=fla) for this model")
     reason = why_unavailable(name, device)
     if reason:
         raise UserError(f"OP={name} cannot run here: {reason}", "set OP=auto to pick one that works")

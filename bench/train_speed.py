@@ -336,7 +336,10 @@ def run_row(spec: dict) -> dict:
     out["op_resolved"] = phase.get("op")
     out["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
     if cuda:
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()
+        except Exception as err:                      # a failed kernel can leave the GPU unusable: say so
+            out.setdefault("error", f"{type(err).__name__}: {err}"[:300])
         out["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
         out["peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -347,6 +350,7 @@ def run_row(spec: dict) -> dict:
         out["peak_used_bytes"] = sampler.peak["train"] or None
         out["load_used_bytes"] = sampler.peak["load"] or None
         out["used_source"] = used.source
+    out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT="))]
     steady = rows[spec["warmup"]:]
     tokens = spec["bsz"] * spec["ctx"]
     if out["status"] == "ok" and steady:

@@ -189,9 +189,11 @@ def test_every_suggestion_fits_when_re_estimated(case, free_gib):
 
 
 def test_suggestions_start_with_the_cheapest():
-    cfg = cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0)
-    found = suggestions(cfg, B15, 40 * GiB)
+    found = suggestions(cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0), B15, 24 * GiB)
+    assert len(found) >= 2 and [c.cost for c in found] == sorted(c.cost for c in found)
+    found = suggestions(cfg_(CTX_LEN=4096, MICRO_BSZ=1, GRAD_CP=0), B15, 12 * GiB)
     assert found[0].settings == {"GRAD_CP": 1}             # no change of results, only slower
+    assert any(c.settings.get("TRAIN_TYPE") == "infctx" for c in found[1:])
     assert suggest(cfg_(), B15, 80 * GiB) == []             # it fits: nothing to say
 
 

@@ -70,6 +70,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -393,6 +395,7 @@ class Change:
     settings: dict                 # variable -> new value
     why: str                       # its cost, in words
     estimate: Estimate
+    cost: float = 1.0              # rough slowdown (COST_*), what the suggestions are ranked by
 
     def line(self) -> str:
         sets = " ".join(f"{k}={v}" for k, v in self.settings.items())
@@ -408,72 +411,72 @@ def _with(cfg: Any, **changes: Any) -> Any:
     return SimpleNamespace(**d)
 
 
-def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str]]:
-    """Single changes, cheapest first: (settings, cost in words)."""
-    out: list[tuple[dict, str]] = []
+# Rough slowdowns, only to rank the suggestions (cheapest first); a combination costs their product.
+COST_GRAD_CP = 1.3            # the blocks' forward runs twice
+COST_HALVE_BATCH = 0.1        # per halving of MICRO_BSZ (smaller products, same samples per step)
+COST_NF4 = 1.25               # dequantisation in every forward and backward; slightly less precise weights
+COST_INFCTX = 1.35            # each chunk's forward runs once more; + COST_HALVE_CHUNK per halving of the chunk
+COST_HALVE_CHUNK = 0.1
+COST_METHOD = 2.0             # full fine-tuning -> LoRA: a different method, the last resort
+
+
+def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
+    """Single changes of settings: (settings, what it costs in words, rough slowdown)."""
+    out: list[tuple[dict, str, float]] = []
     mode = _get(cfg, "FINETUNE_MODE", "lora")
     if not _get(cfg, "GRAD_CP", True):
-        out.append(({"GRAD_CP": 1}, "about 30% slower, same results"))
+        out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
     B, mini = int(_get(cfg, "MICRO_BSZ", 1)), int(_get(cfg, "MINI_BSZ", 1))
-    b = B
-    while b > 1:
-        b = b // 2 if b % 2 == 0 else next(d for d in range(b - 1, 0, -1) if B % d == 0)
+    for b in sorted((d for d in range(1, B) if B % d == 0), reverse=True):
         out.append(({"MICRO_BSZ": b, "MINI_BSZ": mini * B // b},
-                    f"the same {B * mini} samples per optimizer step, slower"))
+                    f"the same {B * mini} samples per optimizer step, slower",
+                    1 + COST_HALVE_BATCH * math.log2(B / b)))
     quant = _get(cfg, "QUANT", "none") or "none"
     if mode != "full" and quant != "nf4":
-        out.append(({"QUANT": "nf4"}, "frozen weights in 4 bits: a little less precise"))
+        out.append(({"QUANT": "nf4"}, "frozen weights in 4 bits: slower, a little less precise", COST_NF4))
     ctx = int(_get(cfg, "CTX_LEN", 512))
     infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
     chunk = int(_get(cfg, "CHUNK_CTX", 512)) if infctx else ctx
-    strategy = str(_get(cfg, "STRATEGY", "auto"))
-    if not strategy.startswith("deepspeed_stage_3"):
-        c = 1 << (max(chunk - 1, 1)).bit_length() - 1 if chunk > 1 else 1
+    if not str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed_stage_3"):      # infctx is refused there
+        c = 1 << (chunk - 1).bit_length() - 1 if chunk > 1 else 1          # the largest power of 2 below
         while c >= 128:
-            if c < chunk:
-                out.append(({"TRAIN_TYPE": "infctx", "CHUNK_CTX": c},
-                            f"the same CTX_LEN={ctx} in chunks of {c}, exact gradient, slower"))
+            out.append(({"TRAIN_TYPE": "infctx", "CHUNK_CTX": c},
+                        f"the same CTX_LEN={ctx} in chunks of {c}, exact gradient, slower",
+                        (1.0 if infctx else COST_INFCTX) + COST_HALVE_CHUNK * math.log2(chunk / c)))
             c //= 2
     if mode == "full":
-        out.append(({"FINETUNE_MODE": "lora"}, "LoRA trains far fewer numbers than full fine-tuning"))
+        out.append(({"FINETUNE_MODE": "lora"}, "LoRA trains far fewer numbers than full fine-tuning", COST_METHOD))
     return out
 
 
-def suggestions(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None, limit: int = 4) -> list[Change]:
-    """Changes of settings whose estimate fits in ``free_bytes``, cheapest first (singles, then pairs,
-    then triples of single changes); at most one per kind of change (the mildest that fits)."""
+def _kind(settings: dict) -> frozenset:
+    return frozenset("MICRO_BSZ" if k == "MINI_BSZ" else "TRAIN_TYPE" if k == "CHUNK_CTX" else k for k in settings)
+
+
+def suggestions(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None, limit: int = 3) -> list[Change]:
+    """Changes of settings (one to three single changes together) whose estimate fits in ``free_bytes``,
+    cheapest first by the rough COST_* slowdowns; one per kind of change (its cheapest variant that fits),
+    and none that adds changes to a cheaper one that already fits."""
     singles = _candidates(cfg, sizes)
-    found: list[Change] = []
-    kinds_done: set = set()
-
-    def kind(settings: dict) -> frozenset:
-        return frozenset("MICRO_BSZ" if k == "MINI_BSZ" else "TRAIN_TYPE" if k == "CHUNK_CTX" else k
-                         for k in settings)
-
-    def try_combo(combo: tuple) -> None:
-        settings: dict = {}
-        whys = []
-        for s, why in combo:
-            if set(s) & set(settings):
-                return
-            settings.update(s)
-            whys.append(why)
-        k = kind(settings)
-        if k in kinds_done or any(done <= k for done in kinds_done):
-            return
-        est = estimate(_with(cfg, **settings), sizes, op)
-        if est.total <= free_bytes:
-            kinds_done.add(k)
-            found.append(Change(settings, "; ".join(whys), est))
-
-    import itertools
+    fitting: list[tuple[float, Change]] = []
     for n in (1, 2, 3):
         for combo in itertools.combinations(singles, n):
-            try_combo(combo)
-            if len(found) >= limit:
-                return found
-        if found:
-            return found
+            kinds = [_kind(s) for s, _, _ in combo]
+            if len(set().union(*kinds)) < sum(len(k) for k in kinds):
+                continue                                   # two variants of the same change
+            settings = {k: v for s, _, _ in combo for k, v in s.items()}
+            est = estimate(_with(cfg, **settings), sizes, op)
+            if est.total <= free_bytes:
+                cost = math.prod(c for _, _, c in combo)
+                fitting.append((cost, Change(settings, "; ".join(w for _, w, _ in combo), est, cost)))
+    found: list[Change] = []
+    for _, change in sorted(fitting, key=lambda x: (x[0], x[1].estimate.total)):
+        k = _kind(change.settings)
+        if any(_kind(f.settings) <= k for f in found):
+            continue
+        found.append(change)
+        if len(found) >= limit:
+            break
     return found
 
 
@@ -481,13 +484,16 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
     """The cheapest changes that would fit in ``free_bytes``, as training.sh settings with their estimate.
 
     Empty when the settings already fit; one line saying so when nothing we can suggest fits."""
-    if estimate(cfg, sizes, op).total <= free_bytes:
+    est = estimate(cfg, sizes, op)
+    if est.total <= free_bytes:
         return []
     found = suggestions(cfg, sizes, free_bytes, op)
     if found:
         return [c.line() for c in found]
+    why = (" (its peak comes while loading: the whole model in bf16 before quantising)"
+           if est.peak_at == "loading" and _get(cfg, "QUANT", "none") != "none" else "")
     return [f"none of GRAD_CP=1, a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
-            f"{free_bytes / GiB:.1f} GiB: use a smaller model, a GPU with more memory, or several GPUs"]
+            f"{free_bytes / GiB:.1f} GiB{why}: use a smaller model, a GPU with more memory, or several GPUs"]
 
 
 # ------------------------------------------------------------------------------------------ the trainer's call
@@ -519,6 +525,8 @@ def preflight(cfg: Any, model_path: Any, device: Any, log: Callable[[str], None]
                 "15%; training starts anyway). Changes that would fit:")
             for line in suggest(cfg, sizes, free_before, op):
                 log(f"  - {line}")
+            for note in est.notes:
+                log(f"  note: {note}")
         elif est.total > 0.85 * free_before:
             log("  (close to the limit: the estimate can be off by 15%)")
         return est

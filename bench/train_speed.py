@@ -289,7 +289,6 @@ def run_row(spec: dict) -> dict:
         def __init__(self, out_dir, prep, *args, **kwargs):     # whatever else the loop passes: unused
             self.out, self.prep, self.write, self.csv_path = Path(out_dir), prep, False, Path(out_dir) / "loss.csv"
             phase["op"] = prep.op
-            phase["t_setup"] = time.perf_counter()
             if cuda:
                 torch.cuda.synchronize()
                 phase["load_alloc"] = torch.cuda.max_memory_allocated()
@@ -547,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r not in skipped]
     if skipped:
         print(f"skipped {len(skipped)} rows whose CHUNK_CTX is larger than CTX_LEN")
+    if not rows:
+        print("no rows to run")
+        return 1
     if opts.list:
         for r in rows:
             print(row_command(r, opts))

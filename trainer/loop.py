@@ -113,7 +113,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
-    preflight(cfg, cfg.model_path, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
+    preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
     base_meta = checkpoint.base_metadata(cfg.model_path)

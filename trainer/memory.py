@@ -5,7 +5,7 @@
     est.peak_allocated                  # bytes at the peak as torch.cuda.max_memory_allocated shows them
     print(est.table())                  # the breakdown, one line per term
     suggest(cfg, sizes, free_bytes)     # the cheapest changes of settings that fit, each re-estimated
-    preflight(cfg, model_path, device, log, op)   # the trainer's call: one line, or a warning with fixes
+    preflight(cfg, sizes, device, log, op)        # the trainer's call: one line, or a warning with fixes
 
 THE FORMULA (bytes). B = MICRO_BSZ, T = CTX_LEN (infctx: CHUNK_CTX), L layers, C width, V vocabulary,
 BT = B·T; P = trained elements (the method's tensors + TRAIN_PARTS; full: every weight but v7's unused
@@ -114,7 +114,7 @@ CP_SAVED_DS = 2.0                        # its blocks' inputs are bf16
 INFCTX_ACT = 9.2                         # infctx: per chunk token and channel per layer, beside the above
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
-DEFAULT_GPU_OP = "fla"                   # what OP=auto picks on a GPU with fla installed
+DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
 
 FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
 _TARGET_WEIGHT = re.compile(r"^(blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance)))"
@@ -272,18 +272,22 @@ class Estimate:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def _resolve_op(cfg: Any, op: str | None) -> str:
+def _resolve_op(cfg: Any, op: str | None, version: int) -> str:
+    """The op whose constants apply: ``op``, else cfg.OP, where auto means what a GPU with every op
+    installed gets (ops.AUTO_ORDER_CUDA: our triton kernel for RWKV-7, fla for RWKV-5/6)."""
     op = op or _get(cfg, "OP", "auto")
-    op = DEFAULT_GPU_OP if op == "auto" else op
+    if op == "auto":
+        from .ops import AUTO_ORDER_CUDA
+        op = AUTO_ORDER_CUDA.get(version, (DEFAULT_GPU_OP,))[0]
     return op if op in WKV_SAVED else DEFAULT_GPU_OP     # an op this table does not know yet: as fla
 
 
 def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
-    ``op``: the WKV op that will run (default: cfg.OP, where auto means fla, what a GPU with fla gets)."""
-    op = _resolve_op(cfg, op)
+    ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op)."""
     v = sizes.version
+    op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
     family = FAMILY[mode]
     quant = _get(cfg, "QUANT", "none") or "none"
@@ -497,18 +501,21 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
 
 
 # ------------------------------------------------------------------------------------------ the trainer's call
-def preflight(cfg: Any, model_path: Any, device: Any, log: Callable[[str], None] = print,
+def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = print,
               op: str | None = None) -> Estimate | None:
     """Print the estimated peak GPU memory before the model is loaded; warn with fixes when it will not fit.
 
-    Never raises and never stops the run (the estimate can be wrong): a bad model file is left to the
-    loader's own error, a bug here costs one line."""
+    ``model``: its ModelConfig, or the path of the checkpoint (its header is read). Never raises and never
+    stops the run (the estimate can be wrong): a bad model file is left to the loader's own error, a bug
+    here costs one line."""
     import torch
-    try:
-        from .checkpoint import detect_config, load_checkpoint
-        sizes = detect_config(load_checkpoint(model_path), model_path)
-    except Exception:
-        return None
+    sizes = model
+    if not hasattr(model, "n_layer"):
+        try:
+            from .checkpoint import detect_config, load_checkpoint
+            sizes = detect_config(load_checkpoint(model), model)
+        except Exception:
+            return None
     try:
         est = estimate(cfg, sizes, op)
         if torch.device(device).type != "cuda":

@@ -517,11 +517,12 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         except Exception:
             return None
     try:
-        est = estimate(cfg, sizes, op)
-        if torch.device(device).type != "cuda":
+        if torch.device(device).type != "cuda":       # what these settings would need on a GPU (its op)
+            est = estimate(cfg, sizes)
             log(f"Estimated peak GPU memory for these settings: {est.total / GiB:.1f} GiB (not checked: this "
                 f"run is on the {torch.device(device).type})")
             return est
+        est = estimate(cfg, sizes, op)
         dev = torch.device(device)
         free, _total = torch.cuda.mem_get_info(dev)
         # as nvidia-smi would show it before this process: what is free + what this process holds

@@ -110,9 +110,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
+    check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
-    check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
     preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)

@@ -15,7 +15,9 @@ is a Python loop over T), inputs rounded to bf16 for both.
 Shapes (B, T, C), head size 64: big (8, 4096, 4096) is the published comparison (RWKV-LM's CUDA kernel
 17 ms forward + backward on an H100); long (1, 32768, 4096); small (8, 1024, 768), a small model. The
 chunk op (pure PyTorch) runs only at the small shape. --configs sweeps the triton op's launch
-configuration: "fwdBVxWARPS[:MAXNREG]/bwdBVxWARPS[:MAXNREG]" (see trainer/ops/triton_wkv7.py).
+configuration: "fwdBVxWARPS[:MAXNREG]/bwdBVxWARPS[:MAXNREG]", or "/rTPR[:MAXNREG]" for the Gluon rows
+backward with TPR threads per row (see trainer/ops/triton_wkv7.py): 64x2/64x2 is the tile backward that
+was the default before, 64x2/r2 the rows backward.
 """
 from __future__ import annotations
 
@@ -161,6 +163,8 @@ def shape_of(name: str) -> tuple[int, int, int]:
 def parse_config(text: str) -> dict:
     def one(part: str):
         main, _, reg = part.partition(":")
+        if main.startswith("r"):   # the Gluon rows backward, TPR threads per row
+            return ("rows", int(main[1:]), int(reg) if reg else None)
         bv, warps = (int(v) for v in main.split("x"))
         return (bv, warps, int(reg) if reg else None)
     fwd, bwd = text.split("/")
@@ -168,7 +172,8 @@ def parse_config(text: str) -> dict:
 
 
 def config_label(config: dict) -> str:
-    return "/".join(f"{bv}x{w}" + (f":{r}" if r else "") for bv, w, r in (config["fwd"], config["bwd"]))
+    return "/".join((f"r{w}" if bv == "rows" else f"{bv}x{w}") + (f":{r}" if r else "")
+                    for bv, w, r in (config["fwd"], config["bwd"]))
 
 
 def main(argv=None) -> int:

@@ -142,6 +142,7 @@ def test_check_reasons(monkeypatch):
 
 def test_default_config_splits_heads_only_when_there_are_few(monkeypatch):
     monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tw, "_has_gluon", lambda: False)      # the tile backward's configs
     one_per_head = {"fwd": (64, 2, None), "bwd": (64, 2, None)}
     assert tw.default_config(8, 4096, 64, 64, "cuda") == one_per_head                    # 512 heads
     assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (16, 1, None)}  # 96 heads
@@ -149,6 +150,44 @@ def test_default_config_splits_heads_only_when_there_are_few(monkeypatch):
     assert tw.default_config(1, 32768, 64, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (64, 2, None)}
     assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)
     assert tw.default_config(1, 10, 1, 16, "cuda")["fwd"] == (16, 1, None)
+
+
+def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
+    monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tw, "_has_gluon", lambda: True)
+    assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": ("rows", 2, None)}
+    assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": (16, 1, None), "bwd": ("rows", 2, None)}
+    assert tw.default_config(1, 10, 1, 16, "cuda")["bwd"] == ("rows", 2, None)
+    assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)        # N = 128: the tile kernel
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # the interpreter cannot run Gluon
+    assert tw._has_gluon() is False
+
+
+def _compile_rows_for_h100(N: int, tpr: int):
+    """The rows backward compiled for sm_90 (no GPU needed): the compiled kernel's metadata."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    kern = tw._rows_kernel()
+    P, F = "*bf16", "*fp32"
+    sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, dy=P, dsT=F, sT=F, ckpt=F, sa_buf=F, dr=P, dk=P, dv=P, dlogw=F,
+               da=P, db=P, ds0=F, amax=F, T="i32", NC="i32", H="constexpr", N="constexpr", TPR="constexpr",
+               CHUNK="constexpr", LOG_AMP_MAX="constexpr")
+    consts = dict(H=4, N=N, TPR=tpr, CHUNK=tw.CHUNK, LOG_AMP_MAX=tw.LOG_AMP_MAX)
+    src = GluonASTSource(fn=kern, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": N * tpr // 32})
+
+
+@pytest.mark.parametrize("N", [16, 32, 64])
+def test_rows_backward_compiles_for_an_h100(N):
+    """No GPU here: compile the Gluon kernel to PTX for sm_90 (layouts, shared memory, types all check)."""
+    if not HAS_TRITON or importlib.util.find_spec("triton.experimental.gluon") is None:
+        pytest.skip("needs Triton with Gluon (pip install triton)")
+    compiled = _compile_rows_for_h100(N, 2)
+    ptx = compiled.asm["ptx"]
+    assert ".entry" in ptx and "bar.sync" in ptx
+    assert compiled.metadata.num_warps == N * 2 // 32
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -181,7 +220,8 @@ def test_triton_matches_oracle_on_gpu(dtype, state):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", ["strongest_rwkv7_decay", "strong_decays", "T1", "N16", "N32_partial_sums",
-                                  "N128", "fwd16_bwd32"])
+                                  "N128", "fwd16_bwd32", "tile_N64", "tile_strong_decays", "rows_tpr1",
+                                  "rows_tpr4", "rows_N32", "rows_N16_tpr4", "rows_strong_decays", "rows_T1"])
 def test_triton_edge_cases_on_gpu(case):
     _gpu_skip()
     kw, config = dict(B=2, T=300, H=4, N=64), None
@@ -200,6 +240,21 @@ def test_triton_edge_cases_on_gpu(case):
         kw.update(N=128, H=2, T=100)
     elif case == "fwd16_bwd32":
         config = {"fwd": (16, 1, None), "bwd": (32, 2, None)}
+    elif case.startswith("tile_"):     # the tile backward, the default before the rows one
+        config = {"fwd": (64, 2, None), "bwd": (64, 2, None)}
+        if case == "tile_strong_decays":
+            kw.update(T=77, decay="strong")
+    elif case.startswith("rows_"):     # the Gluon rows backward, explicitly
+        tpr = {"rows_tpr1": 1, "rows_tpr4": 4, "rows_N16_tpr4": 4}.get(case, 2)
+        if case == "rows_N32":
+            kw.update(N=32)
+        elif case == "rows_N16_tpr4":
+            kw.update(N=16, H=8)
+        elif case == "rows_strong_decays":
+            kw.update(T=77, decay="strong")
+        elif case == "rows_T1":
+            kw["T"] = 1
+        config = {"fwd": (kw.get("N", 64), 2 if kw.get("N", 64) == 64 else 1, None), "bwd": ("rows", tpr, None)}
     x = _inputs(kw, torch.float32, device="cuda")
     got = run_op(lambda *a: tw.wkv7_triton(*a, config=config), 7, x)
     assert_match(got, run_op(wkv7_reference, 7, x), GPU_TOL7[torch.float32], f"triton {case}")

@@ -43,6 +43,15 @@ the oracle accepts) replay at every step: slower (7.5 replayed steps per step), 
 Measured (interpreter, fp32, T=40, every w = 0.545): gradients of r, logw and a within 2e-6 of the
 oracle (relative rms), against 1.5e-4 when only inverting as RWKV-LM does.
 
+Two backward kernels. The tile kernel (_kernels) holds S and G as [value rows, keys] tiles laid out
+by Triton: its sums over value rows cross warps, about 40 barriers per step. The rows kernel (Gluon,
+_rows_kernel; the default on a GPU for N <= 64) does as RWKV-LM's CUDA backward: it keeps S^T, G and
+G^T, each thread owning (a part of) a row of each, so that every gradient above is a sum along a row
+inside the thread; only the per-step vectors travel, through shared memory (2 barriers per step). It
+decides between inverting and replaying with a looser bound, the sum over steps of the largest -logw
+of each step (computed by the wrapper), so it replays at least as often: as exact. Triton's interpreter
+cannot run Gluon, so on the CPU the tests run the tile kernel; the rows kernel is tested on the GPU.
+
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
 registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
 Head size N: a power of two (64 is the tuned case; 16, 32 and 128 work). Any T >= 1.
@@ -204,6 +213,134 @@ def _kernels():
     return _fwd_kernel, _bwd_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _rows_kernel():
+    """The backward in Gluon (Triton's layout-explicit dialect): see _bwd_rows_kernel. None when this Triton
+    has no Gluon (then the tile kernel runs)."""
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+    except ImportError:
+        return None
+
+    @gluon.jit
+    def _bwd_rows_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf, dr, dk, dv, dlogw, da, db, ds0, amax, T, NC,
+                         H: gl.constexpr, N: gl.constexpr, TPR: gl.constexpr, CHUNK: gl.constexpr,
+                         LOG_AMP_MAX: gl.constexpr):
+        """One program per (batch, head), TPR threads per row of each tile: S^T [key, value], G = dL/dS
+        [value, key] and its transpose G^T [key, value] (the redundant copy is cheaper than reducing
+        over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes); the
+        per-step vectors go the other way, from one element per row to every column, through shared
+        memory: two barriers per step."""
+        NW: gl.constexpr = N * TPR // 32
+        L: gl.constexpr = gl.BlockedLayout([1, N // TPR], [32 // TPR, TPR], [NW, 1], [1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(1, L)     # x[i] for the rows: one element per thread
+        COL: gl.constexpr = gl.SliceLayout(0, L)     # x[j] for the columns: this thread's N/TPR of them
+        SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        i_bh = gl.program_id(0).to(gl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        ri = gl.arange(0, N, layout=ROW)
+        ci = gl.arange(0, N, layout=COL)
+        own = ri[:, None] * N + ci[None, :]          # [row, column] of a state in memory
+        tr = ci[None, :] * N + ri[:, None]           # its transpose
+        x0 = (i_b * T * H + i_h) * N
+        # one buffer each (separate buffers: the compiler then needs no barrier between the stores)
+        s_dy = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_v = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_sa = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_r = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_k = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_b = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_w = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_a = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        s_dsa = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+
+        ST = gl.load(sT + i_bh * N * N + tr)         # S_t^T, from t = T-1 down
+        G = gl.load(dsT + i_bh * N * N + own)        # dL/dS_t
+        GT = gl.load(dsT + i_bh * N * N + tr)
+        amp = gl.zeros([], gl.float32)               # bound on the sum of -logw since the last exact S
+
+        o = ((i_b * T + T - 1) * H + i_h) * N
+        r_t = gl.load(r + o + ri).to(gl.float32)
+        k_t = gl.load(k + o + ri).to(gl.float32)
+        lw_t = gl.load(logw + o + ri).to(gl.float32)
+        a_t = gl.load(a + o + ri).to(gl.float32)
+        b_t = gl.load(b + o + ri).to(gl.float32)
+        v_t = gl.load(v + o + ri).to(gl.float32)
+        dy_t = gl.load(dy + o + ri).to(gl.float32)
+        sa_t = gl.load(sa_buf + o + ri)
+        for i in range(T):
+            t = T - 1 - i
+            on = x0 + gl.maximum(t - 1, 0).to(gl.int64) * (H * N)     # step t-1, loaded during step t
+            r_n = gl.load(r + on + ri).to(gl.float32)
+            k_n = gl.load(k + on + ri).to(gl.float32)
+            lw_n = gl.load(logw + on + ri).to(gl.float32)
+            a_n = gl.load(a + on + ri).to(gl.float32)
+            b_n = gl.load(b + on + ri).to(gl.float32)
+            v_n = gl.load(v + on + ri).to(gl.float32)
+            dy_n = gl.load(dy + on + ri).to(gl.float32)
+            sa_n = gl.load(sa_buf + on + ri)
+
+            w_t = gl.exp(lw_t)
+            s_dy.store(dy_t)
+            s_v.store(v_t)
+            s_sa.store(sa_t)
+            s_r.store(r_t)
+            s_k.store(k_t)
+            s_b.store(b_t)
+            s_w.store(w_t)
+            s_a.store(a_t)
+            gl.thread_barrier()
+            dyC = s_dy.load(COL)
+            gl.store(dr + o + ri, gl.sum(ST * dyC[None, :], 1).to(dr.dtype.element_ty))    # S_t^T dy_t
+            # ST <- S_{t-1}^T: invert step t, or replay it from the checkpoint if inverting would lose
+            # accuracy (amp: the sum over steps of the largest -logw, which bounds every key's)
+            c0 = t - t % CHUNK
+            amp_t = amp + gl.load(amax + (i_b * T + t) * H + i_h)
+            if (t == c0) | (amp_t > LOG_AMP_MAX):
+                ST = gl.load(ckpt + (i_bh * NC + c0 // CHUNK) * N * N + tr)
+                for s in range(c0, t):
+                    os = x0 + s.to(gl.int64) * (H * N)
+                    ST = ST * gl.exp(gl.load(logw + os + ri).to(gl.float32))[:, None] \
+                        + gl.load(b + os + ri).to(gl.float32)[:, None] * gl.load(sa_buf + os + ci)[None, :] \
+                        + gl.load(k + os + ri).to(gl.float32)[:, None] * gl.load(v + os + ci).to(gl.float32)[None, :]
+                amp = gl.zeros([], gl.float32)
+            else:
+                ST = (ST - k_t[:, None] * s_v.load(COL)[None, :] - b_t[:, None] * s_sa.load(COL)[None, :]) \
+                    * gl.exp(-lw_t)[:, None]
+                amp = amp_t
+
+            G += dy_t[:, None] * s_r.load(COL)[None, :]
+            GT += r_t[:, None] * dyC[None, :]
+            dsa = gl.sum(G * s_b.load(COL)[None, :], 1)                                    # G b_t
+            s_dsa.store(dsa)
+            gl.store(dv + o + ri, gl.sum(G * s_k.load(COL)[None, :], 1).to(dv.dtype.element_ty))
+            gl.store(dk + o + ri, gl.sum(GT * s_v.load(COL)[None, :], 1).to(dk.dtype.element_ty))
+            gl.store(db + o + ri, gl.sum(GT * s_sa.load(COL)[None, :], 1).to(db.dtype.element_ty))
+            gl.store(dlogw + o + ri, (gl.sum(GT * ST, 1) * w_t).to(dlogw.dtype.element_ty))
+            wC = s_w.load(COL)
+            aC = s_a.load(COL)
+            gl.thread_barrier()
+            dsaC = s_dsa.load(COL)
+            gl.store(da + o + ri, gl.sum(ST * dsaC[None, :], 1).to(da.dtype.element_ty))   # S_{t-1}^T dsa
+            G = G * wC[None, :] + dsa[:, None] * aC[None, :]
+            GT = GT * w_t[:, None] + a_t[:, None] * dsaC[None, :]
+
+            o = on
+            r_t = r_n
+            k_t = k_n
+            lw_t = lw_n
+            a_t = a_n
+            b_t = b_n
+            v_t = v_n
+            dy_t = dy_n
+            sa_t = sa_n
+        gl.store(ds0 + i_bh * N * N + own, G)
+
+    return _bwd_rows_kernel
+
+
 # ---------------------------------------------------------------- launch configuration
 
 def _sm_count(device: torch.device) -> int:
@@ -215,16 +352,33 @@ def _sm_count(device: torch.device) -> int:
 PARTIALS_BUDGET = 2 ** 30   # bytes of fp32 partial sums the backward may use to split a head's rows
 
 
+def _has_gluon() -> bool:
+    """Whether this Triton has Gluon (the backward's rows kernel needs it; the interpreter cannot run it)."""
+    if _interpreting():
+        return False
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ImportError:
+        return False
+
+
 def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict:
     """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
-    ptxas decides). One program per head (BV = N, up to 64) unless there are too few heads to give every
-    SM two programs; the backward splits a head's rows only while the partial sums of the five key
-    gradients (fp32, one copy per program of a head) stay within PARTIALS_BUDGET. About 64 state values
-    per thread. Why so few threads: every warp repeats the same per-step overhead (loading the key
-    vectors, shuffles, stores), so the fewer warps per head the fewer instructions per step. Compiled
-    for an H100 (sm_90, bf16), per head and step: forward 1388 instructions with 2 warps (158 registers)
-    against 1796 with 4; backward 3750 with 2 warps (255 registers, no spills) against 5380 with 4 and
-    8100 with 8. Chosen from those counts, not yet from timings: bench/wkv_kernel.py --configs sweeps."""
+    ptxas decides); or "bwd": ("rows", TPR, maxnreg), the Gluon backward with TPR threads per tile row
+    (N * TPR / 32 warps, one program per head), the default for N <= 64 where Gluon exists.
+
+    Forward (and the tile backward): one program per head (BV = N, up to 64) unless there are too few
+    heads to give every SM two programs; the tile backward splits a head's rows only while the partial
+    sums of the five key gradients (fp32, one copy per program of a head) stay within PARTIALS_BUDGET.
+    About 64 state values per thread. Why so few threads: every warp repeats the same per-step overhead
+    (loading the key vectors, shuffles, stores), so the fewer warps per head the fewer instructions per
+    step. Compiled for an H100 (sm_90, bf16), per head and step: forward 1388 instructions with 2 warps
+    (158 registers) against 1796 with 4; tile backward 3750 with 2 warps (255 registers, no spills)
+    against 5380 with 4 and 8100 with 8, with about 40 barriers per step (its reductions over value rows
+    cross warps). The rows backward: 3050 instructions per head and step on its common path (no replay)
+    with TPR 2 (4 warps, 244 registers, no spills; TPR 1 spills), and 2 barriers per step.
+    Measured at B=8, T=4096, C=4096 on an H100 (tile backward): 64x2/64x2 25.5 ms forward + backward,
+    64x2/64x4 39.0, 64x4/64x4 39.1, 64x4/64x8:128 71.3; bench/wkv_kernel.py --configs sweeps."""
     few_heads = lambda bv: B * H * (N // bv) < 2 * _sm_count(device)  # noqa: E731
     fwd_bv = bwd_bv = min(N, 64)
     while fwd_bv > 16 and few_heads(fwd_bv):
@@ -232,7 +386,8 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     while bwd_bv > 16 and few_heads(bwd_bv) and 5 * 4 * (2 * N // bwd_bv) * B * T * H * N <= PARTIALS_BUDGET:
         bwd_bv //= 2
     warps = lambda bv: max(1, min(8, bv * N // 2048))  # noqa: E731
-    return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": (bwd_bv, warps(bwd_bv), None)}
+    bwd = ("rows", 2, None) if N <= 64 and _has_gluon() else (bwd_bv, warps(bwd_bv), None)
+    return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": bwd}
 
 
 def _launch_options(cfg: tuple) -> dict:
@@ -275,12 +430,28 @@ class _WKV7(torch.autograd.Function):
         r, k, v, logw, a, b, sT, ckpt, sa = ctx.saved_tensors
         B, T, H, N = r.shape
         _, bwd = _kernels()
-        bv = ctx.config["bwd"][0]
-        nv = N // bv
         dy = dy.contiguous() if dy is not None else torch.zeros_like(r)
         dsT = dsT.float().contiguous() if dsT is not None else torch.zeros_like(sT)
         dv, ds0 = torch.empty_like(v), torch.empty_like(sT)
         keyed = (r, k, logw, a, b)
+        if ctx.config["bwd"][0] == "rows":
+            _, tpr, maxnreg = ctx.config["bwd"]
+            rows = _rows_kernel()
+            if rows is None:
+                raise UserError("the triton op's 'rows' backward needs Triton with Gluon (triton >= 3.5)",
+                                "pip install -U triton, or pass a tile config such as (64, 2, None)")
+            if not (1 <= tpr <= 32 and N * tpr >= 32):
+                raise UserError(f"the rows backward needs 32 <= N * TPR, TPR <= 32 (got N={N}, TPR={tpr})",
+                                "use TPR = 2 for N = 16 .. 64")
+            dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
+            amax = (-logw.float()).amax(-1).contiguous()    # [B, T, H]: the largest -logw of each step
+            with _on_device(r):
+                rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0, amax,
+                               T, ckpt.shape[1], H=H, N=N, TPR=tpr, CHUNK=CHUNK, LOG_AMP_MAX=LOG_AMP_MAX,
+                               num_warps=N * tpr // 32, **({"maxnreg": maxnreg} if maxnreg else {}))
+            return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None
+        bv = ctx.config["bwd"][0]
+        nv = N // bv
         if nv == 1:   # every program holds all value rows: its key gradients are complete, in their dtype
             outs = [torch.empty_like(x) for x in keyed]
         else:         # one slice of partial sums (over its value rows) per program, added below

@@ -4,6 +4,9 @@ On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy), 
 setting cannot leak into other tests: tiny shapes, every output and every gradient, fp32 to 1e-5. On a
 GPU (marked gpu) the compiled kernels at T=300 (not a multiple of the 16-step checkpoint interval),
 N=64, bf16/fp16/fp32, with and without an initial state. Error measure: test_ops.ratio (relative rms).
+The Gluon 'rows' backward (the GPU default for N <= 64) cannot run in the interpreter: on the CPU it is
+compiled for sm_90 (no GPU needed), its maths was checked by a torch emulation; the GPU tests run it
+(default config) and the tile backward (explicit configs) against the oracle.
 (The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: its bf16 errors are about 2x.)
 """
 from __future__ import annotations

@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="check the config, show two decoded samples with the loss mask, and stop")
     ap.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    ap.add_argument("--config", metavar="FILE", help="a config saved by the web page (output/NAME.env): its "
+                    "NAME='value' lines replace the variables at the top of training.sh")
     args = ap.parse_args(argv)
+    if args.config:
+        from webui.envfile import read_env_file
+        os.environ.update(read_env_file(args.config))
 
     from trainer.config import TrainConfig
     from trainer.loop import dry_run, train

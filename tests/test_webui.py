@@ -1,0 +1,219 @@
+"""The web page's parts without a browser: config files (and ./training.sh --config), the job manager (start,
+one at a time, Stop = Ctrl+C with its save), upload names, error-to-field mapping, the local-only guard,
+the data report and the missing-Gradio message."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from webui import actions
+from webui.envfile import parse_training_sh, read_env_file, training_fields, write_env_file
+from webui.guard import LocalOnly
+from webui.jobs import JobManager
+
+from test_train import make_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ config files
+def test_form_defaults_are_training_sh_values():
+    """The page's defaults are what bash gets from training.sh (compared by sourcing the script)."""
+    names = TrainConfig.names()
+    script = (ROOT / "training.sh").read_text()
+    head = script[:script.index("set +a")]
+    out = subprocess.run(["bash", "-c", head + "\n" + "; ".join(f'printf "%s\\0" "${n}"' for n in names)],
+                         capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    in_sh = {s_name for _, s_name, _, _ in parse_training_sh(script)}
+    fields = {f.name: f for f in training_fields()}
+    assert list(fields) == [n for _, n, _, _ in parse_training_sh(script) if n in names] + \
+        [n for n in names if n not in in_sh]
+    for n, bash_value in zip(names, out):
+        if n in in_sh:
+            assert fields[n].default == bash_value, n
+            assert fields[n].help and fields[n].section != "other"
+    assert fields["SAMPLE_PROMPT"].default == TrainConfig.SAMPLE_PROMPT   # not in training.sh: TrainConfig's
+    assert "DeepSpeed ZeRO" in fields["STRATEGY"].help                    # continued comment lines are kept
+    # the defaults make a valid config
+    TrainConfig.from_env({f.name: f.default for f in fields.values()})
+
+
+def test_env_file_round_trip_and_bash(tmp_path):
+    values = {f.name: f.default for f in training_fields()}
+    values.update(SAMPLE_PROMPT="User: it's $HOME `x` \"q\" \\n\n\nAssistant:", TRAIN_PARTS="time ln", WANDB="")
+    p = write_env_file(tmp_path / "run.env", values)
+    assert read_env_file(p) == values
+    text = p.read_text()
+    assert "LORA_R='64'" in text and "# lora: rank" in text and "./training.sh --config" in text
+    # the same file is valid bash, and bash reads the very same values (nothing expanded)
+    got = subprocess.run(["bash", "-c", f'set -a; source "{p}"; printf "%s" "$SAMPLE_PROMPT"'],
+                         capture_output=True, text=True, check=True).stdout
+    assert got == values["SAMPLE_PROMPT"]
+
+
+def test_env_file_refusals(tmp_path):
+    p = tmp_path / "bad.env"
+    p.write_text("LORA_RANK='8'\n")
+    with pytest.raises(UserError, match="LORA_RANK is not a training.sh variable"):
+        read_env_file(p)
+    p.write_text("echo hi\n")
+    with pytest.raises(UserError, match="is not a NAME=value assignment"):
+        read_env_file(p)
+    p.write_text("MODEL='unclosed\n")
+    with pytest.raises(UserError, match="cannot be read"):
+        read_env_file(p)
+    with pytest.raises(UserError, match="no such file"):
+        read_env_file(tmp_path / "missing.env")
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 80):
+        with pytest.raises(UserError):
+            actions.config_path(bad)
+
+
+def test_training_sh_config_option(tmp_path):
+    """./training.sh --config FILE (tools.train): the file's values replace training.sh's."""
+    make_project(tmp_path, 7)
+    values = {f.name: f.default for f in training_fields()}
+    values.update(MODEL="tiny.pth", DATA="toy", LORA_R="4", LORA_ALPHA="8", CTX_LEN="32", MICRO_BSZ="2",
+                  EPOCH_STEPS="3", PRECISION="fp32", ACCELERATOR="cpu", OP="chunk", SAMPLE_PROMPT="ab")
+    write_env_file(tmp_path / "output" / "t.env", values)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORA_R": "99"}     # the file wins over the environment
+    out = subprocess.run([sys.executable, "-m", "tools.train", "--config", "output/t.env", "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LORA_R            = 4 " in out.stdout and "EPOCH_STEPS       = 3 " in out.stdout
+    bad = tmp_path / "output" / "bad.env"
+    bad.write_text("LORA_R='x'\n")
+    out = subprocess.run([sys.executable, "-m", "tools.train", "--config", str(bad), "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip() == \
+        "error: LORA_R='x' is not a whole number. Fix: fix LORA_R in training.sh"
+
+
+# ------------------------------------------------------------------------------------------ the job manager
+def test_job_manager_start_one_at_a_time_stop_saves(tmp_path):
+    make_project(tmp_path, 7, items=[list(range(1, 30)) + [0]] * 64)
+    values = dict(MODEL="tiny.pth", DATA="toy", OUTPUT="output", LORA_R="4", LORA_ALPHA="8", CTX_LEN="32",
+                  MICRO_BSZ="1", EPOCH_STEPS="64", EPOCH_COUNT="50", PRECISION="fp32", ACCELERATOR="cpu",
+                  OP="chunk", GRAD_CP="0", SAMPLE_PROMPT="ab", LR_INIT="1e-3", LR_FINAL="1e-3")
+    env_file = write_env_file(tmp_path / "output" / "job.env", values)
+    (tmp_path / "output" / "loss.csv").write_text("optimizer_step,epoch,loss,lr,tokens_per_s\n999,0,7.0,1,1\n")
+    jobs = JobManager(tmp_path)
+    assert jobs.status().state == "idle"
+    jobs.start(env_file, "output")
+    try:
+        with pytest.raises(UserError, match="already running"):
+            jobs.start(env_file, "output")
+        deadline = time.time() + 120
+        while time.time() < deadline and len(jobs.status().losses) < 15:
+            time.sleep(0.3)
+        st = jobs.status()
+        assert st.state == "running" and st.running, st.log[-2000:]
+        assert st.total == 64 * 50 and 0 < st.step < st.total and st.loss is not None and st.eta_s > 0
+        assert all(step != 999 for step, _ in st.losses)          # an earlier run's rows are not this job's
+        assert [s for s, _ in st.losses] == sorted({s for s, _ in st.losses})
+        st = jobs.stop()
+    finally:
+        jobs.kill()
+    assert st.state == "stopped" and not st.running and st.exit_code == 130, st.log[-2000:]
+    assert (tmp_path / "output" / "rwkv-interrupted.pth").is_file()
+    assert any(p.endswith("rwkv-interrupted.pth") for p in st.saved)
+    assert "Continue with RESUME=1" in st.log
+    # every optimizer step the trainer logged is on the chart, with loss.csv's values
+    rows = (tmp_path / "output" / "loss.csv").read_text().splitlines()[2:]
+    assert [(int(r.split(",")[0]), float(r.split(",")[2])) for r in rows] == st.losses
+    with pytest.raises(UserError, match="no training job is running"):
+        jobs.stop()
+
+
+# ------------------------------------------------------------------------------------------ small parts
+def test_upload_names_stay_in_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, want in (("../../etc/x.jsonl", "x.jsonl"), ("..\\..\\y.jsonl", "y.jsonl"), ("my data.jsonl",
+                       "my_data.jsonl"), ("/abs/z.JSONL", "z.JSONL"), ("a/..jsonl", None), (".jsonl", None),
+                       (".hidden.jsonl", None), ("x.txt", None), ("x.jsonl/..", None), ("", None)):
+        if want is None:
+            with pytest.raises(UserError):
+                actions.safe_upload_name(name)
+        else:
+            assert actions.safe_upload_name(name) == want
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"text": "hi"}\n')
+    p = actions.save_upload(src, "../../../evil.jsonl", Path("data"))
+    assert p.resolve() == (tmp_path / "data" / "evil.jsonl").resolve() and p.read_text() == src.read_text()
+    assert not (tmp_path.parent / "evil.jsonl").exists()
+
+
+@pytest.mark.parametrize("env,field", [
+    ({"LORA_R": "abc"}, "LORA_R"), ({"LORA_R": "0"}, "LORA_R"), ({"LR_FINAL": "1"}, "LR_FINAL"),
+    ({"FINETUNE_MODE": "qlora"}, "FINETUNE_MODE"), ({"DATALOAD": "only", "MICRO_BSZ": "2"}, "DATALOAD"),
+    ({"MODEL": ""}, "MODEL"), ({"TRAIN_PARTS": "emb xyz"}, "TRAIN_PARTS"), ({"GRAD_CP": "maybe"}, "GRAD_CP"),
+])
+def test_error_goes_next_to_its_field(env, field):
+    values = {f.name: f.default for f in training_fields()}
+    values.update(env)
+    with pytest.raises(UserError) as exc:
+        actions.check_config(values, files=False)
+    assert actions.error_field(exc.value, TrainConfig.names()) == field
+
+
+def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860"):
+    import asyncio
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "http.request"}
+    scope = {"type": "http", "client": client, "headers": [(b"host", host)], "path": "/"}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_guard_refuses_other_hosts():
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+    local = LocalOnly(ok)
+    assert _call(local)[0]["status"] == 200
+    assert _call(local, host=b"localhost:7860")[0]["status"] == 200
+    assert _call(local, client=("::1", 1), host=b"[::1]:7860")[0]["status"] == 200
+    assert _call(local, client=("192.168.1.20", 5000))[0]["status"] == 403
+    assert _call(local, host=b"evil.example:7860")[0]["status"] == 403      # DNS rebinding
+    assert _call(LocalOnly(ok, allow_remote=True), client=("192.168.1.20", 1), host=b"x:1")[0]["status"] == 200
+
+
+def test_data_report_matches_stats(tmp_path):
+    from trainer.data.binidx import write_binidx
+    from trainer.data.stats import summary
+    from trainer.data.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    texts = ["User: hi\n\nAssistant: hello", "User: what is 2+2?\n\nAssistant: 4", "x" * 50]
+    items = [tok.encode(t) + [0] for t in texts]
+    write_binidx(tmp_path / "d", items)
+    rep = actions.data_report(tmp_path / "d")
+    lengths = np.array([len(i) for i in items])
+    s = summary(lengths)
+    assert (rep.items, rep.tokens) == (3, int(lengths.sum()))
+    assert sum(c for _, c in rep.histogram) == 3
+    assert rep.samples == [texts[0] + " ⟨end⟩", texts[1] + " ⟨end⟩"]
+    assert [r for r in rep.batch_rows if r[2]] == [(3, "1×3  3×1", True)]
+    assert f"max {s.max}" in rep.summary and "suggested CTX_LEN" in rep.summary
+
+
+def test_chat_prompt_and_pairs():
+    assert actions.chat_prompt([("hi", "hello\n\nthere")], "how are you?") == \
+        "User: hi\n\nAssistant: hello\nthere\n\nUser: how are you?\n\nAssistant:"
+
+
+def test_missing_gradio_says_what_to_install(monkeypatch):
+    from tools import webui
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(UserError) as exc:
+        webui.main(["--port", "7999"])
+    assert exc.value.fix == 'pip install -e ".[webui]"'

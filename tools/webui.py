@@ -1,0 +1,66 @@
+"""python -m tools.webui [--host 127.0.0.1] [--port 7860] [--root .]: the web page for the whole workflow.
+
+Serves Data (tokenize), Train (the training.sh form, live progress, Stop = Ctrl+C), Merge and Chat over the
+project folder ROOT (data/, model/, output/, merge/). Only this machine can open it unless --host names
+another address; then anyone who can reach that address can start training and read your files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError, run_cli
+
+LOCAL = ("127.0.0.1", "localhost", "::1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="webui.sh", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only). Another address (e.g. 0.0.0.0) lets other machines in: a warning is printed")
+    ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ap.add_argument("--root", default=".", help="the project folder with data/ model/ output/ merge/ (default: here)")
+    args = ap.parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a port number.", "use e.g. --port 7860")
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        raise UserError(f"--root {root} is not a folder.", "give the project folder (with data/ and model/)")
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("the web page needs Gradio, which is not installed.",
+                        'pip install -e ".[webui]"') from None
+    os.chdir(root)
+    for d in ("data", "model", "output", "merge"):
+        Path(d).mkdir(exist_ok=True)
+    from webui.app import make_app
+    from webui.jobs import JobManager
+
+    remote = args.host not in LOCAL
+    if remote:
+        print(f"WARNING: listening on {args.host}: other machines that reach this address can use the page, start "
+              "training and download your models. There is no password. Use this only on a network you trust.",
+              file=sys.stderr, flush=True)
+    jobs = JobManager(root)
+    app = make_app(allow_remote=remote, jobs=jobs)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"rwkv-peft-simple web page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else shown}:{args.port}/"
+          f"  (project folder {root}; Ctrl+C stops the server)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if jobs.running:            # Ctrl+C on the server: the training job saves its checkpoint first
+            print("stopping the training job (it saves a checkpoint first) ...", file=sys.stderr, flush=True)
+            jobs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,318 @@
+"""What the web page's buttons do, without the page: plain functions over the project's own code.
+
+Every function works in the project folder (the current directory, as the shell scripts do) and raises
+``UserError`` for anything the user can fix; the page shows its message. Nothing here re-implements a rule:
+tokenizing is tools.make_tokenize's ``main``, the statistics are trainer.data.stats, the config is
+TrainConfig with its validation, the memory estimate is trainer.memory, merging is trainer.checkpoint's
+``merge_epoch`` with tools.merge's usage text, and chat is trainer.inference's ``generate``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import UserError
+
+DATA_DIR = Path("data")
+MODEL_DIR = Path("model")
+MERGE_DIR = Path("merge")
+_stdout_lock = threading.Lock()
+
+
+# ------------------------------------------------------------------------------------------ data
+def list_jsonl(data_dir: Path = DATA_DIR) -> list[str]:
+    return sorted(p.name for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
+
+
+def list_data(data_dir: Path = DATA_DIR) -> list[str]:
+    """Tokenized data sets: the NAME of every data/NAME.bin + data/NAME.idx."""
+    if not data_dir.is_dir():
+        return []
+    return sorted(p.stem for p in data_dir.glob("*.idx") if p.with_suffix(".bin").is_file())
+
+
+def safe_upload_name(name: str) -> str:
+    """The file name an upload is stored under in data/: its last path part, plain characters, .jsonl."""
+    base = re.split(r"[\\/]", str(name))[-1].strip()
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base)
+    if not base.lower().endswith(".jsonl") or base.startswith(".") or base in (".jsonl",) or ".." in base:
+        raise UserError(f"{name!r} is not a .jsonl file name.",
+                        "upload a file named like mydata.jsonl (one JSON object per line)")
+    return base
+
+
+def save_upload(src: str | Path, name: str, data_dir: Path = DATA_DIR) -> Path:
+    """Copy an uploaded file into data/ under a safe name (never outside data/). Returns the new path."""
+    target = data_dir / safe_upload_name(name)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
+        raise UserError(f"{name!r} would be stored outside {data_dir}/.", "upload a plain file name")
+    tmp = target.with_name(target.name + ".tmp-upload")
+    shutil.copyfile(src, tmp)
+    tmp.replace(target)
+    return target
+
+
+def _captured(fn, *args) -> str:
+    """Run a command-line entry point's ``main`` and return what it printed (UserError passes through)."""
+    buf = io.StringIO()
+    with _stdout_lock, contextlib.redirect_stdout(buf):
+        fn(*args)
+    return buf.getvalue()
+
+
+def tokenize(file: str, repeat: str | int = 1, max_tokens: str | int | None = None, no_eof: bool = False,
+             data_dir: Path = DATA_DIR) -> tuple[str, Path]:
+    """./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data prefix)."""
+    from tools import make_tokenize
+    if not file:
+        raise UserError("no .jsonl file chosen.", "pick one from data/ or upload one")
+    file = safe_upload_name(file)             # a name in data/, nothing else
+    argv = [file, str(repeat).strip() or "1"]
+    if max_tokens not in (None, "", 0, "0"):
+        argv.append(str(max_tokens).strip())
+    if no_eof:
+        argv.append("--no-eof")
+    argv += ["--data-dir", str(data_dir)]
+    text = _captured(make_tokenize.main, argv)
+    return text, data_dir / Path(file).stem
+
+
+@dataclass
+class DataReport:
+    items: int
+    tokens: int
+    summary: str                          # min / mean / p95 / max and the suggested CTX_LEN
+    histogram: list[tuple[str, int]]      # (length range, items): make_tokenize's histogram
+    batch_rows: list[tuple[int, str, bool]]   # (items, "MICRO_BSZ x EPOCH_STEPS ...", is your count)
+    samples: list[str]                    # the first two items, decoded
+    suggested_ctx_len: int
+    report: str                           # make_tokenize's whole text report
+
+
+def data_report(prefix: str | Path, n_samples: int = 2, max_bsz: int = 128) -> DataReport:
+    """Statistics of a tokenized data set, from its .idx (what make_tokenize prints), and two decoded items."""
+    import numpy as np
+
+    from trainer.data.binidx import BinIdx
+    from trainer.data.stats import batch_table, histogram_lines, report_lines, suggest_ctx_len, summary
+    from trainer.data.tokenizer import get_tokenizer
+
+    data = BinIdx(prefix)
+    lengths = np.asarray(data.sizes, dtype=np.int64)
+    if lengths.size == 0:
+        raise UserError(f"{prefix} holds no items.", "tokenize a .jsonl file with at least one item")
+    s = summary(lengths)
+    ctx, why = suggest_ctx_len(lengths)
+    hist = []
+    for line in histogram_lines(lengths):
+        m = re.match(r"\s*(\d+)\.\.(\d+)\s*\|.*?(\d+)\s*$", line)
+        if m:
+            hist.append((f"{m.group(1)}-{m.group(2)}", int(m.group(3))))
+    rows = []
+    for count, divs in batch_table(s.items):
+        cells = "  ".join(f"{d}×{count // d}" for d in [d for d in divs if d <= max_bsz][:12])
+        rows.append((count, cells, count == s.items))
+    tok = get_tokenizer()
+    samples = []
+    for i in range(min(n_samples, len(data))):
+        ids = [int(t) for t in data[i]]
+        samples.append(tok.decode([t for t in ids if t != 0]) + (" ⟨end⟩" if ids and ids[-1] == 0 else ""))
+    text = (f"items: {s.items}   tokens: {s.tokens}\n"
+            f"item length (tokens): min {s.min}  mean {s.mean:.1f}  p95 {s.p95}  max {s.max}\n"
+            f"max_length {s.max_length} (power of two: {s.max_length_power_of_two})\n"
+            f"suggested CTX_LEN: {ctx} ({why})")
+    return DataReport(s.items, s.tokens, text, hist, rows, samples, ctx, "\n".join(report_lines(lengths)))
+
+
+# ------------------------------------------------------------------------------------------ train form
+FIELD_NAME = re.compile(r"\b([A-Z][A-Z0-9_]{2,})\b")
+
+
+def error_field(err: UserError, names: list[str]) -> str | None:
+    """The variable a config error is about: the first known NAME in its message."""
+    for m in FIELD_NAME.finditer(err.message):
+        if m.group(1) in names:
+            return m.group(1)
+    return None
+
+
+def check_config(values: dict[str, str], files: bool = True):
+    """TrainConfig.from_env over the form's values, then (``files``) cfg.check_files(). Returns the config."""
+    from trainer.config import TrainConfig
+    cfg = TrainConfig.from_env(values)
+    if files:
+        cfg.check_files()
+    return cfg
+
+
+def memory_estimate(cfg) -> str:
+    """What ./training.sh --dry-run prints as the memory estimate, from the model file's header."""
+    from trainer import checkpoint, ops
+    from trainer.loop import resolve_device
+    from trainer.memory import estimate
+    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)
+    device = resolve_device(cfg)
+    op = ops.resolve(cfg.OP, device, sizes.version)
+    where = "GPU" if device.type == "cuda" else "memory (training on the CPU)"
+    return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}; "
+            f"device {device}, WKV op '{op}'. Estimated peak {where}, term by term (trainer/memory.py):\n"
+            + estimate(cfg, sizes, op).table())
+
+
+def config_name(name: str) -> str:
+    """A config's file name part: letters, digits, '-', '_' and '.'."""
+    name = (name or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
+        raise UserError(f"config name {name!r} is not a plain name.",
+                        "use letters, digits, '-', '_' (e.g. my-first-run)")
+    return name
+
+
+def config_path(name: str, folder: Path = Path("output")) -> Path:
+    return folder / f"{config_name(name)}.env"
+
+
+def list_configs(folder: Path = Path("output")) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.env")) if folder.is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------ merge
+def list_epochs(output_dir: str | Path) -> list[str]:
+    from trainer.checkpoint import list_epochs as epochs
+    return epochs(output_dir)
+
+
+def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = False,
+          merge_dir: Path = MERGE_DIR, model_dir: Path = MODEL_DIR) -> tuple[str, list[Path]]:
+    """./merge.sh EPOCH: returns (what merge.sh prints, the files written)."""
+    import time
+
+    from tools.merge import usage_text
+    from trainer.checkpoint import merge_epoch
+    if not epoch:
+        raise UserError(f"no checkpoint chosen ({output_dir} has {', '.join(list_epochs(output_dir)) or 'none'}).",
+                        "train first, then pick an epoch")
+    t0 = time.time()
+    res = merge_epoch(epoch, output_dir=output_dir, model_dir=model_dir, merge_dir=merge_dir, dtype=dtype,
+                      state_model=state_model)
+    meta = res.meta
+    settings = ", ".join(f"{k}={v}" for k, v in (meta.get("settings") or {}).items())
+    files = [p for p in (res.state, res.model) if p is not None]
+    lines = [f"merged {res.checkpoint} ({meta['method']}{' ' + settings if settings else ''}) into {res.base} "
+             f"(RWKV-{res.version}), {dtype}, in {time.time() - t0:.1f} s"]
+    lines += [f"wrote {p.resolve()} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files]
+    lines += [f"note: {n}" for n in res.notes]
+    return "\n".join(lines) + "\n\n" + usage_text(res), files
+
+
+# ------------------------------------------------------------------------------------------ chat
+NONE = "(none)"
+
+
+def model_choices(model_dir: Path = MODEL_DIR, merge_dir: Path = MERGE_DIR) -> list[str]:
+    """Models to chat with: base models in model/ and merged models in merge/ (not state files)."""
+    out = sorted(str(p) for p in model_dir.glob("*.pth")) if model_dir.is_dir() else []
+    if merge_dir.is_dir():
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if not _is_state_file(p))
+    return out
+
+
+def addon_choices(output_dirs: list[str], merge_dir: Path = MERGE_DIR) -> list[str]:
+    """What can go on top of a base model: training checkpoints (any method) and state files."""
+    out = [NONE]
+    for d in dict.fromkeys(output_dirs):
+        for tag in list_epochs(d):
+            out.append(str(Path(d) / f"rwkv-{tag}.pth"))
+    if merge_dir.is_dir():
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if _is_state_file(p))
+    return out
+
+
+def _is_state_file(p: Path) -> bool:
+    return "-state-" in p.name and not p.name.endswith("-model.pth")
+
+
+class ChatModels:
+    """Loaded models for the chat page, the most recent few kept (a model with an adapter is its own entry)."""
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._models: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: str, addon: str = NONE):
+        key = (model, addon or NONE)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        m = self._load(model, addon)
+        with self._lock:
+            self._models[key] = m
+            while len(self._models) > self.keep:
+                self._models.popitem(last=False)
+        return m
+
+    @staticmethod
+    def _load(model: str, addon: str):
+        from tools.evaluate import pick_device, pick_dtype
+        from trainer import ops
+        from trainer.checkpoint import attach_adapter, attach_state_file, load_model
+        if not model:
+            raise UserError("no model chosen.", "pick a model from model/ or merge/")
+        device = pick_device("auto")
+        m = load_model(model, dtype=pick_dtype("auto", device), device=device)
+        if addon and addon != NONE:
+            if _is_state_file(Path(addon)):
+                attach_state_file(m, addon)
+            else:
+                attach_adapter(m, addon, model)
+        m.op = ops.resolve("auto", device, m.cfg.version)
+        m.requires_grad_(False)
+        return m
+
+
+def chat_prompt(history: list[tuple[str, str]], message: str) -> str:
+    """The RWKV chat format: turns 'User: ...' and 'Assistant: ...' separated by a blank line."""
+    def clean(t: str) -> str:                 # a blank line ends a turn: keep turns free of them
+        return re.sub(r"\n\s*\n+", "\n", t.replace("\r\n", "\n")).strip()
+    parts = [f"User: {clean(u)}\n\nAssistant: {clean(a)}" for u, a in history]
+    parts.append(f"User: {clean(message)}\n\nAssistant:")
+    return "\n\n".join(parts)
+
+
+class _Stop(Exception):
+    pass
+
+
+def reply(model, history: list[tuple[str, str]], message: str, max_tokens: int = 100, temperature: float = 1.0,
+          top_p: float = 0.5, seed: int = 0) -> str:
+    """The model's answer to ``message`` after ``history``, cut at the first blank line (end of the turn)."""
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.inference import generate
+    if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"max tokens {max_tokens}, temperature {temperature}, top-p {top_p}: out of range.",
+                        "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
+    tok = get_tokenizer()
+    ids: list[int] = []
+
+    def on_token(t: int) -> None:
+        ids.append(t)
+        if "\n\n" in tok.decode([i for i in ids if i != 0]).lstrip():
+            raise _Stop
+
+    prompt = tok.encode(chat_prompt(history, message))
+    try:
+        generate(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                 vocab_limit=min(model.cfg.vocab_size, 65530), on_token=on_token)
+    except _Stop:
+        pass
+    text = tok.decode([i for i in ids if i != 0])
+    return text.split("\n\n")[0].strip()

@@ -1,0 +1,230 @@
+"""The one training job of the web page: started as a separate process, watched, stopped like Ctrl+C.
+
+    jobs = JobManager(root)                     # one per server; the job's state lives here, not in the page
+    jobs.start(env_file, output_dir, resume)    # python -m tools.train --config ENV_FILE --no-progress
+    st = jobs.status()                          # what the page shows: step, loss, tokens/s, time left, losses...
+    jobs.stop()                                 # SIGINT to the trainer, as Ctrl+C, then wait for its save
+
+Only one job runs at a time (a second start is refused with a UserError). A reloaded page or a second tab
+calls ``status()`` and sees the same job. The trainer's own files are the source of truth: ``loss.csv``
+(every optimizer step, written in blocks of 10), ``samples.txt`` (one sample per save) and its log lines
+(``--no-progress``: one line per ~5% of the run or every 15 s). Rows of ``loss.csv`` and ``samples.txt``
+written before the job started (an earlier run in the same OUTPUT) are not shown unless it resumes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS = re.compile(r"epoch (\d+) step (\d+)/(\d+)\s+optimizer step (\d+)/(\d+)\s+loss (\S+)\s+lr (\S+)\s+"
+                      r"([\d,.]+) tokens/s")
+SAVED = re.compile(r"^(?:saved|stopped: saved) (\S+\.pth)")
+LOG_LINES = 400
+
+
+@dataclass
+class Status:
+    state: str = "idle"              # idle | starting | running | stopping | finished | stopped | failed
+    running: bool = False
+    step: int = 0                    # optimizer steps done
+    total: int = 0                   # optimizer steps in the run
+    epoch: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    elapsed_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, loss) for the chart
+    samples: str = ""
+    saved: list[str] = field(default_factory=list)
+    log: str = ""
+    exit_code: int | None = None
+    error: str = ""                  # the trainer's "error: ..." line (a UserError), if it failed with one
+    output_dir: str = ""
+    env_file: str = ""
+    command: str = ""
+
+
+def _offset(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class Job:
+    def __init__(self, cmd: list[str], cwd: Path, env: dict, output_dir: Path, env_file: Path, resume: bool):
+        self.output_dir = output_dir
+        self.env_file = env_file
+        self.csv_path = output_dir / "loss.csv"
+        self.samples_path = output_dir / "samples.txt"
+        # rows from an earlier run in the same folder are not this job's (unless it resumes that run)
+        self.csv_from = 0 if resume else _offset(self.csv_path)
+        self.samples_from = 0 if resume else _offset(self.samples_path)
+        self.log_path = output_dir / "webui-train.log"
+        self.lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.progress: list[tuple[float, tuple]] = []    # (time received, PROGRESS groups)
+        self.saved: list[str] = []
+        self.error = ""
+        self.stop_requested = False
+        self.started = time.time()
+        self.ended: float | None = None
+        self.command = " ".join(cmd)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w", encoding="utf-8")
+        # its own process group: SIGINT reaches the trainer and any process it starts, as Ctrl+C in a terminal
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+                                     bufsize=1, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            self.lines.append(line)
+            self._log.write(raw)
+            self._log.flush()
+            m = PROGRESS.search(line)
+            if m:
+                self.progress.append((time.time(), m.groups()))
+            m = SAVED.search(line.strip())
+            if m:
+                self.saved.append(m.group(1))
+            if line.startswith("error: "):
+                self.error = line[len("error: "):]
+        self.proc.wait()
+        self.ended = time.time()
+        self._log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None or self._reader.is_alive()
+
+    def losses(self) -> list[tuple[int, float]]:
+        rows: list[tuple[int, float]] = []
+        try:
+            with open(self.csv_path, encoding="utf-8") as fh:
+                head = fh.readline()
+                fh.seek(max(self.csv_from, len(head)))
+                for row in csv.reader(io.StringIO(fh.read())):
+                    if len(row) >= 3 and row[0].isdigit():
+                        rows.append((int(row[0]), float(row[2])))
+        except (OSError, ValueError):
+            pass
+        last = rows[-1][0] if rows else -1
+        for _, g in self.progress:          # log lines newer than the last block written to loss.csv
+            step = int(g[3])
+            if step > last:
+                rows.append((step, float(g[5])))
+                last = step
+        return rows
+
+    def samples(self) -> str:
+        try:
+            with open(self.samples_path, encoding="utf-8") as fh:
+                fh.seek(self.samples_from)
+                return fh.read()
+        except OSError:
+            return ""
+
+    def status(self) -> Status:
+        running = self.running
+        code = None if running else self.proc.returncode
+        if running:
+            state = "stopping" if self.stop_requested else ("running" if self.progress else "starting")
+        elif self.stop_requested or code == 130:
+            state = "stopped"
+        else:
+            state = "finished" if code == 0 else "failed"
+        now = self.ended if self.ended and not running else time.time()
+        st = Status(state=state, running=running, exit_code=code, error=self.error, elapsed_s=now - self.started,
+                    losses=self.losses(), samples=self.samples(), saved=list(self.saved),
+                    log="\n".join(self.lines), output_dir=str(self.output_dir), env_file=str(self.env_file),
+                    command=self.command)
+        if self.progress:
+            t_last, g = self.progress[-1]
+            st.epoch, st.step, st.total = int(g[0]), int(g[3]), int(g[4])
+            st.loss, st.tokens_per_s = float(g[5]), float(g[7].replace(",", ""))
+            if st.losses and st.losses[-1][0] > st.step:      # loss.csv can be ahead of the last log line
+                st.step, st.loss = st.losses[-1]
+            t0, g0 = self.progress[0]
+            done = st.step - int(g0[3])
+            if running and done > 0:
+                per_step = (t_last - t0) / max(1, int(g[3]) - int(g0[3])) if len(self.progress) > 1 else \
+                    (t_last - self.started) / max(1, int(g[3]))
+                st.eta_s = max(0.0, per_step * (st.total - st.step))
+        return st
+
+    def interrupt(self) -> None:
+        self.stop_requested = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
+class JobManager:
+    """Holds at most one training job; safe to call from several page sessions at once."""
+
+    def __init__(self, root: Path | str = "."):
+        self.root = Path(root)
+        self.job: Job | None = None
+        self._lock = threading.Lock()
+
+    def start(self, env_file: Path | str, output_dir: Path | str, resume: bool = False,
+              extra_args: list[str] | None = None) -> Job:
+        with self._lock:
+            if self.job is not None and self.job.running:
+                raise UserError(f"a training job is already running (output {self.job.output_dir}).",
+                                "wait for it to finish, or press Stop first: one job runs at a time")
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env["PYTHONUNBUFFERED"] = "1"
+            cmd = [sys.executable, "-m", "tools.train", "--config", str(env_file), "--no-progress",
+                   *(extra_args or [])]
+            out = Path(output_dir)
+            self.job = Job(cmd, self.root, env, out if out.is_absolute() else self.root / out, Path(env_file),
+                           resume)
+            return self.job
+
+    def status(self) -> Status:
+        job = self.job
+        return job.status() if job is not None else Status()
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def stop(self, wait_s: float = 120.0) -> Status:
+        """Ctrl+C for the trainer: SIGINT, then wait (up to ``wait_s``) while it saves rwkv-interrupted.pth."""
+        job = self.job
+        if job is None or not job.running:
+            raise UserError("no training job is running.", "start one with Start")
+        job.interrupt()
+        deadline = time.time() + wait_s
+        while job.running and time.time() < deadline:
+            time.sleep(0.2)
+        return job.status()
+
+    def kill(self) -> None:
+        """End the trainer without saving (server shutdown after a stop that did not finish)."""
+        job = self.job
+        if job is not None and job.proc.poll() is None:
+            try:
+                os.killpg(job.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass

@@ -314,8 +314,18 @@ def run_row(spec: dict) -> dict:
     if sampler is not None:
         sampler.start()
     t0 = time.perf_counter()
+    profile = os.environ.get("TRAIN_SPEED_PROFILE")      # =N: print the N costliest GPU kernels of the row
+    prof = None
+    if profile and cuda:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
     try:
         loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(profile)), file=sys.stderr)
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), file=sys.stderr)
     except torch.cuda.OutOfMemoryError as err:
         out["status"] = "OOM"
         out["error"] = str(err).splitlines()[0][:300]
@@ -583,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                     steps=opts.steps, warmup=opts.warmup, precision=opts.precision, lora_r=opts.lora_r,
                     lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak)
         rc, so, se = _child(["--_row", json.dumps(spec)], opts.row_timeout)
+        if os.environ.get("TRAIN_SPEED_PROFILE"):
+            print(se[se.find("-----"):], flush=True)       # the profiler's tables
         res = _tagged(so, "ROW:")
         if res is None:
             tail = [ln for ln in se.strip().splitlines() if ln.strip()]

@@ -378,7 +378,9 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     cross warps). The rows backward: 3050 instructions per head and step on its common path (no replay)
     with TPR 2 (4 warps, 244 registers, no spills; TPR 1 spills), and 2 barriers per step.
     Measured at B=8, T=4096, C=4096 on an H100 (tile backward): 64x2/64x2 25.5 ms forward + backward,
-    64x2/64x4 39.0, 64x4/64x4 39.1, 64x4/64x8:128 71.3; bench/wkv_kernel.py --configs sweeps."""
+    64x2/64x4 39.0, 64x4/64x4 39.1, 64x4/64x8:128 71.3; rows backward: r1 23.1, r2 24.8, r4 46.4, r2:128
+    33.2; at B=8, T=1024, C=768 the split tile backward 2.22 against rows r2 2.57 (bench/wkv_kernel.py
+    --configs sweeps; bench/RESULTS.md)."""
     few_heads = lambda bv: B * H * (N // bv) < 2 * _sm_count(device)  # noqa: E731
     fwd_bv = bwd_bv = min(N, 64)
     while fwd_bv > 16 and few_heads(fwd_bv):
@@ -386,7 +388,13 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     while bwd_bv > 16 and few_heads(bwd_bv) and 5 * 4 * (2 * N // bwd_bv) * B * T * H * N <= PARTIALS_BUDGET:
         bwd_bv //= 2
     warps = lambda bv: max(1, min(8, bv * N // 2048))  # noqa: E731
-    bwd = ("rows", 2, None) if N <= 64 and _has_gluon() else (bwd_bv, warps(bwd_bv), None)
+    # measured on an H100 (bench/RESULTS.md): where a head's rows are not split, the rows backward with one
+    # thread per row at N = 64 (23.1 ms at B8 T4096 C4096, vs 24.8 with two and 25.3 for the tile backward);
+    # where few heads make the tile backward split them (B8 T1024 C768), the split tile backward (2.22 ms vs 2.57)
+    if N <= 64 and _has_gluon() and bwd_bv == min(N, 64):
+        bwd = ("rows", 1 if N == 64 else 2, None)
+    else:
+        bwd = (bwd_bv, warps(bwd_bv), None)
     return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": bwd}
 
 

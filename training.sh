@@ -3,6 +3,7 @@
 # Edit the variables below, then run ./training.sh   (./training.sh --dry-run checks everything first
 # and shows two training samples with the loss mask, without training).
 # Every value is checked before anything is loaded; a mistake gets a one-line message with the fix.
+# ./training.sh --config output/NAME.env: a config saved by the web page (./webui.sh) replaces these values.
 set -a   # every variable below is handed to the trainer
 
 # ---------------------------------------------------------------- paths

@@ -160,9 +160,10 @@ def memory_estimate(cfg) -> str:
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)
     device = resolve_device(cfg)
     op = ops.resolve(cfg.OP, device, sizes.version)
-    where = "GPU" if device.type == "cuda" else "memory (training on the CPU)"
+    where = "" if device.type == "cuda" else " (this machine trains on the CPU: what a GPU would need)"
     return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}; "
-            f"device {device}, WKV op '{op}'. Estimated peak {where}, term by term (trainer/memory.py):\n"
+            f"device {device}, WKV op '{op}'. Estimated peak GPU memory{where}, term by term "
+            "(trainer/memory.py, as ./training.sh --dry-run prints it):\n"
             + estimate(cfg, sizes, op).table())
 
 

@@ -41,7 +41,7 @@ OPEN_SECTIONS = ("paths", "method", "data", "schedule")
 CSS = """
 .field-error { color: #b91c1c; font-weight: 600; margin-top: -6px; }
 .field-error p { color: #b91c1c; }
-#train-message.error, #data-message.error { color: #b91c1c; }
+#memory textarea, #tokenize-log textarea, #train-log textarea, #merge-result textarea { font-family: monospace; }
 """
 
 
@@ -63,9 +63,9 @@ def progress_markdown(st: Status) -> str:
     if st.state == "idle":
         return "No training job yet. Fill in the form and press **Start training**."
     pct = f" ({100 * st.step / st.total:.0f}%)" if st.total else ""
-    head = {"starting": "⏳ starting (loading the model and data)", "running": "▶ training",
-            "stopping": "⏸ stopping: saving a checkpoint, as Ctrl+C does", "finished": "✔ finished",
-            "stopped": "⏹ stopped", "failed": "✖ failed"}[st.state]
+    head = {"starting": "Starting (loading the model and the data)", "running": "Training",
+            "stopping": "Stopping: saving a checkpoint, as Ctrl+C does", "finished": "Finished",
+            "stopped": "Stopped", "failed": "Failed"}[st.state]
     lines = [f"**{head}**", ""]
     if st.total or st.step:
         lines.append(f"epoch {st.epoch} · optimizer step **{st.step}/{st.total}**{pct} · loss "
@@ -87,7 +87,9 @@ def progress_markdown(st: Status) -> str:
 
 
 def loss_frame(st: Status) -> pd.DataFrame:
-    return pd.DataFrame(st.losses or [], columns=["step", "loss"])
+    # typed even when empty: the chart keeps the axis types of its first data (object columns would be nominal)
+    return pd.DataFrame({"step": pd.Series([s for s, _ in st.losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in st.losses], dtype="float64")})
 
 
 def _safe(fn: Callable) -> Callable:
@@ -218,16 +220,17 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
                                               choices=[actions.NONE], value=actions.NONE)
                             add = gr.Dropdown(label="with", elem_id=f"chat-addon-{i}",
                                               choices=[actions.NONE], value=actions.NONE)
-                            bot = gr.Chatbot(label=f"model {i + 1}", elem_id=f"chat-{i}", height=320)
+                            bot = gr.Chatbot(label=f"model {i + 1}", elem_id=f"chat-{i}", height=320,
+                                             buttons=["copy", "copy_all"], feedback_options=None)
                             cols.append((mdl, add, bot))
                 with gr.Row():
                     c_msg = gr.Textbox(label="your message", elem_id="chat-input", scale=4)
                     c_send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
                     c_clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
                 with gr.Row():
-                    c_tokens = gr.Slider(1, 500, value=80, step=1, label="max tokens")
-                    c_temp = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature")
-                    c_top_p = gr.Slider(0.05, 1, value=0.5, step=0.05, label="top-p")
+                    c_tokens = gr.Slider(1, 500, value=80, step=1, label="max tokens", elem_id="chat-tokens")
+                    c_temp = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature", elem_id="chat-temperature")
+                    c_top_p = gr.Slider(0.05, 1, value=0.5, step=0.05, label="top-p", elem_id="chat-top-p")
                 c_status = gr.Markdown(elem_id="chat-status")
                 c_refresh = gr.Button("Refresh the lists of models and checkpoints", elem_id="chat-refresh")
 
@@ -283,7 +286,7 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
                 jobs.start(path, cfg.OUTPUT, resume=bool(cfg.RESUME))
             except Exception as err:  # noqa: BLE001
                 return validation(err)
-            return validation(None, f"▶ started: `./training.sh --config {path}` (saved `{path}`)")
+            return validation(None, f"Started: `./training.sh --config {path}` (saved `{path}`)")
 
         def on_load(name):
             if not name:
@@ -309,7 +312,7 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
             st = jobs.stop()
             if st.running:
                 return "SIGINT sent; the trainer is still saving (see the progress below)."
-            return f"⏹ stopped (exit code {st.exit_code}); saved: {', '.join(st.saved) or 'nothing'}"
+            return f"Stopped (exit code {st.exit_code}); saved: {', '.join(st.saved) or 'nothing'}"
 
         def on_tick():
             st = jobs.status()

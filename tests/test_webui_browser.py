@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -103,9 +104,21 @@ def browser():
 @pytest.fixture(scope="module")
 def page(browser, server):
     pg = browser.new_page()
+    elsewhere = []          # the page must work offline: nothing but our server is ever asked for anything
+    browser.on("request", lambda r: elsewhere.append(r.url) if not r.url.startswith((server[0], "data:", "blob:"))
+               else None)
     pg.goto(server[0])
     pg.wait_for_selector("#tokenize")
-    return pg
+    yield pg
+    assert elsewhere == []
+
+
+def test_other_hosts_are_refused(server):
+    url, _ = server
+    req = urllib.request.Request(url, headers={"Host": "attacker.example"})   # DNS rebinding
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 403
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "GRAD_CP": ("1", "0"), "RESUME": ("0", "1"),
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
+MAX_POINTS = 2000          # points on the loss chart
 CSS = """
 .field-error { color: #b91c1c; font-weight: 600; margin-top: -6px; }
 .field-error p { color: #b91c1c; }
@@ -87,9 +88,14 @@ def progress_markdown(st: Status) -> str:
 
 
 def loss_frame(st: Status) -> pd.DataFrame:
-    # typed even when empty: the chart keeps the axis types of its first data (object columns would be nominal)
-    return pd.DataFrame({"step": pd.Series([s for s, _ in st.losses], dtype="int64"),
-                         "loss": pd.Series([v for _, v in st.losses], dtype="float64")})
+    # typed even when empty: the chart keeps the axis types of its first data (object columns would be nominal).
+    # A long run is thinned to about MAX_POINTS (every k-th step, the newest always kept): the page polls each second.
+    rows = st.losses
+    if len(rows) > MAX_POINTS:
+        k = -(-len(rows) // MAX_POINTS)
+        rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
+    return pd.DataFrame({"step": pd.Series([s for s, _ in rows], dtype="int64"),
+                         "loss": pd.Series([v for _, v in rows], dtype="float64")})
 
 
 def _safe(fn: Callable) -> Callable:

@@ -13,7 +13,7 @@ import pytest
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from webui import actions
-from webui.envfile import parse_training_sh, read_env_file, training_fields, write_env_file
+from trainer.envfile import parse_training_sh, read_env_file, training_fields, write_env_file
 from webui.guard import LocalOnly
 from webui.jobs import JobManager
 

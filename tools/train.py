@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     "NAME='value' lines replace the variables at the top of training.sh")
     args = ap.parse_args(argv)
     if args.config:
-        from webui.envfile import read_env_file
+        from trainer.envfile import read_env_file
         os.environ.update(read_env_file(args.config))
 
     from trainer.config import TrainConfig

@@ -28,7 +28,7 @@ from trainer.errors import UserError  # noqa: E402
 
 from . import actions  # noqa: E402
 from .guard import LocalOnly  # noqa: E402
-from .envfile import Field, read_env_file, training_fields, write_env_file  # noqa: E402
+from trainer.envfile import Field, read_env_file, training_fields, write_env_file  # noqa: E402
 from .jobs import JobManager, Status  # noqa: E402
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -16,23 +16,7 @@ import sys
 import time
 
 from trainer.errors import UserError, run_cli
-
-
-def pick_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but PyTorch sees no CUDA GPU here", "use --device cpu (slower)")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device):
-    """The compute dtype: fp32 on the CPU (bf16 matmuls are slow there), bf16 on a GPU, unless given."""
-    from trainer.checkpoint import DTYPES
-    if name == "auto":
-        return DTYPES["bf16" if device.type == "cuda" else "fp32"]
-    return DTYPES[name]
+from trainer.inference import pick_device, pick_dtype  # noqa: F401  (used below, and by tools.generate)
 
 
 def main(argv: list[str] | None = None) -> int:

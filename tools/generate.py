@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
 
-    from tools.evaluate import pick_device, pick_dtype
+    from trainer.inference import pick_device, pick_dtype
     from trainer import ops
     from trainer.checkpoint import load_model
     from trainer.data.tokenizer import get_tokenizer

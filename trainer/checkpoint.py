@@ -749,3 +749,42 @@ def merge_epoch(epoch, output_dir="output", model_dir="model", merge_dir="merge"
     """``./merge.sh EPOCH``: ``merge_checkpoint(output_dir/rwkv-EPOCH.pth, ...)``."""
     path = checkpoint_path(output_dir, epoch)
     return merge_checkpoint(path, model_dir, merge_dir, dtype, base, state_model)
+
+
+def merge_usage_text(res) -> str:
+    """How to use what merge wrote: RWKV-Runner, Ai00, the rwkv package."""
+    v7 = res.version == 7
+    env = 'import os; os.environ["RWKV_V7_ON"] = "1"   # RWKV-7: before importing rwkv\n    ' if v7 else ""
+    lines = []
+    if res.state is not None:
+        shape = "s" if v7 else "s.transpose(1, 2)"
+        lines += [
+            f"Use the state file {res.state} with the base model {res.base}:",
+            "  RWKV-Runner: copy both into its models/ folder; in Configs choose the base model as the model",
+            "               and the state file as its state (state-tuned model).",
+            "  Ai00: convert the state file with convert_safetensors.py too, and list the .st under [[state]]",
+            "        in Ai00's Config.toml next to the base model.",
+            "  the rwkv package: start every prompt from the tuned state (layer i's WKV state is state[3*i+1]):",
+            f"    import torch; {env.strip() + chr(10) + '    ' if env else ''}from rwkv.model import RWKV",
+            f"    model = RWKV(model=\"{str(res.base)[:-len('.pth')] if str(res.base).endswith('.pth') else res.base}\", "
+            "strategy=\"cpu fp32\"); st = torch.load(\"" + str(res.state) + "\")",
+            "    state = [None] * (3 * model.args.n_layer); C = model.args.n_embd",
+            "    for i in range(model.args.n_layer): s = st[f'blocks.{i}.att.time_state'].float(); "
+            f"state[3*i:3*i+3] = [torch.zeros(C), {shape}.contiguous(), torch.zeros(C)]",
+            "    logits, state = model.forward([token ids], state)",
+        ]
+    if res.model is not None:
+        if lines:
+            lines.append("")
+        path = str(res.model)[:-len(".pth")]
+        lines += [
+            f"Use {res.model}" + (" (the base model with the tuned state inside):" if res.state else ":"),
+            "  RWKV-Runner: copy it into RWKV-Runner's models/ folder and choose it as the model in Configs.",
+            "  Ai00: convert it with Ai00's convert_safetensors.py (--input FILE.pth --output FILE.st) and set",
+            "        model_path to the .st file in Ai00's Config.toml.",
+            "  the rwkv package (pip install rwkv):",
+            f"    {env}from rwkv.model import RWKV",
+            f"    model = RWKV(model=\"{path}\", strategy=\"cuda fp16\")   # or \"cpu fp32\"; the path without .pth",
+            "    logits, state = model.forward([token ids], None)",
+        ]
+    return "\n".join(lines)

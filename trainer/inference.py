@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UserError
 from .model import RWKV
 
 END_OF_DOC = 0          # token 0 ends every document in binidx data
@@ -102,3 +103,20 @@ def generate(model: RWKV, prompt_ids: Sequence[int], max_tokens: int = 100, temp
     finally:
         model.train(was_training)
     return out
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto | cuda | cpu for the command-line tools and the web page's chat."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU here", "use --device cpu (slower)")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    """The compute dtype: fp32 on the CPU (bf16 matmuls are slow there), bf16 on a GPU, unless given."""
+    from .checkpoint import DTYPES
+    if name == "auto":
+        return DTYPES["bf16" if device.type == "cuda" else "fp32"]
+    return DTYPES[name]

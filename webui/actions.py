@@ -2,14 +2,13 @@
 
 Every function works in the project folder (the current directory, as the shell scripts do) and raises
 ``UserError`` for anything the user can fix; the page shows its message. Nothing here re-implements a rule:
-tokenizing is tools.make_tokenize's ``main``, the statistics are trainer.data.stats, the config is
-TrainConfig with its validation, the memory estimate is trainer.memory, merging is trainer.checkpoint's
-``merge_epoch`` with tools.merge's usage text, and chat is trainer.inference's ``generate``.
+tokenizing is trainer.data.prepare's ``tokenize_jsonl`` (what make_tokenize.sh runs), the statistics are
+trainer.data.stats, the config is TrainConfig with its validation, the memory estimate is trainer.memory,
+merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and chat is trainer.inference's
+``generate``. Nothing here imports tools/.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shutil
 import threading
@@ -22,7 +21,6 @@ from trainer.errors import UserError
 DATA_DIR = Path("data")
 MODEL_DIR = Path("model")
 MERGE_DIR = Path("merge")
-_stdout_lock = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -59,29 +57,18 @@ def save_upload(src: str | Path, name: str, data_dir: Path = DATA_DIR) -> Path:
     return target
 
 
-def _captured(fn, *args) -> str:
-    """Run a command-line entry point's ``main`` and return what it printed (UserError passes through)."""
-    buf = io.StringIO()
-    with _stdout_lock, contextlib.redirect_stdout(buf):
-        fn(*args)
-    return buf.getvalue()
-
-
 def tokenize(file: str, repeat: str | int = 1, max_tokens: str | int | None = None, no_eof: bool = False,
              data_dir: Path = DATA_DIR) -> tuple[str, Path]:
     """./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data prefix)."""
-    from tools import make_tokenize
+    from trainer.data.prepare import positive_int, tokenize_jsonl
     if not file:
         raise UserError("no .jsonl file chosen.", "pick one from data/ or upload one")
     file = safe_upload_name(file)             # a name in data/, nothing else
-    argv = [file, str(repeat).strip() or "1"]
-    if max_tokens not in (None, "", 0, "0"):
-        argv.append(str(max_tokens).strip())
-    if no_eof:
-        argv.append("--no-eof")
-    argv += ["--data-dir", str(data_dir)]
-    text = _captured(make_tokenize.main, argv)
-    return text, data_dir / Path(file).stem
+    n_repeat = positive_int("REPEAT", str(repeat).strip() or "1", 1)
+    n_max = None if max_tokens in (None, "", 0, "0") else positive_int("MAX_TOKENS", str(max_tokens).strip(), None)
+    lines: list[str] = []
+    result = tokenize_jsonl(data_dir / file, repeat=n_repeat, max_tokens=n_max, eof=not no_eof, log=lines.append)
+    return "\n".join(lines) + "\n", result.prefix
 
 
 @dataclass
@@ -195,8 +182,7 @@ def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = 
     """./merge.sh EPOCH: returns (what merge.sh prints, the files written)."""
     import time
 
-    from tools.merge import usage_text
-    from trainer.checkpoint import merge_epoch
+    from trainer.checkpoint import merge_epoch, merge_usage_text
     if not epoch:
         raise UserError(f"no checkpoint chosen ({output_dir} has {', '.join(list_epochs(output_dir)) or 'none'}).",
                         "train first, then pick an epoch")
@@ -210,7 +196,7 @@ def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = 
              f"(RWKV-{res.version}), {dtype}, in {time.time() - t0:.1f} s"]
     lines += [f"wrote {p.resolve()} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files]
     lines += [f"note: {n}" for n in res.notes]
-    return "\n".join(lines) + "\n\n" + usage_text(res), files
+    return "\n".join(lines) + "\n\n" + merge_usage_text(res), files
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -263,7 +249,7 @@ class ChatModels:
 
     @staticmethod
     def _load(model: str, addon: str):
-        from tools.evaluate import pick_device, pick_dtype
+        from trainer.inference import pick_device, pick_dtype
         from trainer import ops
         from trainer.checkpoint import attach_adapter, attach_state_file, load_model
         if not model:

@@ -208,8 +208,10 @@ class RunFiles:
         path = self.adapter_path(epoch if complete else None)
         # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
         # partitions collectively; only the first rank writes our files
+        tensors = {}
         with self.spread.master_weights(prep.model):
-            tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
+            if self.write:
+                tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
         tag = f"step-{opt_step}{'' if complete else '-interrupted'}"
         opt_part = self.spread.save_optimizer(optimizer, self.out, tag, self.write)
         if not self.write:

@@ -56,9 +56,9 @@ On a CPU it runs too (use --size tiny); GPU columns are then empty.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -314,16 +314,13 @@ def run_row(spec: dict) -> dict:
     if sampler is not None:
         sampler.start()
     t0 = time.perf_counter()
-    profile = os.environ.get("TRAIN_SPEED_PROFILE")      # =N: print the N costliest GPU kernels of the row
-    prof = None
-    if profile and cuda:
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                  torch.profiler.ProfilerActivity.CUDA])
-        prof.__enter__()
+    profile = os.environ.get("TRAIN_SPEED_PROFILE") if cuda else None   # =N: the N costliest GPU kernels
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA]) if profile else None
     try:
-        loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
+        with prof or contextlib.nullcontext():
+            loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
         if prof is not None:
-            prof.__exit__(None, None, None)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(profile)), file=sys.stderr)
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), file=sys.stderr)
     except torch.cuda.OutOfMemoryError as err:

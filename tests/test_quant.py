@@ -30,13 +30,10 @@ from trainer.model import RWKV
 from trainer.peft import get_method
 from trainer.peft.base import TARGET_RE
 
-SETTINGS = {
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "pissa": {"r": 4, "svd_niter": 2},
-    "bone": {"r": 8},
-    "bat": {"r": 8},
-    "state": {},
-}
+from test_peft import SETTINGS as PEFT_SETTINGS
+
+# every adapter method's tiny settings from test_peft, without full fine-tuning (which cannot be quantised)
+SETTINGS = {m: s for m, s in PEFT_SETTINGS.items() if m != "full"}
 METHODS = tuple(SETTINGS)
 N_LAYER, N_EMBD, VOCAB = 2, 128, 256
 

@@ -136,8 +136,8 @@ class Spread:
 
     # ------------------------------------------------------------------ setup
     def check_device(self, device: torch.device) -> None:
-        """Before Fabric starts: the rules that need to know the machine."""
-        check_strategy(self.cfg)
+        """Before Fabric starts: the rules that need to know the machine (the others ran when the config
+        was validated)."""
         if not self.deepspeed:
             return
         if device.type != "cuda":

@@ -172,14 +172,20 @@ def wkv7_fla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor
     return _ours(o, ht, dt)
 
 
-def wkv6_fla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, u: Tensor,
-             state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    chunk_rwkv6 = _load("fla.ops.rwkv6.chunk_rwkv6", check_fla, r.device)
+def _wkv6(what: str, check, r: Tensor, k: Tensor, v: Tensor, logw: Tensor, u: Tensor,
+          state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """fla's and rwkv-fla's chunk_rwkv6 take the same arguments: one wrapper for both."""
+    chunk_rwkv6 = _load(what, check, r.device)
     dt = r.dtype
     k, v, u, logw = (x.to(dt) for x in (k, v, u, logw))
     logw = logw.expand_as(r).contiguous()  # RWKV-5: the constant decay repeated over T
     o, ht = chunk_rwkv6(r, k, v, logw, u, scale=1.0, initial_state=_h0(state), output_final_state=True)
     return _ours(o, ht, dt)
+
+
+def wkv6_fla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, u: Tensor,
+             state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return _wkv6("fla.ops.rwkv6.chunk_rwkv6", check_fla, r, k, v, logw, u, state)
 
 
 def wkv7_rwkvfla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor,
@@ -196,12 +202,7 @@ def wkv7_rwkvfla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Te
 
 def wkv6_rwkvfla(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, u: Tensor,
                  state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    chunk_rwkv6 = _load("rwkvfla.ops.rwkv6.chunk_rwkv6", check_rwkvfla, r.device)
-    dt = r.dtype
-    k, v, u, logw = (x.to(dt) for x in (k, v, u, logw))
-    logw = logw.expand_as(r).contiguous()
-    o, ht = chunk_rwkv6(r, k, v, logw, u, scale=1.0, initial_state=_h0(state), output_final_state=True)
-    return _ours(o, ht, dt)
+    return _wkv6("rwkvfla.ops.rwkv6.chunk_rwkv6", check_rwkvfla, r, k, v, logw, u, state)
 
 
 register("fla", wkv7_fla, wkv6_fla, check_fla)

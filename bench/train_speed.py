@@ -76,7 +76,7 @@ GiB = 2 ** 30
 SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "1.6B": (24, 2048),
          "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096)}
 BASE_METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
-ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "train_parts")
+ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -100,9 +100,9 @@ def parse_method(method: str) -> tuple[str, str]:
     return base, quant or "none"
 
 
-def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, train_parts=""):
+def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts=""):
     return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=int(grad_cp), op=op,
-                infctx=infctx, train_parts=train_parts)
+                infctx=infctx, compile=str(compile), train_parts=train_parts)
 
 
 def named_grid(name: str) -> tuple[list[dict], dict]:
@@ -149,7 +149,7 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "EPOCH_COUNT": "1", "EPOCH_STEPS": str(warmup + steps + 1), "EPOCH_SAVE": "1",
         "LR_INIT": lr[0], "LR_FINAL": lr[1], "WARMUP_STEPS": "0", "LR_SCHEDULE": "const",
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
-        "OP": row.get("op") or "auto", "PRECISION": precision, "GRAD_CP": str(int(row["grad_cp"])),
+        "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision, "GRAD_CP": str(int(row["grad_cp"])),
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }
@@ -467,7 +467,7 @@ def _gib(x) -> str:
     return f"{x / GiB:.2f}" if isinstance(x, (int, float)) and x else "-"
 
 
-HEADER = (f"{'v':>1} {'size':>5} {'method':<10} {'ctx':>5} {'bsz':>3} {'cp':>2} {'op':<7} {'infctx':>6} | "
+HEADER = (f"{'v':>1} {'size':>5} {'method':<10} {'ctx':>5} {'bsz':>3} {'cp':>2} {'op':<7} {'infctx':>6} {'cmp':>4} | "
           f"{'tokens/s':>9} {'step s':>7} | {'alloc':>6} {'load':>6} {'used':>6} {'base':>5} | "
           f"{'est':>6} {'e.alloc':>7} | {'MFU':>5} {'HFU':>5} | status")
 
@@ -480,7 +480,8 @@ def format_row(row: dict, res: dict) -> str:
     op = res.get("op_resolved") or row["op"]
     status = res["status"] + (f": {res['error']}" if res.get("error") and res["status"] != "OOM" else "")
     return (f"{row['version']:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
-            f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} | {tps:>9} {step:>7} | "
+            f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} {row.get('compile') or 'auto':>4} | "
+            f"{tps:>9} {step:>7} | "
             f"{_gib(res.get('peak_alloc_bytes')):>6} {_gib(res.get('load_alloc_bytes')):>6} "
             f"{_gib(res.get('peak_used_bytes')):>6} {_gib(res.get('used_baseline_bytes')):>5} | "
             f"{_gib(res.get('est_total_bytes')):>6} {_gib(res.get('est_alloc_bytes')):>7} | "
@@ -491,7 +492,7 @@ def row_command(row: dict, opts: argparse.Namespace) -> str:
     parts = ["python", "bench/train_speed.py", "--version", str(row["version"]), "--size", row["size"],
              "--method", row["method"], "--ctx", str(row["ctx"]), "--bsz", str(row["bsz"]),
              "--grad-cp", str(row["grad_cp"]), "--op", row["op"], "--infctx", str(row["infctx"] or 0),
-             "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+             "--compile", str(row.get("compile") or "auto"), "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
              "--precision", opts.precision, "--lora-r", str(opts.lora_r), "--lora-alpha", str(opts.lora_alpha),
              "--vocab", str(opts.vocab)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -508,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-cp", type=int, nargs="+", default=[1], choices=(0, 1))
     ap.add_argument("--op", nargs="+", default=["auto"])
     ap.add_argument("--infctx", type=int, nargs="+", default=[0], help="CHUNK_CTX for TRAIN_TYPE=infctx; 0 = normal")
+    ap.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "1", "0"), help="COMPILE")
     ap.add_argument("--train-parts", default="", help='TRAIN_PARTS, e.g. "time ln"')
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 10; memfit 3)")
     ap.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; memfit 2)")
@@ -542,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, defaults = named_grid(opts.grid)
     else:
         rows = [_row(*combo, train_parts=opts.train_parts) for combo in itertools.product(
-            opts.version, opts.size, opts.method, opts.ctx, opts.bsz, opts.grad_cp, opts.op, opts.infctx)]
+            opts.version, opts.size, opts.method, opts.ctx, opts.bsz, opts.grad_cp, opts.op, opts.infctx,
+            opts.compile)]
         defaults = {}
     opts.steps = opts.steps if opts.steps is not None else defaults.get("steps", 10)
     opts.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 3)

@@ -29,6 +29,7 @@ SCHEDULES = ("cos", "wsd", "const")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_TYPES = ("normal", "infctx")
 QUANTS = ("none", "int8", "nf4")
+COMPILES = ("auto", "1", "0")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE: dict[str, str] = {}
@@ -78,6 +79,7 @@ class TrainConfig:
     OP: str = _var("WKV kernel: auto | triton | fla | rwkvfla | chunk | torch", default="auto")
     PRECISION: str = _var("bf16 | fp16 | fp32", default="bf16")
     GRAD_CP: bool = _var("gradient checkpointing: 1 saves memory, 0 is faster", default=True)
+    COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
     STRATEGY: str = _var("auto | deepspeed_stage_1 | ... (several GPUs)", default="auto")
     GPU_COUNT: int = _var("GPUs per node", default=1)
@@ -133,7 +135,7 @@ class TrainConfig:
         for name, allowed in (("FINETUNE_MODE", MODES), ("DATALOAD", DATALOADS), ("LOSS_MASK", LOSS_MASKS),
                               ("LR_SCHEDULE", SCHEDULES), ("PRECISION", PRECISIONS),
                               ("TRAIN_TYPE", TRAIN_TYPES), ("QUANT", QUANTS), ("STRATEGY", STRATEGIES),
-                              ("ACCELERATOR", ("auto", "cuda", "cpu"))):
+                              ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES)):
             choice(name, allowed)
         for p in self.TRAIN_PARTS:
             if p not in PARTS:

@@ -73,6 +73,39 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torc
     return "32-true", torch.float32
 
 
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
+    """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
+    GPU backend (Triton, compute capability 7.0+) works and stays eager on the CPU (compiling there costs
+    more than it gains on small runs); COMPILE=1 compiles or stops with the reason; COMPILE=0 never."""
+    if cfg.COMPILE == "0":
+        return False, None
+    reason = None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            reason = "torch.compile on a GPU needs Triton, which is not installed (pip install triton)"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 7:
+                reason = (f"torch.compile's GPU code needs compute capability 7.0 or newer; this GPU has "
+                          f"{major}.{minor}")
+    elif device.type == "cpu":
+        if cfg.COMPILE == "auto":
+            return False, None
+        import shutil
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            reason = "torch.compile on the CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
+    else:
+        reason = f"torch.compile is not supported here for device {device.type}"
+    if reason is None:
+        return True, ("COMPILE: the blocks are compiled with torch.compile; the first step takes longer "
+                      "(about a minute) while it builds the fused kernels")
+    if cfg.COMPILE == "1":
+        raise UserError(f"COMPILE=1: {reason}.", "set COMPILE=auto or COMPILE=0 (slower, otherwise the same)")
+    return False, f"COMPILE=auto: not compiling ({reason}); training runs uncompiled, a little slower"
+
+
 def method_settings(cfg: TrainConfig) -> dict:
     mode = cfg.FINETUNE_MODE
     if mode == "lora":
@@ -130,6 +163,13 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
     model.grad_cp = bool(cfg.GRAD_CP)
+    compile_on, note = resolve_compile(cfg, device)
+    if note:
+        log(note)
+    if compile_on:
+        import torch._dynamo as dynamo
+        dynamo.config.suppress_errors = True   # a block that fails to compile runs uncompiled, with a warning
+        model.compile_blocks()
 
     data = BinIdx(cfg.data_prefix)
     top = int(data.tokens.max()) if data.total_tokens else 0

@@ -181,8 +181,8 @@ class TimeMix7(_TimeMix):
         xr, xw, xk, xv, xa, xg = (x + xx * p for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         w = torch.tanh(xw @ self.w1) @ self.w2
-        if self.layer_id == 0:
-            v_first = v
+        if v_first is None:              # layer 0 (not read from layer_id: torch.compile would make one
+            v_first = v                  # graph per layer from that int)
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
@@ -261,7 +261,7 @@ class Block(nn.Module):
         self.ffn = ffn_cls(cfg, layer_id)
 
     def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, op: str):
-        if self.layer_id == 0:
+        if hasattr(self, "ln0"):         # layer 0 (see TimeMix7: no layer_id in the forward pass)
             x = self.ln0(x)
         xa = self.ln1(x)
         out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, op)
@@ -287,6 +287,26 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile every block: the element-wise work between the matrix products (token shift, the
+        low-rank mixes, norms, gates, LoRA's scaling) is fused into a few generated kernels instead of
+        dozens of small ones per layer. The blocks share one compiled graph (two: layer 0 has ln0), so
+        compiling costs seconds, once. The Triton WKV op is a custom op the graph calls; other WKV ops run
+        between two compiled graphs. Gradient checkpointing wraps the compiled block and recomputes
+        through it."""
+        import torch._dynamo
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        # Inductor's "mix-order reduction" (torch 2.10+) returns the gradient of a [1, 1, C] parameter
+        # scaled before a normalisation with the wrong shape (pytorch#178080: our full fine-tuning stopped
+        # with "CompiledFunctionBackward returned an invalid gradient") and has given silently wrong
+        # gradients elsewhere (pytorch#193061). Off: the fused kernels stay, that one fusion goes.
+        if hasattr(inductor_config.triton, "mix_order_reduction"):
+            inductor_config.triton.mix_order_reduction = False
+        for blk in self.blocks:
+            blk.compile(backend=backend, dynamic=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -202,6 +202,12 @@ class _QuantMatmul(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None
 
 
+@torch.compiler.disable
+def _quant_linear(x: Tensor, layer: "_QuantStore") -> Tensor:
+    """x Wᵀ of a quantised layer; run as it is (between compiled graphs) under torch.compile (COMPILE)."""
+    return _QuantMatmul.apply(x, layer)
+
+
 class _QuantStore:
     """Storage of a quantised weight on a module: buffers ``qweight`` (codes) and ``qscale`` (the fp32
     scales viewed as int32, so that ``model.to(dtype)`` / ``.half()`` can never round them), both not
@@ -231,7 +237,7 @@ class _QuantAdapted(_QuantStore):
     class of the module is swapped in place, so it stays an instance of its method's class."""
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return _QuantMatmul.apply(x, self)
+        return _quant_linear(x, self)
 
     def base_weight(self) -> Tensor:
         return self.dequantised()
@@ -261,7 +267,7 @@ class QuantLinear(_QuantStore, nn.Module):
         return self.dequantised()
 
     def forward(self, x: Tensor) -> Tensor:
-        return _QuantMatmul.apply(x, self)
+        return _quant_linear(x, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"

@@ -34,8 +34,17 @@ _REGISTRY: dict[str, tuple[Callable, Callable, Callable[[torch.device], str | No
 }
 
 
-def register(name: str, fn7: Callable, fn6: Callable, check: Callable[[torch.device], str | None]) -> None:
+# Ops that torch.compile (COMPILE) may trace into: torch.library custom ops, opaque to the compiler. Every
+# other op runs as it is between two compiled graphs (the reference and chunk ops are Python loops over T
+# that the compiler would unroll; fla's kernels are its own autograd Functions).
+_TRACEABLE: set[str] = set()
+
+
+def register(name: str, fn7: Callable, fn6: Callable, check: Callable[[torch.device], str | None],
+             traceable: bool = False) -> None:
     _REGISTRY[name] = (fn7, fn6, check)
+    if traceable:
+        _TRACEABLE.add(name)
 
 
 def _load_builtin() -> None:
@@ -86,6 +95,12 @@ def wkv(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, *, u: Tensor | None = Non
         op: str = "torch") -> tuple[Tensor, Tensor]:
     if op not in _REGISTRY:
         _load_builtin()
+    if op not in _TRACEABLE and torch.compiler.is_compiling():
+        return _wkv_eager(r, k, v, logw, u=u, a=a, b=b, state=state, op=op)
+    return _wkv(r, k, v, logw, u=u, a=a, b=b, state=state, op=op)
+
+
+def _wkv(r, k, v, logw, *, u, a, b, state, op):
     fn7, fn6, _ = _REGISTRY[op]
     # Each op computes in the precision it was written for (fp32 inside torch/chunk, the kernels' own for
     # fla): an enclosing autocast (bf16 training) must not downcast its internal products.
@@ -93,3 +108,6 @@ def wkv(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, *, u: Tensor | None = Non
         if a is not None:
             return fn7(r, k, v, logw, a, b, state)
         return fn6(r, k, v, logw, u, state)
+
+
+_wkv_eager = torch.compiler.disable(_wkv)

@@ -67,7 +67,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..errors import UserError
 from . import register
@@ -398,80 +397,141 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": bwd}
 
 
-def _launch_options(cfg: tuple) -> dict:
-    bv, warps, maxnreg = cfg
-    return {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg and not _interpreting() else {})}
-
-
 # ---------------------------------------------------------------- the op
 
 def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-class _WKV7(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, logw, a, b, state, config):
-        B, T, H, N = r.shape
-        fwd, _ = _kernels()
-        r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
-        has_s0 = state is not None
-        s0 = state.float().contiguous() if has_s0 else r.new_empty(1, dtype=torch.float32)
-        save = any(ctx.needs_input_grad[:7])
-        NC = (T + CHUNK - 1) // CHUNK
-        y = torch.empty_like(r)
-        sT = r.new_empty(B, H, N, N, dtype=torch.float32)
-        ckpt = r.new_empty((B * H, NC, N, N) if save else (1,), dtype=torch.float32)
-        sa = r.new_empty((B, T, H, N) if save else (1,), dtype=torch.float32)
-        bv = config["fwd"][0]
-        with _on_device(r):
-            fwd[(B * H, N // bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=bv, CHUNK=CHUNK,
-                                  HAS_S0=has_s0, SAVE=save, **_launch_options(config["fwd"]))
-        if save:
-            ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa)
-            ctx.has_s0, ctx.config = has_s0, config
-        return y, sT
+# The op is two torch.library custom ops (forward, backward) joined by register_autograd, rather than an
+# autograd.Function: torch.compile (COMPILE) then traces a whole block through it without a graph break.
+# The launch configuration travels as ints (custom ops take no dicts): fwd (BV, warps, maxnreg or 0);
+# bwd (kind 0 = tile, 1 = rows; BV or TPR; warps (tile); maxnreg or 0).
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dsT):
-        r, k, v, logw, a, b, sT, ckpt, sa = ctx.saved_tensors
-        B, T, H, N = r.shape
-        _, bwd = _kernels()
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(r)
-        dsT = dsT.float().contiguous() if dsT is not None else torch.zeros_like(sT)
-        dv, ds0 = torch.empty_like(v), torch.empty_like(sT)
-        keyed = (r, k, logw, a, b)
-        if ctx.config["bwd"][0] == "rows":
-            _, tpr, maxnreg = ctx.config["bwd"]
-            rows = _rows_kernel()
-            if rows is None:
-                raise UserError("the triton op's 'rows' backward needs Triton with Gluon (triton >= 3.5)",
-                                "pip install -U triton, or pass a tile config such as (64, 2, None)")
-            if not (1 <= tpr <= 32 and N * tpr >= 32):
-                raise UserError(f"the rows backward needs 32 <= N * TPR, TPR <= 32 (got N={N}, TPR={tpr})",
-                                "use TPR = 2 for N = 16 .. 64")
-            dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
-            amax = (-logw.float()).amax(-1).contiguous()    # [B, T, H]: the largest -logw of each step
-            with _on_device(r):
-                rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0, amax,
-                               T, ckpt.shape[1], H=H, N=N, TPR=tpr, CHUNK=CHUNK, LOG_AMP_MAX=LOG_AMP_MAX,
-                               num_warps=N * tpr // 32, **({"maxnreg": maxnreg} if maxnreg else {}))
-            return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None
-        bv = ctx.config["bwd"][0]
-        nv = N // bv
-        if nv == 1:   # every program holds all value rows: its key gradients are complete, in their dtype
-            outs = [torch.empty_like(x) for x in keyed]
-        else:         # one slice of partial sums (over its value rows) per program, added below
-            outs = [r.new_empty(nv, B, T, H, N, dtype=torch.float32) for _ in keyed]
-        dr, dk, dlogw, da, db = outs
+def _flat(config: dict) -> tuple[int, ...]:
+    fb, fw, fm = config["fwd"]
+    if config["bwd"][0] == "rows":
+        _, tpr, bm = config["bwd"]
+        bwd = (1, tpr, 0, bm or 0)
+    else:
+        bb, bw, bm = config["bwd"]
+        bwd = (0, bb, bw, bm or 0)
+    return (fb, fw, fm or 0) + bwd
+
+
+def _device_index(x: Tensor) -> int:
+    if not x.is_cuda:
+        return -1
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+@torch.compiler.assume_constant_result
+def _default_flat(B: int, T: int, H: int, N: int, index: int) -> tuple[int, ...]:
+    device = torch.device("cuda", index) if index >= 0 else torch.device("cpu")
+    return _flat(default_config(B, T, H, N, device))
+
+
+def _opts(warps: int, maxnreg: int) -> dict:
+    return {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg and not _interpreting() else {})}
+
+
+@torch.library.custom_op("rwkv_peft::wkv7_fwd", mutates_args=())
+def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
+              save: bool, config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, final state, chunk checkpoints, S·a per step); the last two are empty when not ``save``.
+    ``config``: _flat's 7 ints (the backward's part is for _backward)."""
+    B, T, H, N = r.shape
+    fwd_bv, fwd_warps, fwd_maxnreg = config[:3]
+    fwd, _ = _kernels()
+    r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
+    has_s0 = state is not None
+    s0 = state.float().contiguous() if has_s0 else r.new_empty(1, dtype=torch.float32)
+    NC = (T + CHUNK - 1) // CHUNK
+    y = torch.empty_like(r)
+    sT = r.new_empty(B, H, N, N, dtype=torch.float32)
+    ckpt = r.new_empty((B * H, NC, N, N) if save else (1,), dtype=torch.float32)
+    sa = r.new_empty((B, T, H, N) if save else (1,), dtype=torch.float32)
+    with _on_device(r):
+        fwd[(B * H, N // fwd_bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=fwd_bv,
+                                  CHUNK=CHUNK, HAS_S0=has_s0, SAVE=save, **_opts(fwd_warps, fwd_maxnreg))
+    return y, sT, ckpt, sa
+
+
+@_wkv7_fwd.register_fake
+def _(r, k, v, logw, a, b, state, save, config):
+    B, T, H, N = r.shape
+    NC = (T + CHUNK - 1) // CHUNK
+    f32 = torch.float32
+    return (torch.empty_like(r, memory_format=torch.contiguous_format), r.new_empty(B, H, N, N, dtype=f32),
+            r.new_empty((B * H, NC, N, N) if save else (1,), dtype=f32),
+            r.new_empty((B, T, H, N) if save else (1,), dtype=f32))
+
+
+@torch.library.custom_op("rwkv_peft::wkv7_bwd", mutates_args=())
+def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor, dy: Tensor, dsT: Tensor,
+              sT: Tensor, ckpt: Tensor, sa: Tensor, kind: int, p1: int, p2: int, p3: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dr, dk, dv, dlogw, da, db, d initial state)."""
+    B, T, H, N = r.shape
+    _, bwd = _kernels()
+    r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
+    dy, dsT = dy.contiguous(), dsT.float().contiguous()
+    dv, ds0 = torch.empty_like(v), torch.empty_like(sT)
+    keyed = (r, k, logw, a, b)
+    if kind == 1:
+        tpr, maxnreg = p1, p3
+        rows = _rows_kernel()
+        if rows is None:
+            raise UserError("the triton op's 'rows' backward needs Triton with Gluon (triton >= 3.5)",
+                            "pip install -U triton, or pass a tile config such as (64, 2, None)")
+        if not (1 <= tpr <= 32 and N * tpr >= 32):
+            raise UserError(f"the rows backward needs 32 <= N * TPR, TPR <= 32 (got N={N}, TPR={tpr})",
+                            "use TPR = 2 for N = 16 .. 64")
+        dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
+        amax = (-logw.float()).amax(-1).contiguous()    # [B, T, H]: the largest -logw of each step
         with _on_device(r):
-            bwd[(B * H, nv)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0,
-                             T, ckpt.shape[1], B * T * H * N if nv > 1 else 0, H=H, N=N, BV=bv, CHUNK=CHUNK,
-                             LOG_AMP_MAX=LOG_AMP_MAX, **_launch_options(ctx.config["bwd"]))
-        if nv > 1:
-            dr, dk, dlogw, da, db = (g.sum(0).to(x.dtype) for g, x in zip(outs, keyed))
-        return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None
+            rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0, amax,
+                           T, ckpt.shape[1], H=H, N=N, TPR=tpr, CHUNK=CHUNK, LOG_AMP_MAX=LOG_AMP_MAX,
+                           num_warps=N * tpr // 32, **({"maxnreg": maxnreg} if maxnreg else {}))
+        return dr, dk, dv, dlogw, da, db, ds0
+    bv, warps, maxnreg = p1, p2, p3
+    nv = N // bv
+    if nv == 1:   # every program holds all value rows: its key gradients are complete, in their dtype
+        outs = [torch.empty_like(x) for x in keyed]
+    else:         # one slice of partial sums (over its value rows) per program, added below
+        outs = [r.new_empty(nv, B, T, H, N, dtype=torch.float32) for _ in keyed]
+    dr, dk, dlogw, da, db = outs
+    with _on_device(r):
+        bwd[(B * H, nv)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0,
+                         T, ckpt.shape[1], B * T * H * N if nv > 1 else 0, H=H, N=N, BV=bv, CHUNK=CHUNK,
+                         LOG_AMP_MAX=LOG_AMP_MAX, **_opts(warps, maxnreg))
+    if nv > 1:
+        dr, dk, dlogw, da, db = (g.sum(0).to(x.dtype) for g, x in zip(outs, keyed))
+    return dr, dk, dv, dlogw, da, db, ds0
+
+
+@_wkv7_bwd.register_fake
+def _(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, kind, p1, p2, p3):
+    like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
+    return like(r), like(k), like(v), like(logw), like(a), like(b), torch.empty_like(sT)
+
+
+def _setup(ctx, inputs, output):
+    r, k, v, logw, a, b, state, save, config = inputs
+    _y, sT, ckpt, sa = output
+    ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa)
+    ctx.has_s0, ctx.bwd = state is not None, tuple(config[3:])
+
+
+def _backward(ctx, dy, dsT, _dckpt, _dsa):
+    r, k, v, logw, a, b, sT, ckpt, sa = ctx.saved_tensors
+    dy = dy if dy is not None else torch.zeros_like(r)
+    dsT = dsT if dsT is not None else torch.zeros_like(sT)
+    dr, dk, dv, dlogw, da, db, ds0 = _wkv7_bwd(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, *ctx.bwd)
+    return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None, None
+
+
+_wkv7_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor,
@@ -486,7 +546,10 @@ def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Ten
                         "use OP=fla (or OP=chunk)")
     if T < 1:
         raise UserError("OP=triton got an empty sequence (T = 0)", "give it at least one token")
-    return _WKV7.apply(r, k, v, logw.expand_as(r), a, b, state, config or default_config(B, T, H, N, r.device))
+    flat = list(_flat(config)) if config else list(_default_flat(B, T, H, N, _device_index(r)))
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, logw, a, b, state))
+    y, sT, _ckpt, _sa = _wkv7_fwd(r, k, v, logw.expand_as(r), a, b, state, save, flat)
+    return y, sT
 
 
 def wkv6_triton(r, k, v, logw, u, state=None):
@@ -503,4 +566,4 @@ def check(device: torch.device) -> str | None:
     return None
 
 
-register("triton", wkv7_triton, wkv6_triton, check)
+register("triton", wkv7_triton, wkv6_triton, check, traceable=True)

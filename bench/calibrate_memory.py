@@ -228,9 +228,8 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
             m = torch.ones(B, T)
             live.peak = live.live
             with torch.autocast("cpu", dtype=wdtype, enabled=amp):     # Fabric's forward_context
-                out = module(x, y, m) if infctx else module(x)
-            out = out.float()                                           # Fabric's convert_output
-            loss = out if infctx else loop.masked_loss(out, y, m)
+                out = module(x, targets=y, mask=m)                     # the loop's call: the loss
+            loss = out.float()                                          # Fabric's convert_output
             del out
             res.after_forward = live.live
             loss.backward()

@@ -152,6 +152,8 @@ def test_compile_setting_is_checked_and_resolved(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_compile(_cfg(), cpu) == (False, None)                 # auto: eager on the CPU
     assert resolve_compile(_cfg(COMPILE="0"), cpu) == (False, None)
+    on, note = resolve_compile(_cfg(QUANT="nf4"), torch.device("cuda"))   # auto: not with QUANT (slower)
+    assert not on and "QUANT=nf4" in note
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
     on, note = resolve_compile(_cfg(COMPILE="1"), cpu)
     assert on and "torch.compile" in note

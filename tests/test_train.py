@@ -172,14 +172,14 @@ def test_ctx_warmup_grows_the_training_length(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 6, items=[list(range(1, 60)) + [0]] * 16)
     seen = []
-    import trainer.loop as loop_mod
-    real = loop_mod.masked_loss
+    from trainer.model import RWKV
+    real = RWKV.forward
 
-    def spy(logits, targets, mask):
+    def spy(self, idx, state=None, targets=None, mask=None):
         seen.append(targets.shape[1])
-        return real(logits, targets, mask)
+        return real(self, idx, state, targets, mask)
 
-    monkeypatch.setattr(loop_mod, "masked_loss", spy)
+    monkeypatch.setattr(RWKV, "forward", spy)
     train(config(CTX_LEN=48, INITIAL_CTX_LEN=16, CTX_WARMUP_STEPS=4, EPOCH_STEPS=8), progress=False,
           log=lambda *_: None)
     assert seen[0] == 16 and seen[-1] == 48 and seen == sorted(seen)

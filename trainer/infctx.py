@@ -37,8 +37,9 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .head_loss import head_ce_sum
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
@@ -70,12 +71,6 @@ def _unflat(flat: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
     return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
 
 
-def _masked_ce_sum(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """Sum over positions of CE * mask, in fp32 (the numerator of loop.masked_loss)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (ce * mask.flatten().to(ce.dtype)).sum()
-
-
 def _last_needed(mask: Tensor) -> int:
     """1 + the last position where any row's mask is non-zero (0 if none): the model is causal, so
     positions after it change neither the loss nor any gradient."""
@@ -87,8 +82,8 @@ def infctx_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, mask: Tens
                 autocast_ctx: Any = None, block_cp: bool | None = None, trim: bool = True) -> Tensor:
     """The masked mean cross-entropy of ``loop.masked_loss`` over whole sequences, computed chunk by chunk.
 
-    ``model``: an ``RWKV`` (anything with ``forward_with_state(idx, state) -> (logits, state)`` and a
-    ``grad_cp`` attribute; not a Fabric/DDP wrapper: use ``InfctxLoss`` for that). ``input_ids``,
+    ``model``: an ``RWKV`` (anything with ``hidden_with_state(idx, state) -> (hidden, state)``, a ``head``
+    and a ``grad_cp`` attribute; not a Fabric/DDP wrapper: use ``InfctxLoss`` for that). ``input_ids``,
     ``targets`` [B, T] long, ``mask`` [B, T] (1 = the target counts). ``chunk_len`` >= 1, any T.
 
     Returns a scalar fp32 tensor; call ``.backward()`` on it (or ``fabric.backward``) as usual. The
@@ -123,8 +118,8 @@ def infctx_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, mask: Tens
         saved = model.grad_cp
         model.grad_cp = cp_blocks
         try:
-            logits, new_state = model.forward_with_state(ids, _unflat(flat_state) if flat_state else None)
-            return (_masked_ce_sum(logits, tgt, msk), *_flat(new_state))
+            hidden, new_state = model.hidden_with_state(ids, _unflat(flat_state) if flat_state else None)
+            return (head_ce_sum(hidden, model.head.weight, tgt, msk), *_flat(new_state))
         finally:
             model.grad_cp = saved
 

@@ -75,10 +75,15 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torc
 
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
     """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
-    GPU backend (Triton, compute capability 7.0+) works and stays eager on the CPU (compiling there costs
-    more than it gains on small runs); COMPILE=1 compiles or stops with the reason; COMPILE=0 never."""
+    GPU backend (Triton, compute capability 7.0+) works, except with QUANT, and stays eager on the CPU
+    (compiling there costs more than it gains on small runs); COMPILE=1 compiles or stops with the reason;
+    COMPILE=0 never."""
     if cfg.COMPILE == "0":
         return False, None
+    if cfg.COMPILE == "auto" and cfg.QUANT != "none":
+        # measured (bench/RESULTS.md): each quantised linear layer splits the compiled block (bitsandbytes'
+        # kernels run between graphs), and the compiled QLoRA step came out slower than the plain one
+        return False, f"COMPILE=auto: not compiling with QUANT={cfg.QUANT} (slower there; COMPILE=1 forces it)"
     reason = None
     if device.type == "cuda":
         try:
@@ -389,11 +394,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from tqdm import tqdm
 
     from .infctx import InfctxLoss, ctx_len_at, cut_batch
+    from .memory import configure_allocator
 
     device = resolve_device(cfg)
     precision, _ = resolve_precision(cfg, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
+        configure_allocator(device)                     # less memory held in reserve (not on WSL2)
     spread = Spread(cfg)                  # one GPU, DDP or DeepSpeed: where the steps differ
     spread.check_device(device)
     fabric = Fabric(accelerator=device.type, devices=cfg.GPU_COUNT, num_nodes=cfg.NODES,
@@ -466,7 +473,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
-                loss = module(x, y, m) if infctx else masked_loss(module(x), y, m)
+                loss = module(x, targets=y, mask=m)    # the masked mean cross-entropy (head + loss chunked)
                 spread.backward(fabric, module, loss, accum, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
                     loss = fabric.all_reduce(loss.detach(), reduce_op="mean")

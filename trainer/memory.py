@@ -26,11 +26,11 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
              family: frozen (state) | lora (lora, pissa) | bone | bat | full;
              casts = CAST_BYTES × the block's trained matrix elements (autocast's bf16 copies of fp32
              weights; full fine-tuning: the whole block) + Bat's BAT_BYTES × the block's adapted weights;
-             + CAST_BYTES·V·C when the head trains
   layer      one block while the backward pass runs through it: (BWD_WORK + WKV_WORK[op])·C·BT
              (+ Bat's BAT_WORK × its largest weight), and with GRAD_CP=1 the block's recomputed layer·BT + casts
-  head       HEAD_BYTES·BT·V at the start of the backward pass: bf16 logits, Fabric's fp32 copy, the
-             log-softmax and its gradient (often the largest term!); gone when the blocks' backward starts
+  head       the chunked head + loss (trainer/head_loss.py): HEAD_BYTES·min(BT, chunk)·V for one chunk's
+             logits and their gradient, the input's gradient (weight bytes·BT·C) and, when the head trains,
+             its bf16 copy and fp32 gradient (6·V·C); chunk = head_loss.chunk_tokens(V) (1024 at V 65536)
   dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8 INT8_DEQUANT_BYTES)
   infctx     the states carried into each chunk, ceil(CTX_LEN/CHUNK_CTX)·L·S, one chunk's state gradients
              L²·S (S = B·(H·N² + 2C)·4), and L·INFCTX_ACT·C·BT
@@ -42,7 +42,8 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
   load peak      = (all base elements + the adapter + PiSSA's buffers) × 2: the trainer puts the whole model
                    on the GPU in bf16 before it quantises or turns trained tensors into fp32 (full: × 4)
   peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: see below)
-  total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+  total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT (ALLOCATOR_SLACK_FIXED where the
+                   allocator cannot grow segments in place: WSL2, or PYTORCH_CUDA_ALLOC_CONF set)
 
 Strategies: DDP (STRATEGY=auto on several GPUs) needs the same per GPU plus its gradient buckets.
 DeepSpeed ZeRO over W = GPU_COUNT × NODES GPUs runs the model in bf16 without autocast (trainer/strategy.py):
@@ -61,10 +62,13 @@ GRAD_CP 0/1, int8/nf4, infctx, 2 to 32 layers, vocabularies 256 to 65536; the ch
 short 2-layer cases up to 10%, and up to 15% at width 512.
 Not simulated, so guessed until measured GPU rows calibrate them: the fla kernels' WKV_* (from the anchor
 measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and channel with
-inputs and gradients), our triton op's (from its docstring), CUDA_CONTEXT and ALLOCATOR_SLACK (from
-RWKV-PEFT's H100 figures, nvidia-smi vs allocated), DeepSpeed's masters, partitions and buckets (from its
-configuration in trainer/strategy.py). bench/calibrate_memory.py compares measured rows
-(bench/memory_measured.jsonl, from bench/train_speed.py --json) with the estimate and fits them.
+inputs and gradients), DeepSpeed's masters, partitions and buckets (from its
+configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_measured.jsonl, 7 rows of
+RWKV-7 1.5B on an H100 with COMPILE on, from bench/train_speed.py --json; bench/calibrate_memory.py compares
+and fits): our triton op's WKV_WORK, CUDA_CONTEXT and ALLOCATOR_SLACK. On those rows the allocation is
+within 11% (mean 5%) and the nvidia-smi figure within 7%; the same rows made the fit, so this is not an
+independent check. Not measured: other sizes, RWKV-5/6 on fla, WSL2 (ALLOCATOR_SLACK_FIXED is the
+session-2 fit without expandable segments).
 """
 from __future__ import annotations
 
@@ -100,13 +104,17 @@ WKV_SAVED["torch"] = WKV_SAVED["chunk"]
 # "triton" (ours, RWKV-7): fp32 state checkpoints every 16 steps (N·4/16 = 16 B per token-channel at N=64)
 # and sa (4), plus its inputs: from its docstring, not measured
 WKV_SAVED["triton"] = {7: 34.0, 6: 34.0, 5: 34.0}
+# "triton" (ours) with torch.compile'd blocks (COMPILE): fitted to 7 measured H100 rows (bench/RESULTS.md;
+# the LoRA ctx 4096 × 8 row sets it: about 98 B per token and channel more than the 20 first guessed)
 WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0},
-            "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 20.0, 6: 20.0, 5: 20.0}}
+            "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 118.0, 6: 118.0, 5: 118.0}}
 WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
 WKV_WORK["torch"] = WKV_WORK["chunk"]
-HEAD_BYTES = 12.0                        # per logit (B·T·V) at the start of the backward pass
-CUDA_CONTEXT = int(0.38 * GiB)           # CUDA context, cuBLAS handles, kernels: used, never allocated (H100 fit)
-ALLOCATOR_SLACK = 0.425                  # reserved / allocated - 1 at the peak (fit: 6 H100 rows, bench/RESULTS.md)
+HEAD_BYTES = 8.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py)
+CUDA_CONTEXT = int(1.34 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
+                                         # torch 2.11, 7 rows of bench/memory_measured.jsonl)
+ALLOCATOR_SLACK = 0.022                  # reserved / allocated - 1 at the peak, expandable segments (configure_allocator)
+ALLOCATOR_SLACK_FIXED = 0.425            # the same without them (WSL2, or the user's own allocator settings)
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
 DEEPSPEED_BUCKET_ELEMS = int(2e8)        # strategy.py's reduce and allgather bucket sizes (elements)
 DS_ACT_SCALE = 0.62                      # DeepSpeed (bf16 model, no autocast): activations vs autocast's
@@ -268,7 +276,7 @@ class Estimate:
         lines.append(f"  {'load peak':<14} {self.load_peak / GiB:8.2f} GiB")
         lines.append(f"  {'allocated':<14} {self.peak_allocated / GiB:8.2f} GiB   (torch.cuda.max_memory_allocated)")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB   (as nvidia-smi shows it: + allocator "
-                     f"slack {ALLOCATOR_SLACK:.0%} + CUDA context {CUDA_CONTEXT / GiB:.1f} GiB)")
+                     f"slack {allocator_slack():.0%} + CUDA context {CUDA_CONTEXT / GiB:.1f} GiB)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -344,7 +352,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
         layer += 2.0 * (r - 64) * t.adapted_layers / L          # ACT["lora"] was measured with r = 64
     cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
     fixed = cast * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
-    head_cast = cast * V * C if t.head_trained else 0.0
+    head_cast = 0.0              # the chunked head casts its weight only while it runs (in ``head``)
     work = (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
     if cp:
         saved = L * (CP_SAVED_DS if ds else CP_SAVED) * C * BT + head_cast
@@ -352,7 +360,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     else:
         saved = L * (layer * BT + fixed) + head_cast
         one_layer = work
-    head = HEAD_BYTES * BT * V
+    from .head_loss import chunk_tokens
+    head = HEAD_BYTES * min(BT, chunk_tokens(V)) * V + wbytes * BT * C + (6.0 * V * C if t.head_trained else 0.0)
     dequant = 0.0
     if quant != "none":
         dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant == "int8" else 2.0)
@@ -389,7 +398,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     terms = {"weights": frozen_w, "trained": trained_w, "optimizer": opt, "grads": grads, "step": step,
              "saved": saved, "layer": one_layer, "head": head, "infctx states": carried,
              "dequant": dequant, "buckets": extra}
-    total = peak_alloc * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+    total = peak_alloc * (1 + allocator_slack()) + CUDA_CONTEXT
     return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes)
 
 
@@ -541,3 +550,37 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
     except Exception as err:                      # a bug of ours must not stop training
         log(f"(memory estimate unavailable: {type(err).__name__}: {err})")
         return None
+
+
+def allocator_slack() -> float:
+    """ALLOCATOR_SLACK where configure_allocator turns expandable segments on, else ALLOCATOR_SLACK_FIXED."""
+    import os
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return ALLOCATOR_SLACK_FIXED
+    from .strategy import running_on_wsl
+    return ALLOCATOR_SLACK_FIXED if running_on_wsl() else ALLOCATOR_SLACK
+
+
+def configure_allocator(device, wsl: bool | None = None) -> str | None:
+    """Let PyTorch's CUDA allocator grow its blocks in place (expandable segments): the memory the GPU shows
+    in use then stays close to what tensors take, instead of keeping a reserve of partly used blocks
+    (measured: bench/RESULTS.md). Not under WSL2, where it can fail at the first allocation
+    (pytorch#192330), and not when the user set the allocator's variables. Returns what was set, or None."""
+    import os
+
+    import torch
+    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+        return None
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return None
+    if wsl is None:
+        from .strategy import running_on_wsl
+        wsl = running_on_wsl()
+    if wsl:
+        return None
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except Exception:            # an older or differently built torch: keep its default
+        return None
+    return "expandable_segments:True"
+

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .head_loss import head_ce_sum
 from .ops import wkv
 
 LN_X_EPS = 64e-5                    # GroupNorm eps of ln_x: 1e-5 * head_size_divisor(8) ** 2
@@ -332,8 +333,8 @@ class RWKV(nn.Module):
                 state[i] = (state[i][0], ts.to(state[i][1].device), state[i][2])
         return state
 
-    def forward_with_state(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """idx [B,T] -> (logits [B,T,V] in the weights' dtype, the state after the last token)."""
+    def hidden_with_state(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """idx [B,T] -> (the last block's output after ln_out [B,T,C], the state after the last token)."""
         B = idx.shape[0]
         x = self.emb(idx)
         v_first = None
@@ -350,10 +351,23 @@ class RWKV(nn.Module):
             else:
                 x, v_first, att_shift, wkv_state, ffn_shift = blk(*args)
             new_state.append((att_shift, wkv_state, ffn_shift))
-        return self.head(self.ln_out(x)), new_state
+        return self.ln_out(x), new_state
 
-    def forward(self, idx: Tensor, state: State | None = None) -> Tensor:
-        return self.forward_with_state(idx, state)[0]
+    def forward_with_state(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """idx [B,T] -> (logits [B,T,V] in the weights' dtype, the state after the last token)."""
+        hidden, new_state = self.hidden_with_state(idx, state)
+        return self.head(hidden), new_state
+
+    def forward(self, idx: Tensor, state: State | None = None, targets: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """Logits [B,T,V]; or, given ``targets`` (and ``mask``, default all ones) [B,T], the mean next-token
+        cross-entropy over the masked positions (fp32), computed with the head chunk by chunk
+        (trainer/head_loss.py) so that the whole logits never exist."""
+        if targets is None:
+            return self.forward_with_state(idx, state)[0]
+        hidden, _ = self.hidden_with_state(idx, state)
+        mask = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.float()
+        return head_ce_sum(hidden, self.head.weight, targets, mask) / mask.sum().clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------- RWKV-LM's random init

@@ -230,7 +230,8 @@ def test_preflight_on_a_gpu_warns_with_fixes(tiny_world_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     ctx = M.CUDA_CONTEXT
     for free, warned in ((need * 2, False), (ctx + (need - ctx) * 0.5, True)):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (int(f - M.CUDA_CONTEXT), 80 * GiB))
+        monkeypatch.setattr(torch.cuda, "mem_get_info",
+                            lambda device=None, f=free: (int(f - M.CONTEXT_AT_PREFLIGHT), 80 * GiB))
         lines = []
         preflight(cfg, tiny_world_model, torch.device("cuda"), lines.append)
         assert lines[0] == f"Estimated peak GPU memory: {need / GiB:.1f} GiB (GPU has {int(free) / GiB:.1f} GiB free)"

@@ -113,6 +113,7 @@ WKV_WORK["torch"] = WKV_WORK["chunk"]
 HEAD_BYTES = 8.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py)
 CUDA_CONTEXT = int(1.34 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
                                          # torch 2.11, 7 rows of bench/memory_measured.jsonl)
+CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
 ALLOCATOR_SLACK = 0.022                  # reserved / allocated - 1 at the peak, expandable segments (configure_allocator)
 ALLOCATOR_SLACK_FIXED = 0.425            # the same without them (WSL2, or the user's own allocator settings)
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
@@ -534,8 +535,9 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         est = estimate(cfg, sizes, op)
         dev = torch.device(device)
         free, _total = torch.cuda.mem_get_info(dev)
-        # as nvidia-smi would show it before this process: what is free + what this process holds
-        free_before = free + torch.cuda.memory_reserved(dev) + CUDA_CONTEXT
+        # as nvidia-smi would show it before this process: what is free + what this process holds (the bare
+        # context mem_get_info just made; cuBLAS and the kernels that CUDA_CONTEXT counts are not loaded yet)
+        free_before = free + torch.cuda.memory_reserved(dev) + CONTEXT_AT_PREFLIGHT
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

@@ -554,31 +554,31 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         return None
 
 
-def allocator_slack() -> float:
-    """ALLOCATOR_SLACK where configure_allocator turns expandable segments on, else ALLOCATOR_SLACK_FIXED."""
+def _may_grow_segments(wsl: bool | None = None) -> bool:
+    """Whether the trainer turns expandable segments on here: not under WSL2 (it can fail at the first
+    allocation there, pytorch#192330), and not when the user set the allocator's variables."""
     import os
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
-        return ALLOCATOR_SLACK_FIXED
-    from .strategy import running_on_wsl
-    return ALLOCATOR_SLACK_FIXED if running_on_wsl() else ALLOCATOR_SLACK
+        return False
+    if wsl is None:
+        from .strategy import running_on_wsl
+        wsl = running_on_wsl()
+    return not wsl
+
+
+def allocator_slack() -> float:
+    """ALLOCATOR_SLACK where configure_allocator turns expandable segments on, else ALLOCATOR_SLACK_FIXED."""
+    return ALLOCATOR_SLACK if _may_grow_segments() else ALLOCATOR_SLACK_FIXED
 
 
 def configure_allocator(device, wsl: bool | None = None) -> str | None:
     """Let PyTorch's CUDA allocator grow its blocks in place (expandable segments): the memory the GPU shows
     in use then stays close to what tensors take, instead of keeping a reserve of partly used blocks
-    (measured: bench/RESULTS.md). Not under WSL2, where it can fail at the first allocation
-    (pytorch#192330), and not when the user set the allocator's variables. Returns what was set, or None."""
-    import os
-
+    (measured: bench/RESULTS.md). Only where _may_grow_segments. Returns what was set, or None."""
     import torch
     if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
         return None
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
-        return None
-    if wsl is None:
-        from .strategy import running_on_wsl
-        wsl = running_on_wsl()
-    if wsl:
+    if not _may_grow_segments(wsl):
         return None
     try:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")

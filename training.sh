@@ -19,7 +19,7 @@ LORA_DROPOUT=0            # lora: 0 is fine; 0.05 can help with very small data
 PISSA_R=64                # pissa: rank
 SVD_NITER=4               # pissa: power iterations of the fast SVD at start-up; 4 is plenty
 DISHA_R=64                # bone / bat: block size; must divide the model width (64 works for every released size)
-TRAIN_PARTS=""            # also train: any of "emb head time ln" (RWKV-PEFT trains "time ln"); empty = only the method
+TRAIN_PARTS=""            # also train: any of "emb head time ln"; empty = only the method (time = the time-mix vectors and matrices)
 
 # ---------------------------------------------------------------- data
 CTX_LEN=512               # tokens per sample: make_tokenize.sh suggests one; state tuning likes it short (512)

@@ -211,6 +211,8 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
                 getattr(model.blocks[0].att, name).requires_grad_(False)
         model.op = op
         model.grad_cp = bool(cfg.GRAD_CP)
+        if amp:
+            model.act_dtype = loop.activation_dtype({torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[wdtype])
         model.train()
         res.load_peak = live.peak
         # --- as loop.train
@@ -246,7 +248,7 @@ def sim_config(**kw) -> SimpleNamespace:
     base = dict(FINETUNE_MODE="lora", LORA_R=64, LORA_ALPHA=128.0, LORA_DROPOUT=0.0, PISSA_R=64, SVD_NITER=4,
                 DISHA_R=64, TRAIN_PARTS=(), CTX_LEN=512, MICRO_BSZ=1, MINI_BSZ=1, TRAIN_TYPE="normal",
                 CHUNK_CTX=512, OP="auto", PRECISION="bf16", GRAD_CP=True, QUANT="none", STRATEGY="auto",
-                GPU_COUNT=1, NODES=1)
+                GPU_COUNT=1, NODES=1, COMPILE="0")          # the simulation runs the blocks eagerly
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -76,7 +76,7 @@ GiB = 2 ** 30
 SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "1.6B": (24, 2048),
          "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096)}
 BASE_METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
-ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts")
+ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts", "stream")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -100,25 +100,28 @@ def parse_method(method: str) -> tuple[str, str]:
     return base, quant or "none"
 
 
-def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts=""):
+def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts="",
+         stream="auto"):
     return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=int(grad_cp), op=op,
-                infctx=infctx, compile=str(compile), train_parts=train_parts)
+                infctx=infctx, compile=str(compile), train_parts=train_parts, stream=stream)
 
 
 def named_grid(name: str) -> tuple[list[dict], dict]:
     """(rows, option defaults) of a named grid."""
     if name == "peft-table":
         # RWKV-PEFT's published settings (its tables: ctx 1024, micro batch 1, LoRA r 64, grad_cp 1, bf16;
-        # its LoRA trains train_parts "time ln" too, state tuning only the state)
-        rows = [_row(7, s, m, 1024, 1, 1, train_parts="" if m == "state" else "time ln")
+        # its LoRA trains train_parts "time ln", state tuning only the state). Its "time" matches names with
+        # "time" in them: RWKV-6's time_maa_* / time_decay* / time_faaaa, but none of RWKV-7's (x_r, w1, ...),
+        # so on RWKV-7 it trains the LoRA and the norms only (56.9 M at 1.5B, docs/anchors.md): our "ln"
+        rows = [_row(7, s, m, 1024, 1, 1, train_parts="" if m == "state" else "ln")
                 for s in ("1.5B", "3B") for m in ("state", "lora", "lora+nf4")]
         rows += [_row(6, "7B", m, 1024, 1, 1, train_parts="time ln") for m in ("lora", "lora+nf4")]
         return rows, {}
     if name == "anchors":
         # the RWKV-PEFT configurations measured on an H100 (docs/anchors.md), with our default op
-        rows = [_row(7, "1.5B", "lora", 1024, 1, 1, train_parts="time ln"),
+        rows = [_row(7, "1.5B", "lora", 1024, 1, 1, train_parts="ln"),
                 _row(7, "1.5B", "state", 1024, 1, 1),
-                _row(7, "1.5B", "lora", 4096, 8, 1, train_parts="time ln")]
+                _row(7, "1.5B", "lora", 4096, 8, 1, train_parts="ln")]
         return rows, {}
     if name == "mfu":
         return [_row(7, "1.5B", "full", 4096, 8, 1)], {}
@@ -278,6 +281,8 @@ def run_row(spec: dict) -> dict:
     env = row_env(spec, spec["model_path"], spec["data_prefix"], spec["output"], spec["steps"], spec["warmup"],
                   spec["precision"], spec["lora_r"], spec["lora_alpha"])
     cfg = TrainConfig.from_env(env)
+    if (spec.get("stream") or "auto") == "fp32":      # A/B: the fp32 residual stream the trainer had before
+        loop.activation_dtype = lambda precision: None if precision == "32-true" else torch.float32
     sizes = row_sizes(spec)
     rows: list[tuple] = []
     phase: dict = {}
@@ -449,9 +454,15 @@ def ensure_model(version: int, layers: int, width: int, vocab: int, model_dir: P
 def make_model_file(version: int, layers: int, width: int, vocab: int, path: str) -> None:
     import torch
     from trainer.checkpoint import config_from_sizes, init_model, save_atomic
+    from trainer.model import RWKV, init_weights_
     torch.set_num_threads(os.cpu_count() or 1)
-    model = init_model(config_from_sizes(version, layers, width, vocab_size=vocab))
-    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    cfg = config_from_sizes(version, layers, width, vocab_size=vocab)
+    if torch.cuda.is_available():       # the GPU's generator and QR: seconds instead of minutes for 7B
+        with torch.device("cuda"):
+            model = init_weights_(RWKV(cfg))
+    else:
+        model = init_model(cfg)
+    sd = {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     del model
     save_atomic(sd, path)
 
@@ -467,7 +478,7 @@ def _gib(x) -> str:
     return f"{x / GiB:.2f}" if isinstance(x, (int, float)) and x else "-"
 
 
-HEADER = (f"{'v':>1} {'size':>5} {'method':<10} {'ctx':>5} {'bsz':>3} {'cp':>2} {'op':<7} {'infctx':>6} {'cmp':>4} | "
+HEADER = (f"{'v':>1} {'size':>5} {'method':<10} {'ctx':>5} {'bsz':>3} {'cp':>2} {'op':<7} {'infctx':>6} {'cmp':>4} {'strm':>4} | "
           f"{'tokens/s':>9} {'step s':>7} | {'alloc':>6} {'load':>6} {'used':>6} {'base':>5} | "
           f"{'est':>6} {'e.alloc':>7} | {'MFU':>5} {'HFU':>5} | status")
 
@@ -480,7 +491,8 @@ def format_row(row: dict, res: dict) -> str:
     op = res.get("op_resolved") or row["op"]
     status = res["status"] + (f": {res['error']}" if res.get("error") and res["status"] != "OOM" else "")
     return (f"{row['version']:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
-            f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} {row.get('compile') or 'auto':>4} | "
+            f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} {row.get('compile') or 'auto':>4} "
+            f"{row.get('stream') or 'auto':>4} | "
             f"{tps:>9} {step:>7} | "
             f"{_gib(res.get('peak_alloc_bytes')):>6} {_gib(res.get('load_alloc_bytes')):>6} "
             f"{_gib(res.get('peak_used_bytes')):>6} {_gib(res.get('used_baseline_bytes')):>5} | "
@@ -492,7 +504,8 @@ def row_command(row: dict, opts: argparse.Namespace) -> str:
     parts = ["python", "bench/train_speed.py", "--version", str(row["version"]), "--size", row["size"],
              "--method", row["method"], "--ctx", str(row["ctx"]), "--bsz", str(row["bsz"]),
              "--grad-cp", str(row["grad_cp"]), "--op", row["op"], "--infctx", str(row["infctx"] or 0),
-             "--compile", str(row.get("compile") or "auto"), "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+             "--compile", str(row.get("compile") or "auto"), "--stream", row.get("stream") or "auto",
+             "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
              "--precision", opts.precision, "--lora-r", str(opts.lora_r), "--lora-alpha", str(opts.lora_alpha),
              "--vocab", str(opts.vocab)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -510,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", nargs="+", default=["auto"])
     ap.add_argument("--infctx", type=int, nargs="+", default=[0], help="CHUNK_CTX for TRAIN_TYPE=infctx; 0 = normal")
     ap.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "1", "0"), help="COMPILE")
+    ap.add_argument("--stream", nargs="+", default=["auto"], choices=("auto", "fp32"),
+                    help="residual stream: auto = the trainer's (bf16 under bf16); fp32 = as before, for A/B")
     ap.add_argument("--train-parts", default="", help='TRAIN_PARTS, e.g. "time ln"')
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 10; memfit 3)")
     ap.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; memfit 2)")
@@ -543,9 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.grid:
         rows, defaults = named_grid(opts.grid)
     else:
-        rows = [_row(*combo, train_parts=opts.train_parts) for combo in itertools.product(
+        rows = [_row(*combo[:-1], train_parts=opts.train_parts, stream=combo[-1]) for combo in itertools.product(
             opts.version, opts.size, opts.method, opts.ctx, opts.bsz, opts.grad_cp, opts.op, opts.infctx,
-            opts.compile)]
+            opts.compile, opts.stream)]
         defaults = {}
     opts.steps = opts.steps if opts.steps is not None else defaults.get("steps", 10)
     opts.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 3)

@@ -69,8 +69,8 @@ def test_quantised_bytes_equal_quantize_model(quant):
 
 def test_breakdown_of_a_tiny_config_by_hand():
     """RWKV-7, 2 layers × 128, vocabulary 256, LoRA r 8 on its 6 linears per layer, CTX_LEN 64, MICRO_BSZ 2,
-    GRAD_CP 0, op chunk, bf16: every term written out from the formula in the module docstring."""
-    cfg = cfg_(LORA_R=8, CTX_LEN=64, MICRO_BSZ=2, GRAD_CP=0, OP="chunk")
+    GRAD_CP 0, op chunk, bf16, not compiled: every term written out from the formula in the module docstring."""
+    cfg = cfg_(LORA_R=8, CTX_LEN=64, MICRO_BSZ=2, GRAD_CP=0, OP="chunk", COMPILE=0)
     C, L, V, BT = 128, 2, 256, 128
     lora = L * (4 * 8 * (C + C) + 2 * 8 * (C + 4 * C))          # att r/k/v/o, ffn key and value
     assert lora == 36_864
@@ -160,16 +160,19 @@ def test_strategies_shard_what_they_should():
     assert s1["buckets"] == 2 * min(M.DEEPSPEED_BUCKET_ELEMS, P) * 2
     one_gpu = estimate(cfg_(FINETUNE_MODE="full", CTX_LEN=512), B15)
     assert one_gpu.terms["buckets"] == 0
-    # DeepSpeed runs without autocast, bf16 through: smaller activations (GRAD_CP=1: bf16 block inputs)
+    # DeepSpeed runs bf16 through: its blocks keep bf16 inputs, as our bf16 stream does; with fp16 autocast
+    # the stream stays fp32 (GRAD_CP=1 keeps twice the bytes)
     lora = dict(CTX_LEN=4096, MICRO_BSZ=4)
-    assert estimate(cfg_(**lora, STRATEGY="deepspeed_stage_1"), B15).terms["saved"] == \
-        estimate(cfg_(**lora), B15).terms["saved"] * M.CP_SAVED_DS / M.CP_SAVED
+    saved = estimate(cfg_(**lora), B15).terms["saved"]
+    assert estimate(cfg_(**lora, STRATEGY="deepspeed_stage_1"), B15).terms["saved"] == saved
+    assert M.CP_SAVED_DS == M.CP_SAVED["bf16"] == 2.0
+    assert estimate(cfg_(**lora, PRECISION="fp16"), B15).terms["saved"] == 2 * saved
 
 
 # ------------------------------------------------------------------------------------------ suggestions
 @pytest.mark.parametrize("case", [dict(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0, TRAIN_PARTS="time ln"),
-                                  dict(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=1),
-                                  dict(FINETUNE_MODE="state", CTX_LEN=8192, MICRO_BSZ=4),
+                                  dict(CTX_LEN=8192, MICRO_BSZ=8, GRAD_CP=1, COMPILE=0),
+                                  dict(FINETUNE_MODE="state", CTX_LEN=16384, MICRO_BSZ=8),
                                   dict(FINETUNE_MODE="full", CTX_LEN=1024, MICRO_BSZ=2)])
 @pytest.mark.parametrize("free_gib", [12, 24])
 def test_every_suggestion_fits_when_re_estimated(case, free_gib):
@@ -186,6 +189,18 @@ def test_every_suggestion_fits_when_re_estimated(case, free_gib):
             assert f"{k}={v}" in change.line()
         if "MICRO_BSZ" in change.settings:                  # the batch per optimizer step is kept
             assert change.settings["MICRO_BSZ"] * change.settings["MINI_BSZ"] == cfg.MICRO_BSZ * cfg.MINI_BSZ
+
+
+def test_compiled_blocks_are_estimated_leaner_and_suggested():
+    """COMPILE (auto: on a GPU without QUANT) scales the per-token activations by the fitted factor; with
+    COMPILE=0 at a size that does not fit, COMPILE=auto is the first change suggested."""
+    big = dict(CTX_LEN=4096, MICRO_BSZ=8)
+    eager, compiled = estimate(cfg_(**big, COMPILE=0), B15), estimate(cfg_(**big), B15)
+    assert compiled.terms["layer"] < 0.5 * eager.terms["layer"] and compiled.terms["saved"] == eager.terms["saved"]
+    assert estimate(cfg_(**big, QUANT="nf4"), B15).terms["layer"] == estimate(cfg_(**big, QUANT="nf4", COMPILE=0),
+                                                                             B15).terms["layer"]
+    found = suggestions(cfg_(**big, COMPILE=0), B15, (eager.total + compiled.total) / 2)
+    assert found[0].settings == {"COMPILE": "auto"}
 
 
 def test_suggestions_start_with_the_cheapest():

@@ -306,6 +306,40 @@ def test_bf16_weights_with_fp32_trainables_under_autocast(version):
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
+def test_residual_stream_keeps_act_dtype_under_autocast(version):
+    """RWKV.act_dtype sets the dtype every block receives and returns (what gradient checkpointing keeps),
+    although the norms return fp32 under autocast; bf16 stays close to the fp32 model, and the trainer
+    picks bf16 for bf16 autocast, fp32 for fp16 (overflow), nothing for fp32."""
+    from trainer.loop import activation_dtype
+    model = random_model(version, 3, 128, 256, seed=13)
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = model(idx)
+    model = model.to(torch.bfloat16)
+    for name, p in model.named_parameters():       # frozen bf16 (embedding included), norms trained in fp32
+        p.requires_grad_("ln" in name)
+        if p.requires_grad:
+            p.data = p.data.float()
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out[0].dtype)))
+             for b in model.blocks]
+    for act in (torch.bfloat16, torch.float32):
+        seen.clear()
+        model.act_dtype = act
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(idx)
+        F.cross_entropy(logits.flatten(0, 1).float(), idx.roll(-1, 1).flatten()).backward()
+        assert seen == [(act, act)] * 3, seen
+        assert (logits.float() - want).abs().max() < 0.05 * want.abs().max()
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters() if p.requires_grad)
+    for h in hooks:
+        h.remove()
+    assert activation_dtype("bf16-mixed") == torch.bfloat16
+    assert activation_dtype("16-mixed") == torch.float32 and activation_dtype("32-true") is None
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
 def test_state_tuning_with_frozen_weights_and_grad_cp(version):
     """Only time_state trainable (state tuning), gradient checkpointing on and off: same gradient."""
     model = with_time_state(random_model(version, 2, 128, 256, seed=12), seed=2).train()

@@ -85,7 +85,7 @@ def test_named_grids():
         (6, "7B", "lora"), (6, "7B", "lora+nf4")}
     assert train_speed.named_grid("mfu")[0] == [dict(version=7, size="1.5B", method="full", ctx=4096, bsz=8,
                                                      grad_cp=1, op="auto", infctx=0, compile="auto",
-                                                     train_parts="")]
+                                                     train_parts="", stream="auto")]
     memfit, defaults = train_speed.named_grid("memfit")
     assert defaults == {"steps": 3, "warmup": 2} and len(memfit) >= 20
     for grid in ("peft-table", "anchors", "mfu", "memfit"):      # every row is a valid training config

@@ -73,6 +73,14 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torc
     return "32-true", torch.float32
 
 
+def activation_dtype(precision: str) -> torch.dtype | None:
+    """The residual stream's dtype for a precision (RWKV.act_dtype). bf16 autocast: bf16, as RWKV-LM trains
+    (half the bytes per block input kept for the backward pass and moved by every element-wise kernel; the
+    products and norms still accumulate in fp32). fp16: fp32, since an fp16 stream overflows in deep RWKV
+    models (the rwkv package rescales its fp16 layers for that reason). fp32: unchanged."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float32}.get(precision)
+
+
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
     """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
     GPU backend (Triton, compute capability 7.0+) works, except with QUANT, and stays eager on the CPU
@@ -168,6 +176,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
     model.grad_cp = bool(cfg.GRAD_CP)
+    model.act_dtype = activation_dtype(precision)
     compile_on, note = resolve_compile(cfg, device)
     if note:
         log(note)

@@ -20,7 +20,7 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
   step       P × 4                  foreach AdamW's sqrt(exp_avg_sq) buffer while it steps
   saved      what the forward pass keeps for the backward pass:
                GRAD_CP=0: L × (layer·BT + casts)
-               GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its fp32 input)
+               GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its input: 2 B bf16, 4 B fp32)
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
              time or ln)·C + 2·(r − 64) per adapted linear (LoRA/PiSSA rank r), per token;
              family: frozen (state) | lora (lora, pissa) | bone | bat | full;
@@ -63,12 +63,13 @@ short 2-layer cases up to 10%, and up to 15% at width 512.
 Not simulated, so guessed until measured GPU rows calibrate them: the fla kernels' WKV_* (from the anchor
 measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and channel with
 inputs and gradients), DeepSpeed's masters, partitions and buckets (from its
-configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_measured.jsonl, 7 rows of
-RWKV-7 1.5B on an H100 with COMPILE on, from bench/train_speed.py --json; bench/calibrate_memory.py compares
-and fits): our triton op's WKV_WORK, CUDA_CONTEXT and ALLOCATOR_SLACK. On those rows the allocation is
-within 11% (mean 5%) and the nvidia-smi figure within 7%; the same rows made the fit, so this is not an
-independent check. Not measured: other sizes, RWKV-5/6 on fla, WSL2 (ALLOCATOR_SLACK_FIXED is the
-session-2 fit without expandable segments).
+configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_measured.jsonl: 7 rows on an
+H100 from bench/train_speed.py --json, RWKV-7 1.5B LoRA / QLoRA / state / full at ctx 1024 × 1 and 4096 × 8,
+and 7B LoRA infctx over 131072 tokens; bench/calibrate_memory.py compares and fits): COMPILED_ACT_SCALE
+(compiled blocks, 6 of the rows), CUDA_CONTEXT and ALLOCATOR_SLACK. On those rows the allocation is within
+3.3% (mean 1.9%) and the nvidia-smi figure within 8.2%; the same rows made the fit, so this is not an
+independent check. Not measured: other sizes, RWKV-5/6 on fla, GRAD_CP=0 compiled, WSL2
+(ALLOCATOR_SLACK_FIXED is the session-2 fit without expandable segments).
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ ACT = {7: {"frozen": 72.7, "lora": 94.9, "bone": 75.3, "bat": 75.3, "full": 121.
        6: {"frozen": 63.4, "lora": 90.5, "bone": 67.5, "bat": 67.5, "full": 103.0},
        5: {"frozen": 45.2, "lora": 72.4, "bone": 49.2, "bat": 49.2, "full": 82.0}}
 PARTS_ACT = {7: 33.0, 6: 20.5, 5: 16.0}   # TRAIN_PARTS time and/or ln: their inputs are kept too
-CP_SAVED = 4.0                           # GRAD_CP=1: each block keeps its fp32 input
+CP_SAVED = {"bf16": 2.0, "fp16": 4.0, "fp32": 4.0}   # GRAD_CP=1: each block keeps its input (the residual
+                                         # stream: bf16 under bf16 autocast, else fp32; loop.activation_dtype)
 CAST_BYTES = 2.0                         # per trained matrix element: autocast's bf16 copy, kept for backward
 BWD_WORK = {True: 50.0, False: 30.0}     # a block's backward temporaries (its activations' gradients), by GRAD_CP
 BAT_BYTES = 4.2                          # Bat: bytes per adapted weight kept (bf16 W blocks and bf16 ΔW)
@@ -104,17 +106,18 @@ WKV_SAVED["torch"] = WKV_SAVED["chunk"]
 # "triton" (ours, RWKV-7): fp32 state checkpoints every 16 steps (N·4/16 = 16 B per token-channel at N=64)
 # and sa (4), plus its inputs: from its docstring, not measured
 WKV_SAVED["triton"] = {7: 34.0, 6: 34.0, 5: 34.0}
-# "triton" (ours) with torch.compile'd blocks (COMPILE): fitted to 7 measured H100 rows (bench/RESULTS.md;
-# the LoRA ctx 4096 × 8 row sets it: about 98 B per token and channel more than the 20 first guessed)
+# "triton" (ours): fitted in session 3 to H100 rows of the then fp32 residual stream (about 98 B per token and
+# channel more than the 20 first guessed); the one uncompiled measured row (QLoRA, ctx 1024) still agrees
 WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0},
             "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 118.0, 6: 118.0, 5: 118.0}}
 WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
 WKV_WORK["torch"] = WKV_WORK["chunk"]
 HEAD_BYTES = 8.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py)
-CUDA_CONTEXT = int(1.34 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
+CUDA_CONTEXT = int(1.23 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
                                          # torch 2.11, 7 rows of bench/memory_measured.jsonl)
 CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
-ALLOCATOR_SLACK = 0.022                  # reserved / allocated - 1 at the peak, expandable segments (configure_allocator)
+ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
+                                         # fitted -0.007 on the same rows, i.e. none
 ALLOCATOR_SLACK_FIXED = 0.425            # the same without them (WSL2, or the user's own allocator settings)
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
 DEEPSPEED_BUCKET_ELEMS = int(2e8)        # strategy.py's reduce and allgather bucket sizes (elements)
@@ -124,6 +127,13 @@ INFCTX_ACT = 9.2                         # infctx: per chunk token and channel p
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
 DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
+# torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU unless QUANT): the generated kernels keep
+# far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops the constants above
+# describe. The per-token activation terms (a block's saved tensors and backward work, infctx's per-chunk
+# activations) are scaled by COMPILED_ACT_SCALE and COMPILED_FLOOR is added: fitted to the 6 compiled rows of
+# bench/memory_measured.jsonl (RWKV-7 1.5B and 7B on an H100; GRAD_CP=0 compiled is not measured)
+COMPILED_ACT_SCALE = 0.33
+COMPILED_FLOOR = 0
 
 FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
 _TARGET_WEIGHT = re.compile(r"^(blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance)))"
@@ -345,6 +355,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
                      "the autocast ones (simulated, not measured yet)")
     # --- activations
     scale = DS_ACT_SCALE if ds else 1.0
+    compiled = will_compile(cfg)
+    tok = COMPILED_ACT_SCALE if compiled else 1.0      # per-token activation bytes of compiled blocks
     layer = (ACT[v][family] * scale + WKV_SAVED[op][v]) * C
     if any(p in tuple(_get(cfg, "TRAIN_PARTS", ()) or ()) for p in ("time", "ln")):
         layer += PARTS_ACT[v] * scale * C
@@ -354,12 +366,13 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
     fixed = cast * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
     head_cast = 0.0              # the chunked head casts its weight only while it runs (in ``head``)
-    work = (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
+    work = tok * (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
+    work += COMPILED_FLOOR if compiled else 0.0
     if cp:
-        saved = L * (CP_SAVED_DS if ds else CP_SAVED) * C * BT + head_cast
-        one_layer = layer * BT + fixed + work
+        saved = L * (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT + head_cast
+        one_layer = tok * layer * BT + fixed + work
     else:
-        saved = L * (layer * BT + fixed) + head_cast
+        saved = L * (tok * layer * BT + fixed) + head_cast
         one_layer = work
     from .head_loss import chunk_tokens
     head = HEAD_BYTES * min(BT, chunk_tokens(V)) * V + wbytes * BT * C + (6.0 * V * C if t.head_trained else 0.0)
@@ -370,7 +383,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     if infctx:   # the states carried into every chunk, the gradients of one chunk's states (all layers, for
         chunks = -(-ctx // T)                       # each layer: L²), and what a chunk keeps besides
         state = B * (sizes.n_head * sizes.head_size ** 2 + 2 * C) * 4.0
-        carried = chunks * L * state + L * L * state + L * INFCTX_ACT * C * BT
+        carried = chunks * L * state + L * L * state + tok * L * INFCTX_ACT * C * BT
     act_start = saved + head + carried + dequant
     act_layer = saved + one_layer + grads / L + carried + dequant   # the top block's grads; the head's are gone
     act_step = grads + step
@@ -403,6 +416,13 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes)
 
 
+def will_compile(cfg: Any) -> bool:
+    """Whether the trainer compiles the blocks for these settings on a GPU (loop.resolve_compile's rule:
+    COMPILE=1, or auto without QUANT; DeepSpeed keeps its own engine: as set)."""
+    setting = str(_get(cfg, "COMPILE", "auto"))
+    return setting == "1" or (setting == "auto" and (_get(cfg, "QUANT", "none") or "none") == "none")
+
+
 # ------------------------------------------------------------------------------------------ suggestions
 @dataclass
 class Change:
@@ -426,6 +446,7 @@ def _with(cfg: Any, **changes: Any) -> Any:
 
 
 # Rough slowdowns, only to rank the suggestions (cheapest first); a combination costs their product.
+COST_COMPILE = 1.0            # COMPILE=0 -> auto: faster (a minute of compiling at the start)
 COST_GRAD_CP = 1.3            # the blocks' forward runs twice
 COST_HALVE_BATCH = 0.1        # per halving of MICRO_BSZ (smaller products, same samples per step)
 COST_NF4 = 1.25               # dequantisation in every forward and backward; slightly less precise weights
@@ -446,6 +467,8 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
                     f"the same {B * mini} samples per optimizer step, slower",
                     1 + COST_HALVE_BATCH * math.log2(B / b)))
     quant = _get(cfg, "QUANT", "none") or "none"
+    if str(_get(cfg, "COMPILE", "auto")) == "0" and quant == "none":
+        out.append(({"COMPILE": "auto"}, "compiled blocks keep fewer activations, and run faster", COST_COMPILE))
     if mode != "full" and quant != "nf4":
         out.append(({"QUANT": "nf4"}, "frozen weights in 4 bits: slower, a little less precise", COST_NF4))
     ctx = int(_get(cfg, "CTX_LEN", 512))

@@ -18,7 +18,8 @@ initial WKV state whenever no state is passed, expanded over the batch, with gra
 
 Dtypes: the model computes in the dtype of its weights (fp32, bf16 or fp16), as RWKV-LM does; the norms
 use torch's kernels, which accumulate in fp32. The decay is computed in fp32 and the WKV state is fp32
-whatever the weights' dtype.
+whatever the weights' dtype. The residual stream between blocks has the embedding's dtype, or
+``model.act_dtype`` where set (training under bf16 autocast: bf16, RWKV-LM's training dtype).
 """
 from __future__ import annotations
 
@@ -262,13 +263,16 @@ class Block(nn.Module):
         self.ffn = ffn_cls(cfg, layer_id)
 
     def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, op: str):
+        # The residual stream keeps the dtype it enters with (RWKV.act_dtype): under autocast the norms
+        # return fp32 and would otherwise turn a bf16 stream into fp32 from the first layer on.
+        dt = x.dtype
         if hasattr(self, "ln0"):         # layer 0 (see TimeMix7: no layer_id in the forward pass)
-            x = self.ln0(x)
-        xa = self.ln1(x)
+            x = self.ln0(x).to(dt)
+        xa = self.ln1(x).to(dt)
         out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, op)
-        x = x + out
-        xf = self.ln2(x)
-        x = x + self.ffn(xf, ffn_shift)
+        x = x + out.to(dt)
+        xf = self.ln2(x).to(dt)
+        x = x + self.ffn(xf, ffn_shift).to(dt)
         return x, v_first, xa[:, -1].float(), wkv_state, xf[:, -1].float()
 
 
@@ -284,6 +288,9 @@ class RWKV(nn.Module):
         self.cfg = cfg
         self.op = "torch"
         self.grad_cp = False
+        # dtype of the residual stream between the blocks (and of what gradient checkpointing keeps per
+        # block); None: the embedding's. The trainer sets bf16 under bf16 autocast, as RWKV-LM trains.
+        self.act_dtype: torch.dtype | None = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -337,6 +344,8 @@ class RWKV(nn.Module):
         """idx [B,T] -> (the last block's output after ln_out [B,T,C], the state after the last token)."""
         B = idx.shape[0]
         x = self.emb(idx)
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
         v_first = None
         new_state: State = []
         for i, blk in enumerate(self.blocks):
@@ -379,25 +388,27 @@ def _orthogonal_(p: Tensor, scale: float, gen: torch.Generator, tall_gain: bool 
     rows, cols = p.shape[-2], p.shape[-1]
     gain = math.sqrt(rows / cols) if rows > cols and tall_gain else 1.0
     for m in p.view(-1, rows, cols):
-        a = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
+        a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, device=gen.device)
         q, rr = torch.linalg.qr(a)
         q = q * torch.sign(torch.diagonal(rr)).unsqueeze(0)
         m.copy_((q if rows >= cols else q.T) * gain * scale)
 
 
 def _uniform_(p: Tensor, bound: float, gen: torch.Generator) -> None:
-    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+    p.copy_((torch.rand(p.shape, generator=gen, device=gen.device) * 2 - 1) * bound)
 
 
 @torch.no_grad()
 def init_weights_(model: RWKV, seed: int = 0) -> RWKV:
-    """Fill ``model`` (fp32, on the CPU) with RWKV-LM's initialisation for its version (x052/x060/x070).
+    """Fill ``model`` (fp32) with RWKV-LM's initialisation for its version (x052/x060/x070). The random
+    numbers come from a generator on the model's device (a GPU makes a 7B model in seconds; the values
+    then differ from the CPU's for the same seed).
 
     Our own code following the scheme of RWKV-LM: per-channel token-shift ramps that change with depth,
     decay speeds spread from fast to slow over the channels, small uniform embedding, orthogonal head and
     projections, zero output projections (each block starts as the identity), ln_x scaled with depth.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=model.head.weight.device).manual_seed(seed)
     cfg = model.cfg
     C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
     n = torch.arange(C, dtype=torch.float64)

@@ -500,3 +500,63 @@ def test_method_with_quant_gpu(method_name, quant, version, no_tf32):
         merged_bf16 = merged.to(torch.bfloat16)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert rel(merged_bf16(idx), fp32_model(idx)) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_quantising_from_the_file_gives_the_same_model(tmp_path):
+    """QLoRA's loading path (the trainer on a GPU): the weights to quantise stay in the file (mmap, stored
+    dtype, here fp16) and are quantised one at a time; the result equals quantising the model loaded in
+    bf16: the same codes and scales, the other tensors bf16, the same logits with the same adapter."""
+    from trainer import checkpoint
+    sd = {k: v.half() for k, v in random_model(7, N_LAYER, N_EMBD, VOCAB, seed=3).state_dict().items()}
+    path = tmp_path / "m.pth"
+    checkpoint.save_atomic(sd, path)
+    models = []
+    for keep in (None, Q.is_quantised_key):
+        m = checkpoint.load_model(path, dtype=torch.bfloat16, device="cpu", keep_on_cpu=keep)
+        if keep is not None:
+            kept = {k for k, v in m.state_dict().items() if v.dtype == torch.float16}
+            assert kept == {k for k in sd if Q.is_quantised_key(k)} and len(kept) == 6 * N_LAYER
+        torch.manual_seed(0)
+        get_method("lora")(SETTINGS["lora"]).apply(m, train_parts=("ln",))
+        Q.quantize_model(m, "nf4", device="cpu")
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        models.append(m)
+    a, b = models
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if "lora_" in k}, strict=False)
+    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
+    assert bufs_a.keys() == bufs_b.keys() and any(k.endswith("qweight") for k in bufs_a)
+    assert all(torch.equal(bufs_a[k], bufs_b[k]) for k in bufs_a)
+    assert {n: p.dtype for n, p in a.named_parameters()} == {n: p.dtype for n, p in b.named_parameters()}
+    idx = tokens(5)
+    with torch.no_grad():
+        assert torch.equal(a(idx), b(idx))
+
+
+@pytest.mark.gpu
+def test_trainer_quantises_into_the_gpu_without_the_bf16_weights(tmp_path, monkeypatch):
+    """loop.prepare with QUANT=nf4 on a GPU: every tensor ends on the GPU (adapters fp32), and the GPU never
+    held the quantised layers' bf16 weights (its peak stays below them plus what it keeps)."""
+    _need_gpu()
+    from test_train import VOCAB as TRAIN_VOCAB, config, make_project
+    from trainer import checkpoint, loop
+    from trainer.memory import QUANTISE_WORK
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    checkpoint.save_atomic(random_model(7, 6, 256, vocab_size=TRAIN_VOCAB).state_dict(), tmp_path / "model" / "tiny.pth")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    prep = loop.prepare(config(QUANT="nf4", PRECISION="bf16", ACCELERATOR="cuda", COMPILE="0"), log=lambda *_: None)
+    model = prep.model
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.is_cuda for t in tensors)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    kept = sum(t.numel() * t.element_size() for t in tensors)
+    sizes = [m.qshape[0] * m.qshape[1] for m in model.modules() if hasattr(m, "qshape")]
+    bf16_targets, temp = 2 * sum(sizes), (QUANTISE_WORK + 2) * max(sizes)   # quantising the largest one
+    assert bf16_targets > 2 * temp                         # so that the bound below tells the two paths apart
+    peak = torch.cuda.max_memory_allocated() - start
+    assert peak < kept + temp + bf16_targets / 2, (peak, kept, temp, bf16_targets)

@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -221,8 +221,12 @@ def checkpoint_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
 
 
 def model_from_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig, dtype: torch.dtype,
-                          device="cpu") -> RWKV:
-    """Build an RWKV holding ``sd`` (official layout; ``time_state`` keys become parameters)."""
+                          device="cpu", keep_on_cpu: Callable[[str], bool] | None = None) -> RWKV:
+    """Build an RWKV holding ``sd`` (official layout; ``time_state`` keys become parameters).
+
+    ``keep_on_cpu(key)``: those tensors stay where and as they are stored (the checkpoint's mmap, its own
+    dtype), the rest goes to ``device`` in ``dtype``. QLoRA uses it to quantise the big linear weights
+    straight from the file into the GPU, one at a time, instead of first holding them all in bf16."""
     with torch.device("meta"):
         model = RWKV(cfg)
     for k in sd:
@@ -231,7 +235,8 @@ def model_from_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig, dtype: tor
             with torch.device("meta"):
                 model.blocks[i].att.time_state = torch.nn.Parameter(torch.empty(cfg.n_head, cfg.head_size,
                                                                                  cfg.head_size))
-    full = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    full = {k: v if keep_on_cpu is not None and keep_on_cpu(k) else v.to(device=device, dtype=dtype)
+            for k, v in sd.items()}
     if cfg.version == 7:   # layer 0's unused v0/v1/v2 when an exporter dropped them
         for k in _V7_LAYER0_OPTIONAL:
             key = f"blocks.0.{k}"
@@ -241,16 +246,18 @@ def model_from_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig, dtype: tor
     return model
 
 
-def load_model(path, dtype: torch.dtype | str | None = None, device="cpu") -> RWKV:
+def load_model(path, dtype: torch.dtype | str | None = None, device="cpu",
+               keep_on_cpu: Callable[[str], bool] | None = None) -> RWKV:
     """Load an official RWKV-5.2/6/7 ``.pth`` as an ``RWKV`` (eval mode) in ``dtype`` (default: the
-    checkpoint's own) on ``device``. Checkpoints with ``time_state`` keys get those as parameters."""
+    checkpoint's own) on ``device``. Checkpoints with ``time_state`` keys get those as parameters.
+    ``keep_on_cpu``: see model_from_state_dict."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}'", f"choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     sd = load_checkpoint(path)
     cfg = detect_config(sd, path)
-    model = model_from_state_dict(sd, cfg, dtype or checkpoint_dtype(sd), device)
+    model = model_from_state_dict(sd, cfg, dtype or checkpoint_dtype(sd), device, keep_on_cpu)
     return model.eval()
 
 

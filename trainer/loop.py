@@ -150,7 +150,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from .data.dataset import make_dataset
     from .memory import preflight
     from .peft import get_method
-    from .quant import check_quant, quantize_model
+    from .quant import check_quant, is_quantised_key, quantize_model
 
     cfg.check_files()
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
@@ -161,13 +161,19 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     op = ops.resolve(cfg.OP, device, sizes.version)
     preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 
-    model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device)
+    # QLoRA on a GPU: the weights to be quantised stay in the file (mmap) until quantize_model puts each,
+    # quantised, on the GPU; so the whole model is never there in bf16 (PiSSA: its SVD wants them there)
+    stream = cfg.QUANT != "none" and device.type == "cuda" and cfg.FINETUNE_MODE != "pissa"
+    model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device,
+                                  keep_on_cpu=is_quantised_key if stream else None)
     base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
-    report = quantize_model(model, cfg.QUANT)    # QLoRA: frozen base linears stored as int8 / nf4
+    report = quantize_model(model, cfg.QUANT, device=device if stream else None)  # int8 / nf4 base linears
     if report is not None:
         log(report.line())
+    if stream:
+        model.to(device)                     # the adapters were made beside the weights, on the CPU
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()

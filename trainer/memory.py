@@ -40,7 +40,9 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
                                                        grads + step)                         optimizer step
                    (+ dequant and infctx in the first two)
   load peak      = (all base elements + the adapter + PiSSA's buffers) × 2: the trainer puts the whole model
-                   on the GPU in bf16 before it quantises or turns trained tensors into fp32 (full: × 4)
+                   on the GPU in bf16 before it turns trained tensors into fp32 (full: × 4); QUANT (but
+                   PiSSA): weights + P × 2 + (QUANTISE_WORK + 2) × the largest quantised weight, since those
+                   weights go from the file into the GPU one at a time, quantised
   peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: see below)
   total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT (ALLOCATOR_SLACK_FIXED where the
                    allocator cannot grow segments in place: WSL2, or PYTORCH_CUDA_ALLOC_CONF set)
@@ -63,12 +65,13 @@ short 2-layer cases up to 10%, and up to 15% at width 512.
 Not simulated, so guessed until measured GPU rows calibrate them: the fla kernels' WKV_* (from the anchor
 measurement of fla's chunk_rwkv7: 13.5 GiB at B 8, T 4096, C 4096, about 108 B per token and channel with
 inputs and gradients), DeepSpeed's masters, partitions and buckets (from its
-configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_measured.jsonl: 7 rows on an
+configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_measured.jsonl: 9 rows on an
 H100 from bench/train_speed.py --json, RWKV-7 1.5B LoRA / QLoRA / state / full at ctx 1024 × 1 and 4096 × 8,
-and 7B LoRA infctx over 131072 tokens; bench/calibrate_memory.py compares and fits): COMPILED_ACT_SCALE
-(compiled blocks, 6 of the rows), CUDA_CONTEXT and ALLOCATOR_SLACK. On those rows the allocation is within
-3.3% (mean 1.9%) and the nvidia-smi figure within 8.2%; the same rows made the fit, so this is not an
-independent check. Not measured: other sizes, RWKV-5/6 on fla, GRAD_CP=0 compiled, WSL2
+7B LoRA infctx over 131072 tokens, RWKV-6 7B LoRA and QLoRA on fla; bench/calibrate_memory.py compares and
+fits): COMPILED_ACT_SCALE (compiled blocks, 6 of the rows), CUDA_CONTEXT and ALLOCATOR_SLACK (the first 7
+rows). On all 9 the allocation is within 3.3% (mean 1.6%); the nvidia-smi figure within 5.7% on 8, and 16%
+under on RWKV-6 7B QLoRA, which held 3.15 GiB outside torch's allocator (not modelled). Mostly the same rows
+as the fit, so this is not an independent check. Not measured: other sizes, GRAD_CP=0 compiled, WSL2
 (ALLOCATOR_SLACK_FIXED is the session-2 fit without expandable segments).
 """
 from __future__ import annotations
@@ -392,8 +395,10 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     train_peak = frozen_w + trained_w + opt + parts[peak_at]
     # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
     load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes
-    if quant != "none":
+    if quant != "none" and mode == "pissa":
         load_peak += QUANTISE_WORK * t.largest_target
+    elif quant != "none":        # quantised from the file into the GPU one weight at a time (loop.prepare)
+        load_peak = frozen_w + P * wbytes + (QUANTISE_WORK + wbytes) * t.largest_target
     if mode == "full":
         load_peak = t.total * max(wbytes, 4)       # every tensor ends in fp32, one at a time from bf16
     if stage == 3 and world > 1:
@@ -408,7 +413,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
         peak_at = "loading"
         notes.append(f"the peak is while loading: the trainer puts all {t.total / 1e9:.2f} B base weights on "
                      f"the GPU in {'fp32' if wbytes == 4 else 'bf16'} before "
-                     + ("quantising them" if quant != "none" else "converting the trained ones to fp32"))
+                     + ("quantising them (PiSSA's SVD needs them there)" if quant != "none"
+                        else "converting the trained ones to fp32"))
     terms = {"weights": frozen_w, "trained": trained_w, "optimizer": opt, "grads": grads, "step": step,
              "saved": saved, "layer": one_layer, "head": head, "infctx states": carried,
              "dequant": dequant, "buckets": extra}
@@ -527,7 +533,7 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
     found = suggestions(cfg, sizes, free_bytes, op)
     if found:
         return [c.line() for c in found]
-    why = (" (its peak comes while loading: the whole model in bf16 before quantising)"
+    why = (" (its peak comes while loading: the whole model in bf16 before quantising, for PiSSA's SVD)"
            if est.peak_at == "loading" and _get(cfg, "QUANT", "none") != "none" else "")
     return [f"none of GRAD_CP=1, a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
             f"{free_bytes / GiB:.1f} GiB{why}: use a smaller model, a GPU with more memory, or several GPUs"]

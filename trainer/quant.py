@@ -36,6 +36,9 @@ Use (the trainer):
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)    # before loading: refusals with the fix
     method.apply(model, train_parts)                     # the method first (PiSSA's SVD sees the real W)
     report = quantize_model(model, cfg.QUANT)            # then the base weights are quantised in place
+The trainer loads a QLoRA model with its quantised layers' weights left in the checkpoint file
+(checkpoint.load_model(keep_on_cpu=is_quantised_key)) and quantises them into the GPU (``device``) one at a
+time, so the bf16 weights are never all on the GPU (PiSSA excepted: its SVD runs on the GPU first).
 Merge: ``dequantised_base(base_sd, quant, adapter_sd)`` (PiSSA needs the adapter: its base is the residual).
 """
 from __future__ import annotations
@@ -293,6 +296,11 @@ class QuantReport:
     def line(self) -> str:
         return (f"QUANT={self.quant}: {self.layers} linear layers, {self.weights / 1e6:.1f} M weights in "
                 f"{self.quantised_bytes / 2**20:.1f} MiB instead of {self.bf16_bytes / 2**20:.1f} MiB (bf16)")
+
+
+def is_quantised_key(key: str) -> bool:
+    """Whether a state-dict key is the weight of a layer quantize_model quantises (``blocks.N.att.key.weight``)."""
+    return key.endswith(".weight") and TARGET_RE.match(key[:-len(".weight")]) is not None
 
 
 def quantize_model(model: nn.Module, quant: str, device=None) -> QuantReport | None:

@@ -333,6 +333,10 @@ def test_residual_stream_keeps_act_dtype_under_autocast(version):
         assert seen == [(act, act)] * 3, seen
         assert (logits.float() - want).abs().max() < 0.05 * want.abs().max()
         assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    with torch.no_grad():                          # no autocast (DeepSpeed's engine): the weights' dtype
+        model(idx)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 3, seen
     for h in hooks:
         h.remove()
     assert activation_dtype("bf16-mixed") == torch.bfloat16

@@ -289,7 +289,8 @@ class RWKV(nn.Module):
         self.op = "torch"
         self.grad_cp = False
         # dtype of the residual stream between the blocks (and of what gradient checkpointing keeps per
-        # block); None: the embedding's. The trainer sets bf16 under bf16 autocast, as RWKV-LM trains.
+        # block) under autocast; None, or no autocast: the embedding's. The trainer sets bf16 for bf16
+        # autocast, as RWKV-LM trains, and fp32 for fp16 autocast.
         self.act_dtype: torch.dtype | None = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -344,8 +345,8 @@ class RWKV(nn.Module):
         """idx [B,T] -> (the last block's output after ln_out [B,T,C], the state after the last token)."""
         B = idx.shape[0]
         x = self.emb(idx)
-        if self.act_dtype is not None:
-            x = x.to(self.act_dtype)
+        if self.act_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.act_dtype)     # (without autocast, e.g. DeepSpeed's fp16/bf16 engine: the weights' dtype)
         v_first = None
         new_state: State = []
         for i, blk in enumerate(self.blocks):

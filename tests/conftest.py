@@ -11,3 +11,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def failing_import(monkeypatch):
+    """failing_import(name, exc): from now on in this test, ``import name`` raises ``exc``."""
+    import builtins
+    real = builtins.__import__
+
+    def install(name, exc):
+        def fake(mod, *args, **kw):
+            if mod == name:
+                raise exc
+            return real(mod, *args, **kw)
+        monkeypatch.setattr(builtins, "__import__", fake)
+    return install

@@ -163,15 +163,8 @@ def test_compile_setting_is_checked_and_resolved(monkeypatch):
     assert "COMPILE=0" in err.value.fix
 
 
-def test_compile_auto_without_triton_on_a_gpu_says_so(monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_triton(name, *args, **kw):
-        if name == "triton":
-            raise ImportError("no triton")
-        return real_import(name, *args, **kw)
-    monkeypatch.setattr(builtins, "__import__", no_triton)
+def test_compile_auto_without_triton_on_a_gpu_says_so(failing_import):
+    failing_import("triton", ImportError("no triton"))
     on, note = resolve_compile(_cfg(), torch.device("cuda"))
     assert not on and "pip install triton" in note
     with pytest.raises(UserError, match="needs Triton"):

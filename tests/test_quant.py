@@ -370,17 +370,9 @@ def test_refusal_without_bitsandbytes(monkeypatch):
     Q.check_quant("int8", "state", "cuda")
 
 
-def test_refusal_broken_bitsandbytes(monkeypatch):
-    import builtins
-    real = builtins.__import__
-
-    def fake(name, *a, **k):
-        if name == "bitsandbytes":
-            raise RuntimeError("CUDA Setup failed")
-        return real(name, *a, **k)
-
+def test_refusal_broken_bitsandbytes(monkeypatch, failing_import):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(builtins, "__import__", fake)
+    failing_import("bitsandbytes", RuntimeError("CUDA Setup failed"))
     assert "does not load (RuntimeError: CUDA Setup failed)" in Q.quant_unavailable_reason("cuda", "nf4")
 
 

@@ -51,7 +51,8 @@ Approximations: layer 0's input gradient (not needed) is counted; elementwise wo
 
 --json OUT appends one JSON line per row with everything needed to reproduce it (the command, the
 commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/calibrate_memory.py).
-On a CPU it runs too (use --size tiny); GPU columns are then empty.
+On a CPU it runs too (use --size tiny); GPU columns are then empty. TRAIN_SPEED_PROFILE=N (GPU) prints the
+torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only.
 """
 from __future__ import annotations
 
@@ -320,14 +321,26 @@ def run_row(spec: dict) -> dict:
         sampler.start()
     t0 = time.perf_counter()
     profile = os.environ.get("TRAIN_SPEED_PROFILE") if cuda else None   # =N: the N costliest GPU kernels
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    prof = None
+    if profile:   # the measured steps only: the warm-up steps (compiling, autotuning) are skipped
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA],
+                                      schedule=torch.profiler.schedule(wait=spec["warmup"], warmup=0,
+                                                                       active=spec["steps"], repeat=1),
+                                      acc_events=True)
+        lr_of_step = loop.learning_rate
+
+        def stepping_lr(*args, **kwargs):          # called once per optimizer step
+            prof.step()
+            return lr_of_step(*args, **kwargs)
+        loop.learning_rate = stepping_lr
     try:
         with prof or contextlib.nullcontext():
             loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
         if prof is not None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(profile)), file=sys.stderr)
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), file=sys.stderr)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(profile)), file=sys.stderr)
     except torch.cuda.OutOfMemoryError as err:
         out["status"] = "OOM"
         out["error"] = str(err).splitlines()[0][:300]

@@ -149,6 +149,7 @@ def test_default_config_splits_heads_only_when_there_are_few(monkeypatch):
     one_per_head = {"fwd": (64, 2, None), "bwd": (64, 2, None)}
     assert tw.default_config(8, 4096, 64, 64, "cuda") == one_per_head                    # 512 heads
     assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (16, 1, None)}  # 96 heads
+    assert tw.default_config(8, 4096, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (64, 2, None)}  # 5 GB of sums
     # 64 heads of 32768 tokens: the backward's partial sums would take 10 GiB, so only the forward splits
     assert tw.default_config(1, 32768, 64, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (64, 2, None)}
     assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)
@@ -158,10 +159,15 @@ def test_default_config_splits_heads_only_when_there_are_few(monkeypatch):
 def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
     monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
     monkeypatch.setattr(tw, "_has_gluon", lambda: True)
-    # measured fastest on an H100: rows with one thread per row where heads are not split, else the split tile
+    # measured fastest on an H100 (bench/RESULTS.md, session 5): many heads, rows with one thread per row;
+    # at most two heads per SM, the split tile where its partial sums fit, else rows with two threads per row
     assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": ("rows", 1, None)}
     assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (16, 1, None)}
-    assert tw.default_config(1, 32768, 64, 64, "cuda")["bwd"] == ("rows", 1, None)
+    assert tw.default_config(8, 4096, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": ("rows", 2, None)}  # 1.5B
+    assert tw.default_config(8, 4096, 33, 64, "cuda")["bwd"] == ("rows", 2, None)      # 264 heads: still one wave
+    assert tw.default_config(8, 4096, 34, 64, "cuda")["bwd"] == ("rows", 1, None)      # 272: not
+    assert tw.default_config(1, 1024, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (16, 1, None)}
+    assert tw.default_config(1, 32768, 64, 64, "cuda")["bwd"] == ("rows", 2, None)
     assert tw.default_config(1, 10, 1, 16, "cuda")["bwd"] == ("rows", 2, None)
     assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)        # N = 128: the tile kernel
     monkeypatch.undo()

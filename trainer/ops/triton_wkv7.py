@@ -342,6 +342,7 @@ def _rows_kernel():
 
 # ---------------------------------------------------------------- launch configuration
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -351,48 +352,59 @@ def _sm_count(device: torch.device) -> int:
 PARTIALS_BUDGET = 2 ** 30   # bytes of fp32 partial sums the backward may use to split a head's rows
 
 
-def _has_gluon() -> bool:
-    """Whether this Triton has Gluon (the backward's rows kernel needs it; the interpreter cannot run it)."""
-    if _interpreting():
-        return False
+@functools.lru_cache(maxsize=None)
+def _has_gluon_installed() -> bool:
     try:
         return importlib.util.find_spec("triton.experimental.gluon") is not None
     except ImportError:
         return False
 
 
+def _has_gluon() -> bool:
+    """Whether this Triton has Gluon (the backward's rows kernel needs it; the interpreter cannot run it)."""
+    return not _interpreting() and _has_gluon_installed()
+
+
 def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict:
     """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
     ptxas decides); or "bwd": ("rows", TPR, maxnreg), the Gluon backward with TPR threads per tile row
-    (N * TPR / 32 warps, one program per head), the default for N <= 64 where Gluon exists.
+    (N * TPR / 32 warps, one program per head).
 
-    Forward (and the tile backward): one program per head (BV = N, up to 64) unless there are too few
-    heads to give every SM two programs; the tile backward splits a head's rows only while the partial
-    sums of the five key gradients (fp32, one copy per program of a head) stay within PARTIALS_BUDGET.
-    About 64 state values per thread. Why so few threads: every warp repeats the same per-step overhead
-    (loading the key vectors, shuffles, stores), so the fewer warps per head the fewer instructions per
-    step. Compiled for an H100 (sm_90, bf16), per head and step: forward 1388 instructions with 2 warps
-    (158 registers) against 1796 with 4; tile backward 3750 with 2 warps (255 registers, no spills)
-    against 5380 with 4 and 8100 with 8, with about 40 barriers per step (its reductions over value rows
-    cross warps). The rows backward: 3050 instructions per head and step on its common path (no replay)
-    with TPR 2 (4 warps, 244 registers, no spills; TPR 1 spills), and 2 barriers per step.
-    Measured at B=8, T=4096, C=4096 on an H100 (tile backward): 64x2/64x2 25.5 ms forward + backward,
-    64x2/64x4 39.0, 64x4/64x4 39.1, 64x4/64x8:128 71.3; rows backward: r1 23.1, r2 24.8, r4 46.4, r2:128
-    33.2; at B=8, T=1024, C=768 the split tile backward 2.22 against rows r2 2.57 (bench/wkv_kernel.py
-    --configs sweeps; bench/RESULTS.md)."""
-    few_heads = lambda bv: B * H * (N // bv) < 2 * _sm_count(device)  # noqa: E731
-    fwd_bv = bwd_bv = min(N, 64)
-    while fwd_bv > 16 and few_heads(fwd_bv):
-        fwd_bv //= 2
-    while bwd_bv > 16 and few_heads(bwd_bv) and 5 * 4 * (2 * N // bwd_bv) * B * T * H * N <= PARTIALS_BUDGET:
-        bwd_bv //= 2
-    warps = lambda bv: max(1, min(8, bv * N // 2048))  # noqa: E731
-    # measured on an H100 (bench/RESULTS.md): where a head's rows are not split, the rows backward with one
-    # thread per row at N = 64 (23.1 ms at B8 T4096 C4096, vs 24.8 with two and 25.3 for the tile backward);
-    # where few heads make the tile backward split them (B8 T1024 C768), the split tile backward (2.22 ms vs 2.57)
-    if N <= 64 and _has_gluon() and bwd_bv == min(N, 64):
-        bwd = ("rows", 1 if N == 64 else 2, None)
-    else:
+    Both kernels are bound by the latency of their sequential loop over T, not by arithmetic, so the rule
+    is: as many threads per head as still run in one wave. "Few heads" = at most two per SM (B * H <=
+    2 * SMs; 256 at the 1.5B model's B = 8, 264 on an H100).
+    - Forward: with few heads, 16 value rows and one warp per program (4 programs per head at N = 64);
+      otherwise 64 rows, 2 warps (one program per head; splitting further then only repeats the key loads).
+    - Backward, few heads: the tile kernel split into programs of 16 value rows (1 warp), where its fp32
+      partial sums of the five key gradients (one copy per program of a head) fit in PARTIALS_BUDGET;
+      otherwise the rows kernel with 2 threads per row (4 warps; its 244 registers a thread let two
+      programs share an SM, so few heads still run in one wave).
+    - Backward, more heads: the rows kernel with one thread per row (2 warps, 4 programs per SM).
+    Without Gluon (or N = 128) the tile kernel, split while heads are few and the partials fit.
+    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 5), forward +
+    backward: B8 T4096 C2048 16x1/r2 13.9 ms (32x1/r1, the rule before, 19.6; 16x1/r4 25.1, 32x1/32x1 14.1);
+    B1 T1024 C2048 16x1/16x1 2.19 (r2 2.69); B8 T1024 C2048 r2 3.75 (16x1/16x1 3.61 but 1.3 GiB of
+    partials; 32x1/r1 5.4); B1 T2048 C4096 16x1/16x1 4.43 (r2 5.30); B8 T1024 C768 16x1/16x1 2.48 (r2 2.75);
+    B8 T4096 C4096 64x2/r1 24.0 (r2 26.3; 32x1/32x1 21.3 with 10.7 GB of partials). Instructions per head
+    and step (sm_90): forward 1388 with 2 warps; tile backward 3750 with 2 warps; rows backward 3050 with
+    TPR 2 (2 barriers per step against the tile kernel's ~40)."""
+    return dict(_default_config(B, T, H, N, _sm_count(torch.device(device)), _has_gluon()))
+
+
+@functools.lru_cache(maxsize=256)
+def _default_config(B: int, T: int, H: int, N: int, sms: int, gluon: bool) -> dict:
+    few = B * H <= 2 * sms
+    partials = lambda bv: 5 * 4 * (N // bv) * B * T * H * N   # noqa: E731  bytes of the tile backward's sums
+    warps = lambda bv: max(1, min(8, bv * N // 2048))          # noqa: E731
+    fwd_bv = min(N, 16) if few else min(N, 64)
+    if 16 < N <= 64 and few and partials(16) <= PARTIALS_BUDGET:
+        bwd = (16, warps(16), None)
+    elif N <= 64 and gluon:
+        bwd = ("rows", 1 if N == 64 and not few else 2, None)
+    else:   # no Gluon, or N = 128 (not measured): split while the programs are too few for two per SM
+        bwd_bv = min(N, 64)
+        while bwd_bv > 16 and B * H * (N // bwd_bv) < 2 * sms and partials(bwd_bv // 2) <= PARTIALS_BUDGET:
+            bwd_bv //= 2
         bwd = (bwd_bv, warps(bwd_bv), None)
     return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": bwd}
 

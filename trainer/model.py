@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .head_loss import head_ce_sum
-from .ops import wkv
+from .ops import is_traceable, wkv
 
 LN_X_EPS = 64e-5                    # GroupNorm eps of ln_x: 1e-5 * head_size_divisor(8) ** 2
 EXP_MINUS_HALF = math.exp(-0.5)     # RWKV-7: decay = exp(-e^-0.5 * sigmoid(.)), in (0.545, 1)
@@ -276,6 +276,11 @@ class Block(nn.Module):
         return x, v_first, xa[:, -1].float(), wkv_state, xf[:, -1].float()
 
 
+def _checkpointed(blk: nn.Module, *args):
+    """One block under gradient checkpointing; RWKV.compile_blocks compiles this whole call."""
+    return checkpoint(blk, *args, use_reentrant=False)
+
+
 class RWKV(nn.Module):
     """The language model. ``op`` picks the WKV kernel (trainer.ops); ``grad_cp`` checkpoints blocks."""
 
@@ -292,6 +297,7 @@ class RWKV(nn.Module):
         # block) under autocast; None, or no autocast: the embedding's. The trainer sets bf16 for bf16
         # autocast, as RWKV-LM trains, and fp32 for fp16 autocast.
         self.act_dtype: torch.dtype | None = None
+        self._compiled_cp = None          # set by compile_blocks
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -316,6 +322,11 @@ class RWKV(nn.Module):
             inductor_config.triton.mix_order_reduction = False
         for blk in self.blocks:
             blk.compile(backend=backend, dynamic=False)
+        # With gradient checkpointing and an op the graph traces, the checkpoint itself is compiled too:
+        # the forward graph then keeps only the block's inputs, and the backward graph recomputes the
+        # block and differentiates it in one go (one call each way instead of a forward, a recomputing
+        # forward whose saved tensors pass through checkpoint's Python hooks one by one, and a backward).
+        self._compiled_cp = torch.compile(_checkpointed, backend=backend, dynamic=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -357,7 +368,10 @@ class RWKV(nn.Module):
                 att_shift, wkv_state, ffn_shift = state[i]
             args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
             if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, att_shift, wkv_state, ffn_shift = checkpoint(blk, *args, use_reentrant=False)
+                if self._compiled_cp is not None and is_traceable(self.op):
+                    x, v_first, att_shift, wkv_state, ffn_shift = self._compiled_cp(blk, *args)
+                else:
+                    x, v_first, att_shift, wkv_state, ffn_shift = checkpoint(blk, *args, use_reentrant=False)
             else:
                 x, v_first, att_shift, wkv_state, ffn_shift = blk(*args)
             new_state.append((att_shift, wkv_state, ffn_shift))

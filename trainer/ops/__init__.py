@@ -47,6 +47,12 @@ def register(name: str, fn7: Callable, fn6: Callable, check: Callable[[torch.dev
         _TRACEABLE.add(name)
 
 
+def is_traceable(name: str) -> bool:
+    """Whether torch.compile traces op ``name`` inside a graph (see _TRACEABLE)."""
+    _load_builtin()
+    return name in _TRACEABLE
+
+
 def _load_builtin() -> None:
     # Imported lazily so that a failing optional op never breaks ``import trainer.ops``.
     from . import chunk  # noqa: F401  (registers "chunk")

@@ -140,6 +140,46 @@ def test_inductor_on_the_cpu_equals_eager(fresh_dynamo):
     assert_grads_close(ga, gb, 1e-3)
 
 
+@pytest.mark.skipif(not HAS_TRITON or not (shutil.which("g++") or shutil.which("c++")),
+                    reason="needs triton (its interpreter) and g++ (inductor on the CPU)")
+def test_compiled_checkpoint_forward_skips_the_saves_only_its_backward_would_read():
+    """With the checkpoint compiled with the block, the forward graph's WKV call writes no chunk
+    checkpoints and S·a (save=False: its backward graph recomputes with a saving call), the backward graph's
+    call still saves, and the model equals eager (inductor's C++ code, our op in Triton's interpreter)."""
+    code = r'''
+import torch, triton.runtime.interpreter as interp
+orig = interp._patch_lang_tensor
+def patched(tensor, scope):   # Triton 3.6's interpreter with numpy >= 2.4 (see test_triton_wkv7.py)
+    orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+interp._patch_lang_tensor = patched
+import test_compile as tc
+eager, compiled = tc.twins(layers=2, width=64, op="triton")
+compiled.compile_blocks()
+pass_ = torch._inductor.config.post_grad_custom_post_pass
+seen, call = [], type(pass_).__call__
+def spy(self, graph):
+    fwd = lambda: [n.args[7] for n in graph.nodes if n.target is torch.ops.rwkv_peft.wkv7_fwd.default]
+    before = fwd()
+    call(self, graph)
+    seen.append((before, fwd()))
+type(pass_).__call__ = spy
+idx = torch.randint(0, tc.VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+la, ga = tc.loss_and_grads(eager, idx)
+lb, gb = tc.loss_and_grads(compiled, idx)
+assert abs(la - lb) <= 1e-5 * abs(la), (la, lb)
+tc.assert_grads_close(ga, gb, 1e-4)
+print("SEEN", sorted(seen))
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+               TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")    # a cached graph would skip the passes
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # two kinds of block (layer 0, the rest): two forward graphs switched off, two backward graphs saving
+    assert "SEEN [([True], [False]), ([True], [False]), ([True], [True]), ([True], [True])]" in res.stdout, \
+        res.stdout
+
+
 def _cfg(**kw):
     env = dict(MODEL="m.pth", DATA="d", PRECISION="fp32")
     env.update(kw)

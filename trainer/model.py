@@ -308,8 +308,8 @@ class RWKV(nn.Module):
         low-rank mixes, norms, gates, LoRA's scaling) is fused into a few generated kernels instead of
         dozens of small ones per layer. The blocks share one compiled graph (two: layer 0 has ln0), so
         compiling costs seconds, once. The Triton WKV op is a custom op the graph calls; other WKV ops run
-        between two compiled graphs. Gradient checkpointing wraps the compiled block and recomputes
-        through it."""
+        between two compiled graphs. Gradient checkpointing: with the Triton op, the checkpoint is compiled
+        with the block (see below); with the others it wraps the compiled block and recomputes through it."""
         import torch._dynamo
         import torch._inductor.config as inductor_config
 
@@ -327,6 +327,10 @@ class RWKV(nn.Module):
         # block and differentiates it in one go (one call each way instead of a forward, a recomputing
         # forward whose saved tensors pass through checkpoint's Python hooks one by one, and a backward).
         self._compiled_cp = torch.compile(_checkpointed, backend=backend, dynamic=False)
+        # ... and that forward graph's WKV need not save for a backward pass it does not serve
+        if backend == "inductor" and inductor_config.post_grad_custom_post_pass is None:
+            from .ops.triton_wkv7 import skip_unused_saves_pass
+            inductor_config.post_grad_custom_post_pass = skip_unused_saves_pass()
 
     @property
     def dtype(self) -> torch.dtype:

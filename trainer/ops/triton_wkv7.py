@@ -546,6 +546,34 @@ def _backward(ctx, dy, dsT, _dckpt, _dsa):
 _wkv7_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+@functools.lru_cache(maxsize=None)
+def skip_unused_saves_pass():
+    """An inductor post-grad graph pass (torch._inductor.config.post_grad_custom_post_pass): where a
+    graph calls our forward with save=True but never reads its chunk checkpoints and S·a (outputs 2 and
+    3), it calls it with save=False. That is the forward graph of a block whose checkpoint is compiled with
+    it (model.RWKV.compile_blocks): its backward graph recomputes the block, with a forward that saves. The
+    saving forward costs 5.6 ms against 3.5 at B 8, T 4096, C 2048 on an H100."""
+    import operator
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class SkipUnusedSaves(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            for node in graph.nodes:
+                if node.target is not torch.ops.rwkv_peft.wkv7_fwd.default or len(node.args) < 8:
+                    continue
+                read = set()
+                for user in node.users:
+                    read.add(user.args[1] if user.target is operator.getitem else None)
+                if node.args[7] is True and not read & {2, 3, None}:
+                    node.args = node.args[:7] + (False,) + node.args[8:]
+
+        def uuid(self) -> str:
+            return "rwkv_peft.skip_unused_saves.1"
+
+    return SkipUnusedSaves()
+
+
 def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor,
                 state: Tensor | None = None, config: dict | None = None) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV with our Triton kernels: (y in r's dtype, final state fp32). ``config`` overrides the

@@ -384,7 +384,7 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 5), forward +
     backward: B8 T4096 C2048 16x1/r2 13.9 ms (32x1/r1, the rule before, 19.6; 16x1/r4 25.1, 32x1/32x1 14.1);
     B1 T1024 C2048 16x1/16x1 2.19 (r2 2.69); B8 T1024 C2048 r2 3.75 (16x1/16x1 3.61 but 1.3 GiB of
-    partials; 32x1/r1 5.4); B1 T2048 C4096 16x1/16x1 4.43 (r2 5.30); B8 T1024 C768 16x1/16x1 2.48 (r2 2.75);
+    partials; 64x2/r1 5.11); B1 T2048 C4096 16x1/16x1 4.43 (r2 5.30); B8 T1024 C768 16x1/16x1 2.48 (r2 2.75);
     B8 T4096 C4096 64x2/r1 24.0 (r2 26.3; 32x1/32x1 21.3 with 10.7 GB of partials). Instructions per head
     and step (sm_90): forward 1388 with 2 warps; tile backward 3750 with 2 warps; rows backward 3050 with
     TPR 2 (2 barriers per step against the tile kernel's ~40)."""

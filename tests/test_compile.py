@@ -100,17 +100,29 @@ def test_compiled_blocks_equal_eager_and_share_graphs(fresh_dynamo, mode):
     assert graphs[2] == graphs[5] <= 6, graphs
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
-def test_triton_op_is_traced_without_a_graph_break():
-    """In a subprocess (TRITON_INTERPRET must be set before Triton loads): the block with our Triton WKV
-    op compiles to one graph per kind of block, no graph break, and equals the eager model."""
-    code = r'''
+def run_interpreted(code: str, timeout: int, **env: str) -> str:
+    """Run ``code`` in a subprocess with our Triton op in Triton's interpreter (TRITON_INTERPRET must be set
+    before Triton loads) and tests/ importable; its stdout, after checking that it exited cleanly."""
+    preamble = '''
 import torch, triton.runtime.interpreter as interp
 orig = interp._patch_lang_tensor
 def patched(tensor, scope):   # Triton 3.6's interpreter with numpy >= 2.4 (see test_triton_wkv7.py)
     orig(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 interp._patch_lang_tensor = patched
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **env)
+    res = subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
+def test_triton_op_is_traced_without_a_graph_break():
+    """In a subprocess (TRITON_INTERPRET must be set before Triton loads): the block with our Triton WKV
+    op compiles to one graph per kind of block, no graph break, and equals the eager model."""
+    code = r'''
 import test_compile as tc
 from torch._dynamo.utils import counters
 eager, compiled = tc.twins(layers=3, width=128, op="triton")
@@ -122,10 +134,8 @@ assert abs(la - lb) <= 1e-6 * abs(la), (la, lb)
 tc.assert_grads_close(ga, gb, 1e-5)
 print("GRAPHS", counters["stats"]["unique_graphs"], "BREAKS", len(counters["graph_break"]))
 '''
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "GRAPHS 2 BREAKS 0" in res.stdout, res.stdout
+    out = run_interpreted(code, timeout=600)
+    assert "GRAPHS 2 BREAKS 0" in out, out
 
 
 @pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="inductor on the CPU needs g++")
@@ -147,12 +157,6 @@ def test_compiled_checkpoint_forward_skips_the_saves_only_its_backward_would_rea
     checkpoints and S·a (save=False: its backward graph recomputes with a saving call), the backward graph's
     call still saves, and the model equals eager (inductor's C++ code, our op in Triton's interpreter)."""
     code = r'''
-import torch, triton.runtime.interpreter as interp
-orig = interp._patch_lang_tensor
-def patched(tensor, scope):   # Triton 3.6's interpreter with numpy >= 2.4 (see test_triton_wkv7.py)
-    orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-interp._patch_lang_tensor = patched
 import test_compile as tc
 eager, compiled = tc.twins(layers=2, width=64, op="triton")
 compiled.compile_blocks()
@@ -171,13 +175,9 @@ assert abs(la - lb) <= 1e-5 * abs(la), (la, lb)
 tc.assert_grads_close(ga, gb, 1e-4)
 print("SEEN", sorted(seen))
 '''
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-               TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")    # a cached graph would skip the passes
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = run_interpreted(code, timeout=900, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")  # a cached graph skips passes
     # two kinds of block (layer 0, the rest): two forward graphs switched off, two backward graphs saving
-    assert "SEEN [([True], [False]), ([True], [False]), ([True], [True]), ([True], [True])]" in res.stdout, \
-        res.stdout
+    assert "SEEN [([True], [False]), ([True], [False]), ([True], [True]), ([True], [True])]" in out, out
 
 
 def _cfg(**kw):

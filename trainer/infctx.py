@@ -38,11 +38,10 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-
-from .head_loss import head_ce_sum
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
+from .head_loss import head_ce_sum
 
 __all__ = ["infctx_loss", "InfctxLoss", "chunk_bounds", "ctx_len_at", "cut_batch", "check_infctx",
            "infctx_problems"]

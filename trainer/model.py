@@ -23,6 +23,7 @@ whatever the weights' dtype. The residual stream between blocks has the embeddin
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -364,6 +365,11 @@ class RWKV(nn.Module):
             x = x.to(self.act_dtype)     # (without autocast, e.g. DeepSpeed's fp16/bf16 engine: the weights' dtype)
         v_first = None
         new_state: State = []
+        # gradient checkpointing: compiled with the block where the op is traced into the graph, else eager
+        checkpointed = None
+        if self.grad_cp and self.training and torch.is_grad_enabled():
+            checkpointed = (self._compiled_cp if self._compiled_cp is not None and is_traceable(self.op)
+                            else functools.partial(checkpoint, use_reentrant=False))
         for i, blk in enumerate(self.blocks):
             if state is None:
                 zero = torch.zeros(B, self.cfg.n_embd, dtype=torch.float32, device=x.device)
@@ -371,11 +377,8 @@ class RWKV(nn.Module):
             else:
                 att_shift, wkv_state, ffn_shift = state[i]
             args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                if self._compiled_cp is not None and is_traceable(self.op):
-                    x, v_first, att_shift, wkv_state, ffn_shift = self._compiled_cp(blk, *args)
-                else:
-                    x, v_first, att_shift, wkv_state, ffn_shift = checkpoint(blk, *args, use_reentrant=False)
+            if checkpointed is not None:
+                x, v_first, att_shift, wkv_state, ffn_shift = checkpointed(blk, *args)
             else:
                 x, v_first, att_shift, wkv_state, ffn_shift = blk(*args)
             new_state.append((att_shift, wkv_state, ffn_shift))

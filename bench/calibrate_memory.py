@@ -12,7 +12,7 @@ the error, then least-squares fits of the constants that carry most of the uncer
 and what the errors would be with the fitted values. Edit the constants in trainer/memory.py by hand.
 
 Simulated: runs OUR training step (the trainer's model, PEFT method, quantisation, fp32 trained tensors,
-Fabric's autocast and fp32 output, masked_loss, backward, gradient clipping, foreach AdamW) on fake tensors
+Fabric's autocast and fp32 output, masked_loss, backward, gradient clipping, fused AdamW) on fake tensors
 (torch's FakeTensorMode: shapes and dtypes, no data, no compute) and counts the bytes alive at every moment
 (blocks of 512 bytes, as the CUDA caching allocator rounds). CUDA's autocast rules are imitated on the CPU:
 layer_norm, group_norm, pow, exp, sum, norms and softmaxes compute in fp32 under autocast on CUDA but not on
@@ -219,7 +219,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
         params = [p for p in model.parameters() if p.requires_grad]
         res.trained = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=1e-4, betas=loop.ADAM_BETAS, eps=loop.ADAM_EPS, weight_decay=0.0,
-                                foreach=True)
+                                fused=True)     # as strategy.Spread.optimizer on a GPU
         infctx = cfg.TRAIN_TYPE == "infctx"
         module = infctx_mod.InfctxLoss(model, cfg.CHUNK_CTX) if infctx else model
         res.static = live.live

@@ -189,6 +189,37 @@ def test_deepspeed_backward_sets_the_boundary_and_leaves_clipping_to_deepspeed()
     assert calls == [("backward", 2.0, {"scale_wrt_gas": False})] * 2 + [("step",), ("zero_grad",)]
 
 
+def test_the_optimizer_is_fused_adamw_on_a_gpu_only():
+    """The fused AdamW (one kernel, no step buffer, which memory.py no longer counts) where every trained
+    tensor is on a GPU and DeepSpeed does not wrap the optimizer; foreach elsewhere."""
+    cpu = [torch.nn.Parameter(torch.ones(3))]
+    opt = Spread(cfg(STRATEGY="auto")).optimizer(cpu, 1e-3, print)
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults.get("fused")
+    groups = [{"params": cpu}]
+    assert not Spread(cfg(STRATEGY="auto")).optimizer(groups, 1e-3, print).defaults.get("fused")
+    if torch.cuda.is_available():
+        gpu = [torch.nn.Parameter(torch.ones(3, device="cuda"))]
+        assert Spread(cfg(STRATEGY="auto")).optimizer(gpu, 1e-3, print).defaults["fused"] is True
+        assert Spread(cfg(STRATEGY="auto")).optimizer([{"params": gpu}], 1e-3, print).defaults["fused"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_adamw_steps_like_foreach_on_a_gpu():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = Spread(cfg(STRATEGY="auto")).optimizer([a], 1e-2, print)
+    plain = torch.optim.AdamW([b], lr=1e-2, betas=fused.defaults["betas"], eps=fused.defaults["eps"],
+                              weight_decay=0.0, foreach=True)
+    for _ in range(5):
+        g = torch.randn(1000, device="cuda")
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ the real thing, on a GPU
 needs_deepspeed = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,

@@ -5,8 +5,9 @@
 Equal to ``(F.cross_entropy((hidden @ W.T).float(), targets, reduction="none") * mask).sum()`` with the
 logits computed in the same dtype (bf16 under bf16 autocast), and to its gradients. Why: at CTX_LEN 1024
 with the 65536-word vocabulary the whole logits are 256 MiB in fp32 plus their bf16 copy and gradient (about
-0.75 GiB at the start of the backward pass), and at 4096 × 8 tokens 24 GiB; chunked, 1024 tokens of them at
-a time (about 0.6 GiB at V = 65536, whatever the batch).
+0.75 GiB at the start of the backward pass), and at 4096 × 8 tokens 24 GiB; chunked, 256 tokens of them at
+a time (about 0.13 GiB at V = 65536, whatever the batch). A chunk of 256 tokens is still a large product
+([256, C] × [C, V]); at 1024 tokens a chunk was the largest thing alive in a small LoRA step (0.5 GiB).
 
 How: the forward pass computes each chunk's logits, its loss and, at once, its gradients (softmax − one-hot,
 times the mask), so that nothing of the chunk is kept: the input's gradient [tokens, C] and, when the head
@@ -17,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 256 * 2 ** 20          # fp32 logits of one chunk
+CHUNK_BYTES = 64 * 2 ** 20           # fp32 logits of one chunk
 
 
 def chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk: fp32 logits of at most CHUNK_BYTES (1024 tokens at V = 65536)."""
+    """Tokens per chunk: fp32 logits of at most CHUNK_BYTES (256 tokens at V = 65536)."""
     return max(16, CHUNK_BYTES // (4 * vocab))
 
 

@@ -17,7 +17,8 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
   trained    P × 4                  the trainer keeps trained tensors in fp32
   optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq
   grads      P × 4
-  step       P × 4                  foreach AdamW's sqrt(exp_avg_sq) buffer while it steps
+  step       0                      what the optimizer step needs besides: nothing with the fused AdamW
+                                    the trainer runs on a GPU (foreach's would need P × 4; DeepSpeed: below)
   saved      what the forward pass keeps for the backward pass:
                GRAD_CP=0: L × (layer·BT + casts)
                GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its input: 2 B bf16, 4 B fp32)
@@ -30,7 +31,7 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
              (+ Bat's BAT_WORK × its largest weight), and with GRAD_CP=1 the block's recomputed layer·BT + casts
   head       the chunked head + loss (trainer/head_loss.py): HEAD_BYTES·min(BT, chunk)·V for one chunk's
              logits and their gradient, the input's gradient (weight bytes·BT·C) and, when the head trains,
-             its bf16 copy and fp32 gradient (6·V·C); chunk = head_loss.chunk_tokens(V) (1024 at V 65536)
+             its bf16 copy and fp32 gradient (6·V·C); chunk = head_loss.chunk_tokens(V) (256 at V 65536)
   dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8 INT8_DEQUANT_BYTES)
   infctx     the states carried into each chunk, ceil(CTX_LEN/CHUNK_CTX)·L·S, one chunk's state gradients
              L²·S (S = B·(H·N² + 2C)·4), and L·INFCTX_ACT·C·BT
@@ -334,7 +335,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     # --- what stays on the GPU: weights, optimizer states
     frozen_w = t.frozen * wbytes + t.quantised_bytes + t.buffers * wbytes
     trained_w = P * 4
-    opt, grads, step = P * 8.0, P * 4.0, P * 4.0
+    opt, grads, step = P * 8.0, P * 4.0, 0.0     # fused AdamW on the GPU: no buffer while it steps
     stage = 0
     ds = strategy.startswith("deepspeed_stage_")
     if ds:

@@ -45,12 +45,15 @@ oracle (relative rms), against 1.5e-4 when only inverting as RWKV-LM does.
 
 Two backward kernels. The tile kernel (_kernels) holds S and G as [value rows, keys] tiles laid out
 by Triton: its sums over value rows cross warps, about 40 barriers per step. The rows kernel (Gluon,
-_rows_kernel; the default on a GPU for N <= 64) does as RWKV-LM's CUDA backward: it keeps S^T, G and
-G^T, each thread owning (a part of) a row of each, so that every gradient above is a sum along a row
-inside the thread; only the per-step vectors travel, through shared memory (2 barriers per step). It
-decides between inverting and replaying with a looser bound, the sum over steps of the largest -logw
-of each step (computed by the wrapper), so it replays at least as often: as exact. Triton's interpreter
-cannot run Gluon, so on the CPU the tests run the tile kernel; the rows kernel is tested on the GPU.
+_rows_kernel; the default on a GPU for 16 <= N <= 64) does as RWKV-LM's CUDA backward: it keeps S^T, G
+and G^T, each thread owning (a part of) a row of each, so that every gradient above is a sum along a
+row inside the thread. The per-step vectors come from shared memory, where the copy engine (cp.async)
+brings each chunk of 16 steps while the program works through the one before, so neither a step nor a
+replay waits on global memory; only S b travels between threads (one barrier per step). It decides
+between inverting and replaying with a looser bound, the sum over steps of the largest -logw of each
+step (computed by the wrapper), so it replays at least as often: as exact. Triton's interpreter cannot
+run Gluon, so on the CPU the tests run the tile kernel and compile the rows kernel for sm_90; the rows
+kernel runs on the GPU tests.
 
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
 registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
@@ -219,6 +222,7 @@ def _rows_kernel():
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy
     except ImportError:
         return None
 
@@ -228,14 +232,22 @@ def _rows_kernel():
                          LOG_AMP_MAX: gl.constexpr):
         """One program per (batch, head), TPR threads per row of each tile: S^T [key, value], G = dL/dS
         [value, key] and its transpose G^T [key, value] (the redundant copy is cheaper than reducing
-        over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes); the
-        per-step vectors go the other way, from one element per row to every column, through shared
-        memory: two barriers per step."""
+        over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes).
+
+        The per-step inputs reach the threads through shared memory, a chunk of CHUNK steps at a time:
+        while the program works through chunk c (backwards), the copy engine brings chunk c-1 into the
+        other half of a double buffer (cp.async), so no step waits on global memory, and replaying steps
+        from the chunk's checkpoint reads them from there too. Each thread reads its row's element of a
+        vector (one per thread) or the whole vector (every column) from the buffer: no exchange between
+        threads but dS·a, through shared memory too (one barrier per step)."""
         NW: gl.constexpr = N * TPR // 32
         L: gl.constexpr = gl.BlockedLayout([1, N // TPR], [32 // TPR, TPR], [NW, 1], [1, 0])
         ROW: gl.constexpr = gl.SliceLayout(1, L)     # x[i] for the rows: one element per thread
         COL: gl.constexpr = gl.SliceLayout(0, L)     # x[j] for the columns: this thread's N/TPR of them
-        SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        # a [CHUNK, N] block of steps over all the program's threads, 4 consecutive elements per thread
+        CP: gl.constexpr = gl.BlockedLayout([1, 4], [128 // N, N // 4], [NW, 1], [1, 0])
+        SM2: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])     # [steps, N], row-major (cp.async)
+        SM1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])        # the same memory as rows of N
         i_bh = gl.program_id(0).to(gl.int64)
         i_b = i_bh // H
         i_h = i_bh % H
@@ -244,97 +256,122 @@ def _rows_kernel():
         own = ri[:, None] * N + ci[None, :]          # [row, column] of a state in memory
         tr = ci[None, :] * N + ri[:, None]           # its transpose
         x0 = (i_b * T * H + i_h) * N
-        # one buffer each (separate buffers: the compiler then needs no barrier between the stores)
-        s_dy = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_v = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_sa = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_r = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_k = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_b = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_w = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_a = gl.allocate_shared_memory(gl.float32, [N], SMEM)
-        s_dsa = gl.allocate_shared_memory(gl.float32, [N], SMEM)
+        cs = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, CP))
+        cn = gl.arange(0, N, layout=gl.SliceLayout(0, CP))
+
+        # double buffers of the chunk's inputs, as they are in memory (bf16 stays bf16)
+        b_r = gl.allocate_shared_memory(r.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_k = gl.allocate_shared_memory(k.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_lw = gl.allocate_shared_memory(logw.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_a = gl.allocate_shared_memory(a.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_b = gl.allocate_shared_memory(b.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_v = gl.allocate_shared_memory(v.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_dy = gl.allocate_shared_memory(dy.dtype.element_ty, [2, CHUNK, N], SM2)
+        b_sa = gl.allocate_shared_memory(gl.float32, [2, CHUNK, N], SM2)
+        b_w = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)       # exp(logw) of the chunk
+        b_dsa = gl.allocate_shared_memory(gl.float32, [2, N], SM1)         # dS·a, by step parity
+        # the same buffers as rows: row slot * CHUNK + s is step s of the chunk in that slot
+        cr = b_r._reinterpret(r.dtype.element_ty, [2 * CHUNK, N], SM1)
+        ck = b_k._reinterpret(k.dtype.element_ty, [2 * CHUNK, N], SM1)
+        clw = b_lw._reinterpret(logw.dtype.element_ty, [2 * CHUNK, N], SM1)
+        ca = b_a._reinterpret(a.dtype.element_ty, [2 * CHUNK, N], SM1)
+        cb = b_b._reinterpret(b.dtype.element_ty, [2 * CHUNK, N], SM1)
+        cv = b_v._reinterpret(v.dtype.element_ty, [2 * CHUNK, N], SM1)
+        cdy = b_dy._reinterpret(dy.dtype.element_ty, [2 * CHUNK, N], SM1)
+        csa = b_sa._reinterpret(gl.float32, [2 * CHUNK, N], SM1)
+        cw = b_w._reinterpret(gl.float32, [CHUNK, N], SM1)
+
+        # chunk NC-1 first (the last steps); its rows past T are masked (left as they were)
+        t0 = (NC - 1) * CHUNK
+        steps = t0 + cs
+        offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
+        m = (steps < T)[:, None] & (cn < N)[None, :]
+        slot = (NC - 1) % 2
+        async_copy.async_copy_global_to_shared(b_r.index(slot), r + offs, m)
+        async_copy.async_copy_global_to_shared(b_k.index(slot), k + offs, m)
+        async_copy.async_copy_global_to_shared(b_lw.index(slot), logw + offs, m)
+        async_copy.async_copy_global_to_shared(b_a.index(slot), a + offs, m)
+        async_copy.async_copy_global_to_shared(b_b.index(slot), b + offs, m)
+        async_copy.async_copy_global_to_shared(b_v.index(slot), v + offs, m)
+        async_copy.async_copy_global_to_shared(b_dy.index(slot), dy + offs, m)
+        async_copy.async_copy_global_to_shared(b_sa.index(slot), sa_buf + offs, m)
+        async_copy.commit_group()
 
         ST = gl.load(sT + i_bh * N * N + tr)         # S_t^T, from t = T-1 down
         G = gl.load(dsT + i_bh * N * N + own)        # dL/dS_t
         GT = gl.load(dsT + i_bh * N * N + tr)
         amp = gl.zeros([], gl.float32)               # bound on the sum of -logw since the last exact S
-
-        o = ((i_b * T + T - 1) * H + i_h) * N
-        r_t = gl.load(r + o + ri).to(gl.float32)
-        k_t = gl.load(k + o + ri).to(gl.float32)
-        lw_t = gl.load(logw + o + ri).to(gl.float32)
-        a_t = gl.load(a + o + ri).to(gl.float32)
-        b_t = gl.load(b + o + ri).to(gl.float32)
-        v_t = gl.load(v + o + ri).to(gl.float32)
-        dy_t = gl.load(dy + o + ri).to(gl.float32)
-        sa_t = gl.load(sa_buf + o + ri)
-        for i in range(T):
-            t = T - 1 - i
-            on = x0 + gl.maximum(t - 1, 0).to(gl.int64) * (H * N)     # step t-1, loaded during step t
-            r_n = gl.load(r + on + ri).to(gl.float32)
-            k_n = gl.load(k + on + ri).to(gl.float32)
-            lw_n = gl.load(logw + on + ri).to(gl.float32)
-            a_n = gl.load(a + on + ri).to(gl.float32)
-            b_n = gl.load(b + on + ri).to(gl.float32)
-            v_n = gl.load(v + on + ri).to(gl.float32)
-            dy_n = gl.load(dy + on + ri).to(gl.float32)
-            sa_n = gl.load(sa_buf + on + ri)
-
-            w_t = gl.exp(lw_t)
-            s_dy.store(dy_t)
-            s_v.store(v_t)
-            s_sa.store(sa_t)
-            s_r.store(r_t)
-            s_k.store(k_t)
-            s_b.store(b_t)
-            s_w.store(w_t)
-            s_a.store(a_t)
+        par = 0                                      # step parity, for b_dsa
+        am = gl.load(amax + (i_b * T + T - 1) * H + i_h)     # the largest -logw of step t (loaded a step ahead)
+        for cc in range(NC):
+            c = NC - 1 - cc
+            slot = c % 2
+            # every thread is done with the other buffer (chunk c+1): bring chunk c-1 into it (at c = 0,
+            # chunk 0 again, unused), then wait for chunk c
             gl.thread_barrier()
-            dyC = s_dy.load(COL)
-            gl.store(dr + o + ri, gl.sum(ST * dyC[None, :], 1).to(dr.dtype.element_ty))    # S_t^T dy_t
-            # ST <- S_{t-1}^T: invert step t, or replay it from the checkpoint if inverting would lose
-            # accuracy (amp: the sum over steps of the largest -logw, which bounds every key's)
-            c0 = t - t % CHUNK
-            amp_t = amp + gl.load(amax + (i_b * T + t) * H + i_h)
-            if (t == c0) | (amp_t > LOG_AMP_MAX):
-                ST = gl.load(ckpt + (i_bh * NC + c0 // CHUNK) * N * N + tr)
-                for s in range(c0, t):
-                    os = x0 + s.to(gl.int64) * (H * N)
-                    ST = ST * gl.exp(gl.load(logw + os + ri).to(gl.float32))[:, None] \
-                        + gl.load(b + os + ri).to(gl.float32)[:, None] * gl.load(sa_buf + os + ci)[None, :] \
-                        + gl.load(k + os + ri).to(gl.float32)[:, None] * gl.load(v + os + ci).to(gl.float32)[None, :]
-                amp = gl.zeros([], gl.float32)
-            else:
-                ST = (ST - k_t[:, None] * s_v.load(COL)[None, :] - b_t[:, None] * s_sa.load(COL)[None, :]) \
-                    * gl.exp(-lw_t)[:, None]
-                amp = amp_t
-
-            G += dy_t[:, None] * s_r.load(COL)[None, :]
-            GT += r_t[:, None] * dyC[None, :]
-            dsa = gl.sum(G * s_b.load(COL)[None, :], 1)                                    # G b_t
-            s_dsa.store(dsa)
-            gl.store(dv + o + ri, gl.sum(G * s_k.load(COL)[None, :], 1).to(dv.dtype.element_ty))
-            gl.store(dk + o + ri, gl.sum(GT * s_v.load(COL)[None, :], 1).to(dk.dtype.element_ty))
-            gl.store(db + o + ri, gl.sum(GT * s_sa.load(COL)[None, :], 1).to(db.dtype.element_ty))
-            gl.store(dlogw + o + ri, (gl.sum(GT * ST, 1) * w_t).to(dlogw.dtype.element_ty))
-            wC = s_w.load(COL)
-            aC = s_a.load(COL)
+            steps = gl.maximum(c - 1, 0) * CHUNK + cs
+            offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
+            m = (steps < T)[:, None] & (cn < N)[None, :]       # T < CHUNK: chunk 0 is the partial one
+            nxt = 1 - slot
+            async_copy.async_copy_global_to_shared(b_r.index(nxt), r + offs, m)
+            async_copy.async_copy_global_to_shared(b_k.index(nxt), k + offs, m)
+            async_copy.async_copy_global_to_shared(b_lw.index(nxt), logw + offs, m)
+            async_copy.async_copy_global_to_shared(b_a.index(nxt), a + offs, m)
+            async_copy.async_copy_global_to_shared(b_b.index(nxt), b + offs, m)
+            async_copy.async_copy_global_to_shared(b_v.index(nxt), v + offs, m)
+            async_copy.async_copy_global_to_shared(b_dy.index(nxt), dy + offs, m)
+            async_copy.async_copy_global_to_shared(b_sa.index(nxt), sa_buf + offs, m)
+            async_copy.commit_group()
+            async_copy.wait_group(1)
             gl.thread_barrier()
-            dsaC = s_dsa.load(COL)
-            gl.store(da + o + ri, gl.sum(ST * dsaC[None, :], 1).to(da.dtype.element_ty))   # S_{t-1}^T dsa
-            G = G * wC[None, :] + dsa[:, None] * aC[None, :]
-            GT = GT * w_t[:, None] + a_t[:, None] * dsaC[None, :]
+            c0 = c * CHUNK
+            b_w.store(gl.exp(b_lw.index(slot).load(CP).to(gl.float32)))
+            gl.thread_barrier()
+            n = gl.minimum(T - c0, CHUNK)
+            for j in range(n):
+                s = n - 1 - j
+                ss = slot * CHUNK + s                # the step's row in the [2 * CHUNK, N] views
+                t = c0 + s
+                o = x0 + t.to(gl.int64) * (H * N)
+                dyC = cdy.index(ss).load(COL).to(gl.float32)
+                gl.store(dr + o + ri, gl.sum(ST * dyC[None, :], 1).to(dr.dtype.element_ty))    # S_t^T dy_t
+                # ST <- S_{t-1}^T: invert step t, or replay it from the checkpoint if inverting would lose
+                # accuracy (amp: the sum over steps of the largest -logw, which bounds every key's)
+                amp_t = amp + am
+                am = gl.load(amax + (i_b * T + gl.maximum(t - 1, 0)) * H + i_h)
+                k_t = ck.index(ss).load(ROW).to(gl.float32)
+                b_t = cb.index(ss).load(ROW).to(gl.float32)
+                if (s == 0) | (amp_t > LOG_AMP_MAX):
+                    ST = gl.load(ckpt + (i_bh * NC + c) * N * N + tr)
+                    for q in range(0, s):
+                        ST = ST * cw.index(q).load(ROW)[:, None] \
+                            + cb.index(slot * CHUNK + q).load(ROW).to(gl.float32)[:, None] * csa.index(slot * CHUNK + q).load(COL)[None, :] \
+                            + ck.index(slot * CHUNK + q).load(ROW).to(gl.float32)[:, None] * cv.index(slot * CHUNK + q).load(COL).to(gl.float32)[None, :]
+                    amp = gl.zeros([], gl.float32)
+                else:
+                    ST = (ST - k_t[:, None] * cv.index(ss).load(COL).to(gl.float32)[None, :]
+                          - b_t[:, None] * csa.index(ss).load(COL)[None, :]) \
+                        * gl.exp(-clw.index(ss).load(ROW).to(gl.float32))[:, None]
+                    amp = amp_t
 
-            o = on
-            r_t = r_n
-            k_t = k_n
-            lw_t = lw_n
-            a_t = a_n
-            b_t = b_n
-            v_t = v_n
-            dy_t = dy_n
-            sa_t = sa_n
+                G += cdy.index(ss).load(ROW).to(gl.float32)[:, None] * cr.index(ss).load(COL).to(gl.float32)[None, :]
+                GT += cr.index(ss).load(ROW).to(gl.float32)[:, None] * dyC[None, :]
+                dsa = gl.sum(G * cb.index(ss).load(COL).to(gl.float32)[None, :], 1)            # G b_t
+                pd = b_dsa.index(par)
+                pd.store(dsa)
+                vC = cv.index(ss).load(COL).to(gl.float32)
+                gl.store(dv + o + ri, gl.sum(G * ck.index(ss).load(COL).to(gl.float32)[None, :], 1).to(dv.dtype.element_ty))
+                gl.store(dk + o + ri, gl.sum(GT * vC[None, :], 1).to(dk.dtype.element_ty))
+                gl.store(db + o + ri, gl.sum(GT * csa.index(ss).load(COL)[None, :], 1).to(db.dtype.element_ty))
+                w_t = cw.index(s).load(ROW)
+                gl.store(dlogw + o + ri, (gl.sum(GT * ST, 1) * w_t).to(dlogw.dtype.element_ty))
+                gl.thread_barrier()
+                dsaC = pd.load(COL)
+                gl.store(da + o + ri, gl.sum(ST * dsaC[None, :], 1).to(da.dtype.element_ty))   # S_{t-1}^T dsa
+                G = G * cw.index(s).load(COL)[None, :] + dsa[:, None] * ca.index(ss).load(COL).to(gl.float32)[None, :]
+                GT = GT * w_t[:, None] + ca.index(ss).load(ROW).to(gl.float32)[:, None] * dsaC[None, :]
+                par = 1 - par
+        async_copy.wait_group(0)
         gl.store(ds0 + i_bh * N * N + own, G)
 
     return _bwd_rows_kernel
@@ -370,24 +407,20 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     ptxas decides); or "bwd": ("rows", TPR, maxnreg), the Gluon backward with TPR threads per tile row
     (N * TPR / 32 warps, one program per head).
 
-    Both kernels are bound by the latency of their sequential loop over T, not by arithmetic, so the rule
-    is: as many threads per head as still run in one wave. "Few heads" = at most two per SM (B * H <=
-    2 * SMs; 256 at the 1.5B model's B = 8, 264 on an H100).
-    - Forward: with few heads, 16 value rows and one warp per program (4 programs per head at N = 64);
-      otherwise 64 rows, 2 warps (one program per head; splitting further then only repeats the key loads).
-    - Backward, few heads: the tile kernel split into programs of 16 value rows (1 warp), where its fp32
-      partial sums of the five key gradients (one copy per program of a head) fit in PARTIALS_BUDGET;
-      otherwise the rows kernel with 2 threads per row (4 warps; its 244 registers a thread let two
-      programs share an SM, so few heads still run in one wave).
-    - Backward, more heads: the rows kernel with one thread per row (2 warps, 4 programs per SM).
-    Without Gluon (or N = 128) the tile kernel, split while heads are few and the partials fit.
-    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 5), forward +
-    backward: B8 T4096 C2048 16x1/r2 13.9 ms (32x1/r1, the rule before, 19.6; 16x1/r4 25.1, 32x1/32x1 14.1);
-    B1 T1024 C2048 16x1/16x1 2.19 (r2 2.69); B8 T1024 C2048 r2 3.75 (16x1/16x1 3.61 but 1.3 GiB of
-    partials; 64x2/r1 5.11); B1 T2048 C4096 16x1/16x1 4.43 (r2 5.30); B8 T1024 C768 16x1/16x1 2.48 (r2 2.75);
-    B8 T4096 C4096 64x2/r1 24.0 (r2 26.3; 32x1/32x1 21.3 with 10.7 GB of partials). Instructions per head
-    and step (sm_90): forward 1388 with 2 warps; tile backward 3750 with 2 warps; rows backward 3050 with
-    TPR 2 (2 barriers per step against the tile kernel's ~40)."""
+    Both kernels are bound by the latency of their sequential loop over T, not by arithmetic.
+    - Forward: with few heads (at most two per SM: B * H <= 2 * SMs, 256 at the 1.5B model's B = 8, 264
+      on an H100), 16 value rows and one warp per program (4 programs per head at N = 64); otherwise 64
+      rows, 2 warps (one program per head; splitting further then only repeats the key loads).
+    - Backward: the rows kernel with 2 threads per row (its inputs staged in shared memory a chunk at a
+      time), whatever the number of heads: measured fastest at every shape below.
+    Without Gluon (or N = 128, or N < 16) the tile backward, split into 16-row programs while heads are
+    few and its partial sums fit in PARTIALS_BUDGET.
+    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 6), forward +
+    backward with 16x1/r2 (64x2/r2 at B8 T4096 C4096): B8 T4096 C2048 11.4 ms (16x1/16x1 13.2); B1 T1024
+    C2048 2.06 (2.12); B8 T1024 C2048 3.06 (3.54); B1 T2048 C4096 3.94 (4.25); B8 T1024 C768 2.19 (2.41);
+    B8 T1024 C1024 2.28 (2.56); B8 T4096 C4096 20.9 (16x1/r2 21.5, 64x2/r1 27.7); B1 T32768 C4096 59.7
+    (16x1/16x1 63.6, 64x2/r2 68.1). The staged rows backward with one thread per row is slower everywhere
+    (64x2/r1 at least 1.3 x; its 2 warps hold 3 x 64 fp32 registers of state per thread)."""
     return dict(_default_config(B, T, H, N, _sm_count(torch.device(device)), _has_gluon()))
 
 
@@ -397,11 +430,9 @@ def _default_config(B: int, T: int, H: int, N: int, sms: int, gluon: bool) -> di
     partials = lambda bv: 5 * 4 * (N // bv) * B * T * H * N   # noqa: E731  bytes of the tile backward's sums
     warps = lambda bv: max(1, min(8, bv * N // 2048))          # noqa: E731
     fwd_bv = min(N, 16) if few else min(N, 64)
-    if 16 < N <= 64 and few and partials(16) <= PARTIALS_BUDGET:
-        bwd = (16, warps(16), None)
-    elif N <= 64 and gluon:
-        bwd = ("rows", 1 if N == 64 and not few else 2, None)
-    else:   # no Gluon, or N = 128 (not measured): split while the programs are too few for two per SM
+    if 16 <= N <= 64 and gluon:
+        bwd = ("rows", 2, None)
+    else:   # no Gluon, or N = 128 (not measured) or 8: split while the programs are too few for two per SM
         bwd_bv = min(N, 64)
         while bwd_bv > 16 and B * H * (N // bwd_bv) < 2 * sms and partials(bwd_bv // 2) <= PARTIALS_BUDGET:
             bwd_bv //= 2
@@ -500,7 +531,7 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
             raise UserError(f"the rows backward needs 32 <= N * TPR, TPR <= 32 (got N={N}, TPR={tpr})",
                             "use TPR = 2 for N = 16 .. 64")
         dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
-        amax = (-logw.float()).amax(-1).contiguous()    # [B, T, H]: the largest -logw of each step
+        amax = logw.amin(-1).float().neg_().contiguous()   # [B, T, H]: the largest -logw of each step
         with _on_device(r):
             rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0, amax,
                            T, ckpt.shape[1], H=H, N=N, TPR=tpr, CHUNK=CHUNK, LOG_AMP_MAX=LOG_AMP_MAX,

@@ -54,3 +54,25 @@ def test_model_loss_equals_masked_loss_of_its_logits():
     ga = torch.autograd.grad(a, model.emb.weight)[0]
     gb = torch.autograd.grad(b, model.emb.weight)[0]
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-7)
+
+
+def test_one_chunk_of_logits_alive_at_a_time(monkeypatch):
+    """Peak bytes of the forward (which also makes the gradients) stay at one chunk's: memory.HEAD_BYTES per
+    logit of one chunk (its fp32 logits and logsumexp's temporary), plus the input's gradient; the chunk
+    before is freed before the next one's logits are made."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from calibrate_memory import _LiveBytes
+    from trainer.memory import HEAD_BYTES
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 1000 * 64)       # 64 tokens a chunk at V = 1000
+    N, C, V = 300, 32, 1000
+    h = torch.randn(N, C).requires_grad_()
+    w, t, m = torch.randn(V, C) * 0.2, torch.randint(0, V, (N,)), torch.ones(N)
+    live = _LiveBytes()
+    with live.mode():
+        loss = head_ce_sum(h, w, t, m)
+    assert loss.item() > 0
+    chunk = head_loss.chunk_tokens(V) * V
+    assert live.peak <= HEAD_BYTES * chunk + 4 * N * C + 64 * 1024, (live.peak, HEAD_BYTES * chunk)
+    assert live.peak >= (HEAD_BYTES - 1) * chunk          # and it does count the chunk

@@ -53,6 +53,7 @@ class _HeadCE(torch.autograd.Function):
                     dx[s:s + step] = g @ w
                 if need_w:
                     dw.add_(g.T @ h)                                       # [V, C], summed in fp32
+            logits = g = None        # this chunk's [n, V] goes before the next one is made, not after
         ctx.save_for_backward(*(x for x in (dx, dw) if x is not None))
         ctx.has = (need_x, need_w)
         ctx.x_dtype = hidden.dtype

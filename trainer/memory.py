@@ -119,8 +119,9 @@ WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0
 WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
 WKV_WORK["torch"] = WKV_WORK["chunk"]
 HEAD_BYTES = 8.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py)
-CUDA_CONTEXT = int(1.23 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
-                                         # torch 2.11, 7 rows of bench/memory_measured.jsonl)
+CUDA_CONTEXT = int(0.96 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
+                                         # torch 2.11, the 14 rows of bench/memory_measured.jsonl, session 6;
+                                         # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
 CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
 ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
                                          # fitted -0.007 on the same rows, i.e. none

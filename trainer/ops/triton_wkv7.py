@@ -227,6 +227,27 @@ def _rows_kernel():
         return None
 
     @gluon.jit
+    def _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, c, slot, T, cs, cn,
+               H: gl.constexpr, N: gl.constexpr, CHUNK: gl.constexpr):
+        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into buffer ``slot``
+        of each double buffer, as one cp.async group."""
+        steps = c * CHUNK + cs
+        offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
+        m = (steps < T)[:, None] & (cn < N)[None, :]
+        async_copy.async_copy_global_to_shared(b_r.index(slot), r + offs, m)
+        async_copy.async_copy_global_to_shared(b_k.index(slot), k + offs, m)
+        async_copy.async_copy_global_to_shared(b_lw.index(slot), logw + offs, m)
+        async_copy.async_copy_global_to_shared(b_a.index(slot), a + offs, m)
+        async_copy.async_copy_global_to_shared(b_b.index(slot), b + offs, m)
+        async_copy.async_copy_global_to_shared(b_v.index(slot), v + offs, m)
+        async_copy.async_copy_global_to_shared(b_dy.index(slot), dy + offs, m)
+        async_copy.async_copy_global_to_shared(b_sa.index(slot), sa_buf + offs, m)
+        async_copy.commit_group()
+
+    # Gluon finds the helpers that a kernel calls among the module's globals, not in this closure.
+    globals().update(_stage=_stage)
+
+    @gluon.jit
     def _bwd_rows_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf, dr, dk, dv, dlogw, da, db, ds0, amax, T, NC,
                          H: gl.constexpr, N: gl.constexpr, TPR: gl.constexpr, CHUNK: gl.constexpr,
                          LOG_AMP_MAX: gl.constexpr):
@@ -281,21 +302,9 @@ def _rows_kernel():
         csa = b_sa._reinterpret(gl.float32, [2 * CHUNK, N], SM1)
         cw = b_w._reinterpret(gl.float32, [CHUNK, N], SM1)
 
-        # chunk NC-1 first (the last steps); its rows past T are masked (left as they were)
-        t0 = (NC - 1) * CHUNK
-        steps = t0 + cs
-        offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
-        m = (steps < T)[:, None] & (cn < N)[None, :]
-        slot = (NC - 1) % 2
-        async_copy.async_copy_global_to_shared(b_r.index(slot), r + offs, m)
-        async_copy.async_copy_global_to_shared(b_k.index(slot), k + offs, m)
-        async_copy.async_copy_global_to_shared(b_lw.index(slot), logw + offs, m)
-        async_copy.async_copy_global_to_shared(b_a.index(slot), a + offs, m)
-        async_copy.async_copy_global_to_shared(b_b.index(slot), b + offs, m)
-        async_copy.async_copy_global_to_shared(b_v.index(slot), v + offs, m)
-        async_copy.async_copy_global_to_shared(b_dy.index(slot), dy + offs, m)
-        async_copy.async_copy_global_to_shared(b_sa.index(slot), sa_buf + offs, m)
-        async_copy.commit_group()
+        # chunk NC-1 first (the last steps)
+        _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, NC - 1, (NC - 1) % 2, T,
+               cs, cn, H, N, CHUNK)
 
         ST = gl.load(sT + i_bh * N * N + tr)         # S_t^T, from t = T-1 down
         G = gl.load(dsT + i_bh * N * N + own)        # dL/dS_t
@@ -309,19 +318,8 @@ def _rows_kernel():
             # every thread is done with the other buffer (chunk c+1): bring chunk c-1 into it (at c = 0,
             # chunk 0 again, unused), then wait for chunk c
             gl.thread_barrier()
-            steps = gl.maximum(c - 1, 0) * CHUNK + cs
-            offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
-            m = (steps < T)[:, None] & (cn < N)[None, :]       # T < CHUNK: chunk 0 is the partial one
-            nxt = 1 - slot
-            async_copy.async_copy_global_to_shared(b_r.index(nxt), r + offs, m)
-            async_copy.async_copy_global_to_shared(b_k.index(nxt), k + offs, m)
-            async_copy.async_copy_global_to_shared(b_lw.index(nxt), logw + offs, m)
-            async_copy.async_copy_global_to_shared(b_a.index(nxt), a + offs, m)
-            async_copy.async_copy_global_to_shared(b_b.index(nxt), b + offs, m)
-            async_copy.async_copy_global_to_shared(b_v.index(nxt), v + offs, m)
-            async_copy.async_copy_global_to_shared(b_dy.index(nxt), dy + offs, m)
-            async_copy.async_copy_global_to_shared(b_sa.index(nxt), sa_buf + offs, m)
-            async_copy.commit_group()
+            _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, gl.maximum(c - 1, 0),
+                   1 - slot, T, cs, cn, H, N, CHUNK)
             async_copy.wait_group(1)
             gl.thread_barrier()
             c0 = c * CHUNK

@@ -169,7 +169,8 @@ class Spread:
                     "torch's AdamW on the CPU instead, which is slower.")
         # On a GPU (DeepSpeed aside: its engine wraps the optimizer) the fused AdamW: one kernel for all the
         # trained tensors instead of foreach's dozen per group, and no sqrt(exp_avg_sq) buffer the size of
-        # the trained tensors at the step (memory.py counts it only where fused is not used).
+        # the trained tensors at the step (memory.py's ``step`` term is 0 for it). A state saved by the
+        # foreach one (RESUME=1 from an older run) loads and keeps stepping as it was saved.
         fused = not self.deepspeed and bool(params) and all(p.is_cuda for p in _tensors(params))
         return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
                                  **({"fused": True} if fused else {}))

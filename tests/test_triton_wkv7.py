@@ -159,6 +159,7 @@ def test_default_config_splits_heads_only_when_there_are_few(monkeypatch):
 def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
     monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
     monkeypatch.setattr(tw, "_has_gluon", lambda: True)
+    monkeypatch.setattr(tw, "_has_cp_async", lambda device: True)          # compute capability >= 8.0
     # measured fastest on an H100 (bench/RESULTS.md, session 6): the staged rows backward with two threads
     # per row at every shape; the forward split into 16-row programs while there are at most two heads per SM
     assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": ("rows", 2, None)}
@@ -170,6 +171,10 @@ def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
     assert tw.default_config(1, 32768, 64, 64, "cuda")["bwd"] == ("rows", 2, None)
     assert tw.default_config(1, 10, 1, 16, "cuda")["bwd"] == ("rows", 2, None)
     assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)        # N = 128: the tile kernel
+    # a GPU without cp.async (Turing, Volta) takes the tile backward the rows one stages its inputs with
+    monkeypatch.setattr(tw, "_has_cp_async", lambda device: False)
+    assert tw.default_config(8, 4096, 64, 64, "cuda")["bwd"] == (64, 2, None)
+    assert tw.default_config(1, 1024, 32, 64, "cuda")["bwd"] == (16, 1, None)
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "1")     # the interpreter cannot run Gluon
     assert tw._has_gluon() is False

@@ -395,6 +395,15 @@ def _has_gluon_installed() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _has_cp_async(device: torch.device) -> bool:
+    """Whether the GPU has cp.async (compute capability 8.0 and up: Ampere, Ada, Hopper, ...), which the
+    rows backward stages its inputs with; older GPUs (Turing, Volta) run the tile backward."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _has_gluon() -> bool:
     """Whether this Triton has Gluon (the backward's rows kernel needs it; the interpreter cannot run it)."""
     return not _interpreting() and _has_gluon_installed()
@@ -419,7 +428,8 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
     B8 T1024 C1024 2.28 (2.56); B8 T4096 C4096 20.9 (16x1/r2 21.5, 64x2/r1 27.7); B1 T32768 C4096 59.7
     (16x1/16x1 63.6, 64x2/r2 68.1). The staged rows backward with one thread per row is slower everywhere
     (64x2/r1 at least 1.3 x; its 2 warps hold 3 x 64 fp32 registers of state per thread)."""
-    return dict(_default_config(B, T, H, N, _sm_count(torch.device(device)), _has_gluon()))
+    device = torch.device(device)
+    return dict(_default_config(B, T, H, N, _sm_count(device), _has_gluon() and _has_cp_async(device)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -522,6 +532,10 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     if kind == 1:
         tpr, maxnreg = p1, p3
         rows = _rows_kernel()
+        if r.is_cuda and not _has_cp_async(r.device):
+            raise UserError("the triton op's 'rows' backward needs a GPU of compute capability 8.0 or newer "
+                            f"(this one is {'.'.join(map(str, torch.cuda.get_device_capability(r.device)))})",
+                            "leave the launch configuration to the default (it takes the tile backward here)")
         if rows is None:
             raise UserError("the triton op's 'rows' backward needs Triton with Gluon (triton >= 3.5)",
                             "pip install -U triton, or pass a tile config such as (64, 2, None)")

@@ -70,10 +70,10 @@ configuration in trainer/strategy.py). Fitted to measured rows (bench/memory_mea
 from bench/train_speed.py --json; bench/calibrate_memory.py compares and fits): COMPILED_ACT_SCALE (the 5
 compiled RWKV-7 rows of 1.5B LoRA / state / full at ctx 1024 × 1 and 4096 × 8 and 7B LoRA infctx over 131072
 tokens; re-fitted in session 5, when the checkpoint itself became part of the compiled graph), CUDA_CONTEXT
-and ALLOCATOR_SLACK (session 4). Those 8 rows (with 1.5B QLoRA, RWKV-6 7B LoRA and QLoRA on fla): allocation
-within 4.9%. Six rows measured after the fit and not used in it (RWKV-7 0.1B, 0.4B and 3B; LoRA, QLoRA and
-state; ctx 1024 × 1 and 4096 × 8) are an independent check: allocation within 6.9%, the nvidia-smi figure
-within 10.3%. Over all 14 the nvidia-smi figure is within 10.3% but for RWKV-6 7B QLoRA, 16% under: it held
+(session 6, all 14 rows) and ALLOCATOR_SLACK (session 4). In session 6 the 12 RWKV-7 rows (0.1B to 7B; LoRA,
+QLoRA, state, full; ctx 1024 × 1, 4096 × 8, infctx 131072) were re-measured on the code of the time; the two
+RWKV-6 7B rows (LoRA, QLoRA on fla) are from session 4. Allocation within 10.5% on all 14 (mean 4.6%), the
+nvidia-smi figure within 10% on the RWKV-7 rows; RWKV-6 7B QLoRA is 25% under: it held
 3.15 GiB outside torch's allocator (not modelled). Not measured: GRAD_CP=0 compiled, WSL2
 (ALLOCATOR_SLACK_FIXED is the session-2 fit without expandable segments).
 """

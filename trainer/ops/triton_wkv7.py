@@ -49,11 +49,11 @@ _rows_kernel; the default on a GPU for 16 <= N <= 64) does as RWKV-LM's CUDA bac
 and G^T, each thread owning (a part of) a row of each, so that every gradient above is a sum along a
 row inside the thread. The per-step vectors come from shared memory, where the copy engine (cp.async)
 brings each chunk of 16 steps while the program works through the one before, so neither a step nor a
-replay waits on global memory; only S b travels between threads (one barrier per step). It decides
-between inverting and replaying with a looser bound, the sum over steps of the largest -logw of each
-step (computed by the wrapper), so it replays at least as often: as exact. Triton's interpreter cannot
-run Gluon, so on the CPU the tests run the tile kernel and compile the rows kernel for sm_90; the rows
-kernel runs on the GPU tests.
+replay waits on global memory; only G b (the gradient of S a) travels between threads (one barrier
+per step). It decides between inverting and replaying with a looser bound, the sum over steps of the
+largest -logw of each step (computed by the wrapper), so it replays at least as often: as exact.
+Triton's interpreter cannot run Gluon, so on the CPU the tests run the tile kernel and compile the rows
+kernel for sm_90; the rows kernel runs on the GPU tests.
 
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
 registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
@@ -260,7 +260,7 @@ def _rows_kernel():
         other half of a double buffer (cp.async), so no step waits on global memory, and replaying steps
         from the chunk's checkpoint reads them from there too. Each thread reads its row's element of a
         vector (one per thread) or the whole vector (every column) from the buffer: no exchange between
-        threads but dS·a, through shared memory too (one barrier per step)."""
+        threads but G b (dsa, the gradient of S·a), through shared memory too (one barrier per step)."""
         NW: gl.constexpr = N * TPR // 32
         L: gl.constexpr = gl.BlockedLayout([1, N // TPR], [32 // TPR, TPR], [NW, 1], [1, 0])
         ROW: gl.constexpr = gl.SliceLayout(1, L)     # x[i] for the rows: one element per thread
@@ -290,7 +290,7 @@ def _rows_kernel():
         b_dy = gl.allocate_shared_memory(dy.dtype.element_ty, [2, CHUNK, N], SM2)
         b_sa = gl.allocate_shared_memory(gl.float32, [2, CHUNK, N], SM2)
         b_w = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)       # exp(logw) of the chunk
-        b_dsa = gl.allocate_shared_memory(gl.float32, [2, N], SM1)         # dS·a, by step parity
+        b_dsa = gl.allocate_shared_memory(gl.float32, [2, N], SM1)         # G b (dsa), by step parity
         # the same buffers as rows: row slot * CHUNK + s is step s of the chunk in that slot
         cr = b_r._reinterpret(r.dtype.element_ty, [2 * CHUNK, N], SM1)
         ck = b_k._reinterpret(k.dtype.element_ty, [2 * CHUNK, N], SM1)

@@ -52,7 +52,8 @@ Approximations: layer 0's input gradient (not needed) is counted; elementwise wo
 --json OUT appends one JSON line per row with everything needed to reproduce it (the command, the
 commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/calibrate_memory.py).
 On a CPU it runs too (use --size tiny); GPU columns are then empty. TRAIN_SPEED_PROFILE=N (GPU) prints the
-torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only.
+torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only;
+with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace.
 """
 from __future__ import annotations
 
@@ -339,6 +340,8 @@ def run_row(spec: dict) -> dict:
             loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
         if prof is not None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(profile)), file=sys.stderr)
+            if os.environ.get("TRAIN_SPEED_TRACE"):           # a chrome trace (.json.gz) of the measured steps
+                prof.export_chrome_trace(os.environ["TRAIN_SPEED_TRACE"])
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), file=sys.stderr)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(profile)), file=sys.stderr)
     except torch.cuda.OutOfMemoryError as err:

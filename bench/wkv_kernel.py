@@ -5,7 +5,8 @@
     python bench/wkv_kernel.py --ops triton --shapes big 4,2048,2048 --configs 64x4/64x4 16x1/64x8:128
 
 Inputs as the model gives them: r, k, v, a, b in bf16, the log decay in fp32 (RWKV-7's range), an fp32
-initial state; the loss gradient reaches y and the final state. Times are CUDA-event medians over
+initial state; the loss gradient reaches y and the final state. The forward is also timed without an
+initial state, as a model's forward calls it. Times are CUDA-event medians over
 --repeats calls after --warmup calls (the first call, compilation included, is shown apart). Peak memory
 is the allocator's peak during one forward + backward above what was allocated before (inputs, their
 gradients from an earlier call freed). Errors: relative rms (as tests/test_ops.py) of y, the final state
@@ -127,6 +128,12 @@ def bench(op: str, shape: str, args, config=None) -> None:
         with torch.no_grad():
             call(op, x, config)
 
+    x0 = dict(x, state=None)
+
+    def fwd0():                   # as a model's forward gives it: no initial state
+        with torch.no_grad():
+            call(op, x0, config)
+
     def fwd_bwd():
         for t in leaves.values():
             t.grad = None
@@ -139,6 +146,7 @@ def bench(op: str, shape: str, args, config=None) -> None:
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     ms_fwd = cuda_ms(fwd, args.repeats, args.warmup)
+    ms_fwd0 = cuda_ms(fwd0, args.repeats, args.warmup)
     ms_all = cuda_ms(fwd_bwd, args.repeats, args.warmup)
     for t in leaves.values():
         t.grad = None
@@ -149,7 +157,7 @@ def bench(op: str, shape: str, args, config=None) -> None:
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
     err = "" if args.check_T <= 0 else "  ".join(f"{n} {e:.1e}" for n, e in errors(op, x, min(T, args.check_T), config).items())
-    print(f"{label:28s} {shape:6s} B={B} T={T} C={C} | fwd {ms_fwd:8.2f} ms | fwd+bwd {ms_all:8.2f} ms | "
+    print(f"{label:28s} {shape:6s} B={B} T={T} C={C} | fwd {ms_fwd:8.2f} ms (no state {ms_fwd0:6.2f}) | fwd+bwd {ms_all:8.2f} ms | "
           f"peak +{peak:6.2f} GiB | first call {first:6.1f} s | err@T={min(T, args.check_T)}: {err}", flush=True)
 
 

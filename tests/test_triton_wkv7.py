@@ -67,18 +67,8 @@ def _errors(got: dict, ref: dict) -> dict:
 
 def _run_interpreted_cases() -> dict:
     """In the subprocess: every case through the interpreter; relative errors per output."""
-    import triton.runtime.interpreter as interp
-    if not hasattr(interp, "_patch_lang_tensor"):
-        raise RuntimeError("this Triton's interpreter has no _patch_lang_tensor")
-    # Triton 3.6's interpreter turns scalars into one-element arrays and int() fails on those in
-    # numpy >= 2.4 ("only 0-dimensional arrays can be converted"); .item() works in every numpy.
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-    interp._patch_lang_tensor = patched
-
+    from triton_interp import patch_interpreter_scalars
+    patch_interpreter_scalars()
     torch.set_num_threads(1)
     out = {}
     for name, (kw, dtype_name, config) in CASES.items():

@@ -6,14 +6,22 @@ Equal to ``(F.cross_entropy((hidden @ W.T).float(), targets, reduction="none") *
 logits computed in the same dtype (bf16 under bf16 autocast), and to its gradients. Why: at CTX_LEN 1024
 with the 65536-word vocabulary the whole logits are 256 MiB in fp32 plus their bf16 copy and gradient (about
 0.75 GiB at the start of the backward pass), and at 4096 × 8 tokens 24 GiB; chunked, 256 tokens of them at
-a time (about 0.13 GiB at V = 65536, whatever the batch). A chunk of 256 tokens is still a large product
-([256, C] × [C, V]); at 1024 tokens a chunk was the largest thing alive in a small LoRA step (0.5 GiB).
+a time (about 0.13 GiB at V = 65536, whatever the batch).
 
 How: the forward pass computes each chunk's logits, its loss and, at once, its gradients (softmax − one-hot,
 times the mask), so that nothing of the chunk is kept: the input's gradient [tokens, C] and, when the head
 trains, the weight's [V, C] (fp32) are what the backward pass returns, scaled by the incoming gradient.
+
+On a GPU one Triton kernel (``_ce_kernel``) does a chunk's cross-entropy: it reads the logits (in their
+dtype) twice, for the logsumexp and for the gradient, which it writes over them; the plain PyTorch code
+(``_ce_rows_reference``, which the CPU runs) makes about a dozen fp32 passes over a chunk. When the head
+trains, the fp32 weight gradient [V, C] is read and written once per chunk, so its chunks are at least C
+tokens long (at 256 tokens that traffic took more time than the head's products at 4096 × 8 tokens).
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -21,43 +29,123 @@ from torch import Tensor
 CHUNK_BYTES = 64 * 2 ** 20           # fp32 logits of one chunk
 
 
-def chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk: fp32 logits of at most CHUNK_BYTES (256 tokens at V = 65536)."""
-    return max(16, CHUNK_BYTES // (4 * vocab))
+def chunk_tokens(vocab: int, width: int = 0) -> int:
+    """Tokens per chunk: fp32 logits of at most CHUNK_BYTES (256 tokens at V = 65536); at least ``width``
+    (the model's C, given when the head's weight trains)."""
+    return max(16, CHUNK_BYTES // (4 * vocab), width)
+
+
+@functools.lru_cache(maxsize=None)
+def _ce_kernel():
+    """The Triton kernel, defined on first use (a CPU install never imports Triton), or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def ce_rows(logits, targets, mask, loss, V, stride, BLOCK: tl.constexpr, GRAD: tl.constexpr):
+        """One row: loss = (logsumexp(x) - x[target]) * mask; with GRAD, x := (softmax(x) - onehot) * mask."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * stride
+        t = tl.load(targets + row).to(tl.int64)
+        m = tl.load(mask + row)
+        cols = tl.arange(0, BLOCK)
+        mx = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for off in range(0, V, BLOCK):                    # online logsumexp: running max and sum
+            x = tl.load(base + off + cols, mask=off + cols < V, other=float("-inf")).to(tl.float32)
+            new = tl.maximum(mx, tl.max(x, 0))
+            total = total * tl.exp(mx - new) + tl.sum(tl.exp(x - new), 0)
+            mx = new
+        lse = mx + tl.log(total)
+        tl.store(loss + row, (lse - tl.load(base + t).to(tl.float32)) * m)
+        if GRAD:
+            for off in range(0, V, BLOCK):
+                c = off + cols
+                x = tl.load(base + c, mask=c < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - (c == t).to(tl.float32)
+                tl.store(base + c, (g * m).to(logits.dtype.element_ty), mask=c < V)
+
+    return ce_rows
+
+
+def _ce_rows_reference(logits: Tensor, targets: Tensor, mask: Tensor, grad: bool) -> Tensor:
+    """The plain PyTorch cross-entropy of a chunk: the loss of each row times the mask (fp32); with ``grad``
+    the logits are overwritten with their gradient, (softmax - one-hot) * mask, in their dtype."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, targets.unsqueeze(1)).squeeze(1)) * mask
+    if grad:                                  # in place of x (which is the logits themselves in fp32)
+        g = x.sub_(lse.unsqueeze(1)).exp_()                                 # softmax
+        g.scatter_add_(1, targets.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+        g.mul_(mask.unsqueeze(1))
+        if g is not logits:
+            logits.copy_(g)
+    return loss
+
+
+def _ce_rows_triton(logits: Tensor, targets: Tensor, mask: Tensor, grad: bool, block: int = 4096) -> Tensor:
+    """_ce_rows_reference by the Triton kernel (on a GPU; on the CPU in Triton's interpreter, for tests)."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _ce_kernel()[(n,)](logits, targets.contiguous(), mask.contiguous(), loss, V, logits.stride(0),
+                           BLOCK=block, GRAD=grad, num_warps=8)
+    return loss
+
+
+def _ce_rows(logits: Tensor, targets: Tensor, mask: Tensor, grad: bool) -> Tensor:
+    """A chunk's cross-entropy: by the Triton kernel where the logits are on a GPU and Triton is there."""
+    if logits.is_cuda and logits.stride(1) == 1 and _ce_kernel() is not None:
+        return _ce_rows_triton(logits, targets, mask, grad)
+    return _ce_rows_reference(logits, targets, mask, grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_addmm_works() -> bool:
+    """Whether this torch has the CUDA product that adds a bf16/fp16 product into an fp32 tensor in place
+    (aten::addmm.dtype_out, torch 2.8+)."""
+    try:
+        torch.ops.aten.addmm.dtype_out
+    except AttributeError:
+        return False
+    return True
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, acc fp32, a and b in the compute dtype: on a GPU one cuBLAS call (the fp32 sum is
+    read and written once), else the product then the sum."""
+    if acc.is_cuda and a.dtype != torch.float32 and _fp32_addmm_works():
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 class _HeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, dtype: torch.dtype):
         n_tok = hidden.shape[0]
-        step = chunk_tokens(weight.shape[0])
-        w = weight.to(dtype)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        step = chunk_tokens(weight.shape[0], weight.shape[1] if need_w else 0)
+        w = weight.to(dtype)
         dx = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(n_tok, dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, step):
             h = hidden[s:s + step].to(dtype)
-            t = targets[s:s + step]
-            m = mask[s:s + step]
-            logits = (h @ w.T).float()                                  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * m).sum()
-            if need_x or need_w:
-                g = logits.sub_(lse.unsqueeze(1)).exp_()                  # softmax, in place of the logits
-                g.scatter_add_(1, t.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-                g.mul_(m.unsqueeze(1))
-                g = g.to(dtype)
-                if need_x:
-                    dx[s:s + step] = g @ w
-                if need_w:
-                    dw.add_(g.T @ h)                                       # [V, C], summed in fp32
-            logits = g = None        # this chunk's [n, V] goes before the next one is made, not after
+            logits = h @ w.T                                              # [n, V], the compute dtype
+            losses[s:s + step] = _ce_rows(logits, targets[s:s + step], mask[s:s + step], need_x or need_w)
+            if need_x:                                                    # the logits now hold their gradient
+                dx[s:s + step] = logits @ w
+            if need_w:
+                _add_product(dw, logits.T, h)                              # [V, C], summed in fp32
+            logits = None            # this chunk's [n, V] goes before the next one is made, not after
         ctx.save_for_backward(*(x for x in (dx, dw) if x is not None))
         ctx.has = (need_x, need_w)
         ctx.x_dtype = hidden.dtype
-        return total
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):

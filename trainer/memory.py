@@ -29,9 +29,11 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
              weights; full fine-tuning: the whole block) + Bat's BAT_BYTES × the block's adapted weights;
   layer      one block while the backward pass runs through it: (BWD_WORK + WKV_WORK[op])·C·BT
              (+ Bat's BAT_WORK × its largest weight), and with GRAD_CP=1 the block's recomputed layer·BT + casts
-  head       the chunked head + loss (trainer/head_loss.py): HEAD_BYTES·min(BT, chunk)·V for one chunk's
-             logits and their gradient, the input's gradient (weight bytes·BT·C) and, when the head trains,
-             its bf16 copy and fp32 gradient (6·V·C); chunk = head_loss.chunk_tokens(V) (256 at V 65536)
+  head       the chunked head + loss (trainer/head_loss.py): one chunk's logits and their gradient,
+             min(BT, chunk)·V logits of HEAD_BYTES each in PyTorch (the CPU ops) and of the weight bytes on a
+             GPU (its Triton cross-entropy writes the gradient over them), the input's gradient (weight
+             bytes·BT·C) and, when the head trains, its bf16 copy and fp32 gradient (6·V·C); chunk =
+             head_loss.chunk_tokens(V, C if the head trains) (256 at V 65536, at least C tokens when it trains)
   dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8 INT8_DEQUANT_BYTES)
   infctx     the states carried into each chunk, ceil(CTX_LEN/CHUNK_CTX)·L·S, one chunk's state gradients
              L²·S (S = B·(H·N² + 2C)·4), and L·INFCTX_ACT·C·BT
@@ -118,7 +120,9 @@ WKV_WORK = {"chunk": {7: 0.0, 6: 0.0, 5: 0.0}, "fla": {7: 78.0, 6: 60.0, 5: 60.0
             "null": {7: 0.0, 6: 0.0, 5: 0.0}, "triton": {7: 118.0, 6: 118.0, 5: 118.0}}
 WKV_WORK["rwkvfla"] = WKV_WORK["fla"]
 WKV_WORK["torch"] = WKV_WORK["chunk"]
-HEAD_BYTES = 8.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py)
+HEAD_BYTES = 7.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py),
+                                         # in PyTorch (the CPU); on a GPU a chunk's logits in the compute dtype
+CPU_OPS = ("chunk", "torch", "null")     # a CPU run (null: the calibration's simulation): the head in PyTorch
 CUDA_CONTEXT = int(0.96 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
                                          # torch 2.11, the 14 rows of bench/memory_measured.jsonl, session 6;
                                          # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
@@ -383,7 +387,9 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
         saved = L * (tok * layer * BT + fixed) + head_cast
         one_layer = work
     from .head_loss import chunk_tokens
-    head = HEAD_BYTES * min(BT, chunk_tokens(V)) * V + wbytes * BT * C + (6.0 * V * C if t.head_trained else 0.0)
+    chunk = min(BT, chunk_tokens(V, C if t.head_trained else 0))
+    per_logit = HEAD_BYTES if op in CPU_OPS else float(wbytes)   # a GPU's Triton cross-entropy works in place
+    head = per_logit * chunk * V + wbytes * BT * C + (6.0 * V * C if t.head_trained else 0.0)
     dequant = 0.0
     if quant != "none":
         dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant == "int8" else 2.0)

@@ -107,17 +107,16 @@ def _kernels():
     @triton.jit
     def _fwd_kernel(r, k, v, logw, a, b, s0, y, sT, ckpt, sa_buf, T, NC,
                     H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
-                    HAS_S0: tl.constexpr, SAVE: tl.constexpr):
+                    SAVE: tl.constexpr):
         i_bh = tl.program_id(0).to(tl.int64)           # batch * H + head
         i_b, i_h = i_bh // H, i_bh % H
         ki = tl.arange(0, N)                            # key index: the columns of S
         vi = tl.program_id(1) * BV + tl.arange(0, BV)   # value index: this program's rows of S
         tile = vi[:, None] * N + ki[None, :]
         x0 = (i_b * T * H + i_h) * N                    # offset of x[b, 0, h, 0] in [B, T, H, N]
-        if HAS_S0:
-            S = tl.load(s0 + i_bh * N * N + tile)
-        else:
-            S = tl.zeros([BV, N], dtype=tl.float32)
+        # Always loaded, zeros included: a state started with tl.zeros made this loop 1.85x slower
+        # (6.5 against 3.5 ms at B 8, T 4096, C 2048 on an H100).
+        S = tl.load(s0 + i_bh * N * N + tile)
 
         # The inputs of step t+1 are loaded while step t computes: the loop is bound by latency.
         o = x0
@@ -495,8 +494,7 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     fwd_bv, fwd_warps, fwd_maxnreg = config[:3]
     fwd, _ = _kernels()
     r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
-    has_s0 = state is not None
-    s0 = state.float().contiguous() if has_s0 else r.new_empty(1, dtype=torch.float32)
+    s0 = state.float().contiguous() if state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
     NC = (T + CHUNK - 1) // CHUNK
     y = torch.empty_like(r)
     sT = r.new_empty(B, H, N, N, dtype=torch.float32)
@@ -504,7 +502,7 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     sa = r.new_empty((B, T, H, N) if save else (1,), dtype=torch.float32)
     with _on_device(r):
         fwd[(B * H, N // fwd_bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=fwd_bv,
-                                  CHUNK=CHUNK, HAS_S0=has_s0, SAVE=save, **_opts(fwd_warps, fwd_maxnreg))
+                                  CHUNK=CHUNK, SAVE=save, **_opts(fwd_warps, fwd_maxnreg))
     return y, sT, ckpt, sa
 
 

@@ -227,7 +227,67 @@ def test_the_trainer_compiles_when_asked(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
+    """loop.use_cudagraphs: one CUDA GPU, fixed shapes, not infctx; never on the CPU."""
+    from test_train import config
+    from trainer.loop import use_cudagraphs
+    gpu = torch.device("cuda")
+    assert use_cudagraphs(config(), gpu)
+    assert use_cudagraphs(config(GRAD_CP="1", MINI_BSZ="4", FINETUNE_MODE="full"), gpu)
+    assert not use_cudagraphs(config(), torch.device("cpu"))
+    for kw in (dict(GPU_COUNT="2"), dict(NODES="2"), dict(STRATEGY="deepspeed_stage_1"), dict(DATALOAD="only", MICRO_BSZ="1"),
+               dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
+               dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10")):
+        assert not use_cudagraphs(config(**kw), gpu), kw
+
+
 # ------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grad_cp", [True, False])
+def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp):
+    """compile_blocks(cudagraphs=True): the first calls record, the later ones replay; every step's loss and
+    gradients are the eager model's, with and without checkpointing."""
+    eager, compiled = twins(layers=3, width=256, mode="lora", op="triton", device="cuda")
+    for m in (eager, compiled):
+        m.grad_cp = grad_cp
+        for p in m.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
+    compiled.compile_blocks(cudagraphs=True)
+    assert compiled.cudagraphs
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        idx = torch.randint(0, VOCAB, (2, 128), generator=gen).cuda()
+        la, ga = loss_and_grads(eager, idx, torch.bfloat16)
+        torch.compiler.cudagraph_mark_step_begin()
+        lb, gb = loss_and_grads(compiled, idx, torch.bfloat16)
+        assert lb == pytest.approx(la, rel=1e-2)
+        assert_grads_close(ga, gb, 5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grad_cp", ["1", "0"])
+def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_cp):
+    """The whole trainer, gradient accumulation included (MINI_BSZ 2: a step's gradients must survive the
+    next micro step's replay): the same losses with the CUDA graphs as without, step by step."""
+    from test_train import config, make_project
+    from trainer import loop
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    results = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, g=graphs: g)
+        cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp,
+                     MINI_BSZ="2", MICRO_BSZ="2", EPOCH_STEPS="8", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
+                     LR_FINAL="1e-3")
+        results.append(loop.train(cfg, log=lambda *_: None, progress=False).losses)
+    plain, graphs = results
+    assert len(plain) == len(graphs) == 4
+    assert graphs == pytest.approx(plain, rel=2e-3), (plain, graphs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["lora", "full"])

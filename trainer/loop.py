@@ -81,6 +81,16 @@ def activation_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float32}.get(precision)
 
 
+def use_cudagraphs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the compiled blocks' training calls replay as CUDA graphs (model.compile_blocks): on one CUDA
+    GPU (DDP's and DeepSpeed's hooks run between the blocks), with the shapes fixed (not DATALOAD=only nor
+    the CTX_LEN warm-up, whose lengths change and would record a graph each), not infctx (whose chunks
+    recompute the blocks inside a checkpoint of their own). Elsewhere the blocks are compiled as before."""
+    return (device.type == "cuda" and cfg.GPU_COUNT * cfg.NODES == 1 and not cfg.STRATEGY.startswith("deepspeed")
+            and cfg.TRAIN_TYPE == "normal" and cfg.DATALOAD != "only"
+            and not (cfg.INITIAL_CTX_LEN > 0 and cfg.CTX_WARMUP_STEPS > 0))
+
+
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
     """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
     GPU backend (Triton, compute capability 7.0+) works, except with QUANT, and stays eager on the CPU
@@ -189,7 +199,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     if compile_on:
         import torch._dynamo as dynamo
         dynamo.config.suppress_errors = True   # a block that fails to compile runs uncompiled, with a warning
-        model.compile_blocks()
+        model.compile_blocks(cudagraphs=use_cudagraphs(cfg, device))
 
     data = BinIdx(cfg.data_prefix)
     top = int(data.tokens.max()) if data.total_tokens else 0
@@ -488,6 +498,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
+                if model.cudagraphs:                   # CUDA graphs: this step's replays may reuse the last's memory
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss = module(x, targets=y, mask=m)    # the masked mean cross-entropy (head + loss chunked)
                 spread.backward(fabric, module, loss, accum, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU

@@ -247,22 +247,24 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
 @pytest.mark.parametrize("grad_cp", [True, False])
 def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp):
     """compile_blocks(cudagraphs=True): the first calls record, the later ones replay; every step's loss and
-    gradients are the eager model's, with and without checkpointing."""
-    eager, compiled = twins(layers=3, width=256, mode="lora", op="triton", device="cuda")
-    for m in (eager, compiled):
+    gradients are those of the same compiled blocks without CUDA graphs (the same kernels: equal but for
+    the order of the WKV gradient's atomic-free sums, i.e. equal), with and without checkpointing."""
+    plain, graphs = twins(layers=3, width=256, mode="lora", op="triton", device="cuda")
+    for m in (plain, graphs):
         m.grad_cp = grad_cp
         for p in m.parameters():
             p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
-    compiled.compile_blocks(cudagraphs=True)
-    assert compiled.cudagraphs
+    plain.compile_blocks()
+    graphs.compile_blocks(cudagraphs=True)
+    assert graphs.cudagraphs and not plain.cudagraphs
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         idx = torch.randint(0, VOCAB, (2, 128), generator=gen).cuda()
-        la, ga = loss_and_grads(eager, idx, torch.bfloat16)
+        la, ga = loss_and_grads(plain, idx, torch.bfloat16)
         torch.compiler.cudagraph_mark_step_begin()
-        lb, gb = loss_and_grads(compiled, idx, torch.bfloat16)
-        assert lb == pytest.approx(la, rel=1e-2)
-        assert_grads_close(ga, gb, 5e-2)
+        lb, gb = loss_and_grads(graphs, idx, torch.bfloat16)
+        assert lb == pytest.approx(la, rel=1e-5)
+        assert_grads_close(ga, gb, 1e-4)
 
 
 @pytest.mark.gpu

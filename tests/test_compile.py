@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,14 +232,15 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
     """loop.use_cudagraphs: one CUDA GPU, fixed shapes, not infctx; never on the CPU."""
     from test_train import config
     from trainer.loop import use_cudagraphs
-    gpu = torch.device("cuda")
-    assert use_cudagraphs(config(), gpu)
-    assert use_cudagraphs(config(GRAD_CP="1", MINI_BSZ="4", FINETUNE_MODE="full"), gpu)
-    assert not use_cudagraphs(config(), torch.device("cpu"))
-    for kw in (dict(GPU_COUNT="2"), dict(NODES="2"), dict(STRATEGY="deepspeed_stage_1"), dict(DATALOAD="only", MICRO_BSZ="1"),
-               dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
-               dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10")):
-        assert not use_cudagraphs(config(**kw), gpu), kw
+    gpu, C = torch.device("cuda"), 2048
+    assert use_cudagraphs(config(), gpu, C)
+    assert use_cudagraphs(config(GRAD_CP="1", MINI_BSZ="4", FINETUNE_MODE="full", CTX_LEN="1024", MICRO_BSZ="2"), gpu, C)
+    assert not use_cudagraphs(config(), torch.device("cpu"), C)
+    for kw in (dict(GPU_COUNT="2"), dict(NODES="2"), dict(STRATEGY="deepspeed_stage_1"),
+               dict(DATALOAD="only", MICRO_BSZ="1"), dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
+               dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10"),
+               dict(CTX_LEN="4096", MICRO_BSZ="8"), dict(CTX_LEN="1024", MICRO_BSZ="4")):   # GPU-bound steps
+        assert not use_cudagraphs(config(**kw), gpu, C), kw
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -276,13 +278,14 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)
-    make_project(tmp_path, 7)
+    rng = np.random.default_rng(1)
+    make_project(tmp_path, 7, items=[list(rng.integers(1, 200, size=40)) + [0] for _ in range(16)])
     results = []
     for graphs in (False, True):
         torch._dynamo.reset()
-        monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, g=graphs: g)
+        monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd, g=graphs: g)
         cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp,
-                     MINI_BSZ="2", MICRO_BSZ="2", EPOCH_STEPS="8", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
+                     MINI_BSZ="2", MICRO_BSZ="2", EPOCH_STEPS="8", CTX_LEN="32", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
                      LR_FINAL="1e-3")
         results.append(loop.train(cfg, log=lambda *_: None, progress=False).losses)
     plain, graphs = results

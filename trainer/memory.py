@@ -126,6 +126,8 @@ CPU_OPS = ("chunk", "torch", "null")     # a CPU run (null: the calibration's si
 CUDA_CONTEXT = int(0.96 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
                                          # torch 2.11, the 14 rows of bench/memory_measured.jsonl, session 6;
                                          # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
+CUDA_GRAPHS = int(0.18 * GiB)            # CUDA graphs (small steps, loop.use_cudagraphs): their private memory pool's
+                                         # idle blocks and the graphs themselves (H100: +0.15 to +0.23 GiB used, 3 rows)
 CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
 ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
                                          # fitted -0.007 on the same rows, i.e. none
@@ -430,7 +432,17 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
              "saved": saved, "layer": one_layer, "head": head, "infctx states": carried,
              "dequant": dequant, "buckets": extra}
     total = peak_alloc * (1 + allocator_slack()) + CUDA_CONTEXT
+    if will_use_cudagraphs(cfg, sizes):
+        total += CUDA_GRAPHS
     return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes)
+
+
+def will_use_cudagraphs(cfg: Any, sizes: Any) -> bool:
+    """Whether the compiled blocks will replay as CUDA graphs on a GPU (loop.use_cudagraphs)."""
+    import torch
+
+    from .loop import use_cudagraphs
+    return will_compile(cfg) and use_cudagraphs(cfg, torch.device("cuda"), sizes.n_embd)
 
 
 def will_compile(cfg: Any) -> bool:

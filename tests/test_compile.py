@@ -234,11 +234,12 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
     from trainer.loop import use_cudagraphs
     gpu, C = torch.device("cuda"), 2048
     assert use_cudagraphs(config(), gpu, C)
-    assert use_cudagraphs(config(GRAD_CP="1", MINI_BSZ="4", FINETUNE_MODE="full", CTX_LEN="1024", MICRO_BSZ="2"), gpu, C)
+    assert use_cudagraphs(config(GRAD_CP="1", FINETUNE_MODE="full", CTX_LEN="1024", MICRO_BSZ="2"), gpu, C)
     assert not use_cudagraphs(config(), torch.device("cpu"), C)
     for kw in (dict(GPU_COUNT="2"), dict(NODES="2"), dict(STRATEGY="deepspeed_stage_1"),
                dict(DATALOAD="only", MICRO_BSZ="1"), dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
                dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10"),
+               dict(MINI_BSZ="2"),                                            # gradients accumulate
                dict(CTX_LEN="4096", MICRO_BSZ="8"), dict(CTX_LEN="1024", MICRO_BSZ="4")):   # GPU-bound steps
         assert not use_cudagraphs(config(**kw), gpu, C), kw
 
@@ -273,8 +274,7 @@ def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("grad_cp", ["1", "0"])
 def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_cp):
-    """The whole trainer, gradient accumulation included (MINI_BSZ 2: a step's gradients must survive the
-    next micro step's replay): the same losses with the CUDA graphs as without, step by step."""
+    """The whole trainer: the same losses with the CUDA graphs as without, step by step."""
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)
@@ -285,11 +285,11 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
         torch._dynamo.reset()
         monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd, g=graphs: g)
         cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp,
-                     MINI_BSZ="2", MICRO_BSZ="2", EPOCH_STEPS="8", CTX_LEN="32", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
+                     MICRO_BSZ="2", EPOCH_STEPS="6", CTX_LEN="32", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
                      LR_FINAL="1e-3")
         results.append(loop.train(cfg, log=lambda *_: None, progress=False).losses)
     plain, graphs = results
-    assert len(plain) == len(graphs) == 4
+    assert len(plain) == len(graphs) == 6
     assert graphs == pytest.approx(plain, rel=2e-3), (plain, graphs)
 
 

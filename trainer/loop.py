@@ -90,9 +90,12 @@ def use_cudagraphs(cfg: TrainConfig, device: torch.device, n_embd: int) -> bool:
     CUDAGRAPH_MAX_WORK: 1.5B at ctx 1024 × 1 ran 1.7x faster on an H100; at 4096 × 8 no faster and the
     graphs' memory pool held 1-1.5 GiB more); on one CUDA GPU (DDP's and DeepSpeed's hooks run between the
     blocks); with fixed shapes (not DATALOAD=only nor the CTX_LEN warm-up, whose lengths change and would
-    record a graph each); not infctx (whose chunks recompute the blocks inside a checkpoint of their own)."""
+    record a graph each); not infctx (whose chunks recompute the blocks inside a checkpoint of their own);
+    not with MINI_BSZ > 1 (the gradients that a micro step leaves for the next to add to live in the graphs'
+    memory, which the next replay overwrites: torch stops with "accessing tensor output of CUDAGraphs that
+    has been overwritten")."""
     return (device.type == "cuda" and cfg.GPU_COUNT * cfg.NODES == 1 and not cfg.STRATEGY.startswith("deepspeed")
-            and cfg.TRAIN_TYPE == "normal" and cfg.DATALOAD != "only"
+            and cfg.TRAIN_TYPE == "normal" and cfg.DATALOAD != "only" and cfg.MINI_BSZ == 1
             and not (cfg.INITIAL_CTX_LEN > 0 and cfg.CTX_WARMUP_STEPS > 0)
             and cfg.MICRO_BSZ * cfg.CTX_LEN * n_embd <= CUDAGRAPH_MAX_WORK)
 

@@ -244,6 +244,27 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
         assert not use_cudagraphs(config(**kw), gpu, C), kw
 
 
+def test_no_cuda_graphs_when_memory_is_tight(tmp_path, monkeypatch):
+    """prepare: where preflight finds the estimate within 15 % of the free memory, the blocks compile without
+    CUDA graphs (their pool is about 0.2 GiB), and the log says why."""
+    from test_train import config, make_project
+    from trainer import loop
+    from trainer.memory import Estimate
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    calls = []
+    monkeypatch.setattr(RWKV, "compile_blocks", lambda self, **kw: calls.append(kw))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd: True)
+    for free, graphs in ((10e9, True), (1.1e9, False)):
+        est = Estimate({}, 1e9, 0.0, 1e9, 1e9, "backward pass", free=free)
+        monkeypatch.setattr("trainer.memory.preflight", lambda *a, est=est, **k: est)
+        logs = []
+        loop.prepare(config(COMPILE="1"), log=logs.append)
+        assert calls[-1] == {"cudagraphs": graphs}
+        assert any("CUDA graphs" in ln for ln in logs) == (not graphs)
+
+
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -293,6 +293,11 @@ class Estimate:
     total: float
     peak_at: str                         # "backward pass", "optimizer step" or "loading"
     notes: list[str] = field(default_factory=list)
+    free: float | None = None            # the GPU's free memory, where preflight looked
+
+    def tight(self) -> bool:
+        """Close to the GPU's free memory (within the estimate's 15 %), where preflight looked."""
+        return self.free is not None and self.total > 0.85 * self.free
 
     def table(self) -> str:
         lines = [f"  {k:<14} {v / GiB:8.2f} GiB" for k, v in self.terms.items() if v]
@@ -591,6 +596,7 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         # context mem_get_info just made; cuBLAS and the kernels that CUDA_CONTEXT counts are not loaded yet)
         free_before = free + torch.cuda.memory_reserved(dev) + CONTEXT_AT_PREFLIGHT
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
+        est.free = free_before
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "
                 "15%; training starts anyway). Changes that would fit:")
@@ -598,7 +604,7 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
                 log(f"  - {line}")
             for note in est.notes:
                 log(f"  note: {note}")
-        elif est.total > 0.85 * free_before:
+        elif est.tight():
             log("  (close to the limit: the estimate can be off by 15%)")
         return est
     except Exception as err:                      # a bug of ours must not stop training

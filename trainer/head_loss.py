@@ -103,24 +103,23 @@ def _ce_rows(logits: Tensor, targets: Tensor, mask: Tensor, grad: bool) -> Tenso
     return _ce_rows_reference(logits, targets, mask, grad)
 
 
-@functools.lru_cache(maxsize=None)
-def _fp32_addmm_works() -> bool:
-    """Whether this torch has the CUDA product that adds a bf16/fp16 product into an fp32 tensor in place
-    (aten::addmm.dtype_out, torch 2.8+)."""
-    try:
-        torch.ops.aten.addmm.dtype_out
-    except AttributeError:
-        return False
-    return True
+_FP32_ADDMM: dict[torch.dtype, bool] = {}   # per input dtype: does aten::addmm.dtype_out take it (torch 2.8+)?
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b, acc fp32, a and b in the compute dtype: on a GPU one cuBLAS call (the fp32 sum is
-    read and written once), else the product then the sum."""
-    if acc.is_cuda and a.dtype != torch.float32 and _fp32_addmm_works():
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-    else:
-        acc.add_(a @ b)
+    read and written once: aten::addmm.dtype_out), else (or where this torch lacks that call for the
+    dtype) the product, then the sum."""
+    if acc.is_cuda and a.dtype != torch.float32 and _FP32_ADDMM.get(a.dtype, True):
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            _FP32_ADDMM[a.dtype] = True
+            return
+        except (AttributeError, RuntimeError, NotImplementedError):
+            if _FP32_ADDMM.get(a.dtype):          # it worked before: a real error, not a missing kernel
+                raise
+            _FP32_ADDMM[a.dtype] = False
+    acc.add_(a @ b)
 
 
 class _HeadCE(torch.autograd.Function):

@@ -100,6 +100,12 @@ def use_cudagraphs(cfg: TrainConfig, device: torch.device, n_embd: int) -> bool:
             and cfg.MICRO_BSZ * cfg.CTX_LEN * n_embd <= CUDAGRAPH_MAX_WORK)
 
 
+def compile_wanted(cfg: TrainConfig) -> bool:
+    """COMPILE's rule before the device is looked at: COMPILE=1, or auto without QUANT (memory.py's estimate
+    uses it too)."""
+    return cfg.COMPILE == "1" or (cfg.COMPILE == "auto" and (cfg.QUANT or "none") == "none")
+
+
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
     """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
     GPU backend (Triton, compute capability 7.0+) works, except with QUANT, and stays eager on the CPU
@@ -107,7 +113,7 @@ def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str |
     COMPILE=0 never."""
     if cfg.COMPILE == "0":
         return False, None
-    if cfg.COMPILE == "auto" and cfg.QUANT != "none":
+    if not compile_wanted(cfg):
         # measured (bench/RESULTS.md): each quantised linear layer splits the compiled block (bitsandbytes'
         # kernels run between graphs), and the compiled QLoRA step came out slower than the plain one
         return False, f"COMPILE=auto: not compiling with QUANT={cfg.QUANT} (slower there; COMPILE=1 forces it)"

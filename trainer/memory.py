@@ -451,10 +451,10 @@ def will_use_cudagraphs(cfg: Any, sizes: Any) -> bool:
 
 
 def will_compile(cfg: Any) -> bool:
-    """Whether the trainer compiles the blocks for these settings on a GPU (loop.resolve_compile's rule:
-    COMPILE=1, or auto without QUANT; DeepSpeed keeps its own engine: as set)."""
-    setting = str(_get(cfg, "COMPILE", "auto"))
-    return setting == "1" or (setting == "auto" and (_get(cfg, "QUANT", "none") or "none") == "none")
+    """Whether the trainer compiles the blocks for these settings on a GPU (loop.compile_wanted; DeepSpeed
+    keeps its own engine: as set)."""
+    from .loop import compile_wanted
+    return compile_wanted(cfg)
 
 
 # ------------------------------------------------------------------------------------------ suggestions

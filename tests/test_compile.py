@@ -240,6 +240,7 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
                dict(DATALOAD="only", MICRO_BSZ="1"), dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
                dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10"),
                dict(MINI_BSZ="2"),                                            # gradients accumulate
+               dict(LORA_DROPOUT="0.1"),
                dict(CTX_LEN="4096", MICRO_BSZ="8"), dict(CTX_LEN="1024", MICRO_BSZ="4")):   # GPU-bound steps
         assert not use_cudagraphs(config(**kw), gpu, C), kw
 

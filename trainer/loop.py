@@ -93,9 +93,10 @@ def use_cudagraphs(cfg: TrainConfig, device: torch.device, n_embd: int) -> bool:
     record a graph each); not infctx (whose chunks recompute the blocks inside a checkpoint of their own);
     not with MINI_BSZ > 1 (the gradients that a micro step leaves for the next to add to live in the graphs'
     memory, which the next replay overwrites: torch stops with "accessing tensor output of CUDAGraphs that
-    has been overwritten")."""
+    has been overwritten"); not with LORA_DROPOUT (random numbers inside replayed graphs: not tried on a GPU)."""
     return (device.type == "cuda" and cfg.GPU_COUNT * cfg.NODES == 1 and not cfg.STRATEGY.startswith("deepspeed")
             and cfg.TRAIN_TYPE == "normal" and cfg.DATALOAD != "only" and cfg.MINI_BSZ == 1
+            and not (cfg.FINETUNE_MODE == "lora" and cfg.LORA_DROPOUT > 0)
             and not (cfg.INITIAL_CTX_LEN > 0 and cfg.CTX_WARMUP_STEPS > 0)
             and cfg.MICRO_BSZ * cfg.CTX_LEN * n_embd <= CUDAGRAPH_MAX_WORK)
 

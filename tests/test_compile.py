@@ -263,7 +263,8 @@ def test_no_cuda_graphs_when_memory_is_tight(tmp_path, monkeypatch):
         logs = []
         loop.prepare(config(COMPILE="1"), log=logs.append)
         assert calls[-1] == {"cudagraphs": graphs}
-        assert any("CUDA graphs" in ln for ln in logs) == (not graphs)
+        assert any("not replaying the blocks as CUDA graphs" in ln for ln in logs) == (not graphs)
+        assert any("replay as CUDA graphs" in ln for ln in logs) == graphs
 
 
 # ------------------------------------------------------------------------------------------- GPU

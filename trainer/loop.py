@@ -220,6 +220,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             graphs = False
             log("note: not replaying the blocks as CUDA graphs (faster small steps, about 0.2 GiB more): "
                 "memory is close to the limit")
+        elif graphs:
+            log("COMPILE: the blocks' training steps replay as CUDA graphs (small steps: the CPU no longer "
+                "bounds them)")
         model.compile_blocks(cudagraphs=graphs)
 
     data = BinIdx(cfg.data_prefix)

@@ -163,6 +163,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
 
     from trainer import infctx as infctx_mod
     from trainer import loop, ops
+    from trainer.config import grad_cp_mode
     from trainer import quant as quant_mod
     from trainer.model import RWKV
     from trainer.ops import chunk as chunk_mod
@@ -210,7 +211,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
             for name in ("v0", "v1", "v2"):
                 getattr(model.blocks[0].att, name).requires_grad_(False)
         model.op = op
-        model.grad_cp = bool(cfg.GRAD_CP)
+        model.grad_cp = grad_cp_mode(cfg.GRAD_CP) != "0"
         if amp:
             model.act_dtype = loop.activation_dtype({torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[wdtype])
         model.train()
@@ -339,7 +340,7 @@ def compare_rows(rows: list[dict]) -> list[Compared]:
     out = []
     for r in rows:
         cfg, sizes = train_speed.row_config(r), train_speed.row_sizes(r)
-        est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"))
+        est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"), plain_top=int(r.get("plain_top") or 0))
         alloc = max(r.get("peak_alloc_bytes") or 0, r.get("load_alloc_bytes") or 0)
         used = max(r.get("peak_used_bytes") or 0, r.get("load_used_bytes") or 0) or None
         if used is not None and r.get("used_baseline_bytes") is not None:

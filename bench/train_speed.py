@@ -53,7 +53,8 @@ Approximations: layer 0's input gradient (not needed) is counted; elementwise wo
 commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/calibrate_memory.py).
 On a CPU it runs too (use --size tiny); GPU columns are then empty. TRAIN_SPEED_PROFILE=N (GPU) prints the
 torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only;
-with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace.
+with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
+trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs.
 """
 from __future__ import annotations
 
@@ -102,9 +103,25 @@ def parse_method(method: str) -> tuple[str, str]:
     return base, quant or "none"
 
 
+def _cp_value(grad_cp):
+    """A row's grad_cp: 0, 1, "auto", or "top:N" (GRAD_CP=auto with its plan forced to N un-checkpointed top
+    blocks, to measure what each costs and saves)."""
+    s = str(grad_cp).strip().lower()
+    if s in ("0", "1", "true", "false"):
+        return int(s in ("1", "true"))
+    if s == "auto" or (s.startswith("top:") and s[4:].isdigit()):
+        return s
+    raise ValueError(f"grad_cp {grad_cp!r}: 0, 1, auto or top:N")
+
+
+def _forced_top(row: dict) -> int | None:
+    s = str(row.get("grad_cp", 1))
+    return int(s[4:]) if s.startswith("top:") else None
+
+
 def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts="",
          stream="auto"):
-    return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=int(grad_cp), op=op,
+    return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=_cp_value(grad_cp), op=op,
                 infctx=infctx, compile=str(compile), train_parts=train_parts, stream=stream)
 
 
@@ -154,7 +171,7 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "EPOCH_COUNT": "1", "EPOCH_STEPS": str(warmup + steps + 1), "EPOCH_SAVE": "1",
         "LR_INIT": lr[0], "LR_FINAL": lr[1], "WARMUP_STEPS": "0", "LR_SCHEDULE": "const",
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
-        "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision, "GRAD_CP": str(int(row["grad_cp"])),
+        "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision, "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1", "auto") else "auto",
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }
@@ -175,8 +192,9 @@ def row_sizes(row: dict):
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token(cfg, sizes) -> dict:
-    """Model and hardware FLOPs per token (see the module docstring) from trainer.memory's parameter table."""
+def flops_per_token(cfg, sizes, plain_top: int = 0) -> dict:
+    """Model and hardware FLOPs per token (see the module docstring) from trainer.memory's parameter table;
+    ``plain_top`` blocks of a checkpointed run are not recomputed (GRAD_CP=auto)."""
     from trainer.memory import param_table
     t = param_table(cfg, sizes)
     k = 9 if sizes.version == 7 else 5
@@ -184,7 +202,8 @@ def flops_per_token(cfg, sizes) -> dict:
     adp = t.adapter_matmul + t.adapter_step_flops / (2 * max(1, cfg.MICRO_BSZ * cfg.CTX_LEN))
     fwd = 2 * (t.matmul + adp) + W
     bwd = 2 * (t.matmul + adp) + 2 * W + 2 * t.trained_matmul
-    recompute = (2 * (t.matmul - t.head_matmul + adp) + W) if cfg.GRAD_CP else 0
+    recompute = (2 * (t.matmul - t.head_matmul + adp) + W) if cfg.checkpointing else 0
+    recompute *= 1 - min(plain_top, sizes.n_layer) / sizes.n_layer
     if cfg.TRAIN_TYPE == "infctx":    # each chunk's forward runs twice (forward, then inside the backward)
         recompute += fwd
     return {"model": fwd + bwd, "hardware": fwd + bwd + recompute, "n_mm": t.matmul, "n_adapter": adp,
@@ -286,6 +305,18 @@ def run_row(spec: dict) -> dict:
     if (spec.get("stream") or "auto") == "fp32":      # A/B: the fp32 residual stream the trainer had before
         loop.activation_dtype = lambda precision: None if precision == "32-true" else torch.float32
     sizes = row_sizes(spec)
+    from trainer import memory
+    planned: dict = {}
+    plan, forced = memory.plan_checkpointing, _forced_top(spec)
+
+    def planning(cfg_, sizes_, free, op=None):       # what GRAD_CP=auto chose (or: the forced top:N)
+        est_ = plan(cfg_, sizes_, free, op) if forced is None else memory.estimate(cfg_, sizes_, op, plain_top=forced)
+        planned["plain_top"] = est_.plain_top
+        return est_
+    memory.plan_checkpointing = planning
+    graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the trainer's choice (A/B)
+    if graphs_env in ("0", "1"):
+        loop.use_cudagraphs = lambda *a, **k: graphs_env == "1"
     rows: list[tuple] = []
     phase: dict = {}
     sampler = _Sampler(used) if used is not None else None
@@ -390,14 +421,15 @@ def run_row(spec: dict) -> dict:
         out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"
     try:
         from trainer.memory import estimate
-        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP)
+        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP, plain_top=planned.get("plain_top", 0))
+        out["plain_top"] = planned.get("plain_top", 0)
         out["est_total_bytes"] = int(est.total)
         out["est_alloc_bytes"] = int(est.peak_allocated)
         out["est_peak_at"] = est.peak_at
         out["est_terms"] = {k: int(v) for k, v in est.terms.items()}
     except Exception as err:                          # the estimate must never cost a measurement
         out["est_error"] = f"{type(err).__name__}: {err}"[:200]
-    fl = flops_per_token(cfg, sizes)
+    fl = flops_per_token(cfg, sizes, planned.get("plain_top", 0))
     out["flops_per_token_model"] = fl["model"]
     out["flops_per_token_hw"] = fl["hardware"]
     from trainer.memory import param_table
@@ -535,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", nargs="+", default=["lora"])
     ap.add_argument("--ctx", type=int, nargs="+", default=[1024])
     ap.add_argument("--bsz", type=int, nargs="+", default=[1], help="MICRO_BSZ")
-    ap.add_argument("--grad-cp", type=int, nargs="+", default=[1], choices=(0, 1))
+    ap.add_argument("--grad-cp", type=_cp_value, nargs="+", default=[1],
+                    help="GRAD_CP 0 | 1 | auto, or top:N (auto with N top blocks un-checkpointed, forced)")
     ap.add_argument("--op", nargs="+", default=["auto"])
     ap.add_argument("--infctx", type=int, nargs="+", default=[0], help="CHUNK_CTX for TRAIN_TYPE=infctx; 0 = normal")
     ap.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "1", "0"), help="COMPILE")

@@ -101,6 +101,39 @@ def test_compiled_blocks_equal_eager_and_share_graphs(fresh_dynamo, mode):
     assert graphs[2] == graphs[5] <= 6, graphs
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_partly_checkpointed_blocks_equal_all_and_none(fresh_dynamo, monkeypatch, compiled):
+    """GRAD_CP=auto's plan (model.plain_top): the top blocks run without checkpointing, the others with it;
+    loss and gradients equal those with every block checkpointed and with none, eager and compiled; eager,
+    torch's checkpoint runs for exactly the bottom blocks."""
+    import trainer.model as model_mod
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = tiny(layers=4, mode="lora")
+    ref.grad_cp = False
+    l0, g0 = loss_and_grads(ref, idx)
+    calls = []
+    real = model_mod.checkpoint
+
+    def counting(fn, *args, **kw):
+        calls.append(fn)
+        return real(fn, *args, **kw)
+    if not compiled:
+        monkeypatch.setattr(model_mod, "checkpoint", counting)
+    for top in (0, 1, 3, 4, 9):
+        m = tiny(layers=4, mode="lora")
+        m.load_state_dict(ref.state_dict())
+        m.plain_top = top
+        if compiled:
+            m.compile_blocks(backend="aot_eager")
+        calls.clear()
+        loss, grads = loss_and_grads(m, idx)
+        assert loss == pytest.approx(l0, rel=1e-6)
+        assert_grads_close(g0, grads, 1e-5)
+        if not compiled:
+            assert calls == list(m.blocks)[:max(4 - top, 0)], top   # the bottom blocks, in order
+        torch._dynamo.reset()
+
+
 def run_interpreted(code: str, timeout: int, **env: str) -> str:
     """Run ``code`` in a subprocess with our Triton op in Triton's interpreter (TRITON_INTERPRET must be set
     before Triton loads) and tests/ importable; its stdout, after checking that it exited cleanly."""
@@ -270,14 +303,15 @@ def test_no_cuda_graphs_when_memory_is_tight(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("grad_cp", [True, False])
-def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp):
+@pytest.mark.parametrize("grad_cp,top", [(True, 0), (False, 0), (True, 2)])
+def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp, top):
     """compile_blocks(cudagraphs=True): the first calls record, the later ones replay; every step's loss and
     gradients are those of the same compiled blocks without CUDA graphs (the same kernels: equal but for
-    the order of the WKV gradient's atomic-free sums, i.e. equal), with and without checkpointing."""
+    the order of the WKV gradient's atomic-free sums, i.e. equal), with and without checkpointing, and with
+    the top 2 of 3 blocks not checkpointed (GRAD_CP=auto)."""
     plain, graphs = twins(layers=3, width=256, mode="lora", op="triton", device="cuda")
     for m in (plain, graphs):
-        m.grad_cp = grad_cp
+        m.grad_cp, m.plain_top = grad_cp, top
         for p in m.parameters():
             p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
     plain.compile_blocks()
@@ -295,14 +329,19 @@ def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("grad_cp", ["1", "0"])
+@pytest.mark.parametrize("grad_cp", ["1", "0", "auto"])
 def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_cp):
-    """The whole trainer: the same losses with the CUDA graphs as without, step by step."""
+    """The whole trainer: the same losses with the CUDA graphs as without, step by step (GRAD_CP 1, 0, and
+    auto with one block checkpointed and one not)."""
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(1)
     make_project(tmp_path, 7, items=[list(rng.integers(1, 200, size=40)) + [0] for _ in range(16)])
+    if grad_cp == "auto":    # the plan: 1 of the 2 blocks without checkpointing (the GPU would take both)
+        from trainer import memory
+        monkeypatch.setattr(memory, "plan_checkpointing",
+                            lambda cfg, sizes, free, op=None: memory.estimate(cfg, sizes, op, plain_top=1))
     results = []
     for graphs in (False, True):
         torch._dynamo.reset()

@@ -22,7 +22,8 @@ def err(**kw) -> str:
 
 def test_defaults_and_types():
     c = cfg(TRAIN_PARTS="time, ln", GRAD_CP="0", LR_INIT="3e-4", WANDB="")
-    assert c.TRAIN_PARTS == ("time", "ln") and c.GRAD_CP is False and c.LR_INIT == 3e-4 and c.WANDB == ""
+    assert c.TRAIN_PARTS == ("time", "ln") and c.GRAD_CP == "0" and c.LR_INIT == 3e-4 and c.WANDB == ""
+    assert not c.checkpointing
     assert c.FINETUNE_MODE == "lora" and c.CTX_LEN == 512
     assert TrainConfig.from_env({**BASE, "CTX_LEN": ""}).CTX_LEN == 512   # empty number keeps the default
     env = c.to_env()
@@ -52,6 +53,14 @@ def test_defaults_and_types():
 ])
 def test_each_rule_fires(kw, words):
     assert words in err(**kw)
+
+
+@pytest.mark.parametrize("raw, mode", [("1", "1"), ("0", "0"), ("auto", "auto"), ("AUTO", "auto"), ("yes", "1"),
+                                       ("false", "0"), (True, "1"), (False, "0"), (1, "1")])
+def test_grad_cp_values(raw, mode):
+    """GRAD_CP: 0, 1 or auto; the boolean spellings training.sh files and tests used before still mean 0/1."""
+    c = cfg(GRAD_CP=raw) if isinstance(raw, str) else TrainConfig.from_env(BASE, GRAD_CP=raw)
+    assert c.GRAD_CP == mode and c.checkpointing == (mode != "0")
 
 
 def test_options_not_built_yet_are_refused_not_ignored():

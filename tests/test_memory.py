@@ -126,6 +126,56 @@ def test_grad_cp_lowers_the_peak(mode):
         assert on.terms["saved"] < off.terms["saved"]
 
 
+@pytest.mark.parametrize("mode", ["lora", "state", "full", "bat"])
+@pytest.mark.parametrize("ctx,bsz,compile_", [(1024, 1, "auto"), (4096, 8, "auto"), (2048, 2, "0")])
+def test_leaving_top_blocks_uncheckpointed_costs_memory_step_by_step(mode, ctx, bsz, compile_):
+    """GRAD_CP with plain_top k (GRAD_CP=auto's plan): the estimate grows with k, from GRAD_CP=1's at k 0 to
+    GRAD_CP=0's at k = L, term by term."""
+    cfg = cfg_(FINETUNE_MODE=mode, CTX_LEN=ctx, MICRO_BSZ=bsz, GRAD_CP="auto", COMPILE=compile_, OP="triton")
+    L = B15.n_layer
+    ests = [estimate(cfg, B15, plain_top=k) for k in range(L + 1)]
+    # (full: may peak elsewhere; the first block left out can lower the peak by the one input it no longer keeps)
+    assert all(a.peak_allocated <= b.peak_allocated * 1.01 for a, b in zip(ests, ests[1:]))
+    assert all(a.terms["saved"] < b.terms["saved"] for a, b in zip(ests, ests[1:]))
+    one = estimate(dataclasses.replace(cfg, GRAD_CP="1"), B15)
+    none = estimate(dataclasses.replace(cfg, GRAD_CP="0"), B15)
+    assert estimate(cfg, B15).terms == one.terms and estimate(cfg, B15).plain_top == 0
+    assert estimate(cfg, B15, plain_top=L).terms == pytest.approx(none.terms)
+    assert estimate(cfg, B15, plain_top=L + 5).plain_top == L
+    assert estimate(dataclasses.replace(cfg, GRAD_CP="0"), B15, plain_top=3).plain_top == 0
+
+
+def test_plan_checkpointing_takes_the_most_blocks_that_fit():
+    cfg = cfg_(FINETUNE_MODE="full", CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP="auto", OP="triton")
+    L = B15.n_layer
+    for free in (40 * GiB, 60 * GiB, 79 * GiB, 500 * GiB, 10 * GiB):
+        est = M.plan_checkpointing(cfg, B15, free)
+        k = est.plain_top
+        assert est.total == estimate(cfg, B15, plain_top=k).total
+        if k:
+            assert est.total <= M.FIT_FRACTION * free
+        if k < L:   # one more would not fit (or none fits: all checkpointed)
+            assert estimate(cfg, B15, plain_top=k + 1).total > M.FIT_FRACTION * free
+    assert M.plan_checkpointing(cfg, B15, 500 * GiB).plain_top == L
+    assert M.plan_checkpointing(cfg, B15, 10 * GiB).plain_top == 0
+    # measured on an H100 (bench/RESULTS.md, session 8): 79 GiB free -> 7 blocks, 63.3 GiB allocated
+    assert M.plan_checkpointing(cfg, B15, 79 * GiB).plain_top == 7
+    for other in (dict(GRAD_CP="1"), dict(TRAIN_TYPE="infctx", CHUNK_CTX=512),
+                  dict(STRATEGY="deepspeed_stage_2", GPU_COUNT=2)):
+        assert M.plan_checkpointing(dataclasses.replace(cfg, **other), B15, 500 * GiB).plain_top == 0, other
+
+
+def test_preflight_says_what_grad_cp_auto_planned(tiny_world_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(80 * GiB), 80 * GiB))
+    for grad_cp, said in (("auto", "GRAD_CP=auto: 0 of 2 blocks checkpointed, the top 2 keep their activations"),
+                          ("1", None)):
+        lines = []
+        est = preflight(cfg_(GRAD_CP=grad_cp), tiny_world_model, torch.device("cuda"), lines.append)
+        assert est.plain_top == (2 if grad_cp == "auto" else 0)
+        assert any(ln.startswith(said) for ln in lines) if said else not any("GRAD_CP" in ln for ln in lines)
+
+
 def test_nf4_below_int8_below_bf16():
     w = {q: estimate(cfg_(QUANT=q), B15).terms["weights"] for q in ("none", "int8", "nf4")}
     assert w["nf4"] < w["int8"] < w["none"]

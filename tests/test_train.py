@@ -306,3 +306,40 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     assert resolve_precision(config(PRECISION="fp16"), torch.device("cuda")) == ("16-mixed", torch.float16)
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_precision(config(PRECISION="fp16"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("oom_at", [0, 3])
+def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_out(tmp_path, monkeypatch, oom_at):
+    """GRAD_CP=auto planned too many blocks without checkpointing: the first out-of-memory error switches to
+    checkpointing every block and redoes the optimizer step's micro-batches (gradient accumulation: 2), and
+    the run's losses are those of GRAD_CP=1 (dropout off: both deterministic)."""
+    from trainer import loop
+    from trainer.memory import Estimate
+    from trainer.model import RWKV
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    ref = train(config(GRAD_CP="1", MINI_BSZ="2", OUTPUT="ref"), progress=False, log=lambda *_: None).losses
+    est = Estimate({}, 1e9, 0.0, 1e9, 1e9, "backward pass", plain_top=1)
+    monkeypatch.setattr("trainer.memory.preflight", lambda *a, **k: est)
+    calls, seen = [0], []
+    real = RWKV.forward
+
+    def forward(self, *a, **k):       # the oom_at-th forward (counting from 0) runs out of memory
+        seen.append(self.plain_top)
+        calls[0] += 1
+        if calls[0] - 1 == oom_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *a, **k)
+    monkeypatch.setattr(RWKV, "forward", forward)
+    logs = []
+    res = train(config(GRAD_CP="auto", MINI_BSZ="2"), progress=False, log=logs.append)
+    assert res.losses == pytest.approx(ref, rel=1e-6)
+    assert sum("GRAD_CP=auto: out of GPU memory with the top 1 blocks" in ln for ln in logs) == 1
+    # before the error the plan (1 block without checkpointing), after it none; oom_at 3: micro step 2 (the
+    # first of the second optimizer step) is redone with micro step 3
+    assert seen == [1] * (oom_at + 1) + [0] * (len(seen) - oom_at - 1)
+    assert len(seen) == 4 + 1 + (oom_at % 2)
+    # without the plan (GRAD_CP=1) the same error is not caught
+    est.plain_top, calls[0] = 0, oom_at
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train(config(GRAD_CP="auto", MINI_BSZ="2", OUTPUT="o2"), progress=False, log=lambda *_: None)

@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         prep = dry_run(cfg)
         from trainer.memory import estimate
-        print("Estimated GPU memory, term by term (trainer/memory.py):\n"
-              + estimate(cfg, prep.model.cfg, prep.op if prep.device.type == "cuda" else None).table())
+        est = prep.estimate if prep.estimate is not None else estimate(
+            cfg, prep.model.cfg, prep.op if prep.device.type == "cuda" else None)
+        print("Estimated GPU memory, term by term (trainer/memory.py):\n" + est.table())
         return 0
     result = train(cfg, max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
     return 130 if result.interrupted and args.max_steps is None else 0

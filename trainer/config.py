@@ -30,11 +30,21 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_TYPES = ("normal", "infctx")
 QUANTS = ("none", "int8", "nf4")
 COMPILES = ("auto", "1", "0")
+GRAD_CPS = ("auto", "1", "0")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE: dict[str, str] = {}
 STRATEGIES = ("auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
+
+
+def grad_cp_mode(value: Any) -> str:
+    """GRAD_CP as one of GRAD_CPS: 0/1 also as a bool, a number or yes/no/true/false/on/off; anything else
+    unchanged (validate names it)."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return "1" if value else "0"
+    low = str(value).strip().lower()
+    return {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(low, low)
 
 
 def _var(help_: str, **kw: Any) -> Any:
@@ -78,7 +88,8 @@ class TrainConfig:
     # hardware
     OP: str = _var("WKV kernel: auto | triton | fla | rwkvfla | chunk | torch", default="auto")
     PRECISION: str = _var("bf16 | fp16 | fp32", default="bf16")
-    GRAD_CP: bool = _var("gradient checkpointing: 1 saves memory, 0 is faster", default=True)
+    GRAD_CP: str = _var("gradient checkpointing: 1 saves memory, 0 is faster, auto checkpoints only the blocks "
+                        "that must be to fit in the GPU's memory", default="1")
     COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
     STRATEGY: str = _var("auto | deepspeed_stage_1 | ... (several GPUs)", default="auto")
@@ -120,6 +131,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ rules
     def validate(self) -> None:
+        self.GRAD_CP = grad_cp_mode(self.GRAD_CP)
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             val = getattr(self, name)
             if val not in allowed:
@@ -135,7 +147,8 @@ class TrainConfig:
         for name, allowed in (("FINETUNE_MODE", MODES), ("DATALOAD", DATALOADS), ("LOSS_MASK", LOSS_MASKS),
                               ("LR_SCHEDULE", SCHEDULES), ("PRECISION", PRECISIONS),
                               ("TRAIN_TYPE", TRAIN_TYPES), ("QUANT", QUANTS), ("STRATEGY", STRATEGIES),
-                              ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES)):
+                              ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES),
+                              ("GRAD_CP", GRAD_CPS)):
             choice(name, allowed)
         for p in self.TRAIN_PARTS:
             if p not in PARTS:
@@ -185,6 +198,11 @@ class TrainConfig:
                             "set GPU_COUNT=1 NODES=1")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def checkpointing(self) -> bool:
+        """GRAD_CP is 1 or auto: the blocks (all, or the bottom ones) are checkpointed."""
+        return self.GRAD_CP != "0"
+
     @property
     def model_path(self) -> Path:
         p = Path(self.MODEL)

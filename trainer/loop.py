@@ -14,6 +14,7 @@ Files written to OUTPUT:
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import time
@@ -166,6 +167,7 @@ class Prepared:
     dataset: object
     op: str
     base_meta: dict
+    estimate: object = None           # memory.Estimate from preflight (None: unavailable)
 
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
@@ -207,7 +209,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
         for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
             getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
-    model.grad_cp = bool(cfg.GRAD_CP)
+    model.grad_cp = cfg.checkpointing
+    model.plain_top = est.plain_top if est is not None and cfg.GRAD_CP == "auto" else 0
     model.act_dtype = activation_dtype(precision)
     compile_on, note = resolve_compile(cfg, device)
     if note:
@@ -234,7 +237,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     dataset = make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
                            micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
                            loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
-    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta)
+    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est)
 
 
 def autocast_for(prep: "Prepared"):
@@ -505,6 +508,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     # position (and random stream) after the last optimizer step: what an interrupted run saves
     committed = (start_epoch, start_step, micro_step, torch.get_rng_state())
     t_last, tok_since = time.perf_counter(), 0
+    group: list[tuple] = []               # this optimizer step's micro-batches so far (GRAD_CP=auto may redo them)
+
+    def forward_backward(x, y, m, boundary):
+        if model.cudagraphs:                   # CUDA graphs: this step's replays may reuse the last's memory
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = module(x, targets=y, mask=m)    # the masked mean cross-entropy (head + loss chunked)
+        spread.backward(fabric, module, loss, accum, boundary)
+        return loss
+
     module.train()
     try:
         for epoch in range(start_epoch, cfg.EPOCH_COUNT):
@@ -522,10 +534,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 y = batch["targets"].to(prep.device)
                 m = batch["mask"].to(prep.device)
                 boundary = (step + 1) % accum == 0 or step + 1 == cfg.EPOCH_STEPS
-                if model.cudagraphs:                   # CUDA graphs: this step's replays may reuse the last's memory
-                    torch.compiler.cudagraph_mark_step_begin()
-                loss = module(x, targets=y, mask=m)    # the masked mean cross-entropy (head + loss chunked)
-                spread.backward(fabric, module, loss, accum, boundary)
+                group.append((x, y, m))
+                try:
+                    loss = forward_backward(x, y, m, boundary)
+                except torch.cuda.OutOfMemoryError:
+                    if not model.plain_top or fabric.world_size > 1:
+                        raise
+                    # GRAD_CP=auto planned too many blocks without checkpointing (the estimate is off): all
+                    # blocks checkpointed from now on, this optimizer step's micro-batches done again
+                    log(f"GRAD_CP=auto: out of GPU memory with the top {model.plain_top} blocks not "
+                        "checkpointed; checkpointing every block from now on (slower), and redoing this step")
+                    model.plain_top = 0
+                    loss = None
+                    optimizer.zero_grad(set_to_none=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    loss_acc = sum(forward_backward(*b, False).item() for b in group[:-1]) / accum
+                    loss = forward_backward(x, y, m, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
                     loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
                 lv = loss.item()
@@ -557,6 +582,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                         log(f"epoch {epoch} step {step + 1}/{cfg.EPOCH_STEPS}  optimizer step {opt_step}/"
                             f"{total_opt_steps}  loss {loss_acc:.4f}  lr {lr:.2e}  {tps:,.0f} tokens/s")
                     loss_acc = 0.0
+                    group = []
                     committed = (epoch, step + 1, micro_step, torch.get_rng_state())
                     if len(pending_rows) >= 10:
                         files.append_losses(pending_rows)

@@ -128,6 +128,8 @@ CUDA_CONTEXT = int(0.96 * GiB)           # CUDA context, cuBLAS, compiled kernel
                                          # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
 CUDA_GRAPHS = int(0.18 * GiB)            # CUDA graphs (small steps, loop.use_cudagraphs): their private memory pool's
                                          # idle blocks and the graphs themselves (H100: +0.15 to +0.23 GiB used, 3 rows)
+FIT_FRACTION = 0.85                      # what the trainer's own choices (CUDA graphs, GRAD_CP=auto) may plan to
+                                         # use of the free memory: the estimate is within 15 % (measured rows)
 CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
 ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
                                          # fitted -0.007 on the same rows, i.e. none
@@ -147,6 +149,11 @@ DEFAULT_GPU_OP = "fla"                   # the constants for an op this table do
 # bench/memory_measured.jsonl (RWKV-7 1.5B and 7B on an H100, the checkpoint compiled with the block; 0.33
 # before that, when the compiled block ran inside an eager checkpoint; GRAD_CP=0 compiled is not measured)
 COMPILED_ACT_SCALE = 0.40
+# ... but a compiled block that is not checkpointed keeps more of its layer·BT for the backward pass: fitted
+# to GRAD_CP=auto rows forced to 8 un-checkpointed top blocks of RWKV-7 1.5B at ctx 4096 x 8 on an H100
+# (session 8: full fine-tuning 5.04 GiB a block, LoRA 4.11); the other families take the larger figure
+COMPILED_PLAIN_SCALE = {"full": 0.58, "lora": 0.49}
+COMPILED_PLAIN_DEFAULT = 0.58
 COMPILED_FLOOR = 0
 
 FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
@@ -294,10 +301,11 @@ class Estimate:
     peak_at: str                         # "backward pass", "optimizer step" or "loading"
     notes: list[str] = field(default_factory=list)
     free: float | None = None            # the GPU's free memory, where preflight looked
+    plain_top: int = 0                   # top blocks not checkpointed (GRAD_CP=auto: plan_checkpointing)
 
     def tight(self) -> bool:
         """Close to the GPU's free memory (within the estimate's 15 %), where preflight looked."""
-        return self.free is not None and self.total > 0.85 * self.free
+        return self.free is not None and self.total > FIT_FRACTION * self.free
 
     def table(self) -> str:
         lines = [f"  {k:<14} {v / GiB:8.2f} GiB" for k, v in self.terms.items() if v]
@@ -307,6 +315,8 @@ class Estimate:
         lines.append(f"  {'allocated':<14} {self.peak_allocated / GiB:8.2f} GiB   (torch.cuda.max_memory_allocated)")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB   (as nvidia-smi shows it: + allocator "
                      f"slack {allocator_slack():.0%} + CUDA context {CUDA_CONTEXT / GiB:.1f} GiB)")
+        if self.plain_top:
+            lines.append(f"  (GRAD_CP=auto: the top {self.plain_top} blocks not checkpointed)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -320,10 +330,11 @@ def _resolve_op(cfg: Any, op: str | None, version: int) -> str:
     return op if op in WKV_SAVED else DEFAULT_GPU_OP     # an op this table does not know yet: as fla
 
 
-def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
+def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
-    ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op)."""
+    ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op).
+    ``plain_top``: with checkpointing, this many top blocks are not checkpointed (GRAD_CP=auto's plan)."""
     v = sizes.version
     op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
@@ -331,7 +342,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     quant = _get(cfg, "QUANT", "none") or "none"
     precision = _get(cfg, "PRECISION", "bf16")
     wbytes = 4 if precision == "fp32" else 2
-    cp = bool(_get(cfg, "GRAD_CP", True))
+    from .config import grad_cp_mode
+    cp = grad_cp_mode(_get(cfg, "GRAD_CP", "1")) != "0"
     infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
     ctx = int(_get(cfg, "CTX_LEN", 512))
     T = min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
@@ -387,11 +399,21 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     head_cast = 0.0              # the chunked head casts its weight only while it runs (in ``head``)
     work = tok * (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
     work += COMPILED_FLOOR if compiled else 0.0
+    L_plain = min(max(int(plain_top or 0), 0), L) if cp else 0
+    plain_tok = COMPILED_PLAIN_SCALE.get(family, COMPILED_PLAIN_DEFAULT) if compiled else 1.0
+    plain_saved = plain_tok * layer * BT + fixed            # what an un-checkpointed block keeps
+    plain_work = tok * (BWD_WORK[False] * scale + WKV_WORK[op][v]) * C * BT + (
+        BAT_WORK * t.largest_target if family == "bat" else 0.0) + (COMPILED_FLOOR if compiled else 0.0)
     if cp:
-        saved = L * (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT + head_cast
+        cp_saved = (L - L_plain) * (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT + head_cast
+        saved = cp_saved + L_plain * plain_saved
         one_layer = tok * layer * BT + fixed + work
+        if L_plain:
+            # the un-checkpointed top blocks go back first, each freeing what it kept; the first checkpointed
+            # block is recomputed after them
+            one_layer = max(plain_work, (cp_saved + one_layer - saved) if L_plain < L else 0.0)
     else:
-        saved = L * (tok * layer * BT + fixed) + head_cast
+        saved = L * plain_saved + head_cast
         one_layer = work
     from .head_loss import chunk_tokens
     chunk = min(BT, chunk_tokens(V, C if t.head_trained else 0))
@@ -439,7 +461,28 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None) -> Estimate:
     total = peak_alloc * (1 + allocator_slack()) + CUDA_CONTEXT
     if will_use_cudagraphs(cfg, sizes):
         total += CUDA_GRAPHS
-    return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes)
+    return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes, plain_top=L_plain)
+
+
+def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> Estimate:
+    """GRAD_CP=auto: the estimate with the most top blocks left un-checkpointed (no recompute: faster) that
+    still fits in FIT_FRACTION of ``free_bytes``; every block checkpointed when none fits so, and always
+    with TRAIN_TYPE=infctx or DeepSpeed (their own memory plans), or GRAD_CP 0/1."""
+    from .config import grad_cp_mode
+    best = estimate(cfg, sizes, op)
+    if (grad_cp_mode(_get(cfg, "GRAD_CP", "1")) != "auto" or _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+            or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed")):
+        return best
+    lo, hi = 0, sizes.n_layer                       # the estimate grows with plain_top: bisect
+    if best.total > FIT_FRACTION * free_bytes:
+        return best
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(cfg, sizes, op, plain_top=mid).total <= FIT_FRACTION * free_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return estimate(cfg, sizes, op, plain_top=lo)
 
 
 def will_use_cudagraphs(cfg: Any, sizes: Any) -> bool:
@@ -493,7 +536,8 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
     """Single changes of settings: (settings, what it costs in words, rough slowdown)."""
     out: list[tuple[dict, str, float]] = []
     mode = _get(cfg, "FINETUNE_MODE", "lora")
-    if not _get(cfg, "GRAD_CP", True):
+    from .config import grad_cp_mode
+    if grad_cp_mode(_get(cfg, "GRAD_CP", "1")) == "0":
         out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
     B, mini = int(_get(cfg, "MICRO_BSZ", 1)), int(_get(cfg, "MINI_BSZ", 1))
     for b in sorted((d for d in range(1, B) if B % d == 0), reverse=True):
@@ -589,13 +633,18 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
             log(f"Estimated peak GPU memory for these settings: {est.total / GiB:.1f} GiB (not checked: this "
                 f"run is on the {torch.device(device).type})")
             return est
-        est = estimate(cfg, sizes, op)
         dev = torch.device(device)
         free, _total = torch.cuda.mem_get_info(dev)
         # as nvidia-smi would show it before this process: what is free + what this process holds (the bare
         # context mem_get_info just made; cuBLAS and the kernels that CUDA_CONTEXT counts are not loaded yet)
         free_before = free + torch.cuda.memory_reserved(dev) + CONTEXT_AT_PREFLIGHT
+        est = plan_checkpointing(cfg, sizes, free_before, op)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
+        if str(_get(cfg, "GRAD_CP", "1")) == "auto":
+            L = sizes.n_layer
+            log(f"GRAD_CP=auto: {L - est.plain_top} of {L} blocks checkpointed"
+                + (f", the top {est.plain_top} keep their activations (no recompute: faster)" if est.plain_top
+                   else " (no room to leave any out)"))
         est.free = free_before
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

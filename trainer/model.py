@@ -299,6 +299,8 @@ class RWKV(nn.Module):
         self.cfg = cfg
         self.op = "torch"
         self.grad_cp = False
+        self.plain_top = 0                # with grad_cp: this many top blocks keep their activations instead
+                                          # (GRAD_CP=auto, where the GPU has room: memory.plan_checkpointing)
         # dtype of the residual stream between the blocks (and of what gradient checkpointing keeps per
         # block) under autocast; None, or no autocast: the embedding's. The trainer sets bf16 for bf16
         # autocast, as RWKV-LM trains, and fp32 for fp16 autocast.
@@ -378,15 +380,22 @@ class RWKV(nn.Module):
             x = x.to(self.act_dtype)     # (without autocast, e.g. DeepSpeed's fp16/bf16 engine: the weights' dtype)
         v_first = None
         new_state: State = []
-        # training: gradient checkpointing, compiled with the block where the op is traced into the graph (else
-        # eager), or the block as a CUDA graph (compile_blocks(cudagraphs=True))
-        call = None
+        # training: gradient checkpointing (all blocks but the ``plain_top`` top ones), compiled with the block
+        # where the op is traced into the graph (else eager); the blocks without it as CUDA graphs where
+        # compile_blocks(cudagraphs=True)
+        cp_call = plain_call = None
+        n_cp = len(self.blocks)
         if self.training and torch.is_grad_enabled():
+            if self._compiled_train is not None and is_traceable(self.op):
+                plain_call = self._compiled_train          # no checkpoint: the CUDA-graph call
             if self.grad_cp:
-                call = (self._compiled_cp if self._compiled_cp is not None and is_traceable(self.op)
-                        else functools.partial(checkpoint, use_reentrant=False))
-            elif self._compiled_train is not None and is_traceable(self.op):
-                call = self._compiled_train                # no checkpoint: the CUDA-graph call
+                cp_call = (self._compiled_cp if self._compiled_cp is not None and is_traceable(self.op)
+                           else functools.partial(checkpoint, use_reentrant=False))
+                # the top blocks' backward runs first, so their activations are freed before any
+                # checkpointed block is recomputed: leaving the top ones un-checkpointed costs the least
+                n_cp -= min(max(int(self.plain_top), 0), n_cp)
+            else:
+                n_cp = 0
         for i, blk in enumerate(self.blocks):
             if state is None:
                 zero = torch.zeros(B, self.cfg.n_embd, dtype=torch.float32, device=x.device)
@@ -394,6 +403,7 @@ class RWKV(nn.Module):
             else:
                 att_shift, wkv_state, ffn_shift = state[i]
             args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
+            call = cp_call if i < n_cp else plain_call
             if call is not None:
                 x, v_first, att_shift, wkv_state, ffn_shift = call(blk, *args)
             else:

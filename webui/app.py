@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402  (a gradio dependency)
 
-from trainer.config import COMPILES, DATALOADS, LOSS_MASKS, MODES, PARTS, PRECISIONS, QUANTS, SCHEDULES, STRATEGIES, \
+from trainer.config import COMPILES, DATALOADS, GRAD_CPS, LOSS_MASKS, MODES, PARTS, PRECISIONS, QUANTS, SCHEDULES, STRATEGIES, \
     TRAIN_TYPES  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "FINETUNE_MODE": MODES, "DATALOAD": DATALOADS, "LOSS_MASK": LOSS_MASKS, "LR_SCHEDULE": SCHEDULES,
     "TRAIN_TYPE": TRAIN_TYPES, "PRECISION": PRECISIONS, "QUANT": QUANTS, "STRATEGY": STRATEGIES,
     "ACCELERATOR": ("auto", "cuda", "cpu"), "OP": ("auto", "triton", "fla", "rwkvfla", "chunk", "torch"),
-    "GRAD_CP": ("1", "0"), "COMPILE": COMPILES, "RESUME": ("0", "1"),
+    "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"),
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
 MAX_POINTS = 2000          # points on the loss chart

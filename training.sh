@@ -47,7 +47,8 @@ CTX_WARMUP_STEPS=0        # ctx warm-up: optimizer steps to grow from INITIAL_CT
 ACCELERATOR="auto"        # auto: the GPU if there is one | cuda | cpu
 PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32 (CPU, slow)
 OP="auto"                 # WKV kernel: auto picks the fastest that works | triton (ours, RWKV-7) | fla | chunk | torch (slow reference)
-GRAD_CP=1                 # 1 = gradient checkpointing: much less memory, ~30% slower; 0 = faster
+GRAD_CP="auto"            # gradient checkpointing: auto = only as much as needed to fit this GPU (fastest that fits)
+                          #   | 1 = every block: least memory, ~30% slower | 0 = none: fastest, most memory
 COMPILE="auto"            # torch.compile the model's blocks: faster steps after ~1 min of compiling | auto = on a GPU | 1 | 0 = off
 QUANT="none"              # none | int8 | nf4: frozen base weights stored in 8 / 4 bits (QLoRA; NVIDIA GPU, not with full)
 STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload

@@ -143,7 +143,7 @@ def named_grid(name: str) -> tuple[list[dict], dict]:
                 _row(7, "1.5B", "lora", 4096, 8, 1, train_parts="ln")]
         return rows, {}
     if name == "mfu":
-        return [_row(7, "1.5B", "full", 4096, 8, 1)], {}
+        return [_row(7, "1.5B", "full", 4096, 8, cp) for cp in (1, "auto")], {}
     if name == "memfit":
         # broad enough to calibrate trainer/memory.py: methods x (ctx, bsz) x grad_cp on a small model, the
         # adapter variants and quantisation on 1.5B, RWKV-6, infctx; few steps (memory, not speed)

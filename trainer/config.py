@@ -89,7 +89,7 @@ class TrainConfig:
     OP: str = _var("WKV kernel: auto | triton | fla | rwkvfla | chunk | torch", default="auto")
     PRECISION: str = _var("bf16 | fp16 | fp32", default="bf16")
     GRAD_CP: str = _var("gradient checkpointing: 1 saves memory, 0 is faster, auto checkpoints only the blocks "
-                        "that must be to fit in the GPU's memory", default="1")
+                        "that must be to fit in the GPU's memory", default="auto")
     COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
     STRATEGY: str = _var("auto | deepspeed_stage_1 | ... (several GPUs)", default="auto")

@@ -22,6 +22,10 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
   saved      what the forward pass keeps for the backward pass:
                GRAD_CP=0: L × (layer·BT + casts)
                GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its input: 2 B bf16, 4 B fp32)
+               GRAD_CP=auto: k top blocks as GRAD_CP=0, the other L − k as GRAD_CP=1; k = plan_checkpointing's
+               largest that keeps the total within FIT_FRACTION of the free memory (0 without a GPU, with
+               infctx or DeepSpeed). The top blocks go back first, so the peak is the larger of all that plus
+               the top block's work and the checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
              time or ln)·C + 2·(r − 64) per adapted linear (LoRA/PiSSA rank r), per token;
              family: frozen (state) | lora (lora, pissa) | bone | bat | full;
@@ -76,7 +80,11 @@ tokens; re-fitted in session 5, when the checkpoint itself became part of the co
 QLoRA, state, full; ctx 1024 × 1, 4096 × 8, infctx 131072) were re-measured on the code of the time; the two
 RWKV-6 7B rows (LoRA, QLoRA on fla) are from session 4. Allocation within 10.5% on all 14 (mean 4.6%), the
 nvidia-smi figure within 10% on the RWKV-7 rows; RWKV-6 7B QLoRA is 25% under: it held
-3.15 GiB outside torch's allocator (not modelled). Not measured: GRAD_CP=0 compiled, WSL2
+3.15 GiB outside torch's allocator (not modelled). Compiled blocks without checkpointing
+(GRAD_CP=0 and auto's top blocks) keep COMPILED_PLAIN_SCALE of layer·BT: fitted in session 8 to two rows
+(1.5B full and LoRA at 4096 × 8, 8 blocks un-checkpointed) and within 3.1% on the 8 other such rows since
+(GRAD_CP 0 / auto / top:12 at 1024 × 1 and 4096 × 8, 0.4B to 3B, LoRA and state). All 24 rows of session 8:
+allocation within 9.2% (mean 2.9%). Not measured: WSL2
 (ALLOCATOR_SLACK_FIXED is the session-2 fit without expandable segments).
 """
 from __future__ import annotations

@@ -416,6 +416,7 @@ def run_row(spec: dict) -> dict:
         out["tokens_per_s"] = round(len(steady) * tokens / seconds, 1)
         out["step_s"] = round(seconds / len(steady), 4)
         out["loss_last"] = float(steady[-1][2])
+        out["step_tokens_per_s"] = [round(float(r[4])) for r in rows]      # every step's, warm-up included
     elif out["status"] == "ok":
         out["status"] = "error"
         out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"

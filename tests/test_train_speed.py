@@ -84,8 +84,8 @@ def test_named_grids():
         (7, s, m) for s in ("1.5B", "3B") for m in ("state", "lora", "lora+nf4")} | {
         (6, "7B", "lora"), (6, "7B", "lora+nf4")}
     assert train_speed.named_grid("mfu")[0] == [dict(version=7, size="1.5B", method="full", ctx=4096, bsz=8,
-                                                     grad_cp=1, op="auto", infctx=0, compile="auto",
-                                                     train_parts="", stream="auto")]
+                                                     grad_cp=cp, op="auto", infctx=0, compile="auto",
+                                                     train_parts="", stream="auto") for cp in (1, "auto")]
     memfit, defaults = train_speed.named_grid("memfit")
     assert defaults == {"steps": 3, "warmup": 2} and len(memfit) >= 20
     for grid in ("peft-table", "anchors", "mfu", "memfit"):      # every row is a valid training config
@@ -95,6 +95,17 @@ def test_named_grids():
     p = subprocess.run([sys.executable, "bench/train_speed.py", "--grid", "peft-table", "--list"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.count("bench/train_speed.py") == 8
+
+
+def test_grad_cp_values_of_a_row():
+    """--grad-cp: 0, 1, auto, or top:N (auto with its plan forced to N blocks, what the bench runs as
+    GRAD_CP=auto); anything else is refused."""
+    assert [train_speed._cp_value(v) for v in ("0", "1", "auto", "top:8", 1, True)] == [0, 1, "auto", "top:8", 1, 1]
+    with pytest.raises(ValueError):
+        train_speed._cp_value("top:x")
+    row = train_speed._row(7, "1.5B", "full", 4096, 8, "top:8")
+    assert train_speed._forced_top(row) == 8 and train_speed.row_config(row).GRAD_CP == "auto"
+    assert train_speed._forced_top(train_speed._row(7, "1.5B", "full", 4096, 8, "auto")) is None
 
 
 def test_method_and_size_names():

@@ -103,22 +103,19 @@ def use_cudagraphs(cfg: TrainConfig, device: torch.device, n_embd: int) -> bool:
 
 
 def compile_wanted(cfg: TrainConfig) -> bool:
-    """COMPILE's rule before the device is looked at: COMPILE=1, or auto without QUANT (memory.py's estimate
-    uses it too)."""
-    return cfg.COMPILE == "1" or (cfg.COMPILE == "auto" and (cfg.QUANT or "none") == "none")
+    """COMPILE's rule before the device is looked at: not COMPILE=0 (memory.py's estimate uses it too). With
+    QUANT too since session 8: the quantised product is one custom op in the graph (trainer/quant.py), and
+    QLoRA compiled ran 4.9x (nf4) and 5.1x (int8) faster on an H100 (bench/RESULTS.md)."""
+    return cfg.COMPILE != "0"
 
 
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str | None]:
     """(compile the blocks?, a note for the log). COMPILE=auto compiles on a CUDA GPU where torch.compile's
-    GPU backend (Triton, compute capability 7.0+) works, except with QUANT, and stays eager on the CPU
+    GPU backend (Triton, compute capability 7.0+) works, and stays eager on the CPU
     (compiling there costs more than it gains on small runs); COMPILE=1 compiles or stops with the reason;
     COMPILE=0 never."""
     if cfg.COMPILE == "0":
         return False, None
-    if not compile_wanted(cfg):
-        # measured (bench/RESULTS.md): each quantised linear layer splits the compiled block (bitsandbytes'
-        # kernels run between graphs), and the compiled QLoRA step came out slower than the plain one
-        return False, f"COMPILE=auto: not compiling with QUANT={cfg.QUANT} (slower there; COMPILE=1 forces it)"
     reason = None
     if device.type == "cuda":
         try:

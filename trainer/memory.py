@@ -150,7 +150,7 @@ INFCTX_ACT = 9.2                         # infctx: per chunk token and channel p
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
 DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
-# torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU unless QUANT): the generated kernels keep
+# torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU, QUANT included since session 8): the generated kernels keep
 # far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops the constants above
 # describe. The per-token activation terms (a block's saved tensors and backward work, infctx's per-chunk
 # activations) are scaled by COMPILED_ACT_SCALE and COMPILED_FLOOR is added: fitted to the 5 compiled rows of

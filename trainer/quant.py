@@ -2,7 +2,7 @@
 
 The adapter (LoRA, PiSSA, Bone, Bat, the state) trains in bf16/fp32 as usual; only the frozen base
 product ``W x`` of each of these layers reads W from a quantised copy, dequantised one layer at a time
-inside the forward and again inside the backward (never kept for the backward, see ``_QuantMatmul``).
+inside the forward and again inside the backward (never kept for the backward, see ``_quant_mm``).
 
 Which layers: the linears that LoRA / PiSSA / DiSHA adapt (``base.TARGET_RE``: att receptance, key, value,
 output, gate and ffn key, value, receptance), for every method including state tuning, where they stay
@@ -185,30 +185,46 @@ def _bnb():
 
 
 # ------------------------------------------------------------------------------------------ modules
-class _QuantMatmul(torch.autograd.Function):
-    """y = x Wᵀ with W dequantised on the fly; the backward dequantises again instead of keeping W, so the
-    memory a layer holds between forward and backward is its quantised codes (as for any frozen layer, x
-    is not kept either: W gets no gradient)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: "_QuantStore") -> Tensor:
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        ctx.layer, ctx.dt, ctx.x_dtype = layer, dt, x.dtype
-        with torch.autocast(dev, enabled=False):
-            return F.linear(x.to(dt), layer.dequantised().to(dt))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        with torch.autocast(grad.device.type, enabled=False):
-            gx = grad.to(ctx.dt) @ ctx.layer.dequantised().to(ctx.dt)
-        return gx.to(ctx.x_dtype), None
+# y = x Wᵀ with W dequantised on the fly, as a torch.library custom op with its own backward (x's gradient
+# dequantises again instead of keeping W, so what a layer holds between forward and backward is its
+# quantised codes; x is not kept either: W gets no gradient). As a custom op it is one opaque node in a
+# torch.compile'd graph (COMPILE), so a QLoRA block compiles whole instead of splitting at every layer.
+@torch.library.custom_op("rwkv_peft::quant_matmul", mutates_args=())
+def _quant_mm(x: Tensor, codes: Tensor, scales: Tensor, rows: int, cols: int, quant: str,
+              transpose: bool) -> Tensor:
+    """x Wᵀ [..., rows] (``transpose`` False), or x W [..., cols] (True: the backward), in x's dtype; W
+    [rows, cols] is dequantised from ``codes`` and ``scales`` (fp32 stored as int32)."""
+    w = dequantize_weight(codes, scales.view(torch.float32), (rows, cols), quant).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return x @ w if transpose else F.linear(x, w)
 
 
-@torch.compiler.disable
+@_quant_mm.register_fake
+def _quant_mm_fake(x, codes, scales, rows, cols, quant, transpose):
+    return x.new_empty((*x.shape[:-1], cols if transpose else rows))
+
+
+def _quant_mm_setup(ctx, inputs, output):
+    x, codes, scales, rows, cols, quant, transpose = inputs
+    ctx.save_for_backward(codes, scales)
+    ctx.meta = (rows, cols, quant, transpose)
+
+
+def _quant_mm_backward(ctx, grad):
+    codes, scales = ctx.saved_tensors
+    rows, cols, quant, transpose = ctx.meta
+    return _quant_mm(grad, codes, scales, rows, cols, quant, not transpose), None, None, None, None, None, None
+
+
+_quant_mm.register_autograd(_quant_mm_backward, setup_context=_quant_mm_setup)
+
+
 def _quant_linear(x: Tensor, layer: "_QuantStore") -> Tensor:
-    """x Wᵀ of a quantised layer; run as it is (between compiled graphs) under torch.compile (COMPILE)."""
-    return _QuantMatmul.apply(x, layer)
+    """x Wᵀ of a quantised layer, in the autocast dtype where autocast is on (as F.linear would be)."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    rows, cols = layer.qshape
+    return _quant_mm(x.to(dt), layer.qweight, layer.qscale, rows, cols, layer.quant, False)
 
 
 class _QuantStore:

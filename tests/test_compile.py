@@ -351,10 +351,11 @@ def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp, top):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("grad_cp", ["1", "0", "auto"])
-def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_cp):
+@pytest.mark.parametrize("grad_cp,quant", [("1", "none"), ("0", "none"), ("auto", "none"), ("1", "nf4")])
+def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_cp, quant):
     """The whole trainer: the same losses with the CUDA graphs as without, step by step (GRAD_CP 1, 0, and
-    auto with one block checkpointed and one not)."""
+    auto with one block checkpointed and one not; and QLoRA, whose compiled blocks hold the quantised
+    product as a custom op)."""
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)
@@ -368,7 +369,7 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
     for graphs in (False, True):
         torch._dynamo.reset()
         monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd, g=graphs: g)
-        cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp,
+        cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp, QUANT=quant,
                      MICRO_BSZ="2", EPOCH_STEPS="6", CTX_LEN="32", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
                      LR_FINAL="1e-3")
         results.append(loop.train(cfg, log=lambda *_: None, progress=False).losses)

@@ -1,6 +1,7 @@
 """The training loop end to end on tiny models (CPU, fp32): every method x every RWKV version, saving,
 exact resume, Ctrl+C."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,7 +340,44 @@ def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_o
     # first of the second optimizer step) is redone with micro step 3
     assert seen == [1] * (oom_at + 1) + [0] * (len(seen) - oom_at - 1)
     assert len(seen) == 4 + 1 + (oom_at % 2)
-    # without the plan (GRAD_CP=1) the same error is not caught
+    # without the plan (GRAD_CP=1) the same error stops the run (saved, and told: the test below)
+    from trainer.errors import UserError
     est.plain_top, calls[0] = 0, oom_at
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(UserError, match="out of GPU memory"):
         train(config(GRAD_CP="auto", MINI_BSZ="2", OUTPUT="o2"), progress=False, log=lambda *_: None)
+
+
+def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
+    """Running out of GPU memory (simulated on the CPU) is the settings' fault: the run saves like Ctrl+C (the
+    last optimizer step) and stops with a UserError naming the step, the file, and changes of settings
+    that the estimate fits in 85 % of what it had estimated; RESUME=1 then continues from there."""
+    from trainer.errors import UserError
+    from trainer.memory import estimate
+    from trainer.model import RWKV
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    calls = [0]
+    real = RWKV.forward
+
+    def forward(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *a, **k)
+    monkeypatch.setattr(RWKV, "forward", forward)
+    cfg = config(GRAD_CP="0", MICRO_BSZ="2", EPOCH_STEPS="4")
+    with pytest.raises(UserError) as err:
+        train(cfg, progress=False, log=lambda *_: None)
+    e = err.value
+    assert "out of GPU memory at epoch 0, step 3" in e.message and "rwkv-interrupted.pth" in e.message
+    assert "(epoch 0, step 2)" in e.message and "RESUME=1" in e.message
+    assert e.fix.startswith("one of: ") and ("GRAD_CP=1" in e.fix or "MICRO_BSZ=1" in e.fix), e.fix
+    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(tmp_path / "model" / "tiny.pth"))
+    budget = 0.85 * estimate(cfg, sizes).total / 2**30          # what the run had estimated, less 15 %
+    for line in e.fix.removeprefix("one of: ").split("; or "):
+        assert float(re.search(r"~([0-9.]+) GiB", line).group(1)) <= budget + 0.05, (line, budget)
+    tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-interrupted.pth")
+    assert meta["optimizer_steps"] == 2 and not meta["complete"]
+    res = train(config(GRAD_CP="0", MICRO_BSZ="2", EPOCH_STEPS="4", RESUME="1"), progress=False,
+                log=lambda *_: None)
+    assert res.global_step == 4 and not res.interrupted

@@ -436,6 +436,33 @@ def _wandb_run(cfg: TrainConfig):
     return wandb.init(project=cfg.WANDB, config=cfg.to_env())
 
 
+def _out_of_memory(cfg: TrainConfig, prep: Prepared, epoch: int, step: int, saved: Path, c_epoch: int,
+                   c_step: int) -> UserError:
+    """The error for a run that ran out of GPU memory: where, what was saved, and the cheapest changes of
+    settings that the memory estimate fits in 85 % of what it had estimated (it was too low) or of the GPU's
+    free memory, whichever is less."""
+    from .memory import GiB, suggestions
+    est = prep.estimate
+    where = ""
+    if prep.device.type == "cuda":
+        _free, total = torch.cuda.mem_get_info(prep.device)
+        where = f" ({torch.cuda.get_device_name(prep.device)}, {total / GiB:.0f} GiB)"
+    msg = (f"out of GPU memory{where} at epoch {epoch}, step {step + 1}. Saved {saved} (epoch {c_epoch}, "
+           f"step {c_step}): change the settings and continue with RESUME=1.")
+    found = []
+    if est is not None:
+        budget = 0.85 * min(est.total, est.free or est.total)
+        try:
+            found = suggestions(cfg, prep.model.cfg, budget, prep.op if prep.device.type == "cuda" else None)
+        except Exception:                   # advice must not hide the error
+            found = []
+    if found:
+        fix = "one of: " + "; or ".join(c.line() for c in found)
+    else:
+        fix = "lower MICRO_BSZ (raise MINI_BSZ to keep the batch), set GRAD_CP=1, QUANT=nf4, or TRAIN_TYPE=infctx"
+    return UserError(msg, fix)
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int | None = None,
           progress: bool = True) -> TrainResult:
     """Train as configured. ``max_steps`` (micro steps, for tests) stops early as if interrupted."""
@@ -597,17 +624,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     files.plot()
                     files.sample(epoch, bar.write)
                 fabric.barrier()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, torch.cuda.OutOfMemoryError) as stop:
+        # out of GPU memory on one GPU: the settings' fault, not a bug; saved like Ctrl+C, then told with the
+        # changes that would fit (several GPUs: the others would wait for this one, so it stays an error)
+        oom = isinstance(stop, torch.cuda.OutOfMemoryError)
+        if oom and fabric.world_size > 1:
+            raise
+        loss = None
         bar.close()
         files.append_losses(pending_rows)
         # A partial gradient accumulation is dropped: resume restarts at the last optimizer step.
         c_epoch, c_step, c_micro, c_rng = committed
         optimizer.zero_grad(set_to_none=True)
+        if oom:
+            stop.__traceback__ = None       # its frames hold the step's activations
+            gc.collect()
+            torch.cuda.empty_cache()
         path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
                           optimizer=optimizer, complete=False, rng=c_rng)
         files.plot()
         result.saved.append(path)
         result.interrupted = True
+        if oom:
+            raise _out_of_memory(cfg, prep, epoch, step, path, c_epoch, c_step) from None
         log(f"\nstopped: saved {path} (epoch {c_epoch}, step {c_step}). Continue with RESUME=1.")
     finally:
         bar.close()

@@ -171,7 +171,8 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "EPOCH_COUNT": "1", "EPOCH_STEPS": str(warmup + steps + 1), "EPOCH_SAVE": "1",
         "LR_INIT": lr[0], "LR_FINAL": lr[1], "WARMUP_STEPS": "0", "LR_SCHEDULE": "const",
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
-        "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision, "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1", "auto") else "auto",
+        "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision,
+        "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1") else "auto",     # top:N: auto, forced
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }

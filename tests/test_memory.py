@@ -174,6 +174,11 @@ def test_preflight_says_what_grad_cp_auto_planned(tiny_world_model, monkeypatch)
         est = preflight(cfg_(GRAD_CP=grad_cp), tiny_world_model, torch.device("cuda"), lines.append)
         assert est.plain_top == (2 if grad_cp == "auto" else 0)
         assert any(ln.startswith(said) for ln in lines) if said else not any("GRAD_CP" in ln for ln in lines)
+    lines = []
+    est = preflight(cfg_(GRAD_CP="auto", TRAIN_TYPE="infctx", CTX_LEN=2048, CHUNK_CTX=512), tiny_world_model,
+                    torch.device("cuda"), lines.append)
+    assert est.plain_top == 0
+    assert "GRAD_CP=auto: 2 of 2 blocks checkpointed (infctx and DeepSpeed checkpoint every block)" in lines
 
 
 def test_nf4_below_int8_below_bf16():

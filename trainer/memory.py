@@ -150,12 +150,12 @@ INFCTX_ACT = 9.2                         # infctx: per chunk token and channel p
 INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
 DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
-# torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU, QUANT included since session 8): the generated kernels keep
-# far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops the constants above
-# describe. The per-token activation terms (a block's saved tensors and backward work, infctx's per-chunk
+# torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU, QUANT included since session 8): the
+# generated kernels keep far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops
+# the constants above describe. The per-token activation terms (a block's saved tensors and backward work, infctx's per-chunk
 # activations) are scaled by COMPILED_ACT_SCALE and COMPILED_FLOOR is added: fitted to the 5 compiled rows of
 # bench/memory_measured.jsonl (RWKV-7 1.5B and 7B on an H100, the checkpoint compiled with the block; 0.33
-# before that, when the compiled block ran inside an eager checkpoint; GRAD_CP=0 compiled is not measured)
+# before that, when the compiled block ran inside an eager checkpoint)
 COMPILED_ACT_SCALE = 0.40
 # ... but a compiled block that is not checkpointed keeps more of its layer·BT for the backward pass: fitted
 # to GRAD_CP=auto rows forced to 8 un-checkpointed top blocks of RWKV-7 1.5B at ctx 4096 x 8 on an H100
@@ -650,9 +650,13 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
         if str(_get(cfg, "GRAD_CP", "1")) == "auto":
             L = sizes.n_layer
+            own_plan = (_get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+                        or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed"))
+            why = (" (infctx and DeepSpeed checkpoint every block)" if own_plan
+                   else " (no room to leave any out)")
             log(f"GRAD_CP=auto: {L - est.plain_top} of {L} blocks checkpointed"
                 + (f", the top {est.plain_top} keep their activations (no recompute: faster)" if est.plain_top
-                   else " (no room to leave any out)"))
+                   else why))
         est.free = free_before
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

@@ -64,6 +64,7 @@ import itertools
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -418,6 +419,10 @@ def run_row(spec: dict) -> dict:
         out["step_s"] = round(seconds / len(steady), 4)
         out["loss_last"] = float(steady[-1][2])
         out["step_tokens_per_s"] = [round(float(r[4])) for r in rows]      # every step's, warm-up included
+        # the median measured step: a one-time slow step inside the window (CUDA graphs recording once more,
+        # seen with un-checkpointed blocks) moves the mean, not this
+        out["tokens_per_s_median"] = round(statistics.median(float(r[4]) for r in steady), 1)
+        out["measured_steps"] = len(steady)
     elif out["status"] == "ok":
         out["status"] = "error"
         out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"
@@ -540,6 +545,10 @@ def format_row(row: dict, res: dict) -> str:
     step = f"{res['step_s']:.3f}" if res.get("step_s") else "-"
     op = res.get("op_resolved") or row["op"]
     status = res["status"] + (f": {res['error']}" if res.get("error") and res["status"] != "OOM" else "")
+    med = res.get("tokens_per_s_median")
+    steps = res.get("measured_steps") or 0
+    if med and res.get("tokens_per_s") and steps >= 5 and abs(med / res["tokens_per_s"] - 1) > 0.2:
+        status += f" (median step {med:,.0f} tok/s: a slow step in the window)"
     return (f"{row['version']:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
             f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} {row.get('compile') or 'auto':>4} "
             f"{row.get('stream') or 'auto':>4} | "

@@ -31,7 +31,8 @@ def test_one_tiny_row_on_the_cpu(tmp_path):
     assert r["status"] == "ok" and r["op_resolved"] == "chunk" and r["device"] == "cpu"
     assert (r["version"], r["n_layer"], r["n_embd"], r["vocab"], r["ctx"], r["bsz"], r["grad_cp"]) == \
         (7, 2, 128, 512, 32, 2, 1)
-    assert r["tokens_per_s"] > 0 and r["step_s"] > 0
+    assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["tokens_per_s_median"] > 0
+    assert len(r["step_tokens_per_s"]) == 3                                        # warm-up included
     assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"], rel=1e-2)
     # LoRA r 64 on RWKV-7 2 × 128: att r/k/v/o 64·256 each, ffn key and value 64·640 each, per layer
     assert r["params_trained"] == 2 * (4 * 64 * 256 + 2 * 64 * 640)
@@ -74,6 +75,16 @@ def test_flops_by_hand():
     assert lora["hardware"] == lora["model"] + 2 * (n_mm - V * C + adp) + W
     state = train_speed.flops_per_token(_cfg(method="state", grad_cp=0), _tiny())
     assert state["model"] == state["hardware"] == 4 * n_mm + 3 * W          # no weight gradients at all
+
+
+def test_a_slow_step_in_the_window_is_flagged():
+    row = dict(version=7, size="1.5B", method="lora", ctx=1024, bsz=1, grad_cp="auto", op="auto", infctx=0)
+    rates = [47, 101, 10795, 12860, 1281, 12898, 12570, 12461, 12735]           # measured, session 8
+    res = dict(status="ok", tokens_per_s=7295.0, step_s=0.14, step_tokens_per_s=rates, tokens_per_s_median=12665.5,
+               measured_steps=6)
+    assert "median step 12,666 tok/s: a slow step in the window" in train_speed.format_row(row, res)
+    res.update(tokens_per_s=12500.0)
+    assert train_speed.format_row(row, res).endswith("| ok")
 
 
 def test_named_grids():

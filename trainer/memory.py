@@ -641,11 +641,7 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
             log(f"Estimated peak GPU memory for these settings: {est.total / GiB:.1f} GiB (not checked: this "
                 f"run is on the {torch.device(device).type})")
             return est
-        dev = torch.device(device)
-        free, _total = torch.cuda.mem_get_info(dev)
-        # as nvidia-smi would show it before this process: what is free + what this process holds (the bare
-        # context mem_get_info just made; cuBLAS and the kernels that CUDA_CONTEXT counts are not loaded yet)
-        free_before = free + torch.cuda.memory_reserved(dev) + CONTEXT_AT_PREFLIGHT
+        free_before = gpu_free_before(device)
         est = plan_checkpointing(cfg, sizes, free_before, op)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
         if str(_get(cfg, "GRAD_CP", "1")) == "auto":
@@ -671,6 +667,16 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
     except Exception as err:                      # a bug of ours must not stop training
         log(f"(memory estimate unavailable: {type(err).__name__}: {err})")
         return None
+
+
+def gpu_free_before(device: Any) -> float:
+    """The GPU's free memory as nvidia-smi would show it before this process: what is free + what this
+    process holds (the bare context mem_get_info makes; cuBLAS and the kernels that CUDA_CONTEXT counts are
+    not loaded yet)."""
+    import torch
+    dev = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(dev)
+    return free + torch.cuda.memory_reserved(dev) + CONTEXT_AT_PREFLIGHT
 
 
 def _may_grow_segments(wsl: bool | None = None) -> bool:

@@ -143,15 +143,18 @@ def memory_estimate(cfg) -> str:
     """What ./training.sh --dry-run prints as the memory estimate, from the model file's header."""
     from trainer import checkpoint, ops
     from trainer.loop import resolve_device
-    from trainer.memory import estimate
+    from trainer.memory import estimate, gpu_free_before, plan_checkpointing
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)
     device = resolve_device(cfg)
     op = ops.resolve(cfg.OP, device, sizes.version)
     where = "" if device.type == "cuda" else " (this machine trains on the CPU: what a GPU would need)"
+    # on a GPU, GRAD_CP=auto's plan for its free memory, as the trainer will make it
+    est = plan_checkpointing(cfg, sizes, gpu_free_before(device), op) if device.type == "cuda" else \
+        estimate(cfg, sizes, op)
     return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}; "
             f"device {device}, WKV op '{op}'. Estimated peak GPU memory{where}, term by term "
             "(trainer/memory.py, as ./training.sh --dry-run prints it):\n"
-            + estimate(cfg, sizes, op).table())
+            + est.table())
 
 
 def config_name(name: str) -> str:

@@ -207,7 +207,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
     model.grad_cp = cfg.checkpointing
-    model.plain_top = est.plain_top if est is not None and cfg.GRAD_CP == "auto" else 0
+    model.plain_top = est.plain_top if est is not None else 0      # GRAD_CP=auto's plan (else 0)
     model.act_dtype = activation_dtype(precision)
     compile_on, note = resolve_compile(cfg, device)
     if note:
@@ -436,12 +436,21 @@ def _wandb_run(cfg: TrainConfig):
     return wandb.init(project=cfg.WANDB, config=cfg.to_env())
 
 
+def _release_gpu_memory(optimizer) -> None:
+    """Drop the gradients and give the freed blocks back to the GPU (after an out-of-memory error, or
+    before saving an interrupted run)."""
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _out_of_memory(cfg: TrainConfig, prep: Prepared, epoch: int, step: int, saved: Path, c_epoch: int,
                    c_step: int) -> UserError:
     """The error for a run that ran out of GPU memory: where, what was saved, and the cheapest changes of
-    settings that the memory estimate fits in 85 % of what it had estimated (it was too low) or of the GPU's
-    free memory, whichever is less."""
-    from .memory import GiB, suggestions
+    settings that the memory estimate fits in FIT_FRACTION of what it had estimated (it was too low) or of the
+    GPU's free memory, whichever is less."""
+    from .memory import FIT_FRACTION, GiB, suggestions
     est = prep.estimate
     where = ""
     if prep.device.type == "cuda":
@@ -451,7 +460,7 @@ def _out_of_memory(cfg: TrainConfig, prep: Prepared, epoch: int, step: int, save
            f"step {c_step}): change the settings and continue with RESUME=1.")
     found = []
     if est is not None:
-        budget = 0.85 * min(est.total, est.free or est.total)
+        budget = FIT_FRACTION * min(est.total, est.free or est.total)
         try:
             found = suggestions(cfg, prep.model.cfg, budget, prep.op if prep.device.type == "cuda" else None)
         except Exception:                   # advice must not hide the error
@@ -564,15 +573,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 except torch.cuda.OutOfMemoryError:
                     if not model.plain_top or fabric.world_size > 1:
                         raise
+                    loss = None       # redone below, after the error (whose frames hold the activations) is gone
+                if loss is None:
                     # GRAD_CP=auto planned too many blocks without checkpointing (the estimate is off): all
                     # blocks checkpointed from now on, this optimizer step's micro-batches done again
                     log(f"GRAD_CP=auto: out of GPU memory with the top {model.plain_top} blocks not "
                         "checkpointed; checkpointing every block from now on (slower), and redoing this step")
                     model.plain_top = 0
-                    loss = None
-                    optimizer.zero_grad(set_to_none=True)
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    _release_gpu_memory(optimizer)
                     loss_acc = sum(forward_backward(*b, False).item() for b in group[:-1]) / accum
                     loss = forward_backward(x, y, m, boundary)
                 if fabric.world_size > 1:      # report the loss of the whole batch, over every GPU
@@ -635,11 +643,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         files.append_losses(pending_rows)
         # A partial gradient accumulation is dropped: resume restarts at the last optimizer step.
         c_epoch, c_step, c_micro, c_rng = committed
-        optimizer.zero_grad(set_to_none=True)
         if oom:
             stop.__traceback__ = None       # its frames hold the step's activations
-            gc.collect()
-            torch.cuda.empty_cache()
+        _release_gpu_memory(optimizer)
         path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
                           optimizer=optimizer, complete=False, rng=c_rng)
         files.plot()

@@ -152,8 +152,8 @@ QUANTISE_WORK = 11.0                     # while loading: quantising the largest
 DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
 # torch.compile'd blocks (COMPILE; COMPILE=auto compiles on a GPU, QUANT included since session 8): the
 # generated kernels keep far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops
-# the constants above describe. The per-token activation terms (a block's saved tensors and backward work, infctx's per-chunk
-# activations) are scaled by COMPILED_ACT_SCALE and COMPILED_FLOOR is added: fitted to the 5 compiled rows of
+# the constants above describe. The per-token activation terms (a block's saved tensors and backward work,
+# infctx's per-chunk activations) are scaled by COMPILED_ACT_SCALE and COMPILED_FLOOR is added: fitted to the 5 compiled rows of
 # bench/memory_measured.jsonl (RWKV-7 1.5B and 7B on an H100, the checkpoint compiled with the block; 0.33
 # before that, when the compiled block ran inside an eager checkpoint)
 COMPILED_ACT_SCALE = 0.40
@@ -350,8 +350,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) ->
     quant = _get(cfg, "QUANT", "none") or "none"
     precision = _get(cfg, "PRECISION", "bf16")
     wbytes = 4 if precision == "fp32" else 2
-    from .config import grad_cp_mode
-    cp = grad_cp_mode(_get(cfg, "GRAD_CP", "1")) != "0"
+    cp = _grad_cp(cfg) != "0"
     infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
     ctx = int(_get(cfg, "CTX_LEN", 512))
     T = min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
@@ -405,13 +404,15 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) ->
     cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
     fixed = cast * t.block_trained_mm + (BAT_BYTES * t.block_targets if family == "bat" else 0.0)
     head_cast = 0.0              # the chunked head casts its weight only while it runs (in ``head``)
-    work = tok * (BWD_WORK[cp] * scale + WKV_WORK[op][v]) * C * BT + (BAT_WORK * t.largest_target if family == "bat" else 0.0)
-    work += COMPILED_FLOOR if compiled else 0.0
+
+    def bwd_work(checkpointed: bool) -> float:      # one block's backward temporaries
+        return (tok * (BWD_WORK[checkpointed] * scale + WKV_WORK[op][v]) * C * BT
+                + (BAT_WORK * t.largest_target if family == "bat" else 0.0) + (COMPILED_FLOOR if compiled else 0.0))
+    work = bwd_work(cp)
     L_plain = min(max(int(plain_top or 0), 0), L) if cp else 0
     plain_tok = COMPILED_PLAIN_SCALE.get(family, COMPILED_PLAIN_DEFAULT) if compiled else 1.0
     plain_saved = plain_tok * layer * BT + fixed            # what an un-checkpointed block keeps
-    plain_work = tok * (BWD_WORK[False] * scale + WKV_WORK[op][v]) * C * BT + (
-        BAT_WORK * t.largest_target if family == "bat" else 0.0) + (COMPILED_FLOOR if compiled else 0.0)
+    plain_work = bwd_work(False)
     if cp:
         cp_saved = (L - L_plain) * (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT + head_cast
         saved = cp_saved + L_plain * plain_saved
@@ -472,18 +473,26 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) ->
     return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes, plain_top=L_plain)
 
 
+def _grad_cp(cfg: Any) -> str:
+    """cfg's GRAD_CP as "0", "1" or "auto" (a TrainConfig's already is; the calibration's namespaces hold bools)."""
+    from .config import grad_cp_mode
+    return grad_cp_mode(_get(cfg, "GRAD_CP", "1"))
+
+
+def _checkpoints_every_block(cfg: Any) -> bool:
+    """infctx and DeepSpeed keep their own memory plans: GRAD_CP=auto checkpoints every block there."""
+    return (_get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+            or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed"))
+
+
 def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> Estimate:
     """GRAD_CP=auto: the estimate with the most top blocks left un-checkpointed (no recompute: faster) that
     still fits in FIT_FRACTION of ``free_bytes``; every block checkpointed when none fits so, and always
     with TRAIN_TYPE=infctx or DeepSpeed (their own memory plans), or GRAD_CP 0/1."""
-    from .config import grad_cp_mode
     best = estimate(cfg, sizes, op)
-    if (grad_cp_mode(_get(cfg, "GRAD_CP", "1")) != "auto" or _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
-            or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed")):
+    if _grad_cp(cfg) != "auto" or _checkpoints_every_block(cfg) or best.total > FIT_FRACTION * free_bytes:
         return best
     lo, hi = 0, sizes.n_layer                       # the estimate grows with plain_top: bisect
-    if best.total > FIT_FRACTION * free_bytes:
-        return best
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if estimate(cfg, sizes, op, plain_top=mid).total <= FIT_FRACTION * free_bytes:
@@ -544,8 +553,7 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
     """Single changes of settings: (settings, what it costs in words, rough slowdown)."""
     out: list[tuple[dict, str, float]] = []
     mode = _get(cfg, "FINETUNE_MODE", "lora")
-    from .config import grad_cp_mode
-    if grad_cp_mode(_get(cfg, "GRAD_CP", "1")) == "0":
+    if _grad_cp(cfg) == "0":
         out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
     B, mini = int(_get(cfg, "MICRO_BSZ", 1)), int(_get(cfg, "MINI_BSZ", 1))
     for b in sorted((d for d in range(1, B) if B % d == 0), reverse=True):
@@ -644,11 +652,9 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         free_before = gpu_free_before(device)
         est = plan_checkpointing(cfg, sizes, free_before, op)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
-        if str(_get(cfg, "GRAD_CP", "1")) == "auto":
+        if _grad_cp(cfg) == "auto":
             L = sizes.n_layer
-            own_plan = (_get(cfg, "TRAIN_TYPE", "normal") == "infctx"
-                        or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed"))
-            why = (" (infctx and DeepSpeed checkpoint every block)" if own_plan
+            why = (" (infctx and DeepSpeed checkpoint every block)" if _checkpoints_every_block(cfg)
                    else " (no room to leave any out)")
             log(f"GRAD_CP=auto: {L - est.plain_top} of {L} blocks checkpointed"
                 + (f", the top {est.plain_top} keep their activations (no recompute: faster)" if est.plain_top

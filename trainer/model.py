@@ -384,7 +384,7 @@ class RWKV(nn.Module):
         # where the op is traced into the graph (else eager); the blocks without it as CUDA graphs where
         # compile_blocks(cudagraphs=True)
         cp_call = plain_call = None
-        n_cp = len(self.blocks)
+        n_cp = 0                                           # the bottom n_cp blocks are checkpointed
         if self.training and torch.is_grad_enabled():
             if self._compiled_train is not None and is_traceable(self.op):
                 plain_call = self._compiled_train          # no checkpoint: the CUDA-graph call
@@ -393,9 +393,8 @@ class RWKV(nn.Module):
                            else functools.partial(checkpoint, use_reentrant=False))
                 # the top blocks' backward runs first, so their activations are freed before any
                 # checkpointed block is recomputed: leaving the top ones un-checkpointed costs the least
-                n_cp -= min(max(int(self.plain_top), 0), n_cp)
-            else:
-                n_cp = 0
+                L = len(self.blocks)
+                n_cp = L - min(max(int(self.plain_top), 0), L)
         for i, blk in enumerate(self.blocks):
             if state is None:
                 zero = torch.zeros(B, self.cfg.n_embd, dtype=torch.float32, device=x.device)

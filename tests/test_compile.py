@@ -158,12 +158,9 @@ def run_interpreted(code: str, timeout: int, **env: str) -> str:
     """Run ``code`` in a subprocess with our Triton op in Triton's interpreter (TRITON_INTERPRET must be set
     before Triton loads) and tests/ importable; its stdout, after checking that it exited cleanly."""
     preamble = '''
-import torch, triton.runtime.interpreter as interp
-orig = interp._patch_lang_tensor
-def patched(tensor, scope):   # Triton 3.6's interpreter with numpy >= 2.4 (see test_triton_wkv7.py)
-    orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-interp._patch_lang_tensor = patched
+import torch
+from triton_interp import patch_interpreter_scalars
+patch_interpreter_scalars()
 '''
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **env)
     res = subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True, env=env,

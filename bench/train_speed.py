@@ -107,9 +107,10 @@ def parse_method(method: str) -> tuple[str, str]:
 def _cp_value(grad_cp):
     """A row's grad_cp: 0, 1, "auto", or "top:N" (GRAD_CP=auto with its plan forced to N un-checkpointed top
     blocks, to measure what each costs and saves)."""
-    s = str(grad_cp).strip().lower()
-    if s in ("0", "1", "true", "false"):
-        return int(s in ("1", "true"))
+    from trainer.config import grad_cp_mode
+    s = grad_cp_mode(grad_cp)                    # 0 / 1 in the spellings training.sh takes
+    if s in ("0", "1"):
+        return int(s)
     if s == "auto" or (s.startswith("top:") and s[4:].isdigit()):
         return s
     raise ValueError(f"grad_cp {grad_cp!r}: 0, 1, auto or top:N")

@@ -268,7 +268,12 @@ def test_suggestions_start_with_the_cheapest():
     found = suggestions(cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0), B15, 24 * GiB)
     assert len(found) >= 2 and [c.cost for c in found] == sorted(c.cost for c in found)
     found = suggestions(cfg_(CTX_LEN=4096, MICRO_BSZ=1, GRAD_CP=0), B15, 12 * GiB)
-    assert found[0].settings == {"GRAD_CP": 1}             # no change of results, only slower
+    assert found[0].settings == {"GRAD_CP": "auto"}        # no change of results, only slower (the least)
+    assert found[0].estimate.total == estimate(cfg_(CTX_LEN=4096, MICRO_BSZ=1, GRAD_CP=1), B15).total
+    # where GRAD_CP=auto checkpoints every block anyway (DeepSpeed, infctx), it says GRAD_CP=1
+    ds = cfg_(CTX_LEN=4096, MICRO_BSZ=1, GRAD_CP=0, STRATEGY="deepspeed_stage_2", GPU_COUNT=2)
+    found = suggestions(ds, B15, estimate(dataclasses.replace(ds, GRAD_CP="1"), B15).total + GiB)
+    assert {"GRAD_CP": 1} in [c.settings for c in found] and all("auto" not in c.line() for c in found)
     assert any(c.settings.get("TRAIN_TYPE") == "infctx" for c in found[1:])
     assert suggest(cfg_(), B15, 80 * GiB) == []             # it fits: nothing to say
 

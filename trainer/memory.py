@@ -542,6 +542,7 @@ def _with(cfg: Any, **changes: Any) -> Any:
 # Rough slowdowns, only to rank the suggestions (cheapest first); a combination costs their product.
 COST_COMPILE = 1.0            # COMPILE=0 -> auto: faster (a minute of compiling at the start)
 COST_GRAD_CP = 1.3            # the blocks' forward runs twice
+COST_GRAD_CP_AUTO = 1.15      # GRAD_CP=0 -> auto: only the blocks that do not fit run their forward twice
 COST_HALVE_BATCH = 0.1        # per halving of MICRO_BSZ (smaller products, same samples per step)
 COST_NF4 = 1.25               # dequantisation in every forward and backward; slightly less precise weights
 COST_INFCTX = 1.35            # each chunk's forward runs once more; + COST_HALVE_CHUNK per halving of the chunk
@@ -554,7 +555,11 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
     out: list[tuple[dict, str, float]] = []
     mode = _get(cfg, "FINETUNE_MODE", "lora")
     if _grad_cp(cfg) == "0":
-        out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
+        if _checkpoints_every_block(cfg):        # GRAD_CP=auto would checkpoint every block there too
+            out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
+        else:                                    # the estimate shown is its least (every block checkpointed)
+            out.append(({"GRAD_CP": "auto"}, "checkpoints only the blocks that do not fit, and uses the rest "
+                         "of the memory for speed; up to 30% slower, same results", COST_GRAD_CP_AUTO))
     B, mini = int(_get(cfg, "MICRO_BSZ", 1)), int(_get(cfg, "MINI_BSZ", 1))
     for b in sorted((d for d in range(1, B) if B % d == 0), reverse=True):
         out.append(({"MICRO_BSZ": b, "MINI_BSZ": mini * B // b},
@@ -623,7 +628,7 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
         return [c.line() for c in found]
     why = (" (its peak comes while loading: the whole model in bf16 before quantising, for PiSSA's SVD)"
            if est.peak_at == "loading" and _get(cfg, "QUANT", "none") != "none" else "")
-    return [f"none of GRAD_CP=1, a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
+    return [f"none of GRAD_CP=1 (or auto), a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
             f"{free_bytes / GiB:.1f} GiB{why}: use a smaller model, a GPU with more memory, or several GPUs"]
 
 

@@ -368,6 +368,7 @@ def test_refusal_without_bitsandbytes(monkeypatch):
     with pytest.raises(UserError, match="bitsandbytes package") as err:
         Q.check_quant("nf4", "lora", "cuda")
     assert "pip install bitsandbytes" in err.value.fix
+    assert err.value.message.count("QUANT=nf4") == 1 and "pip install" not in err.value.message, err.value.message
     assert Q.quant_unavailable_reason("cuda", "int8") is None     # int8 is plain torch
     Q.check_quant("int8", "state", "cuda")
 

@@ -111,7 +111,8 @@ def check_quant(quant: str, finetune_mode: str, device=None) -> None:
         if why:
             fix = INSTALL_FIX if "bitsandbytes package" in why or "does not load" in why else \
                 "train on a machine with an NVIDIA GPU, or set QUANT=none"
-            raise UserError(f"QUANT={quant}: {why}.", fix)
+            said = why.removesuffix(f"; {INSTALL_FIX}")             # the fix is said once, as the fix
+            raise UserError(f"{said if said.startswith('QUANT=') else f'QUANT={quant}: {said}'}.", fix)
 
 
 # ------------------------------------------------------------------------------------------ the maths

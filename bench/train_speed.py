@@ -105,20 +105,32 @@ def parse_method(method: str) -> tuple[str, str]:
 
 
 def _cp_value(grad_cp):
-    """A row's grad_cp: 0, 1, "auto", or "top:N" (GRAD_CP=auto with its plan forced to N un-checkpointed top
-    blocks, to measure what each costs and saves)."""
+    """A row's grad_cp: 0, 1, "auto", or a forced plan of GRAD_CP=auto, to measure what each tier costs and
+    saves: "top:N" (N un-checkpointed top blocks), "kp:M" (M blocks keeping their matrix products) or
+    "top:N,kp:M"."""
     from trainer.config import grad_cp_mode
     s = grad_cp_mode(grad_cp)                    # 0 / 1 in the spellings training.sh takes
     if s in ("0", "1"):
         return int(s)
-    if s == "auto" or (s.startswith("top:") and s[4:].isdigit()):
+    if s == "auto" or _parse_forced(s) is not None:
         return s
-    raise ValueError(f"grad_cp {grad_cp!r}: 0, 1, auto or top:N")
+    raise ValueError(f"grad_cp {grad_cp!r}: 0, 1, auto, top:N, kp:M or top:N,kp:M")
 
 
-def _forced_top(row: dict) -> int | None:
+def _parse_forced(s: str) -> tuple[int, int] | None:
+    got = {"top": 0, "kp": 0}
+    for part in s.split(","):
+        name, _, n = part.partition(":")
+        if name not in got or not n.isdigit():
+            return None
+        got[name] = int(n)
+    return got["top"], got["kp"]
+
+
+def _forced_top(row: dict) -> tuple[int, int] | None:
+    """A row's forced plan (plain top blocks, blocks keeping their products), or None."""
     s = str(row.get("grad_cp", 1))
-    return int(s[4:]) if s.startswith("top:") else None
+    return _parse_forced(s) if s not in ("0", "1", "auto") else None
 
 
 def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts="",
@@ -195,9 +207,10 @@ def row_sizes(row: dict):
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token(cfg, sizes, plain_top: int = 0) -> dict:
+def flops_per_token(cfg, sizes, plain_top: int = 0, keep_products: int = 0) -> dict:
     """Model and hardware FLOPs per token (see the module docstring) from trainer.memory's parameter table;
-    ``plain_top`` blocks of a checkpointed run are not recomputed (GRAD_CP=auto)."""
+    ``plain_top`` blocks of a checkpointed run are not recomputed, ``keep_products`` recompute their WKV but
+    no product (GRAD_CP=auto)."""
     from trainer.memory import param_table
     t = param_table(cfg, sizes)
     k = 9 if sizes.version == 7 else 5
@@ -205,8 +218,9 @@ def flops_per_token(cfg, sizes, plain_top: int = 0) -> dict:
     adp = t.adapter_matmul + t.adapter_step_flops / (2 * max(1, cfg.MICRO_BSZ * cfg.CTX_LEN))
     fwd = 2 * (t.matmul + adp) + W
     bwd = 2 * (t.matmul + adp) + 2 * W + 2 * t.trained_matmul
-    recompute = (2 * (t.matmul - t.head_matmul + adp) + W) if cfg.checkpointing else 0
-    recompute *= 1 - min(plain_top, sizes.n_layer) / sizes.n_layer
+    L = sizes.n_layer
+    recompute = (2 * (t.matmul - t.head_matmul + adp) * (1 - min(plain_top + keep_products, L) / L)
+                 + W * (1 - min(plain_top, L) / L)) if cfg.checkpointing else 0
     if cfg.TRAIN_TYPE == "infctx":    # each chunk's forward runs twice (forward, then inside the backward)
         recompute += fwd
     return {"model": fwd + bwd, "hardware": fwd + bwd + recompute, "n_mm": t.matmul, "n_adapter": adp,
@@ -313,8 +327,10 @@ def run_row(spec: dict) -> dict:
     plan, forced = memory.plan_checkpointing, _forced_top(spec)
 
     def planning(cfg_, sizes_, free, op=None):       # what GRAD_CP=auto chose (or: the forced top:N)
-        est_ = plan(cfg_, sizes_, free, op) if forced is None else memory.estimate(cfg_, sizes_, op, plain_top=forced)
+        est_ = (plan(cfg_, sizes_, free, op) if forced is None
+                else memory.estimate(cfg_, sizes_, op, plain_top=forced[0], keep_products=forced[1]))
         planned["plain_top"] = est_.plain_top
+        planned["keep_products"] = est_.keep_products
         return est_
     memory.plan_checkpointing = planning
     graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the trainer's choice (A/B)
@@ -429,15 +445,17 @@ def run_row(spec: dict) -> dict:
         out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"
     try:
         from trainer.memory import estimate
-        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP, plain_top=planned.get("plain_top", 0))
+        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP, plain_top=planned.get("plain_top", 0),
+                       keep_products=planned.get("keep_products", 0))
         out["plain_top"] = planned.get("plain_top", 0)
+        out["keep_products"] = planned.get("keep_products", 0)
         out["est_total_bytes"] = int(est.total)
         out["est_alloc_bytes"] = int(est.peak_allocated)
         out["est_peak_at"] = est.peak_at
         out["est_terms"] = {k: int(v) for k, v in est.terms.items()}
     except Exception as err:                          # the estimate must never cost a measurement
         out["est_error"] = f"{type(err).__name__}: {err}"[:200]
-    fl = flops_per_token(cfg, sizes, planned.get("plain_top", 0))
+    fl = flops_per_token(cfg, sizes, planned.get("plain_top", 0), planned.get("keep_products", 0))
     out["flops_per_token_model"] = fl["model"]
     out["flops_per_token_hw"] = fl["hardware"]
     from trainer.memory import param_table
@@ -580,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, nargs="+", default=[1024])
     ap.add_argument("--bsz", type=int, nargs="+", default=[1], help="MICRO_BSZ")
     ap.add_argument("--grad-cp", type=_cp_value, nargs="+", default=[1],
-                    help="GRAD_CP 0 | 1 | auto, or top:N (auto with N top blocks un-checkpointed, forced)")
+                    help="GRAD_CP 0 | 1 | auto, or a forced plan of auto: top:N (N top blocks un-checkpointed), "
+                         "kp:M (M blocks keep their matrix products), top:N,kp:M")
     ap.add_argument("--op", nargs="+", default=["auto"])
     ap.add_argument("--infctx", type=int, nargs="+", default=[0], help="CHUNK_CTX for TRAIN_TYPE=infctx; 0 = normal")
     ap.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "1", "0"), help="COMPILE")

@@ -231,6 +231,42 @@ print("SEEN", sorted(seen))
     assert "SEEN [([True], [False]), ([True], [False]), ([True], [True]), ([True], [True])]" in out, out
 
 
+@pytest.mark.skipif(not HAS_TRITON or not (shutil.which("g++") or shutil.which("c++")),
+                    reason="needs triton (its interpreter) and g++ (inductor on the CPU)")
+def test_blocks_keeping_their_products_equal_eager():
+    """GRAD_CP=auto's three tiers in one model (from the top: not checkpointed, keeping its matrix products,
+    checkpointed): loss and gradients equal the eager model's (inductor's C++ code, our op interpreted); the
+    middle block's backward graph recomputes no product (every mm there is a gradient's)."""
+    code = r'''
+import test_compile as tc
+eager, compiled = tc.twins(layers=3, width=64, op="triton")
+compiled.compile_blocks()
+for m in (eager, compiled):
+    m.grad_cp = True
+compiled.plain_top, compiled.keep_products = 1, 1
+counts = []
+import torch._inductor.config as ic
+old = ic.post_grad_custom_post_pass
+class Count(type(old)):
+    def __call__(self, graph):
+        counts.append(sum(n.target is torch.ops.aten.mm.default for n in graph.nodes))
+        old(graph)
+ic.post_grad_custom_post_pass = Count()
+idx = torch.randint(0, tc.VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+la, ga = tc.loss_and_grads(eager, idx)
+lb, gb = tc.loss_and_grads(compiled, idx)
+assert abs(la - lb) <= 1e-5 * abs(la), (la, lb)
+tc.assert_grads_close(ga, gb, 1e-4)
+print("MM", counts)
+'''
+    out = run_interpreted(code, timeout=900, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    # graphs in the order they run: 3 forward, then the backward of the plain, the keeping and the
+    # checkpointed block: the keeping one multiplies only what the plain one does (46 at this size: gradients),
+    # the checkpointed one also recomputes products
+    counts = [int(n) for n in out.split("MM [")[1].split("]")[0].split(",")]
+    assert len(counts) == 6 and counts[3] == counts[4] < counts[5], out
+
+
 def _cfg(**kw):
     env = dict(MODEL="m.pth", DATA="d", PRECISION="fp32")
     env.update(kw)
@@ -322,15 +358,15 @@ def test_no_cuda_graphs_when_memory_is_tight(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("grad_cp,top", [(True, 0), (False, 0), (True, 2)])
-def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp, top):
+@pytest.mark.parametrize("grad_cp,top,kp", [(True, 0, 0), (False, 0, 0), (True, 2, 0), (True, 1, 1)])
+def test_cuda_graph_blocks_equal_eager_over_replays(fresh_dynamo, grad_cp, top, kp):
     """compile_blocks(cudagraphs=True): the first calls record, the later ones replay; every step's loss and
     gradients are those of the same compiled blocks without CUDA graphs (the same kernels: equal but for
-    the order of the WKV gradient's atomic-free sums, i.e. equal), with and without checkpointing, and with
-    the top 2 of 3 blocks not checkpointed (GRAD_CP=auto)."""
+    the order of the WKV gradient's atomic-free sums, i.e. equal), with and without checkpointing, with
+    the top 2 of 3 blocks not checkpointed, and with one of each tier (GRAD_CP=auto)."""
     plain, graphs = twins(layers=3, width=256, mode="lora", op="triton", device="cuda")
     for m in (plain, graphs):
-        m.grad_cp, m.plain_top = grad_cp, top
+        m.grad_cp, m.plain_top, m.keep_products = grad_cp, top, kp
         for p in m.parameters():
             p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
     plain.compile_blocks()

@@ -145,24 +145,64 @@ def test_leaving_top_blocks_uncheckpointed_costs_memory_step_by_step(mode, ctx, 
     assert estimate(dataclasses.replace(cfg, GRAD_CP="0"), B15, plain_top=3).plain_top == 0
 
 
-def test_plan_checkpointing_takes_the_most_blocks_that_fit():
+def test_plan_checkpointing_takes_the_most_blocks_that_fit(monkeypatch):
+    """Without the products tier (COMPILE=0 or fla: nothing keeps products), the most top blocks that fit."""
+    for extra in (dict(OP="fla"), dict(OP="triton", COMPILE="0")):
+        cfg = cfg_(FINETUNE_MODE="full", CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP="auto", **extra)
+        assert not M.keeps_products(cfg, None, 7)
+        L = B15.n_layer
+        for free in (40 * GiB, 60 * GiB, 79 * GiB, 500 * GiB, 10 * GiB):
+            est = M.plan_checkpointing(cfg, B15, free)
+            k = est.plain_top
+            assert est.keep_products == 0 and est.total == estimate(cfg, B15, plain_top=k).total
+            if k:
+                assert est.total <= M.FIT_FRACTION * free
+            if k < L:   # one more would not fit (or none fits: all checkpointed)
+                assert estimate(cfg, B15, plain_top=k + 1).total > M.FIT_FRACTION * free
+        assert M.plan_checkpointing(cfg, B15, 500 * GiB).plain_top == L
+        assert M.plan_checkpointing(cfg, B15, 10 * GiB).plain_top == 0
+    # measured on an H100 (bench/RESULTS.md, session 8, before the products tier): 79 GiB free -> 7 blocks,
+    # 63.3 GiB allocated
     cfg = cfg_(FINETUNE_MODE="full", CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP="auto", OP="triton")
-    L = B15.n_layer
-    for free in (40 * GiB, 60 * GiB, 79 * GiB, 500 * GiB, 10 * GiB):
-        est = M.plan_checkpointing(cfg, B15, free)
-        k = est.plain_top
-        assert est.total == estimate(cfg, B15, plain_top=k).total
-        if k:
-            assert est.total <= M.FIT_FRACTION * free
-        if k < L:   # one more would not fit (or none fits: all checkpointed)
-            assert estimate(cfg, B15, plain_top=k + 1).total > M.FIT_FRACTION * free
-    assert M.plan_checkpointing(cfg, B15, 500 * GiB).plain_top == L
-    assert M.plan_checkpointing(cfg, B15, 10 * GiB).plain_top == 0
-    # measured on an H100 (bench/RESULTS.md, session 8): 79 GiB free -> 7 blocks, 63.3 GiB allocated
+    monkeypatch.setattr(M, "KP_SAVED", {})
     assert M.plan_checkpointing(cfg, B15, 79 * GiB).plain_top == 7
+    monkeypatch.undo()
     for other in (dict(GRAD_CP="1"), dict(TRAIN_TYPE="infctx", CHUNK_CTX=512),
                   dict(STRATEGY="deepspeed_stage_2", GPU_COUNT=2)):
-        assert M.plan_checkpointing(dataclasses.replace(cfg, **other), B15, 500 * GiB).plain_top == 0, other
+        for op in ("fla", "triton"):
+            est = M.plan_checkpointing(dataclasses.replace(cfg, OP=op, **other), B15, 500 * GiB)
+            assert est.plain_top == est.keep_products == 0, (other, op)
+
+
+def test_blocks_keeping_their_products_cost_memory_and_the_plan_uses_them():
+    """The middle tier (compiled blocks, our Triton op, full and LoRA): each block that keeps its products
+    adds KP_SAVED per channel and token; the plan maximises plain + KP_SPEED * kept among what fits."""
+    cfg = cfg_(FINETUNE_MODE="full", CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP="auto", OP="triton")
+    L = B15.n_layer
+    assert M.keeps_products(cfg, None, 7)
+    ests = [estimate(cfg, B15, keep_products=m) for m in range(L + 1)]
+    steps = [b.terms["saved"] - a.terms["saved"] for a, b in zip(ests, ests[1:])]
+    assert steps == pytest.approx([M.KP_SAVED["full"] * 2048 * 4096 * 8] * L)
+    # (the first few can lower the peak a little: it comes at the first fully checkpointed block's recompute)
+    assert all(a.peak_allocated <= b.peak_allocated * 1.01 for a, b in zip(ests, ests[1:]))
+    assert estimate(cfg, B15, plain_top=20, keep_products=10).keep_products == 4      # at most the rest
+    assert estimate(cfg, B15, plain_top=L).terms == pytest.approx(estimate(cfg, B15, plain_top=L, keep_products=3).terms)
+    # no tier where it was not measured (state) or cannot run (COMPILE=0, fla)
+    for other in (dict(FINETUNE_MODE="state"), dict(COMPILE="0"), dict(OP="fla")):
+        assert estimate(dataclasses.replace(cfg, **other), B15, keep_products=5).keep_products == 0, other
+    for free in (30 * GiB, 45 * GiB, 79 * GiB, 200 * GiB):
+        est = M.plan_checkpointing(cfg, B15, free)
+        p, m = est.plain_top, est.keep_products
+        assert (est.total <= M.FIT_FRACTION * free or p == m == 0) and p + m <= L
+        score = p + M.KP_SPEED * m
+        for q in range(L + 1):           # no plan that fits scores better
+            for n in range(L + 1 - q):
+                if estimate(cfg, B15, plain_top=q, keep_products=n).total <= M.FIT_FRACTION * free:
+                    assert q + M.KP_SPEED * n <= score + 1e-9, (free, (p, m), (q, n))
+    # the H100 of session 9: 79 GiB free -> 1 block not checkpointed, 23 keeping their products
+    est = M.plan_checkpointing(cfg, B15, 79 * GiB)
+    assert (est.plain_top, est.keep_products) == (1, 23)
+    assert "the top block not checkpointed," in est.plan() and "23 more blocks keep their matrix products" in est.plan()
 
 
 def test_preflight_says_what_grad_cp_auto_planned(tiny_world_model, monkeypatch):

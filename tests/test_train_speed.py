@@ -109,13 +109,16 @@ def test_named_grids():
 
 
 def test_grad_cp_values_of_a_row():
-    """--grad-cp: 0, 1, auto, or top:N (auto with its plan forced to N blocks, what the bench runs as
-    GRAD_CP=auto); anything else is refused."""
-    assert [train_speed._cp_value(v) for v in ("0", "1", "auto", "top:8", 1, True)] == [0, 1, "auto", "top:8", 1, 1]
-    with pytest.raises(ValueError):
-        train_speed._cp_value("top:x")
+    """--grad-cp: 0, 1, auto, or a forced plan of auto (what the bench runs as GRAD_CP=auto): top:N (N blocks
+    not checkpointed), kp:M (M keeping their products), or both; anything else is refused."""
+    got = [train_speed._cp_value(v) for v in ("0", "1", "auto", "top:8", "kp:12", "top:1,kp:23", 1, True)]
+    assert got == [0, 1, "auto", "top:8", "kp:12", "top:1,kp:23", 1, 1]
+    for bad in ("top:x", "kp:", "top:1,xx:2", "keep:3"):
+        with pytest.raises(ValueError):
+            train_speed._cp_value(bad)
     row = train_speed._row(7, "1.5B", "full", 4096, 8, "top:8")
-    assert train_speed._forced_top(row) == 8 and train_speed.row_config(row).GRAD_CP == "auto"
+    assert train_speed._forced_top(row) == (8, 0) and train_speed.row_config(row).GRAD_CP == "auto"
+    assert train_speed._forced_top(train_speed._row(7, "1.5B", "full", 4096, 8, "top:1,kp:23")) == (1, 23)
     assert train_speed._forced_top(train_speed._row(7, "1.5B", "full", 4096, 8, "auto")) is None
 
 

@@ -208,6 +208,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     model.op = op
     model.grad_cp = cfg.checkpointing
     model.plain_top = est.plain_top if est is not None else 0      # GRAD_CP=auto's plan (else 0)
+    model.keep_products = est.keep_products if est is not None else 0
     model.act_dtype = activation_dtype(precision)
     compile_on, note = resolve_compile(cfg, device)
     if note:
@@ -571,15 +572,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 try:
                     loss = forward_backward(x, y, m, boundary)
                 except torch.cuda.OutOfMemoryError:
-                    if not model.plain_top or fabric.world_size > 1:
+                    if not (model.plain_top or model.keep_products) or fabric.world_size > 1:
                         raise
                     loss = None       # redone below, after the error (whose frames hold the activations) is gone
                 if loss is None:
                     # GRAD_CP=auto planned too many blocks without checkpointing (the estimate is off): all
                     # blocks checkpointed from now on, this optimizer step's micro-batches done again
                     log(f"GRAD_CP=auto: out of GPU memory with the top {model.plain_top} blocks not "
-                        "checkpointed; checkpointing every block from now on (slower), and redoing this step")
-                    model.plain_top = 0
+                        f"checkpointed and {model.keep_products} keeping their products; checkpointing every "
+                        "block from now on (slower), and redoing this step")
+                    model.plain_top = model.keep_products = 0
                     _release_gpu_memory(optimizer)
                     loss_acc = sum(forward_backward(*b, False).item() for b in group[:-1]) / accum
                     loss = forward_backward(x, y, m, boundary)

@@ -22,10 +22,12 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
   saved      what the forward pass keeps for the backward pass:
                GRAD_CP=0: L × (layer·BT + casts)
                GRAD_CP=1: L × CP_SAVED·C·BT   (each block keeps only its input: 2 B bf16, 4 B fp32)
-               GRAD_CP=auto: k top blocks as GRAD_CP=0, the other L − k as GRAD_CP=1; k = plan_checkpointing's
-               largest that keeps the total within FIT_FRACTION of the free memory (0 without a GPU, with
-               infctx or DeepSpeed). The top blocks go back first, so the peak is the larger of all that plus
-               the top block's work and the checkpointed blocks' inputs plus one recomputed block
+               GRAD_CP=auto: p top blocks as GRAD_CP=0, m below them as GRAD_CP=1 plus KP_SAVED·C·BT (they
+               keep their matrix products; compiled blocks with the Triton op, full and LoRA families only),
+               the rest as GRAD_CP=1; plan_checkpointing takes the (p, m) that maximises p + KP_SPEED·m with
+               the total within FIT_FRACTION of the free memory (none without a GPU, with infctx or
+               DeepSpeed). The top blocks go back first, so the peak is the larger of all that plus a plain
+               block's backward work and the fully checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
              time or ln)·C + 2·(r − 64) per adapted linear (LoRA/PiSSA rank r), per token;
              family: frozen (state) | lora (lora, pissa) | bone | bat | full;
@@ -162,6 +164,14 @@ COMPILED_ACT_SCALE = 0.40
 # (session 8: full fine-tuning 5.04 GiB a block, LoRA 4.11); the other families take the larger figure
 COMPILED_PLAIN_SCALE = {"full": 0.58, "lora": 0.49}
 COMPILED_PLAIN_DEFAULT = 0.58
+# A compiled checkpointed block that keeps its matrix products' outputs (model.keep_products: selective
+# checkpointing, GRAD_CP=auto's middle tier) keeps this many bytes per channel per token beside its input,
+# and its backward recomputes only the element-wise work and the WKV: it saves about KP_SPEED of what not
+# checkpointing the block saves. Fitted in session 9 (H100) to full fine-tuning of 1.5B at 4096 x 8 with 12
+# and 24 such blocks (42.23 / 60.38 GiB allocated; 3.7 ms a block against 7.5-8.2 not checkpointed) and
+# LoRA + ln with 24 (70.26 GiB; 5 against 10 ms). Only the measured families use it.
+KP_SAVED = {"full": 24.2, "lora": 40.0}
+KP_SPEED = 0.5
 COMPILED_FLOOR = 0
 
 FAMILY = {"state": "frozen", "lora": "lora", "pissa": "lora", "bone": "bone", "bat": "bat", "full": "full"}
@@ -310,6 +320,17 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     free: float | None = None            # the GPU's free memory, where preflight looked
     plain_top: int = 0                   # top blocks not checkpointed (GRAD_CP=auto: plan_checkpointing)
+    keep_products: int = 0               # blocks below those that keep their matrix products (the same)
+
+    def plan(self) -> str:
+        """GRAD_CP=auto's plan in words ("" when every block is plainly checkpointed)."""
+        said, p, m = [], self.plain_top, self.keep_products
+        if p:
+            said.append("the top block not checkpointed" if p == 1 else f"the top {p} blocks not checkpointed")
+        if m:
+            said.append(f"{m} {'more ' if p else ''}block{'s keep' if m > 1 else ' keeps'} their matrix products "
+                        "(only the rest is recomputed)")
+        return "GRAD_CP=auto: " + ", ".join(said) if said else ""
 
     def tight(self) -> bool:
         """Close to the GPU's free memory (within the estimate's 15 %), where preflight looked."""
@@ -323,8 +344,8 @@ class Estimate:
         lines.append(f"  {'allocated':<14} {self.peak_allocated / GiB:8.2f} GiB   (torch.cuda.max_memory_allocated)")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB   (as nvidia-smi shows it: + allocator "
                      f"slack {allocator_slack():.0%} + CUDA context {CUDA_CONTEXT / GiB:.1f} GiB)")
-        if self.plain_top:
-            lines.append(f"  (GRAD_CP=auto: the top {self.plain_top} blocks not checkpointed)")
+        if self.plain_top or self.keep_products:
+            lines.append(f"  ({self.plan()})")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -338,11 +359,13 @@ def _resolve_op(cfg: Any, op: str | None, version: int) -> str:
     return op if op in WKV_SAVED else DEFAULT_GPU_OP     # an op this table does not know yet: as fla
 
 
-def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) -> Estimate:
+def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
     ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op).
-    ``plain_top``: with checkpointing, this many top blocks are not checkpointed (GRAD_CP=auto's plan)."""
+    ``plain_top``: with checkpointing, this many top blocks are not checkpointed (GRAD_CP=auto's plan);
+    ``keep_products``: this many blocks below them keep their matrix products' outputs (where it applies:
+    keeps_products)."""
     v = sizes.version
     op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
@@ -410,17 +433,22 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) ->
                 + (BAT_WORK * t.largest_target if family == "bat" else 0.0) + (COMPILED_FLOOR if compiled else 0.0))
     work = bwd_work(cp)
     L_plain = min(max(int(plain_top or 0), 0), L) if cp else 0
+    L_kp = min(max(int(keep_products or 0), 0), L - L_plain) if cp and keeps_products(cfg, op, v) else 0
     plain_tok = COMPILED_PLAIN_SCALE.get(family, COMPILED_PLAIN_DEFAULT) if compiled else 1.0
     plain_saved = plain_tok * layer * BT + fixed            # what an un-checkpointed block keeps
     plain_work = bwd_work(False)
     if cp:
-        cp_saved = (L - L_plain) * (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT + head_cast
-        saved = cp_saved + L_plain * plain_saved
+        cp_in = (CP_SAVED_DS if ds else CP_SAVED.get(precision, 4.0)) * C * BT
+        cp_saved = (L - L_plain) * cp_in + head_cast
+        kp_saved = L_kp * KP_SAVED.get(family, 0.0) * C * BT
+        saved = cp_saved + L_plain * plain_saved + kp_saved
         one_layer = tok * layer * BT + fixed + work
-        if L_plain:
-            # the un-checkpointed top blocks go back first, each freeing what it kept; the first checkpointed
-            # block is recomputed after them
-            one_layer = max(plain_work, (cp_saved + one_layer - saved) if L_plain < L else 0.0)
+        if L_plain or L_kp:
+            # the un-checkpointed top blocks go back first, each freeing what it kept, then the blocks that
+            # kept their products (recomputing only element-wise work: a plain block's backward work); the
+            # first fully checkpointed block is recomputed after them
+            rest = L - L_plain - L_kp
+            one_layer = max(plain_work, (rest * cp_in + head_cast + one_layer - saved) if rest else 0.0)
     else:
         saved = L * plain_saved + head_cast
         one_layer = work
@@ -470,7 +498,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0) ->
     total = peak_alloc * (1 + allocator_slack()) + CUDA_CONTEXT
     if will_use_cudagraphs(cfg, sizes):
         total += CUDA_GRAPHS
-    return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes, plain_top=L_plain)
+    return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes, plain_top=L_plain,
+                    keep_products=L_kp)
 
 
 def _grad_cp(cfg: Any) -> str:
@@ -485,21 +514,39 @@ def _checkpoints_every_block(cfg: Any) -> bool:
             or str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed"))
 
 
+def keeps_products(cfg: Any, op: str | None, version: int) -> bool:
+    """Whether blocks can keep their matrix products (model.keep_products): compiled blocks with the op
+    traced into their graph (our Triton op), in a method family whose cost was measured (KP_SAVED)."""
+    return (will_compile(cfg) and _resolve_op(cfg, op, version) == "triton"
+            and FAMILY[_get(cfg, "FINETUNE_MODE", "lora")] in KP_SAVED)
+
+
 def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> Estimate:
-    """GRAD_CP=auto: the estimate with the most top blocks left un-checkpointed (no recompute: faster) that
-    still fits in FIT_FRACTION of ``free_bytes``; every block checkpointed when none fits so, and always
-    with TRAIN_TYPE=infctx or DeepSpeed (their own memory plans), or GRAD_CP 0/1."""
+    """GRAD_CP=auto: among the plans that fit in FIT_FRACTION of ``free_bytes``, the fastest by a rough
+    rule: p top blocks not checkpointed (no recompute) and m blocks below them that keep their matrix
+    products (KP_SPEED of that saving each, for less memory), maximising p + KP_SPEED * m (ties: fewer m).
+    Every block checkpointed when nothing more fits, and always with TRAIN_TYPE=infctx or DeepSpeed (their
+    own memory plans), or GRAD_CP 0/1."""
     best = estimate(cfg, sizes, op)
     if _grad_cp(cfg) != "auto" or _checkpoints_every_block(cfg) or best.total > FIT_FRACTION * free_bytes:
         return best
-    lo, hi = 0, sizes.n_layer                       # the estimate grows with plain_top: bisect
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if estimate(cfg, sizes, op, plain_top=mid).total <= FIT_FRACTION * free_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return estimate(cfg, sizes, op, plain_top=lo)
+    L = sizes.n_layer
+    fits = lambda p, m: estimate(cfg, sizes, op, plain_top=p, keep_products=m).total <= FIT_FRACTION * free_bytes  # noqa: E731
+
+    def most(ok, hi: int) -> int:                  # the largest n in 0..hi with ok(n) (ok shrinks with n)
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+    p_max = most(lambda p: fits(p, 0), L)
+    choice, score = (p_max, 0), float(p_max)
+    if keeps_products(cfg, op, sizes.version):
+        for p in range(p_max + 1):
+            m = most(lambda m: fits(p, m), L - p)
+            if p + KP_SPEED * m > score + 1e-9:
+                choice, score = (p, m), p + KP_SPEED * m
+    return estimate(cfg, sizes, op, plain_top=choice[0], keep_products=choice[1])
 
 
 def will_use_cudagraphs(cfg: Any, sizes: Any) -> bool:
@@ -661,9 +708,11 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
             L = sizes.n_layer
             why = (" (infctx and DeepSpeed checkpoint every block)" if _checkpoints_every_block(cfg)
                    else " (no room to leave any out)")
+            kp = (f"; {est.keep_products} of those keep their matrix products (only the rest is recomputed)"
+                  if est.keep_products else "")
             log(f"GRAD_CP=auto: {L - est.plain_top} of {L} blocks checkpointed"
                 + (f", the top {est.plain_top} keep their activations (no recompute: faster)" if est.plain_top
-                   else why))
+                   else "" if est.keep_products else why) + kp)
         est.free = free_before
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

@@ -282,6 +282,26 @@ def _checkpointed(blk: nn.Module, *args):
     return checkpoint(blk, *args, use_reentrant=False)
 
 
+# The matrix products whose outputs a "products saved" block keeps (selective checkpointing): its backward
+# then recomputes only the element-wise work and the WKV between them, not the products.
+_SAVED_PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
+
+
+def _keep_products(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_PRODUCTS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _products_saved_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_keep_products)
+
+
+def _checkpointed_keep_products(blk: nn.Module, *args):
+    """One block under selective checkpointing: the products' outputs are kept, the rest recomputed."""
+    return checkpoint(blk, *args, use_reentrant=False, context_fn=_products_saved_context)
+
+
 def _plain(blk: nn.Module, *args):
     """One block, no checkpointing: RWKV.compile_blocks compiles this call to replay it as a CUDA graph."""
     return blk(*args)
@@ -301,11 +321,14 @@ class RWKV(nn.Module):
         self.grad_cp = False
         self.plain_top = 0                # with grad_cp: this many top blocks keep their activations instead
                                           # (GRAD_CP=auto, where the GPU has room: memory.plan_checkpointing)
+        self.keep_products = 0            # with grad_cp: this many blocks below those keep their matrix
+                                          # products' outputs and recompute only the rest (compiled, traced op)
         # dtype of the residual stream between the blocks (and of what gradient checkpointing keeps per
         # block) under autocast; None, or no autocast: the embedding's. The trainer sets bf16 for bf16
         # autocast, as RWKV-LM trains, and fp32 for fp16 autocast.
         self.act_dtype: torch.dtype | None = None
         self._compiled_cp = None          # set by compile_blocks
+        self._compiled_kp = None          # set by compile_blocks: the blocks that keep their products
         self._compiled_train = None       # set by compile_blocks(cudagraphs=True): training without checkpoints
         self.cudagraphs = False           # compile_blocks(cudagraphs=True): training calls replay CUDA graphs
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -342,6 +365,7 @@ class RWKV(nn.Module):
         opts = {"triton.cudagraphs": True} if cudagraphs and backend == "inductor" else None
         self.cudagraphs = opts is not None
         self._compiled_cp = torch.compile(_checkpointed, backend=backend, dynamic=False, options=opts)
+        self._compiled_kp = torch.compile(_checkpointed_keep_products, backend=backend, dynamic=False, options=opts)
         self._compiled_train = torch.compile(_plain, backend=backend, dynamic=False, options=opts) if opts else None
         # ... and that forward graph's WKV need not save for a backward pass it does not serve
         if backend == "inductor" and inductor_config.post_grad_custom_post_pass is None:
@@ -383,8 +407,9 @@ class RWKV(nn.Module):
         # training: gradient checkpointing (all blocks but the ``plain_top`` top ones), compiled with the block
         # where the op is traced into the graph (else eager); the blocks without it as CUDA graphs where
         # compile_blocks(cudagraphs=True)
-        cp_call = plain_call = None
-        n_cp = 0                                           # the bottom n_cp blocks are checkpointed
+        cp_call = plain_call = kp_call = None
+        n_cp = n_kp = 0                                    # the bottom n_cp blocks are checkpointed, the top
+                                                           # n_kp of those keeping their products
         if self.training and torch.is_grad_enabled():
             if self._compiled_train is not None and is_traceable(self.op):
                 plain_call = self._compiled_train          # no checkpoint: the CUDA-graph call
@@ -395,6 +420,9 @@ class RWKV(nn.Module):
                 # checkpointed block is recomputed: leaving the top ones un-checkpointed costs the least
                 L = len(self.blocks)
                 n_cp = L - min(max(int(self.plain_top), 0), L)
+                if self._compiled_kp is not None and is_traceable(self.op):
+                    n_kp = min(max(int(self.keep_products), 0), n_cp)
+                    kp_call = self._compiled_kp
         for i, blk in enumerate(self.blocks):
             if state is None:
                 zero = torch.zeros(B, self.cfg.n_embd, dtype=torch.float32, device=x.device)
@@ -402,7 +430,7 @@ class RWKV(nn.Module):
             else:
                 att_shift, wkv_state, ffn_shift = state[i]
             args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
-            call = cp_call if i < n_cp else plain_call
+            call = (cp_call if i < n_cp - n_kp else kp_call) if i < n_cp else plain_call
             if call is not None:
                 x, v_first, att_shift, wkv_state, ffn_shift = call(blk, *args)
             else:

@@ -189,7 +189,8 @@ def test_blocks_keeping_their_products_cost_memory_and_the_plan_uses_them():
     # (the first few can lower the peak a little: it comes at the first fully checkpointed block's recompute)
     assert all(a.peak_allocated <= b.peak_allocated * 1.01 for a, b in zip(ests, ests[1:]))
     assert estimate(cfg, B15, plain_top=20, keep_products=10).keep_products == 4      # at most the rest
-    assert estimate(cfg, B15, plain_top=L).terms == pytest.approx(estimate(cfg, B15, plain_top=L, keep_products=3).terms)
+    all_plain = estimate(cfg, B15, plain_top=L)
+    assert all_plain.terms == pytest.approx(estimate(cfg, B15, plain_top=L, keep_products=3).terms)
     # no tier where it was not measured (state) or cannot run (COMPILE=0, fla)
     for other in (dict(FINETUNE_MODE="state"), dict(COMPILE="0"), dict(OP="fla")):
         assert estimate(dataclasses.replace(cfg, **other), B15, keep_products=5).keep_products == 0, other
@@ -222,6 +223,13 @@ def test_preflight_says_what_grad_cp_auto_planned(tiny_world_model, monkeypatch)
                     torch.device("cuda"), lines.append)
     assert est.plain_top == 0
     assert "GRAD_CP=auto: 2 of 2 blocks checkpointed (infctx and DeepSpeed checkpoint every block)" in lines
+    # a plan with each tier (forced: the tiny model fits whole), as the trainer words it
+    monkeypatch.setattr(M, "plan_checkpointing", lambda cfg, sizes, free, op=None: dataclasses.replace(
+        M.estimate(cfg, sizes, op), plain_top=1, keep_products=1))
+    lines = []
+    preflight(cfg_(GRAD_CP="auto"), tiny_world_model, torch.device("cuda"), lines.append)
+    assert ("GRAD_CP=auto: 1 of 2 blocks checkpointed, the top block keeps its activations (no recompute: "
+            "faster); 1 of those keeps their matrix products (only the rest is recomputed)") in lines, lines
 
 
 def test_nf4_below_int8_below_bf16():

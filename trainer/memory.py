@@ -532,7 +532,8 @@ def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None =
     if _grad_cp(cfg) != "auto" or _checkpoints_every_block(cfg) or best.total > FIT_FRACTION * free_bytes:
         return best
     L = sizes.n_layer
-    fits = lambda p, m: estimate(cfg, sizes, op, plain_top=p, keep_products=m).total <= FIT_FRACTION * free_bytes  # noqa: E731
+    def fits(p: int, m: int) -> bool:
+        return estimate(cfg, sizes, op, plain_top=p, keep_products=m).total <= FIT_FRACTION * free_bytes
 
     def most(ok, hi: int) -> int:                  # the largest n in 0..hi with ok(n) (ok shrinks with n)
         lo = 0
@@ -706,14 +707,18 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
         est = plan_checkpointing(cfg, sizes, free_before, op)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
         if _grad_cp(cfg) == "auto":
-            L = sizes.n_layer
-            why = (" (infctx and DeepSpeed checkpoint every block)" if _checkpoints_every_block(cfg)
-                   else " (no room to leave any out)")
-            kp = (f"; {est.keep_products} of those keep their matrix products (only the rest is recomputed)"
-                  if est.keep_products else "")
-            log(f"GRAD_CP=auto: {L - est.plain_top} of {L} blocks checkpointed"
-                + (f", the top {est.plain_top} keep their activations (no recompute: faster)" if est.plain_top
-                   else "" if est.keep_products else why) + kp)
+            L, p, m = sizes.n_layer, est.plain_top, est.keep_products
+            said = f"GRAD_CP=auto: {L - p} of {L} blocks checkpointed"
+            if p:
+                said += (", the top block keeps its activations" if p == 1 else
+                         f", the top {p} keep their activations") + " (no recompute: faster)"
+            if m:
+                said += (f"; {m} of those keep{'s' if m == 1 else ''} their matrix products (only the rest is "
+                         "recomputed)")
+            if not (p or m):
+                said += (" (infctx and DeepSpeed checkpoint every block)" if _checkpoints_every_block(cfg)
+                         else " (no room to leave any out)")
+            log(said)
         est.free = free_before
         if est.total > free_before:
             log("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

@@ -127,7 +127,7 @@ def _parse_forced(s: str) -> tuple[int, int] | None:
     return got["top"], got["kp"]
 
 
-def _forced_top(row: dict) -> tuple[int, int] | None:
+def _forced_plan(row: dict) -> tuple[int, int] | None:
     """A row's forced plan (plain top blocks, blocks keeping their products), or None."""
     s = str(row.get("grad_cp", 1))
     return _parse_forced(s) if s not in ("0", "1", "auto") else None
@@ -186,7 +186,7 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "LR_INIT": lr[0], "LR_FINAL": lr[1], "WARMUP_STEPS": "0", "LR_SCHEDULE": "const",
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
         "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision,
-        "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1") else "auto",     # top:N: auto, forced
+        "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1") else "auto",     # a forced plan: auto
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }
@@ -324,9 +324,9 @@ def run_row(spec: dict) -> dict:
     sizes = row_sizes(spec)
     from trainer import memory
     planned: dict = {}
-    plan, forced = memory.plan_checkpointing, _forced_top(spec)
+    plan, forced = memory.plan_checkpointing, _forced_plan(spec)
 
-    def planning(cfg_, sizes_, free, op=None):       # what GRAD_CP=auto chose (or: the forced top:N)
+    def planning(cfg_, sizes_, free, op=None):       # what GRAD_CP=auto chose (or the forced plan)
         est_ = (plan(cfg_, sizes_, free, op) if forced is None
                 else memory.estimate(cfg_, sizes_, op, plain_top=forced[0], keep_products=forced[1]))
         planned["plain_top"] = est_.plain_top

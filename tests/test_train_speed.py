@@ -117,9 +117,9 @@ def test_grad_cp_values_of_a_row():
         with pytest.raises(ValueError):
             train_speed._cp_value(bad)
     row = train_speed._row(7, "1.5B", "full", 4096, 8, "top:8")
-    assert train_speed._forced_top(row) == (8, 0) and train_speed.row_config(row).GRAD_CP == "auto"
-    assert train_speed._forced_top(train_speed._row(7, "1.5B", "full", 4096, 8, "top:1,kp:23")) == (1, 23)
-    assert train_speed._forced_top(train_speed._row(7, "1.5B", "full", 4096, 8, "auto")) is None
+    assert train_speed._forced_plan(row) == (8, 0) and train_speed.row_config(row).GRAD_CP == "auto"
+    assert train_speed._forced_plan(train_speed._row(7, "1.5B", "full", 4096, 8, "top:1,kp:23")) == (1, 23)
+    assert train_speed._forced_plan(train_speed._row(7, "1.5B", "full", 4096, 8, "auto")) is None
 
 
 def test_method_and_size_names():

@@ -16,9 +16,10 @@ is a Python loop over T), inputs rounded to bf16 for both.
 Shapes (B, T, C), head size 64: big (8, 4096, 4096) is the published comparison (RWKV-LM's CUDA kernel
 17 ms forward + backward on an H100); long (1, 32768, 4096); small (8, 1024, 768), a small model. The
 chunk op (pure PyTorch) runs only at the small shape. --configs sweeps the triton op's launch
-configuration: "fwdBVxWARPS[:MAXNREG]/bwdBVxWARPS[:MAXNREG]", or "/rTPR[:MAXNREG]" for the Gluon rows
-backward with TPR threads per row (see trainer/ops/triton_wkv7.py): 64x2/64x2 is the tile backward that
-was the default before, 64x2/r2 the rows backward.
+configuration: "fwdBVxWARPS[:MAXNREG]/bwdBVxWARPS[:MAXNREG]", "rBVxTPR/" for the Gluon rows forward (BV
+value rows per program, TPR threads per row), "/rTPR[:MAXNREG]" for the Gluon rows backward with TPR threads
+per row (see trainer/ops/triton_wkv7.py): 64x2/64x2 is the tile backward that was the default before,
+64x2/r2 the rows backward, r64x1/r2 both rows kernels.
 """
 from __future__ import annotations
 
@@ -171,6 +172,9 @@ def shape_of(name: str) -> tuple[int, int, int]:
 def parse_config(text: str) -> dict:
     def one(part: str):
         main, _, reg = part.partition(":")
+        if main.startswith("r") and "x" in main:   # the Gluon rows forward: BV rows, TPR threads per row
+            bv, tpr = (int(v) for v in main[1:].split("x"))
+            return ("rows", bv, tpr)
         if main.startswith("r"):   # the Gluon rows backward, TPR threads per row
             return ("rows", int(main[1:]), int(reg) if reg else None)
         bv, warps = (int(v) for v in main.split("x"))
@@ -180,8 +184,11 @@ def parse_config(text: str) -> dict:
 
 
 def config_label(config: dict) -> str:
-    return "/".join((f"r{w}" if bv == "rows" else f"{bv}x{w}") + (f":{r}" if r else "")
-                    for bv, w, r in (config["fwd"], config["bwd"]))
+    fwd = config["fwd"]
+    fwd = f"r{fwd[1]}x{fwd[2]}" if fwd[0] == "rows" else f"{fwd[0]}x{fwd[1]}" + (f":{fwd[2]}" if fwd[2] else "")
+    bv, w, r = config["bwd"]
+    bwd = f"r{w}" if bv == "rows" else f"{bv}x{w}"
+    return fwd + "/" + bwd + (f":{r}" if r else "")
 
 
 def main(argv=None) -> int:

@@ -150,21 +150,28 @@ def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
     monkeypatch.setattr(tw, "_sm_count", lambda device: 132)
     monkeypatch.setattr(tw, "_has_gluon", lambda: True)
     monkeypatch.setattr(tw, "_has_cp_async", lambda device: True)          # compute capability >= 8.0
-    # measured fastest on an H100 (bench/RESULTS.md, session 6): the staged rows backward with two threads
-    # per row at every shape; the forward split into 16-row programs while there are at most two heads per SM
-    assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": ("rows", 2, None)}
-    assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": (16, 1, None), "bwd": ("rows", 2, None)}
-    assert tw.default_config(8, 4096, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": ("rows", 2, None)}  # 1.5B
-    assert tw.default_config(8, 4096, 33, 64, "cuda")["fwd"] == (16, 1, None)      # 264 heads: still few
-    assert tw.default_config(8, 4096, 34, 64, "cuda")["fwd"] == (64, 2, None)      # 272: not
-    assert tw.default_config(1, 1024, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": ("rows", 2, None)}
-    assert tw.default_config(1, 32768, 64, 64, "cuda")["bwd"] == ("rows", 2, None)
-    assert tw.default_config(1, 10, 1, 16, "cuda")["bwd"] == ("rows", 2, None)
-    assert tw.default_config(4, 100, 64, 128, "cuda")["bwd"] == (64, 4, None)        # N = 128: the tile kernel
+    # measured fastest on an H100 (bench/RESULTS.md, session 10): the rows forward, one head and one thread
+    # per row per program with at least as many heads as SMs, else smaller programs; the rows backward with two
+    # threads per row
+    assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": ("rows", 64, 1), "bwd": ("rows", 2, None)}
+    assert tw.default_config(8, 4096, 32, 64, "cuda") == {"fwd": ("rows", 64, 1), "bwd": ("rows", 2, None)}  # 1.5B
+    assert tw.default_config(8, 1024, 12, 64, "cuda") == {"fwd": ("rows", 16, 2), "bwd": ("rows", 2, None)}  # 96
+    assert tw.default_config(1, 4096, 132, 64, "cuda")["fwd"] == ("rows", 64, 1)     # as many heads as SMs
+    assert tw.default_config(1, 4096, 131, 64, "cuda")["fwd"] == ("rows", 16, 2)
+    assert tw.default_config(1, 4096, 67, 64, "cuda")["fwd"] == ("rows", 16, 2)
+    assert tw.default_config(1, 4096, 66, 64, "cuda")["fwd"] == ("rows", 32, 4)
+    assert tw.default_config(1, 1024, 32, 64, "cuda") == {"fwd": ("rows", 32, 4), "bwd": ("rows", 2, None)}
+    assert tw.default_config(1, 32768, 64, 64, "cuda") == {"fwd": ("rows", 32, 4), "bwd": ("rows", 2, None)}
+    assert tw.default_config(1, 10, 1, 16, "cuda") == {"fwd": ("rows", 8, 4), "bwd": ("rows", 2, None)}
+    assert tw.default_config(2, 300, 4, 32, "cuda")["fwd"] == ("rows", 16, 4)
+    for heads, n in [(1, 16), (1, 32), (8, 32), (100, 32), (200, 16), (1, 128), (200, 128)]:   # always launchable
+        _, bv, tpr = tw.default_config(1, 100, heads, n, "cuda")["fwd"]
+        assert n % bv == 0 and bv * tpr % 32 == 0 and 4 * tpr <= n
+    assert tw.default_config(4, 100, 64, 128, "cuda") == {"fwd": ("rows", 128, 1), "bwd": (64, 4, None)}  # N 128
     # a GPU without cp.async (Turing, Volta) takes the tile backward the rows one stages its inputs with
     monkeypatch.setattr(tw, "_has_cp_async", lambda device: False)
-    assert tw.default_config(8, 4096, 64, 64, "cuda")["bwd"] == (64, 2, None)
-    assert tw.default_config(1, 1024, 32, 64, "cuda")["bwd"] == (16, 1, None)
+    assert tw.default_config(8, 4096, 64, 64, "cuda") == {"fwd": (64, 2, None), "bwd": (64, 2, None)}
+    assert tw.default_config(1, 1024, 32, 64, "cuda") == {"fwd": (16, 1, None), "bwd": (16, 1, None)}
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "1")     # the interpreter cannot run Gluon
     assert tw._has_gluon() is False
@@ -193,8 +200,36 @@ def test_rows_backward_compiles_for_an_h100(N):
         pytest.skip("needs Triton with Gluon (pip install triton)")
     compiled = _compile_rows_for_h100(N, 2)
     ptx = compiled.asm["ptx"]
-    assert ".entry" in ptx and "bar.sync" in ptx
+    assert ".entry" in ptx and "bar.sync" in ptx and "cp.async" in ptx
     assert compiled.metadata.num_warps == N * 2 // 32
+    # the steps read fp32 from shared memory (bf16 only where a chunk is turned into fp32, 4 at a time)
+    assert "ld.shared.b16" not in ptx and "ld.shared.v4.b16" in ptx
+
+
+def _compile_fwd_rows_for_h100(N: int, bv: int, tpr: int, save: bool):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    P, F = "*bf16", "*fp32"
+    sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, s0=F, y=P, sT=F, ckpt=F, sa_buf=F, T="i32", NC="i32",
+               H="constexpr", N="constexpr", BV="constexpr", TPR="constexpr", CHUNK="constexpr", SAVE="constexpr")
+    consts = dict(H=4, N=N, BV=bv, TPR=tpr, CHUNK=tw.CHUNK, SAVE=save)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = GluonASTSource(fn=tw._fwd_rows_kernel(), signature=sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": bv * tpr // 32})
+
+
+@pytest.mark.parametrize("N,bv,tpr,save", [(64, 32, 2, True), (64, 16, 2, False), (64, 64, 1, True),
+                                           (32, 8, 4, True), (16, 16, 2, False)])
+def test_rows_forward_compiles_for_an_h100(N, bv, tpr, save):
+    """The Gluon forward compiled to PTX for sm_90: its inputs arrive by cp.async, its sums stay in a warp."""
+    if not HAS_TRITON or importlib.util.find_spec("triton.experimental.gluon") is None:
+        pytest.skip("needs Triton with Gluon (pip install triton)")
+    compiled = _compile_fwd_rows_for_h100(N, bv, tpr, save)
+    ptx = compiled.asm["ptx"]
+    assert "cp.async" in ptx and "bar.sync" in ptx
+    assert compiled.metadata.num_warps == bv * tpr // 32
+    assert ("shfl" in ptx) == (tpr > 1)      # a row's sums cross TPR lanes, never warps (no shared memory)
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -228,7 +263,10 @@ def test_triton_matches_oracle_on_gpu(dtype, state):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", ["strongest_rwkv7_decay", "strong_decays", "T1", "N16", "N32_partial_sums",
                                   "N128", "fwd16_bwd32", "tile_N64", "tile_strong_decays", "rows_tpr1",
-                                  "rows_tpr4", "rows_N32", "rows_N16_tpr4", "rows_strong_decays", "rows_T1"])
+                                  "rows_tpr4", "rows_N32", "rows_N16_tpr4", "rows_strong_decays", "rows_T1",
+                                  "rowsfwd_32x2", "rowsfwd_16x2", "rowsfwd_64x1", "rowsfwd_16x4_strong_decays",
+                                  "rowsfwd_N32_8x4", "rowsfwd_N16", "rowsfwd_T1", "rowsfwd_T15", "rowsfwd_tile_bwd",
+                                  "rows_T15", "rows_N16"])
 def test_triton_edge_cases_on_gpu(case):
     _gpu_skip()
     kw, config = dict(B=2, T=300, H=4, N=64), None
@@ -251,6 +289,21 @@ def test_triton_edge_cases_on_gpu(case):
         config = {"fwd": (64, 2, None), "bwd": (64, 2, None)}
         if case == "tile_strong_decays":
             kw.update(T=77, decay="strong")
+    elif case.startswith("rowsfwd_"):  # the Gluon rows forward, explicitly (BV rows, TPR threads per row)
+        bv, tpr = {"rowsfwd_16x2": (16, 2), "rowsfwd_64x1": (64, 1), "rowsfwd_16x4_strong_decays": (16, 4),
+                   "rowsfwd_N32_8x4": (8, 4), "rowsfwd_N16": (16, 2)}.get(case, (32, 2))
+        if case == "rowsfwd_16x4_strong_decays":
+            kw.update(T=77, decay="strong")
+        elif case == "rowsfwd_N32_8x4":
+            kw.update(N=32)
+        elif case == "rowsfwd_N16":
+            kw.update(N=16, H=8)
+        elif case == "rowsfwd_T1":
+            kw["T"] = 1
+        elif case == "rowsfwd_T15":
+            kw["T"] = 15
+        config = {"fwd": ("rows", bv, tpr),
+                  "bwd": (64, 2, None) if case == "rowsfwd_tile_bwd" else ("rows", 2, None)}
     elif case.startswith("rows_"):     # the Gluon rows backward, explicitly
         tpr = {"rows_tpr1": 1, "rows_tpr4": 4, "rows_N16_tpr4": 4}.get(case, 2)
         if case == "rows_N32":
@@ -261,10 +314,30 @@ def test_triton_edge_cases_on_gpu(case):
             kw.update(T=77, decay="strong")
         elif case == "rows_T1":
             kw["T"] = 1
+        elif case == "rows_T15":
+            kw["T"] = 15
+        elif case == "rows_N16":
+            kw.update(N=16, H=8)
         config = {"fwd": (kw.get("N", 64), 2 if kw.get("N", 64) == 64 else 1, None), "bwd": ("rows", tpr, None)}
     x = _inputs(kw, torch.float32, device="cuda")
     got = run_op(lambda *a: tw.wkv7_triton(*a, config=config), 7, x)
     assert_match(got, run_op(wkv7_reference, 7, x), GPU_TOL7[torch.float32], f"triton {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fwd", [("rows", 32, 2), (16, 1, None)])
+def test_triton_forward_without_gradients_on_gpu(fwd):
+    """Without gradients the forward saves nothing (another specialisation of each forward kernel)."""
+    _gpu_skip()
+    x = _inputs(dict(B=2, T=100, H=4, N=64), torch.bfloat16, device="cuda")
+    args = [x[n].detach() for n in ("r", "k", "v", "logw", "a", "b", "state")]
+    with torch.no_grad():
+        y, s = tw.wkv7_triton(*[t.bfloat16() if t.dim() == 4 else t for t in args],
+                              config={"fwd": fwd, "bwd": ("rows", 2, None)})
+    y_ref, s_ref = wkv7_reference(*args)
+    assert_match({"y": y.float(), "state_out": s}, {"y": y_ref, "state_out": s_ref}, GPU_TOL[torch.bfloat16],
+                 f"no-grad forward {fwd}")
 
 
 @pytest.mark.gpu

@@ -43,20 +43,22 @@ the oracle accepts) replay at every step: slower (7.5 replayed steps per step), 
 Measured (interpreter, fp32, T=40, every w = 0.545): gradients of r, logw and a within 2e-6 of the
 oracle (relative rms), against 1.5e-4 when only inverting as RWKV-LM does.
 
-Two backward kernels. The tile kernel (_kernels) holds S and G as [value rows, keys] tiles laid out
-by Triton: its sums over value rows cross warps, about 40 barriers per step. The rows kernel (Gluon,
-_rows_kernel; the default on a GPU for 16 <= N <= 64) does as RWKV-LM's CUDA backward: it keeps S^T, G
-and G^T, each thread owning (a part of) a row of each, so that every gradient above is a sum along a
-row inside the thread. The per-step vectors come from shared memory, where the copy engine (cp.async)
-brings each chunk of 16 steps while the program works through the one before, so neither a step nor a
-replay waits on global memory; only G b (the gradient of S a) travels between threads (one barrier
-per step). It decides between inverting and replaying with a looser bound, the sum over steps of the
-largest -logw of each step (computed by the wrapper), so it replays at least as often: as exact.
-Triton's interpreter cannot run Gluon, so on the CPU the tests run the tile kernel and compile the rows
-kernel for sm_90; the rows kernel runs on the GPU tests.
+Two kernels each way. The tile kernels (_kernels, Triton) hold S and G as [value rows, keys] tiles laid
+out by Triton: the backward's sums over value rows cross warps, about 40 barriers per step. The rows
+kernels (Gluon, Triton's layout-explicit dialect; the default on a GPU with cp.async: 16 <= N <= 128
+forward, 16 <= N <= 64 backward) give each thread (a part of) a row: the forward's of S
+(_fwd_rows_kernel), the backward's of S^T, G and G^T (_rows_kernel, as RWKV-LM's CUDA backward), so that
+every sum is along a row inside the thread. Their per-step vectors come from shared memory: the copy
+engine (cp.async) brings each chunk of 16 steps while the program works through the one before, and the
+program turns each chunk into fp32 once, so that neither a step nor a replay waits on global memory or
+converts anything; in the backward only G b (the gradient of S a) travels between threads (one barrier
+per step). The rows backward decides between inverting and replaying with a looser bound, the sum over
+steps of the largest -logw of each step (computed by the wrapper), so it replays at least as often: as
+exact. Triton's interpreter cannot run Gluon, so on the CPU the tests run the tile kernels and compile
+the rows kernels for sm_90; the rows kernels run on the GPU tests.
 
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
-registers); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
+registers or shared memory); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
 Head size N: a power of two (64 is the tuned case; 16, 32 and 128 work). Any T >= 1.
 Memory kept for the backward: the checkpoints, B*H*ceil(T/16)*N*N*4 bytes (2 GiB at B=8, T=4096,
 C=4096), and sa, B*T*C*4 bytes.
@@ -226,21 +228,21 @@ def _rows_kernel():
         return None
 
     @gluon.jit
-    def _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, c, slot, T, cs, cn,
+    def _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, c, T, cs, cn,
                H: gl.constexpr, N: gl.constexpr, CHUNK: gl.constexpr):
-        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into buffer ``slot``
-        of each double buffer, as one cp.async group."""
+        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the [CHUNK, N]
+        buffers b_*, as one cp.async group."""
         steps = c * CHUNK + cs
         offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
         m = (steps < T)[:, None] & (cn < N)[None, :]
-        async_copy.async_copy_global_to_shared(b_r.index(slot), r + offs, m)
-        async_copy.async_copy_global_to_shared(b_k.index(slot), k + offs, m)
-        async_copy.async_copy_global_to_shared(b_lw.index(slot), logw + offs, m)
-        async_copy.async_copy_global_to_shared(b_a.index(slot), a + offs, m)
-        async_copy.async_copy_global_to_shared(b_b.index(slot), b + offs, m)
-        async_copy.async_copy_global_to_shared(b_v.index(slot), v + offs, m)
-        async_copy.async_copy_global_to_shared(b_dy.index(slot), dy + offs, m)
-        async_copy.async_copy_global_to_shared(b_sa.index(slot), sa_buf + offs, m)
+        async_copy.async_copy_global_to_shared(b_r, r + offs, m)
+        async_copy.async_copy_global_to_shared(b_k, k + offs, m)
+        async_copy.async_copy_global_to_shared(b_lw, logw + offs, m)
+        async_copy.async_copy_global_to_shared(b_a, a + offs, m)
+        async_copy.async_copy_global_to_shared(b_b, b + offs, m)
+        async_copy.async_copy_global_to_shared(b_v, v + offs, m)
+        async_copy.async_copy_global_to_shared(b_dy, dy + offs, m)
+        async_copy.async_copy_global_to_shared(b_sa, sa_buf + offs, m)
         async_copy.commit_group()
 
     # Gluon finds the helpers that a kernel calls among the module's globals, not in this closure.
@@ -252,22 +254,28 @@ def _rows_kernel():
                          LOG_AMP_MAX: gl.constexpr):
         """One program per (batch, head), TPR threads per row of each tile: S^T [key, value], G = dL/dS
         [value, key] and its transpose G^T [key, value] (the redundant copy is cheaper than reducing
-        over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes).
+        over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes); a
+        thread holds its row's keys 4 by 4, interleaved with the row's other lanes, so that fp32 vectors
+        are read from shared memory without bank conflicts.
 
-        The per-step inputs reach the threads through shared memory, a chunk of CHUNK steps at a time:
-        while the program works through chunk c (backwards), the copy engine brings chunk c-1 into the
-        other half of a double buffer (cp.async), so no step waits on global memory, and replaying steps
-        from the chunk's checkpoint reads them from there too. Each thread reads its row's element of a
-        vector (one per thread) or the whole vector (every column) from the buffer: no exchange between
-        threads but G b (dsa, the gradient of S·a), through shared memory too (one barrier per step)."""
+        The per-step inputs reach the threads through shared memory, a chunk of CHUNK steps at a time, and
+        replaying steps from the chunk's checkpoint reads them from there too. The copy engine (cp.async)
+        brings a chunk into one buffer as it is in memory; once it has landed, the program turns it into
+        fp32 buffers (exp(logw) and exp(-logw) taken there too), each element by one thread, then starts
+        bringing the next chunk (c-1) and works through chunk c. So a step converts nothing: its rows all read
+        the same vectors, which in bf16 cost as many conversions as multiply-adds (measured 11-14 % faster
+        than reading the bf16 copies, bench/RESULTS.md, session 10). Each thread reads its row's element of a
+        vector (one per thread) or the whole vector (every column): no exchange between threads but G b
+        (dsa, the gradient of S·a), through shared memory too (one barrier per step)."""
         NW: gl.constexpr = N * TPR // 32
-        L: gl.constexpr = gl.BlockedLayout([1, N // TPR], [32 // TPR, TPR], [NW, 1], [1, 0])
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [NW, 1], [1, 0])
         ROW: gl.constexpr = gl.SliceLayout(1, L)     # x[i] for the rows: one element per thread
         COL: gl.constexpr = gl.SliceLayout(0, L)     # x[j] for the columns: this thread's N/TPR of them
         # a [CHUNK, N] block of steps over all the program's threads, 4 consecutive elements per thread
         CP: gl.constexpr = gl.BlockedLayout([1, 4], [128 // N, N // 4], [NW, 1], [1, 0])
         SM2: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])     # [steps, N], row-major (cp.async)
         SM1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])        # the same memory as rows of N
+        F32: gl.constexpr = gl.float32
         i_bh = gl.program_id(0).to(gl.int64)
         i_b = i_bh // H
         i_h = i_bh % H
@@ -279,99 +287,233 @@ def _rows_kernel():
         cs = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, CP))
         cn = gl.arange(0, N, layout=gl.SliceLayout(0, CP))
 
-        # double buffers of the chunk's inputs, as they are in memory (bf16 stays bf16)
-        b_r = gl.allocate_shared_memory(r.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_k = gl.allocate_shared_memory(k.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_lw = gl.allocate_shared_memory(logw.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_a = gl.allocate_shared_memory(a.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_b = gl.allocate_shared_memory(b.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_v = gl.allocate_shared_memory(v.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_dy = gl.allocate_shared_memory(dy.dtype.element_ty, [2, CHUNK, N], SM2)
-        b_sa = gl.allocate_shared_memory(gl.float32, [2, CHUNK, N], SM2)
-        b_w = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)       # exp(logw) of the chunk
-        b_dsa = gl.allocate_shared_memory(gl.float32, [2, N], SM1)         # G b (dsa), by step parity
-        # the same buffers as rows: row slot * CHUNK + s is step s of the chunk in that slot
-        cr = b_r._reinterpret(r.dtype.element_ty, [2 * CHUNK, N], SM1)
-        ck = b_k._reinterpret(k.dtype.element_ty, [2 * CHUNK, N], SM1)
-        clw = b_lw._reinterpret(logw.dtype.element_ty, [2 * CHUNK, N], SM1)
-        ca = b_a._reinterpret(a.dtype.element_ty, [2 * CHUNK, N], SM1)
-        cb = b_b._reinterpret(b.dtype.element_ty, [2 * CHUNK, N], SM1)
-        cv = b_v._reinterpret(v.dtype.element_ty, [2 * CHUNK, N], SM1)
-        cdy = b_dy._reinterpret(dy.dtype.element_ty, [2 * CHUNK, N], SM1)
-        csa = b_sa._reinterpret(gl.float32, [2 * CHUNK, N], SM1)
-        cw = b_w._reinterpret(gl.float32, [CHUNK, N], SM1)
+        # the copy buffers (a chunk as it is in memory)
+        b_r = gl.allocate_shared_memory(r.dtype.element_ty, [CHUNK, N], SM2)
+        b_k = gl.allocate_shared_memory(k.dtype.element_ty, [CHUNK, N], SM2)
+        b_lw = gl.allocate_shared_memory(logw.dtype.element_ty, [CHUNK, N], SM2)
+        b_a = gl.allocate_shared_memory(a.dtype.element_ty, [CHUNK, N], SM2)
+        b_b = gl.allocate_shared_memory(b.dtype.element_ty, [CHUNK, N], SM2)
+        b_v = gl.allocate_shared_memory(v.dtype.element_ty, [CHUNK, N], SM2)
+        b_dy = gl.allocate_shared_memory(dy.dtype.element_ty, [CHUNK, N], SM2)
+        b_sa = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        # the chunk in fp32, row s = step s of the chunk
+        f_r = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_k = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_a = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_b = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_v = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_dy = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_sa = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)
+        f_w = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)        # exp(logw)
+        f_iw = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)       # exp(-logw)
+        b_dsa = gl.allocate_shared_memory(F32, [2, N], SM1)          # G b (dsa), by step parity
+        cr = f_r._reinterpret(F32, [CHUNK, N], SM1)
+        ck = f_k._reinterpret(F32, [CHUNK, N], SM1)
+        ca = f_a._reinterpret(F32, [CHUNK, N], SM1)
+        cb = f_b._reinterpret(F32, [CHUNK, N], SM1)
+        cv = f_v._reinterpret(F32, [CHUNK, N], SM1)
+        cdy = f_dy._reinterpret(F32, [CHUNK, N], SM1)
+        csa = f_sa._reinterpret(F32, [CHUNK, N], SM1)
+        cw = f_w._reinterpret(F32, [CHUNK, N], SM1)
+        ciw = f_iw._reinterpret(F32, [CHUNK, N], SM1)
 
         # chunk NC-1 first (the last steps)
-        _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, NC - 1, (NC - 1) % 2, T,
-               cs, cn, H, N, CHUNK)
-
+        _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, NC - 1, T, cs, cn,
+               H, N, CHUNK)
         ST = gl.load(sT + i_bh * N * N + tr)         # S_t^T, from t = T-1 down
         G = gl.load(dsT + i_bh * N * N + own)        # dL/dS_t
         GT = gl.load(dsT + i_bh * N * N + tr)
-        amp = gl.zeros([], gl.float32)               # bound on the sum of -logw since the last exact S
+        amp = gl.zeros([], F32)                      # bound on the sum of -logw since the last exact S
         par = 0                                      # step parity, for b_dsa
         am = gl.load(amax + (i_b * T + T - 1) * H + i_h)     # the largest -logw of step t (loaded a step ahead)
         for cc in range(NC):
             c = NC - 1 - cc
-            slot = c % 2
-            # every thread is done with the other buffer (chunk c+1): bring chunk c-1 into it (at c = 0,
-            # chunk 0 again, unused), then wait for chunk c
+            # chunk c has landed (each thread waits for its copies, the barrier for everyone's), and every
+            # thread is done with chunk c+1's fp32 buffers: turn chunk c into fp32
+            async_copy.wait_group(0)
             gl.thread_barrier()
-            _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, gl.maximum(c - 1, 0),
-                   1 - slot, T, cs, cn, H, N, CHUNK)
-            async_copy.wait_group(1)
+            lw = b_lw.load(CP).to(F32)
+            f_r.store(b_r.load(CP).to(F32))
+            f_k.store(b_k.load(CP).to(F32))
+            f_a.store(b_a.load(CP).to(F32))
+            f_b.store(b_b.load(CP).to(F32))
+            f_v.store(b_v.load(CP).to(F32))
+            f_dy.store(b_dy.load(CP).to(F32))
+            f_sa.store(b_sa.load(CP))
+            f_w.store(gl.exp(lw))
+            f_iw.store(gl.exp(-lw))
             gl.thread_barrier()
+            # the copy buffers are free: bring chunk c-1 while this one runs (at c = 0 chunk 0 again, unused:
+            # an `if` here fails to compile where T = 1 makes it constant)
+            _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0,
+                   gl.maximum(c - 1, 0), T, cs, cn, H, N, CHUNK)
             c0 = c * CHUNK
-            b_w.store(gl.exp(b_lw.index(slot).load(CP).to(gl.float32)))
-            gl.thread_barrier()
             n = gl.minimum(T - c0, CHUNK)
             for j in range(n):
                 s = n - 1 - j
-                ss = slot * CHUNK + s                # the step's row in the [2 * CHUNK, N] views
                 t = c0 + s
                 o = x0 + t.to(gl.int64) * (H * N)
-                dyC = cdy.index(ss).load(COL).to(gl.float32)
+                dyC = cdy.index(s).load(COL)
                 gl.store(dr + o + ri, gl.sum(ST * dyC[None, :], 1).to(dr.dtype.element_ty))    # S_t^T dy_t
                 # ST <- S_{t-1}^T: invert step t, or replay it from the checkpoint if inverting would lose
                 # accuracy (amp: the sum over steps of the largest -logw, which bounds every key's)
                 amp_t = amp + am
                 am = gl.load(amax + (i_b * T + gl.maximum(t - 1, 0)) * H + i_h)
-                k_t = ck.index(ss).load(ROW).to(gl.float32)
-                b_t = cb.index(ss).load(ROW).to(gl.float32)
+                vC = cv.index(s).load(COL)
+                saC = csa.index(s).load(COL)
                 if (s == 0) | (amp_t > LOG_AMP_MAX):
                     ST = gl.load(ckpt + (i_bh * NC + c) * N * N + tr)
                     for q in range(0, s):
                         ST = ST * cw.index(q).load(ROW)[:, None] \
-                            + cb.index(slot * CHUNK + q).load(ROW).to(gl.float32)[:, None] * csa.index(slot * CHUNK + q).load(COL)[None, :] \
-                            + ck.index(slot * CHUNK + q).load(ROW).to(gl.float32)[:, None] * cv.index(slot * CHUNK + q).load(COL).to(gl.float32)[None, :]
-                    amp = gl.zeros([], gl.float32)
+                            + cb.index(q).load(ROW)[:, None] * csa.index(q).load(COL)[None, :] \
+                            + ck.index(q).load(ROW)[:, None] * cv.index(q).load(COL)[None, :]
+                    amp = gl.zeros([], F32)
                 else:
-                    ST = (ST - k_t[:, None] * cv.index(ss).load(COL).to(gl.float32)[None, :]
-                          - b_t[:, None] * csa.index(ss).load(COL)[None, :]) \
-                        * gl.exp(-clw.index(ss).load(ROW).to(gl.float32))[:, None]
+                    ST = (ST - ck.index(s).load(ROW)[:, None] * vC[None, :]
+                          - cb.index(s).load(ROW)[:, None] * saC[None, :]) * ciw.index(s).load(ROW)[:, None]
                     amp = amp_t
 
-                G += cdy.index(ss).load(ROW).to(gl.float32)[:, None] * cr.index(ss).load(COL).to(gl.float32)[None, :]
-                GT += cr.index(ss).load(ROW).to(gl.float32)[:, None] * dyC[None, :]
-                dsa = gl.sum(G * cb.index(ss).load(COL).to(gl.float32)[None, :], 1)            # G b_t
+                G += cdy.index(s).load(ROW)[:, None] * cr.index(s).load(COL)[None, :]
+                GT += cr.index(s).load(ROW)[:, None] * dyC[None, :]
+                dsa = gl.sum(G * cb.index(s).load(COL)[None, :], 1)            # G b_t
                 pd = b_dsa.index(par)
                 pd.store(dsa)
-                vC = cv.index(ss).load(COL).to(gl.float32)
-                gl.store(dv + o + ri, gl.sum(G * ck.index(ss).load(COL).to(gl.float32)[None, :], 1).to(dv.dtype.element_ty))
+                gl.store(dv + o + ri, gl.sum(G * ck.index(s).load(COL)[None, :], 1).to(dv.dtype.element_ty))
                 gl.store(dk + o + ri, gl.sum(GT * vC[None, :], 1).to(dk.dtype.element_ty))
-                gl.store(db + o + ri, gl.sum(GT * csa.index(ss).load(COL)[None, :], 1).to(db.dtype.element_ty))
+                gl.store(db + o + ri, gl.sum(GT * saC[None, :], 1).to(db.dtype.element_ty))
                 w_t = cw.index(s).load(ROW)
                 gl.store(dlogw + o + ri, (gl.sum(GT * ST, 1) * w_t).to(dlogw.dtype.element_ty))
                 gl.thread_barrier()
                 dsaC = pd.load(COL)
                 gl.store(da + o + ri, gl.sum(ST * dsaC[None, :], 1).to(da.dtype.element_ty))   # S_{t-1}^T dsa
-                G = G * cw.index(s).load(COL)[None, :] + dsa[:, None] * ca.index(ss).load(COL).to(gl.float32)[None, :]
-                GT = GT * w_t[:, None] + ca.index(ss).load(ROW).to(gl.float32)[:, None] * dsaC[None, :]
+                G = G * cw.index(s).load(COL)[None, :] + dsa[:, None] * ca.index(s).load(COL)[None, :]
+                GT = GT * w_t[:, None] + ca.index(s).load(ROW)[:, None] * dsaC[None, :]
                 par = 1 - par
         async_copy.wait_group(0)
         gl.store(ds0 + i_bh * N * N + own, G)
 
     return _bwd_rows_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_rows_kernel():
+    """The forward in Gluon: see _fwd_rows. None when this Triton has no Gluon (then the tile forward runs)."""
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    except ImportError:
+        return None
+
+    @gluon.jit
+    def _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, c, T, cs, cn, vs, vn,
+                   H: gl.constexpr, N: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr):
+        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the buffers b_*
+        ([CHUNK, N], v [CHUNK, BV]): the key-indexed vectors whole, v only for this program's BV value rows;
+        one cp.async group."""
+        steps = c * CHUNK + cs
+        offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
+        m = (steps < T)[:, None] & (cn < N)[None, :]
+        async_copy.async_copy_global_to_shared(b_r, r + offs, m)
+        async_copy.async_copy_global_to_shared(b_k, k + offs, m)
+        async_copy.async_copy_global_to_shared(b_lw, logw + offs, m)
+        async_copy.async_copy_global_to_shared(b_a, a + offs, m)
+        async_copy.async_copy_global_to_shared(b_b, b + offs, m)
+        vsteps = c * CHUNK + vs
+        voffs = x0 + v0 + vsteps[:, None].to(gl.int64) * (H * N) + vn[None, :]
+        async_copy.async_copy_global_to_shared(b_v, v + voffs, (vsteps < T)[:, None] & (vn < BV)[None, :])
+        async_copy.commit_group()
+
+    globals().update(_stage_fwd=_stage_fwd)
+
+    @gluon.jit
+    def _fwd_rows(r, k, v, logw, a, b, s0, y, sT, ckpt, sa_buf, T, NC,
+                  H: gl.constexpr, N: gl.constexpr, BV: gl.constexpr, TPR: gl.constexpr, CHUNK: gl.constexpr,
+                  SAVE: gl.constexpr):
+        """Grid (B*H, N/BV): BV value rows of S [value, key] of one head, TPR threads per row (BV*TPR/32
+        warps), each thread holding N/TPR keys of its row (4 by 4, interleaved with the row's other lanes),
+        so that S·a and S·r are sums inside the thread and TPR lanes: no exchange between warps at all.
+        The inputs reach the threads through shared memory, a chunk of CHUNK steps at a time: the copy
+        engine (cp.async) brings chunk c+1 while the program works through chunk c. Each chunk is turned
+        into fp32 buffers once (exp(logw) taken there too), each element by one thread, so that a step
+        converts nothing: its rows all read the same vectors (N/TPR keys per thread), which in bf16 cost
+        as many conversions as multiply-adds. Measured: bench/RESULTS.md, session 10."""
+        NW: gl.constexpr = BV * TPR // 32
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [NW, 1], [1, 0])   # keys 4 by 4, interleaved over the TPR lanes
+        ROW: gl.constexpr = gl.SliceLayout(1, L)
+        COL: gl.constexpr = gl.SliceLayout(0, L)
+        CP: gl.constexpr = gl.BlockedLayout([1, 4], [128 // N, N // 4], [NW, 1], [1, 0])
+        CPV: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BV, BV // 4], [NW, 1], [1, 0])
+        SM2: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])
+        SM1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        i_bh = gl.program_id(0).to(gl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        v0 = gl.program_id(1) * BV
+        ri = v0 + gl.arange(0, BV, layout=ROW)
+        ci = gl.arange(0, N, layout=COL)
+        own = ri[:, None] * N + ci[None, :]
+        x0 = (i_b * T * H + i_h) * N
+        cs = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, CP))
+        cn = gl.arange(0, N, layout=gl.SliceLayout(0, CP))
+        vs = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, CPV))
+        vn = gl.arange(0, BV, layout=gl.SliceLayout(0, CPV))
+
+        # raw copies (one chunk, as in memory) and the chunk in fp32
+        b_r = gl.allocate_shared_memory(r.dtype.element_ty, [CHUNK, N], SM2)
+        b_k = gl.allocate_shared_memory(k.dtype.element_ty, [CHUNK, N], SM2)
+        b_lw = gl.allocate_shared_memory(logw.dtype.element_ty, [CHUNK, N], SM2)
+        b_a = gl.allocate_shared_memory(a.dtype.element_ty, [CHUNK, N], SM2)
+        b_b = gl.allocate_shared_memory(b.dtype.element_ty, [CHUNK, N], SM2)
+        b_v = gl.allocate_shared_memory(v.dtype.element_ty, [CHUNK, BV], SM2)
+        f_r = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)
+        f_k = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)
+        f_w = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)
+        f_a = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)
+        f_b = gl.allocate_shared_memory(gl.float32, [CHUNK, N], SM2)
+        f_v = gl.allocate_shared_memory(gl.float32, [CHUNK, BV], SM2)
+        cr = f_r._reinterpret(gl.float32, [CHUNK, N], SM1)
+        ck = f_k._reinterpret(gl.float32, [CHUNK, N], SM1)
+        cw = f_w._reinterpret(gl.float32, [CHUNK, N], SM1)
+        ca = f_a._reinterpret(gl.float32, [CHUNK, N], SM1)
+        cb = f_b._reinterpret(gl.float32, [CHUNK, N], SM1)
+        cv = f_v._reinterpret(gl.float32, [CHUNK, BV], SM1)
+
+        _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, 0, T, cs, cn, vs, vn,
+                   H, N, BV, CHUNK)
+        S = gl.load(s0 + i_bh * N * N + own)
+        for c in range(NC):
+            # chunk c has landed (each thread waits for its copies, the barrier for everyone's), and every
+            # thread is done with chunk c-1's fp32 buffers
+            async_copy.wait_group(0)
+            gl.thread_barrier()
+            f_r.store(b_r.load(CP).to(gl.float32))
+            f_k.store(b_k.load(CP).to(gl.float32))
+            f_w.store(gl.exp(b_lw.load(CP).to(gl.float32)))
+            f_a.store(b_a.load(CP).to(gl.float32))
+            f_b.store(b_b.load(CP).to(gl.float32))
+            f_v.store(b_v.load(CPV).to(gl.float32))
+            gl.thread_barrier()
+            # the raw buffers are free: bring chunk c+1 while this one runs (the last chunk again at the end,
+            # unused: an `if` here fails to compile where T = 1 makes it constant)
+            _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, gl.minimum(c + 1, NC - 1), T, cs, cn,
+                       vs, vn, H, N, BV, CHUNK)
+            if SAVE:
+                gl.store(ckpt + (i_bh * NC + c) * N * N + own, S)
+            c0 = c * CHUNK
+            n = gl.minimum(T - c0, CHUNK)
+            for s in range(n):
+                o = x0 + (c0 + s).to(gl.int64) * (H * N)
+                sa = gl.sum(S * ca.index(s).load(COL)[None, :], 1)
+                S = S * cw.index(s).load(COL)[None, :] + sa[:, None] * cb.index(s).load(COL)[None, :] \
+                    + cv.index(s).load(ROW)[:, None] * ck.index(s).load(COL)[None, :]
+                gl.store(y + o + ri, gl.sum(S * cr.index(s).load(COL)[None, :], 1).to(y.dtype.element_ty))
+                if SAVE:
+                    gl.store(sa_buf + o + ri, sa)
+        async_copy.wait_group(0)
+        gl.store(sT + i_bh * N * N + own, S)
+
+    return _fwd_rows
 
 
 # ---------------------------------------------------------------- launch configuration
@@ -409,26 +551,41 @@ def _has_gluon() -> bool:
 
 
 def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict:
-    """{"fwd": (BV, num_warps, maxnreg), "bwd": (...)}: value rows per program, warps, register cap (None:
-    ptxas decides); or "bwd": ("rows", TPR, maxnreg), the Gluon backward with TPR threads per tile row
-    (N * TPR / 32 warps, one program per head).
+    """{"fwd": ..., "bwd": ...}, each part one of
+    - (BV, num_warps, maxnreg): the tile kernel (Triton), BV value rows per program, a register cap or None;
+    - forward ("rows", BV, TPR): the Gluon forward, BV value rows per program, TPR threads per row;
+    - backward ("rows", TPR, maxnreg): the Gluon backward, one program per head, TPR threads per row.
 
-    Both kernels are bound by the latency of their sequential loop over T, not by arithmetic.
-    - Forward: with few heads (at most two per SM: B * H <= 2 * SMs, 256 at the 1.5B model's B = 8, 264
-      on an H100), 16 value rows and one warp per program (4 programs per head at N = 64); otherwise 64
-      rows, 2 warps (one program per head; splitting further then only repeats the key loads).
-    - Backward: the rows kernel with 2 threads per row (its inputs staged in shared memory a chunk at a
-      time), whatever the number of heads: measured fastest at every shape below.
-    Without Gluon (or N = 128, or N < 16) the tile backward, split into 16-row programs while heads are
-    few and its partial sums fit in PARTIALS_BUDGET.
-    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 6), forward +
-    backward with 16x1/r2 (64x2/r2 at B8 T4096 C4096): B8 T4096 C2048 11.4 ms (16x1/16x1 13.2); B1 T1024
-    C2048 2.06 (2.12); B8 T1024 C2048 3.06 (3.54); B1 T2048 C4096 3.94 (4.25); B8 T1024 C768 2.19 (2.41);
-    B8 T1024 C1024 2.28 (2.56); B8 T4096 C4096 20.9 (16x1/r2 21.5, 64x2/r1 27.7); B1 T32768 C4096 59.7
-    (16x1/16x1 63.6, 64x2/r2 68.1). The staged rows backward with one thread per row is slower everywhere
-    (64x2/r1 at least 1.3 x; its 2 warps hold 3 x 64 fp32 registers of state per thread)."""
+    Every kernel is a sequential loop over T. Where Gluon runs (Triton >= 3.5, compute capability >= 8.0):
+    - Forward, the rows kernel: with at least as many heads as SMs one program per head, one thread per
+      row (BV = N, TPR 1); with fewer, smaller programs so that more SMs work: at most half as many heads
+      as SMs, half a head and 4 threads per row; in between, a quarter of a head and 2 threads per row.
+    - Backward, the rows kernel with 2 threads per row.
+    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 10), forward and
+    forward + backward in ms: B8 T4096 C4096 (512 heads) r64x1/f2 3.51, 17.18 (the session-6 default 64x2/r2
+    4.74, 20.11); B8 T4096 C2048 (256) r64x1/f2 2.19, 8.98 (16x1/r2 3.37, 10.95); B8 T1024 C768 (96)
+    r16x2/f2 0.41, 1.86 (16x1/r2 0.90, 2.01); B1 T1024 C2048 (32) r32x4/r2 0.41, 1.64 (16x1/r2 0.84, 2.01);
+    B1 T32768 C4096 (64) r32x4/r2 9.43-9.96, 45.6 (16x1/r2 24.3, 58.7).
+    Without Gluon: the tile forward (16 rows, one warp per program with at most two heads per SM, else a
+    head per program) and the tile backward, split into 16-row programs while heads are few and its partial
+    sums fit in PARTIALS_BUDGET; also for N = 128 (not measured) or below 16."""
     device = torch.device(device)
     return dict(_default_config(B, T, H, N, _sm_count(device), _has_gluon() and _has_cp_async(device)))
+
+
+def _fwd_rows_config(heads: int, N: int, sms: int) -> tuple:
+    if heads >= sms:
+        bv, tpr = N, 1
+    elif 2 * heads <= sms:
+        bv, tpr = N // 2, 4
+    else:
+        bv, tpr = N // 4, 2
+    while bv * tpr < 32:        # a program is at least one warp; a thread at least 4 keys
+        if 4 * tpr * 2 <= N:
+            tpr *= 2
+        else:
+            bv *= 2
+    return ("rows", bv, tpr)
 
 
 @functools.lru_cache(maxsize=256)
@@ -436,7 +593,11 @@ def _default_config(B: int, T: int, H: int, N: int, sms: int, gluon: bool) -> di
     few = B * H <= 2 * sms
     partials = lambda bv: 5 * 4 * (N // bv) * B * T * H * N   # noqa: E731  bytes of the tile backward's sums
     warps = lambda bv: max(1, min(8, bv * N // 2048))          # noqa: E731
-    fwd_bv = min(N, 16) if few else min(N, 64)
+    if 16 <= N <= 128 and gluon:
+        fwd = _fwd_rows_config(B * H, N, sms)
+    else:
+        fwd_bv = min(N, 16) if few else min(N, 64)
+        fwd = (fwd_bv, warps(fwd_bv), None)
     if 16 <= N <= 64 and gluon:
         bwd = ("rows", 2, None)
     else:   # no Gluon, or N = 128 (not measured) or 8: split while the programs are too few for two per SM
@@ -444,7 +605,7 @@ def _default_config(B: int, T: int, H: int, N: int, sms: int, gluon: bool) -> di
         while bwd_bv > 16 and B * H * (N // bwd_bv) < 2 * sms and partials(bwd_bv // 2) <= PARTIALS_BUDGET:
             bwd_bv //= 2
         bwd = (bwd_bv, warps(bwd_bv), None)
-    return {"fwd": (fwd_bv, warps(fwd_bv), None), "bwd": bwd}
+    return {"fwd": fwd, "bwd": bwd}
 
 
 # ---------------------------------------------------------------- the op
@@ -455,18 +616,24 @@ def _on_device(x: Tensor):
 
 # The op is two torch.library custom ops (forward, backward) joined by register_autograd, rather than an
 # autograd.Function: torch.compile (COMPILE) then traces a whole block through it without a graph break.
-# The launch configuration travels as ints (custom ops take no dicts): fwd (BV, warps, maxnreg or 0);
-# bwd (kind 0 = tile, 1 = rows; BV or TPR; warps (tile); maxnreg or 0).
+# The launch configuration travels as ints (custom ops take no dicts): fwd (kind 0 = tile, 1 = rows; BV;
+# warps (tile) or TPR (rows); maxnreg or 0); bwd (kind 0 = tile, 1 = rows; BV (tile) or TPR; warps (tile);
+# maxnreg or 0).
 
 def _flat(config: dict) -> tuple[int, ...]:
-    fb, fw, fm = config["fwd"]
+    if config["fwd"][0] == "rows":
+        _, fb, tpr = config["fwd"]
+        fwd = (1, fb, tpr, 0)
+    else:
+        fb, fw, fm = config["fwd"]
+        fwd = (0, fb, fw, fm or 0)
     if config["bwd"][0] == "rows":
         _, tpr, bm = config["bwd"]
         bwd = (1, tpr, 0, bm or 0)
     else:
         bb, bw, bm = config["bwd"]
         bwd = (0, bb, bw, bm or 0)
-    return (fb, fw, fm or 0) + bwd
+    return fwd + bwd
 
 
 def _device_index(x: Tensor) -> int:
@@ -489,11 +656,10 @@ def _opts(warps: int, maxnreg: int) -> dict:
 def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
               save: bool, config: list[int], amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, final state, chunk checkpoints, S·a per step); the last two are empty when not ``save``.
-    ``config``: _flat's 7 ints (the backward's part is for _backward). ``amax`` [B, T, H] fp32, the largest
+    ``config``: _flat's 8 ints (the backward's part is for _backward). ``amax`` [B, T, H] fp32, the largest
     -logw of each step, is only kept for the backward's rows kernel (see wkv7_triton)."""
     B, T, H, N = r.shape
-    fwd_bv, fwd_warps, fwd_maxnreg = config[:3]
-    fwd, _ = _kernels()
+    kind, fwd_bv, p2, fwd_maxnreg = config[:4]
     r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
     s0 = state.float().contiguous() if state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
     NC = (T + CHUNK - 1) // CHUNK
@@ -501,9 +667,23 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     sT = r.new_empty(B, H, N, N, dtype=torch.float32)
     ckpt = r.new_empty((B * H, NC, N, N) if save else (1,), dtype=torch.float32)
     sa = r.new_empty((B, T, H, N) if save else (1,), dtype=torch.float32)
+    if kind == 1:
+        rows = _fwd_rows_kernel()
+        if rows is None or (r.is_cuda and not _has_cp_async(r.device)):
+            raise UserError("the triton op's 'rows' forward needs Triton with Gluon (triton >= 3.5) and a GPU of "
+                            "compute capability 8.0 or newer", "leave the launch configuration to the default")
+        tpr = p2
+        if not (N % fwd_bv == 0 and 4 <= fwd_bv and fwd_bv * tpr % 32 == 0 and 1 <= tpr and 4 * tpr <= N <= 128):
+            raise UserError(f"the rows forward needs BV | N, 4 <= BV, 32 | BV * TPR, 4 * TPR <= N <= 128 (got N={N}, "
+                            f"BV={fwd_bv}, TPR={tpr})", "use ('rows', 64, 1) for N = 64")
+        with _on_device(r):
+            rows[(B * H, N // fwd_bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=fwd_bv,
+                                       TPR=tpr, CHUNK=CHUNK, SAVE=save, num_warps=fwd_bv * tpr // 32)
+        return y, sT, ckpt, sa
+    fwd, _ = _kernels()
     with _on_device(r):
         fwd[(B * H, N // fwd_bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=fwd_bv,
-                                  CHUNK=CHUNK, SAVE=save, **_opts(fwd_warps, fwd_maxnreg))
+                                  CHUNK=CHUNK, SAVE=save, **_opts(p2, fwd_maxnreg))
     return y, sT, ckpt, sa
 
 
@@ -538,8 +718,8 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
         if rows is None:
             raise UserError("the triton op's 'rows' backward needs Triton with Gluon (triton >= 3.5)",
                             "pip install -U triton, or pass a tile config such as (64, 2, None)")
-        if not (1 <= tpr <= 32 and N * tpr >= 32):
-            raise UserError(f"the rows backward needs 32 <= N * TPR, TPR <= 32 (got N={N}, TPR={tpr})",
+        if not (1 <= tpr and N * tpr >= 32 and 4 * tpr <= N):
+            raise UserError(f"the rows backward needs 32 <= N * TPR and 4 * TPR <= N (got N={N}, TPR={tpr})",
                             "use TPR = 2 for N = 16 .. 64")
         dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
         amax = step_amax(logw) if amax is None else amax.float().contiguous()
@@ -574,7 +754,7 @@ def _setup(ctx, inputs, output):
     r, k, v, logw, a, b, state, save, config, amax = inputs
     _y, sT, ckpt, sa = output
     ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa, amax)
-    ctx.has_s0, ctx.bwd = state is not None, tuple(config[3:])
+    ctx.has_s0, ctx.bwd = state is not None, tuple(config[4:])
 
 
 def _backward(ctx, dy, dsT, _dckpt, _dsa):
@@ -634,7 +814,7 @@ def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Ten
     # The rows backward reads each step's largest -logw. Taken here, outside the custom op, it is part of a
     # compiled block's graph: inductor fuses the reduction into the kernel that makes logw, instead of a
     # separate pass over logw in every backward (0.29 ms of 24 per step at B 8, T 4096, C 2048 on an H100).
-    amax = step_amax(logw) if save and flat[3] == 1 else None
+    amax = step_amax(logw) if save and flat[4] == 1 else None
     y, sT, _ckpt, _sa = _wkv7_fwd(r, k, v, logw, a, b, state, save, flat, amax)
     return y, sT
 

@@ -326,6 +326,26 @@ def test_triton_edge_cases_on_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_takes_unaligned_views_on_gpu():
+    """Inputs that are views starting one element into a buffer (not 16-byte aligned, as cp.async needs):
+    the op copies them, forward and backward, and the result is the oracle's."""
+    _gpu_skip()
+    x = _inputs(dict(B=2, T=50, H=4, N=64), torch.bfloat16, device="cuda")
+
+    def shifted(t):
+        return torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view_as(t)
+
+    def fn(r, k, v, logw, a, b, state):
+        r, k, v, logw, a, b = (shifted(t) for t in (r, k, v, logw, a, b))
+        assert r.data_ptr() % 16 != 0
+        return tw.wkv7_triton(r, k, v, logw, a, b, state)
+
+    got = run_op(fn, 7, x, dtype=torch.bfloat16)
+    assert_match(got, run_op(wkv7_reference, 7, x), GPU_TOL[torch.bfloat16], "triton on unaligned views")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fwd", [("rows", 32, 2), (16, 1, None)])
 def test_triton_forward_without_gradients_on_gpu(fwd):
     """Without gradients the forward saves nothing (another specialisation of each forward kernel)."""

@@ -636,6 +636,13 @@ def _flat(config: dict) -> tuple[int, ...]:
     return fwd + bwd
 
 
+def _dense(x: Tensor) -> Tensor:
+    """x contiguous and 16-byte aligned: the rows kernels copy 4 elements at a time with cp.async, which
+    needs aligned addresses (a view into a larger tensor may start anywhere)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def _device_index(x: Tensor) -> int:
     if not x.is_cuda:
         return -1
@@ -660,7 +667,7 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     -logw of each step, is only kept for the backward's rows kernel (see wkv7_triton)."""
     B, T, H, N = r.shape
     kind, fwd_bv, p2, fwd_maxnreg = config[:4]
-    r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
+    r, k, v, logw, a, b = (_dense(x) for x in (r, k, v, logw, a, b))
     s0 = state.float().contiguous() if state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
     NC = (T + CHUNK - 1) // CHUNK
     y = torch.empty_like(r)
@@ -704,8 +711,8 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
     """(dr, dk, dv, dlogw, da, db, d initial state). ``amax``: the forward's (computed here if None)."""
     B, T, H, N = r.shape
     _, bwd = _kernels()
-    r, k, v, logw, a, b = (x.contiguous() for x in (r, k, v, logw, a, b))
-    dy, dsT = dy.contiguous(), dsT.float().contiguous()
+    r, k, v, logw, a, b = (_dense(x) for x in (r, k, v, logw, a, b))
+    dy, dsT = _dense(dy), dsT.float().contiguous()
     dv, ds0 = torch.empty_like(v), torch.empty_like(sT)
     keyed = (r, k, logw, a, b)
     if kind == 1:

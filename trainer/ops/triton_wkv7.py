@@ -216,10 +216,23 @@ def _kernels():
     return _fwd_kernel, _bwd_kernel
 
 
-@functools.lru_cache(maxsize=None)
 def _rows_kernel():
-    """The backward in Gluon (Triton's layout-explicit dialect): see _bwd_rows_kernel. None when this Triton
-    has no Gluon (then the tile kernel runs)."""
+    """The backward in Gluon: see _bwd_rows_kernel. None when this Triton has no Gluon (then the tile kernel
+    runs)."""
+    kernels = _gluon_kernels()
+    return kernels and kernels[1]
+
+
+def _fwd_rows_kernel():
+    """The forward in Gluon: see _fwd_rows. None when this Triton has no Gluon (then the tile forward runs)."""
+    kernels = _gluon_kernels()
+    return kernels and kernels[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_kernels():
+    """(forward, backward), the rows kernels in Gluon (Triton's layout-explicit dialect); None when this
+    Triton has no Gluon."""
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
@@ -228,25 +241,60 @@ def _rows_kernel():
         return None
 
     @gluon.jit
-    def _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, c, T, cs, cn,
-               H: gl.constexpr, N: gl.constexpr, CHUNK: gl.constexpr):
-        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the [CHUNK, N]
-        buffers b_*, as one cp.async group."""
+    def _chunk_offsets(x0, c, T, cs, cn, H: gl.constexpr, N: gl.constexpr, CHUNK: gl.constexpr):
+        """Offsets of x[b, t, h, :] for the steps t of chunk c (cs, cn: the [CHUNK, N] block's indices), and
+        the mask of the steps before T."""
         steps = c * CHUNK + cs
         offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
-        m = (steps < T)[:, None] & (cn < N)[None, :]
+        return offs, (steps < T)[:, None] & (cn < N)[None, :]
+
+    @gluon.jit
+    def _copy_keys(b_r, b_k, b_lw, b_a, b_b, r, k, logw, a, b, offs, m):
+        """Start copying the key-indexed inputs of a chunk (offs, m from _chunk_offsets) into the buffers b_*."""
         async_copy.async_copy_global_to_shared(b_r, r + offs, m)
         async_copy.async_copy_global_to_shared(b_k, k + offs, m)
         async_copy.async_copy_global_to_shared(b_lw, logw + offs, m)
         async_copy.async_copy_global_to_shared(b_a, a + offs, m)
         async_copy.async_copy_global_to_shared(b_b, b + offs, m)
+
+    @gluon.jit
+    def _keys_to_f32(f_r, f_k, f_a, f_b, f_w, b_r, b_k, b_a, b_b, b_lw, CP: gl.constexpr):
+        """A landed chunk's key-indexed inputs into the fp32 buffers f_* (f_w: exp(logw)), each element by one
+        thread (layout CP); returns logw in fp32."""
+        lw = b_lw.load(CP).to(gl.float32)
+        f_r.store(b_r.load(CP).to(gl.float32))
+        f_k.store(b_k.load(CP).to(gl.float32))
+        f_a.store(b_a.load(CP).to(gl.float32))
+        f_b.store(b_b.load(CP).to(gl.float32))
+        f_w.store(gl.exp(lw))
+        return lw
+
+    @gluon.jit
+    def _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0, c, T, cs, cn,
+               H, N, CHUNK):
+        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the [CHUNK, N]
+        buffers b_*, as one cp.async group."""
+        offs, m = _chunk_offsets(x0, c, T, cs, cn, H, N, CHUNK)
+        _copy_keys(b_r, b_k, b_lw, b_a, b_b, r, k, logw, a, b, offs, m)
         async_copy.async_copy_global_to_shared(b_v, v + offs, m)
         async_copy.async_copy_global_to_shared(b_dy, dy + offs, m)
         async_copy.async_copy_global_to_shared(b_sa, sa_buf + offs, m)
         async_copy.commit_group()
 
+    @gluon.jit
+    def _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, c, T, cs, cn, vs, vn, H, N, CHUNK):
+        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the buffers b_*
+        ([CHUNK, N], v [CHUNK, BV]): the key-indexed vectors whole, v only for this program's BV value rows;
+        one cp.async group."""
+        offs, m = _chunk_offsets(x0, c, T, cs, cn, H, N, CHUNK)
+        _copy_keys(b_r, b_k, b_lw, b_a, b_b, r, k, logw, a, b, offs, m)
+        voffs, vm = _chunk_offsets(x0 + v0, c, T, vs, vn, H, N, CHUNK)   # vn < BV <= N: the rows' mask is vm
+        async_copy.async_copy_global_to_shared(b_v, v + voffs, vm)
+        async_copy.commit_group()
+
     # Gluon finds the helpers that a kernel calls among the module's globals, not in this closure.
-    globals().update(_stage=_stage)
+    globals().update(_chunk_offsets=_chunk_offsets, _copy_keys=_copy_keys, _keys_to_f32=_keys_to_f32,
+                     _stage=_stage, _stage_fwd=_stage_fwd)
 
     @gluon.jit
     def _bwd_rows_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf, dr, dk, dv, dlogw, da, db, ds0, amax, T, NC,
@@ -332,15 +380,10 @@ def _rows_kernel():
             # thread is done with chunk c+1's fp32 buffers: turn chunk c into fp32
             async_copy.wait_group(0)
             gl.thread_barrier()
-            lw = b_lw.load(CP).to(F32)
-            f_r.store(b_r.load(CP).to(F32))
-            f_k.store(b_k.load(CP).to(F32))
-            f_a.store(b_a.load(CP).to(F32))
-            f_b.store(b_b.load(CP).to(F32))
+            lw = _keys_to_f32(f_r, f_k, f_a, f_b, f_w, b_r, b_k, b_a, b_b, b_lw, CP)
             f_v.store(b_v.load(CP).to(F32))
             f_dy.store(b_dy.load(CP).to(F32))
             f_sa.store(b_sa.load(CP))
-            f_w.store(gl.exp(lw))
             f_iw.store(gl.exp(-lw))
             gl.thread_barrier()
             # the copy buffers are free: bring chunk c-1 while this one runs (at c = 0 chunk 0 again, unused:
@@ -391,40 +434,6 @@ def _rows_kernel():
                 par = 1 - par
         async_copy.wait_group(0)
         gl.store(ds0 + i_bh * N * N + own, G)
-
-    return _bwd_rows_kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _fwd_rows_kernel():
-    """The forward in Gluon: see _fwd_rows. None when this Triton has no Gluon (then the tile forward runs)."""
-    try:
-        from triton.experimental import gluon
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    except ImportError:
-        return None
-
-    @gluon.jit
-    def _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, c, T, cs, cn, vs, vn,
-                   H: gl.constexpr, N: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr):
-        """Start copying chunk c's inputs (steps c*CHUNK .. +CHUNK, those past T masked) into the buffers b_*
-        ([CHUNK, N], v [CHUNK, BV]): the key-indexed vectors whole, v only for this program's BV value rows;
-        one cp.async group."""
-        steps = c * CHUNK + cs
-        offs = x0 + steps[:, None].to(gl.int64) * (H * N) + cn[None, :]
-        m = (steps < T)[:, None] & (cn < N)[None, :]
-        async_copy.async_copy_global_to_shared(b_r, r + offs, m)
-        async_copy.async_copy_global_to_shared(b_k, k + offs, m)
-        async_copy.async_copy_global_to_shared(b_lw, logw + offs, m)
-        async_copy.async_copy_global_to_shared(b_a, a + offs, m)
-        async_copy.async_copy_global_to_shared(b_b, b + offs, m)
-        vsteps = c * CHUNK + vs
-        voffs = x0 + v0 + vsteps[:, None].to(gl.int64) * (H * N) + vn[None, :]
-        async_copy.async_copy_global_to_shared(b_v, v + voffs, (vsteps < T)[:, None] & (vn < BV)[None, :])
-        async_copy.commit_group()
-
-    globals().update(_stage_fwd=_stage_fwd)
 
     @gluon.jit
     def _fwd_rows(r, k, v, logw, a, b, s0, y, sT, ckpt, sa_buf, T, NC,
@@ -480,24 +489,20 @@ def _fwd_rows_kernel():
         cv = f_v._reinterpret(gl.float32, [CHUNK, BV], SM1)
 
         _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, 0, T, cs, cn, vs, vn,
-                   H, N, BV, CHUNK)
+                   H, N, CHUNK)
         S = gl.load(s0 + i_bh * N * N + own)
         for c in range(NC):
             # chunk c has landed (each thread waits for its copies, the barrier for everyone's), and every
             # thread is done with chunk c-1's fp32 buffers
             async_copy.wait_group(0)
             gl.thread_barrier()
-            f_r.store(b_r.load(CP).to(gl.float32))
-            f_k.store(b_k.load(CP).to(gl.float32))
-            f_w.store(gl.exp(b_lw.load(CP).to(gl.float32)))
-            f_a.store(b_a.load(CP).to(gl.float32))
-            f_b.store(b_b.load(CP).to(gl.float32))
+            _keys_to_f32(f_r, f_k, f_a, f_b, f_w, b_r, b_k, b_a, b_b, b_lw, CP)
             f_v.store(b_v.load(CPV).to(gl.float32))
             gl.thread_barrier()
             # the raw buffers are free: bring chunk c+1 while this one runs (the last chunk again at the end,
             # unused: an `if` here fails to compile where T = 1 makes it constant)
             _stage_fwd(b_r, b_k, b_lw, b_a, b_b, b_v, r, k, logw, a, b, v, x0, v0, gl.minimum(c + 1, NC - 1), T, cs, cn,
-                       vs, vn, H, N, BV, CHUNK)
+                       vs, vn, H, N, CHUNK)
             if SAVE:
                 gl.store(ckpt + (i_bh * NC + c) * N * N + own, S)
             c0 = c * CHUNK
@@ -513,7 +518,7 @@ def _fwd_rows_kernel():
         async_copy.wait_group(0)
         gl.store(sT + i_bh * N * N + own, S)
 
-    return _fwd_rows
+    return _fwd_rows, _bwd_rows_kernel
 
 
 # ---------------------------------------------------------------- launch configuration

@@ -177,20 +177,25 @@ def test_default_config_takes_the_rows_backward_where_gluon_runs(monkeypatch):
     assert tw._has_gluon() is False
 
 
-def _compile_rows_for_h100(N: int, tpr: int):
-    """The rows backward compiled for sm_90 (no GPU needed): the compiled kernel's metadata."""
+def _compile_for_h100(kern, sig: dict, consts: dict, warps: int):
+    """A Gluon kernel compiled for sm_90 (no GPU needed), its pointers 16-byte aligned as the launch
+    specialises them: the compiled kernel (its PTX in .asm, metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    kern = tw._rows_kernel()
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = GluonASTSource(fn=kern, signature=sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def _compile_rows_for_h100(N: int, tpr: int):
+    """The rows backward compiled for sm_90."""
     P, F = "*bf16", "*fp32"
     sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, dy=P, dsT=F, sT=F, ckpt=F, sa_buf=F, dr=P, dk=P, dv=P, dlogw=F,
                da=P, db=P, ds0=F, amax=F, T="i32", NC="i32", H="constexpr", N="constexpr", TPR="constexpr",
                CHUNK="constexpr", LOG_AMP_MAX="constexpr")
     consts = dict(H=4, N=N, TPR=tpr, CHUNK=tw.CHUNK, LOG_AMP_MAX=tw.LOG_AMP_MAX)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
-    src = GluonASTSource(fn=kern, signature=sig, constexprs=consts, attrs=aligned)   # as the launch specialises
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": N * tpr // 32})
+    return _compile_for_h100(tw._rows_kernel(), sig, consts, N * tpr // 32)
 
 
 @pytest.mark.parametrize("N", [16, 32, 64])
@@ -207,16 +212,12 @@ def test_rows_backward_compiles_for_an_h100(N):
 
 
 def _compile_fwd_rows_for_h100(N: int, bv: int, tpr: int, save: bool):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """The rows forward compiled for sm_90."""
     P, F = "*bf16", "*fp32"
     sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, s0=F, y=P, sT=F, ckpt=F, sa_buf=F, T="i32", NC="i32",
                H="constexpr", N="constexpr", BV="constexpr", TPR="constexpr", CHUNK="constexpr", SAVE="constexpr")
     consts = dict(H=4, N=N, BV=bv, TPR=tpr, CHUNK=tw.CHUNK, SAVE=save)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
-    src = GluonASTSource(fn=tw._fwd_rows_kernel(), signature=sig, constexprs=consts, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": bv * tpr // 32})
+    return _compile_for_h100(tw._fwd_rows_kernel(), sig, consts, bv * tpr // 32)
 
 
 @pytest.mark.parametrize("N,bv,tpr,save", [(64, 32, 2, True), (64, 16, 2, False), (64, 64, 1, True),

@@ -192,9 +192,9 @@ def _compile_rows_for_h100(N: int, tpr: int):
     """The rows backward compiled for sm_90."""
     P, F = "*bf16", "*fp32"
     sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, dy=P, dsT=F, sT=F, ckpt=F, sa_buf=F, dr=P, dk=P, dv=P, dlogw=F,
-               da=P, db=P, ds0=F, amax=F, T="i32", NC="i32", H="constexpr", N="constexpr", TPR="constexpr",
-               CHUNK="constexpr", LOG_AMP_MAX="constexpr")
-    consts = dict(H=4, N=N, TPR=tpr, CHUNK=tw.CHUNK, LOG_AMP_MAX=tw.LOG_AMP_MAX)
+               da=P, db=P, ds0=F, T="i32", NC="i32", H="constexpr", N="constexpr", TPR="constexpr",
+               CHUNK="constexpr", LOG_AMP_MAX="constexpr", Q="constexpr")
+    consts = dict(H=4, N=N, TPR=tpr, CHUNK=tw.CHUNK, LOG_AMP_MAX=tw.LOG_AMP_MAX, Q=tw._rsum_q(N, tpr))
     return _compile_for_h100(tw._rows_kernel(), sig, consts, N * tpr // 32)
 
 
@@ -215,8 +215,9 @@ def _compile_fwd_rows_for_h100(N: int, bv: int, tpr: int, save: bool):
     """The rows forward compiled for sm_90."""
     P, F = "*bf16", "*fp32"
     sig = dict(r=P, k=P, v=P, logw=F, a=P, b=P, s0=F, y=P, sT=F, ckpt=F, sa_buf=F, T="i32", NC="i32",
-               H="constexpr", N="constexpr", BV="constexpr", TPR="constexpr", CHUNK="constexpr", SAVE="constexpr")
-    consts = dict(H=4, N=N, BV=bv, TPR=tpr, CHUNK=tw.CHUNK, SAVE=save)
+               H="constexpr", N="constexpr", BV="constexpr", TPR="constexpr", CHUNK="constexpr", SAVE="constexpr",
+               Q="constexpr")
+    consts = dict(H=4, N=N, BV=bv, TPR=tpr, CHUNK=tw.CHUNK, SAVE=save, Q=tw._rsum_q(N, tpr))
     return _compile_for_h100(tw._fwd_rows_kernel(), sig, consts, bv * tpr // 32)
 
 
@@ -267,7 +268,7 @@ def test_triton_matches_oracle_on_gpu(dtype, state):
                                   "rows_tpr4", "rows_N32", "rows_N16_tpr4", "rows_strong_decays", "rows_T1",
                                   "rowsfwd_32x2", "rowsfwd_16x2", "rowsfwd_64x1", "rowsfwd_16x4_strong_decays",
                                   "rowsfwd_N32_8x4", "rowsfwd_N16", "rowsfwd_T1", "rowsfwd_T15", "rowsfwd_tile_bwd",
-                                  "rows_T15", "rows_N16"])
+                                  "rows_T15", "rows_N16", "rows_extreme_decays", "rows_T33_strongest"])
 def test_triton_edge_cases_on_gpu(case):
     _gpu_skip()
     kw, config = dict(B=2, T=300, H=4, N=64), None
@@ -313,6 +314,10 @@ def test_triton_edge_cases_on_gpu(case):
             kw.update(N=16, H=8)
         elif case == "rows_strong_decays":
             kw.update(T=77, decay="strong")
+        elif case == "rows_extreme_decays":     # w = e^-40 among slow decays: a replay at almost every step
+            kw.update(T=77, decay="extreme")
+        elif case == "rows_T33_strongest":      # RWKV-7's strongest decay, a partial last chunk
+            kw.update(T=33, decay="rwkv7_min")
         elif case == "rows_T1":
             kw["T"] = 1
         elif case == "rows_T15":

@@ -51,11 +51,14 @@ forward, 16 <= N <= 64 backward) give each thread (a part of) a row: the forward
 every sum is along a row inside the thread. Their per-step vectors come from shared memory: the copy
 engine (cp.async) brings each chunk of 16 steps while the program works through the one before, and the
 program turns each chunk into fp32 once, so that neither a step nor a replay waits on global memory or
-converts anything; in the backward only G b (the gradient of S a) travels between threads (one barrier
-per step). The rows backward decides between inverting and replaying with a looser bound, the sum over
-steps of the largest -logw of each step (computed by the wrapper), so it replays at least as often: as
-exact. Triton's interpreter cannot run Gluon, so on the CPU the tests run the tile kernels and compile
-the rows kernels for sm_90; the rows kernels run on the GPU tests.
+converts anything; in the backward only G b (the gradient of S a) travels between threads, through
+shared memory (two barriers per step: ours, and one Gluon adds before the next write because it cannot
+tell the two halves of the exchange buffer apart; two buffers and two steps per turn, one barrier per
+step, was not faster: bench/RESULTS.md, session 11). A row's sum is a tree (_rsum), not one chain of
+dependent multiply-adds. The rows backward decides between inverting and replaying with a looser bound,
+the sum over steps of the largest -logw of each step, taken once per chunk (_replay_steps), so it
+replays at least as often: as exact. Triton's interpreter cannot run Gluon, so on the CPU the tests run
+the tile kernels and compile the rows kernels for sm_90; the rows kernels run on the GPU tests.
 
 Numbers: inputs in any float dtype (bf16, fp16, fp32; read as they are and turned into fp32 in
 registers or shared memory); y and every input gradient in their tensor's dtype; states, checkpoints and sa fp32.
@@ -292,14 +295,42 @@ def _gluon_kernels():
         async_copy.async_copy_global_to_shared(b_v, v + voffs, vm)
         async_copy.commit_group()
 
-    # Gluon finds the helpers that a kernel calls among the module's globals, not in this closure.
-    globals().update(_chunk_offsets=_chunk_offsets, _copy_keys=_copy_keys, _keys_to_f32=_keys_to_f32,
-                     _stage=_stage, _stage_fwd=_stage_fwd)
+    @gluon.jit
+    def _rsum(x, OUT: gl.constexpr, Q: gl.constexpr):
+        """Each row's sum of the tile x [rows, N] (layout L, a thread's keys 4 by 4 along the row), as OUT
+        (= ROW): first over Q slices of the keys (Q independent terms per partial sum), then along a slice.
+        gl.sum alone adds a thread's N/TPR keys one after another, a chain of dependent FMAs (4 cycles each)
+        that the steps wait on; this tree is about Q times shorter."""
+        part = gl.sum(gl.reshape(x, [x.shape[0], Q, x.shape[1] // Q]), 1)
+        return gl.convert_layout(gl.sum(part, 1), OUT, assert_trivial=True)
 
     @gluon.jit
-    def _bwd_rows_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf, dr, dk, dv, dlogw, da, db, ds0, amax, T, NC,
+    def _replay_steps(f_am, n, REP: gl.constexpr, CHUNK: gl.constexpr, LOG_AMP_MAX: gl.constexpr):
+        """The steps s of a chunk (n steps; f_am: each step's largest -logw, in shared memory) where the
+        backward replays from the checkpoint instead of inverting, as bits 1 << s. Walking back from the last
+        step, it inverts while the sum of the largest -logw since the last exact state (a bound on every
+        key's: the error grows by e^-logw per inverted step) stays within LOG_AMP_MAX; at step 0 the
+        checkpoint is the state. Taken once per chunk, so that a step only tests a bit."""
+        am = f_am.load(REP)
+        idx = gl.arange(0, CHUNK, layout=REP)
+        amp = gl.max(gl.zeros_like(am), 0)
+        replays = gl.sum(gl.zeros_like(idx), 0)
+        for s in gl.static_range(CHUNK - 1, -1, -1):
+            amp_t = amp + gl.max(gl.where(idx == s, am, float("-inf")), 0)
+            live = n > s
+            replay = live & ((amp_t > LOG_AMP_MAX) | (s == 0))
+            replays = gl.where(replay, replays | (1 << s), replays)
+            amp = gl.where(replay, 0.0, gl.where(live, amp_t, amp))
+        return replays
+
+    # Gluon finds the helpers that a kernel calls among the module's globals, not in this closure.
+    globals().update(_replay_steps=_replay_steps, _rsum=_rsum, _chunk_offsets=_chunk_offsets, _copy_keys=_copy_keys,
+                     _keys_to_f32=_keys_to_f32, _stage=_stage, _stage_fwd=_stage_fwd)
+
+    @gluon.jit
+    def _bwd_rows_kernel(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa_buf, dr, dk, dv, dlogw, da, db, ds0, T, NC,
                          H: gl.constexpr, N: gl.constexpr, TPR: gl.constexpr, CHUNK: gl.constexpr,
-                         LOG_AMP_MAX: gl.constexpr):
+                         LOG_AMP_MAX: gl.constexpr, Q: gl.constexpr):
         """One program per (batch, head), TPR threads per row of each tile: S^T [key, value], G = dL/dS
         [value, key] and its transpose G^T [key, value] (the redundant copy is cheaper than reducing
         over threads). Every gradient is then a sum along a row, inside the thread (and TPR lanes); a
@@ -314,7 +345,7 @@ def _gluon_kernels():
         the same vectors, which in bf16 cost as many conversions as multiply-adds (measured 11-14 % faster
         than reading the bf16 copies, bench/RESULTS.md, session 10). Each thread reads its row's element of a
         vector (one per thread) or the whole vector (every column): no exchange between threads but G b
-        (dsa, the gradient of S·a), through shared memory too (one barrier per step)."""
+        (dsa, the gradient of S·a), through shared memory too (see the module docstring)."""
         NW: gl.constexpr = N * TPR // 32
         L: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [NW, 1], [1, 0])
         ROW: gl.constexpr = gl.SliceLayout(1, L)     # x[i] for the rows: one element per thread
@@ -323,6 +354,7 @@ def _gluon_kernels():
         CP: gl.constexpr = gl.BlockedLayout([1, 4], [128 // N, N // 4], [NW, 1], [1, 0])
         SM2: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])     # [steps, N], row-major (cp.async)
         SM1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])        # the same memory as rows of N
+        REP: gl.constexpr = gl.BlockedLayout([CHUNK], [32], [NW], [0])    # a chunk's scalars, all in every thread
         F32: gl.constexpr = gl.float32
         i_bh = gl.program_id(0).to(gl.int64)
         i_b = i_bh // H
@@ -355,6 +387,7 @@ def _gluon_kernels():
         f_w = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)        # exp(logw)
         f_iw = gl.allocate_shared_memory(F32, [CHUNK, N], SM2)       # exp(-logw)
         b_dsa = gl.allocate_shared_memory(F32, [2, N], SM1)          # G b (dsa), by step parity
+        f_am = gl.allocate_shared_memory(F32, [CHUNK], SM1)          # each step's largest -logw
         cr = f_r._reinterpret(F32, [CHUNK, N], SM1)
         ck = f_k._reinterpret(F32, [CHUNK, N], SM1)
         ca = f_a._reinterpret(F32, [CHUNK, N], SM1)
@@ -371,9 +404,7 @@ def _gluon_kernels():
         ST = gl.load(sT + i_bh * N * N + tr)         # S_t^T, from t = T-1 down
         G = gl.load(dsT + i_bh * N * N + own)        # dL/dS_t
         GT = gl.load(dsT + i_bh * N * N + tr)
-        amp = gl.zeros([], F32)                      # bound on the sum of -logw since the last exact S
         par = 0                                      # step parity, for b_dsa
-        am = gl.load(amax + (i_b * T + T - 1) * H + i_h)     # the largest -logw of step t (loaded a step ahead)
         for cc in range(NC):
             c = NC - 1 - cc
             # chunk c has landed (each thread waits for its copies, the barrier for everyone's), and every
@@ -385,50 +416,48 @@ def _gluon_kernels():
             f_dy.store(b_dy.load(CP).to(F32))
             f_sa.store(b_sa.load(CP))
             f_iw.store(gl.exp(-lw))
+            f_am.store(gl.max(-lw, 1))
             gl.thread_barrier()
+            c0 = c * CHUNK
+            n = gl.minimum(T - c0, CHUNK)
+            replays = _replay_steps(f_am, n, REP, CHUNK, LOG_AMP_MAX)
             # the copy buffers are free: bring chunk c-1 while this one runs (at c = 0 chunk 0 again, unused:
             # an `if` here fails to compile where T = 1 makes it constant)
             _stage(b_r, b_k, b_lw, b_a, b_b, b_v, b_dy, b_sa, r, k, logw, a, b, v, dy, sa_buf, x0,
                    gl.maximum(c - 1, 0), T, cs, cn, H, N, CHUNK)
-            c0 = c * CHUNK
-            n = gl.minimum(T - c0, CHUNK)
             for j in range(n):
                 s = n - 1 - j
                 t = c0 + s
                 o = x0 + t.to(gl.int64) * (H * N)
                 dyC = cdy.index(s).load(COL)
-                gl.store(dr + o + ri, gl.sum(ST * dyC[None, :], 1).to(dr.dtype.element_ty))    # S_t^T dy_t
-                # ST <- S_{t-1}^T: invert step t, or replay it from the checkpoint if inverting would lose
-                # accuracy (amp: the sum over steps of the largest -logw, which bounds every key's)
-                amp_t = amp + am
-                am = gl.load(amax + (i_b * T + gl.maximum(t - 1, 0)) * H + i_h)
+                gl.store(dr + o + ri, _rsum(ST * dyC[None, :], ROW, Q).to(dr.dtype.element_ty))    # S_t^T dy_t
+                # ST <- S_{t-1}^T: invert step t, or where inverting would lose accuracy (_replay_steps)
+                # replay the chunk's first steps from its checkpoint. The inversion is taken either way,
+                # before the branch, so that its independent multiply-adds fill the wait on S_t^T dy_t's sum.
                 vC = cv.index(s).load(COL)
                 saC = csa.index(s).load(COL)
-                if (s == 0) | (amp_t > LOG_AMP_MAX):
+                ST = (ST - ck.index(s).load(ROW)[:, None] * vC[None, :]
+                      - cb.index(s).load(ROW)[:, None] * saC[None, :]) * ciw.index(s).load(ROW)[:, None]
+                if ((replays >> s) & 1) != 0:
                     ST = gl.load(ckpt + (i_bh * NC + c) * N * N + tr)
                     for q in range(0, s):
                         ST = ST * cw.index(q).load(ROW)[:, None] \
                             + cb.index(q).load(ROW)[:, None] * csa.index(q).load(COL)[None, :] \
                             + ck.index(q).load(ROW)[:, None] * cv.index(q).load(COL)[None, :]
-                    amp = gl.zeros([], F32)
-                else:
-                    ST = (ST - ck.index(s).load(ROW)[:, None] * vC[None, :]
-                          - cb.index(s).load(ROW)[:, None] * saC[None, :]) * ciw.index(s).load(ROW)[:, None]
-                    amp = amp_t
 
                 G += cdy.index(s).load(ROW)[:, None] * cr.index(s).load(COL)[None, :]
                 GT += cr.index(s).load(ROW)[:, None] * dyC[None, :]
-                dsa = gl.sum(G * cb.index(s).load(COL)[None, :], 1)            # G b_t
+                dsa = _rsum(G * cb.index(s).load(COL)[None, :], ROW, Q)            # G b_t
                 pd = b_dsa.index(par)
                 pd.store(dsa)
-                gl.store(dv + o + ri, gl.sum(G * ck.index(s).load(COL)[None, :], 1).to(dv.dtype.element_ty))
-                gl.store(dk + o + ri, gl.sum(GT * vC[None, :], 1).to(dk.dtype.element_ty))
-                gl.store(db + o + ri, gl.sum(GT * saC[None, :], 1).to(db.dtype.element_ty))
+                gl.store(dv + o + ri, _rsum(G * ck.index(s).load(COL)[None, :], ROW, Q).to(dv.dtype.element_ty))
+                gl.store(dk + o + ri, _rsum(GT * vC[None, :], ROW, Q).to(dk.dtype.element_ty))
+                gl.store(db + o + ri, _rsum(GT * saC[None, :], ROW, Q).to(db.dtype.element_ty))
                 w_t = cw.index(s).load(ROW)
-                gl.store(dlogw + o + ri, (gl.sum(GT * ST, 1) * w_t).to(dlogw.dtype.element_ty))
+                gl.store(dlogw + o + ri, (_rsum(GT * ST, ROW, Q) * w_t).to(dlogw.dtype.element_ty))
                 gl.thread_barrier()
                 dsaC = pd.load(COL)
-                gl.store(da + o + ri, gl.sum(ST * dsaC[None, :], 1).to(da.dtype.element_ty))   # S_{t-1}^T dsa
+                gl.store(da + o + ri, _rsum(ST * dsaC[None, :], ROW, Q).to(da.dtype.element_ty))   # S_{t-1}^T dsa
                 G = G * cw.index(s).load(COL)[None, :] + dsa[:, None] * ca.index(s).load(COL)[None, :]
                 GT = GT * w_t[:, None] + ca.index(s).load(ROW)[:, None] * dsaC[None, :]
                 par = 1 - par
@@ -438,7 +467,7 @@ def _gluon_kernels():
     @gluon.jit
     def _fwd_rows(r, k, v, logw, a, b, s0, y, sT, ckpt, sa_buf, T, NC,
                   H: gl.constexpr, N: gl.constexpr, BV: gl.constexpr, TPR: gl.constexpr, CHUNK: gl.constexpr,
-                  SAVE: gl.constexpr):
+                  SAVE: gl.constexpr, Q: gl.constexpr):
         """Grid (B*H, N/BV): BV value rows of S [value, key] of one head, TPR threads per row (BV*TPR/32
         warps), each thread holding N/TPR keys of its row (4 by 4, interleaved with the row's other lanes),
         so that S·a and S·r are sums inside the thread and TPR lanes: no exchange between warps at all.
@@ -509,10 +538,10 @@ def _gluon_kernels():
             n = gl.minimum(T - c0, CHUNK)
             for s in range(n):
                 o = x0 + (c0 + s).to(gl.int64) * (H * N)
-                sa = gl.sum(S * ca.index(s).load(COL)[None, :], 1)
+                sa = _rsum(S * ca.index(s).load(COL)[None, :], ROW, Q)
                 S = S * cw.index(s).load(COL)[None, :] + sa[:, None] * cb.index(s).load(COL)[None, :] \
                     + cv.index(s).load(ROW)[:, None] * ck.index(s).load(COL)[None, :]
-                gl.store(y + o + ri, gl.sum(S * cr.index(s).load(COL)[None, :], 1).to(y.dtype.element_ty))
+                gl.store(y + o + ri, _rsum(S * cr.index(s).load(COL)[None, :], ROW, Q).to(y.dtype.element_ty))
                 if SAVE:
                     gl.store(sa_buf + o + ri, sa)
         async_copy.wait_group(0)
@@ -641,6 +670,15 @@ def _flat(config: dict) -> tuple[int, ...]:
     return fwd + bwd
 
 
+def _rsum_q(N: int, tpr: int) -> int:
+    """The rows kernels' sums along a row (_rsum) go over Q slices of a thread's keys first: about the square
+    root of the N / TPR keys a thread holds, at most the N / (4 TPR) groups of 4 it holds them in."""
+    q = 1
+    while q * q * 2 <= N // tpr and q * 2 <= N // (4 * tpr):
+        q *= 2
+    return q
+
+
 def _dense(x: Tensor) -> Tensor:
     """x contiguous and 16-byte aligned: the rows kernels copy 4 elements at a time with cp.async, which
     needs aligned addresses (a view into a larger tensor may start anywhere)."""
@@ -666,10 +704,9 @@ def _opts(warps: int, maxnreg: int) -> dict:
 
 @torch.library.custom_op("rwkv_peft::wkv7_fwd", mutates_args=())
 def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor, state: Tensor | None,
-              save: bool, config: list[int], amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              save: bool, config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, final state, chunk checkpoints, S·a per step); the last two are empty when not ``save``.
-    ``config``: _flat's 8 ints (the backward's part is for _backward). ``amax`` [B, T, H] fp32, the largest
-    -logw of each step, is only kept for the backward's rows kernel (see wkv7_triton)."""
+    ``config``: _flat's 8 ints (the backward's part is for _backward)."""
     B, T, H, N = r.shape
     kind, fwd_bv, p2, fwd_maxnreg = config[:4]
     r, k, v, logw, a, b = (_dense(x) for x in (r, k, v, logw, a, b))
@@ -690,7 +727,8 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
                             f"BV={fwd_bv}, TPR={tpr})", "use ('rows', 64, 1) for N = 64")
         with _on_device(r):
             rows[(B * H, N // fwd_bv)](r, k, v, logw, a, b, s0, y, sT, ckpt, sa, T, NC, H=H, N=N, BV=fwd_bv,
-                                       TPR=tpr, CHUNK=CHUNK, SAVE=save, num_warps=fwd_bv * tpr // 32)
+                                       TPR=tpr, CHUNK=CHUNK, SAVE=save, Q=_rsum_q(N, tpr),
+                                       num_warps=fwd_bv * tpr // 32)
         return y, sT, ckpt, sa
     fwd, _ = _kernels()
     with _on_device(r):
@@ -700,7 +738,7 @@ def _wkv7_fwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
 
 
 @_wkv7_fwd.register_fake
-def _(r, k, v, logw, a, b, state, save, config, amax=None):
+def _(r, k, v, logw, a, b, state, save, config):
     B, T, H, N = r.shape
     NC = (T + CHUNK - 1) // CHUNK
     f32 = torch.float32
@@ -712,8 +750,8 @@ def _(r, k, v, logw, a, b, state, save, config, amax=None):
 @torch.library.custom_op("rwkv_peft::wkv7_bwd", mutates_args=())
 def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tensor, dy: Tensor, dsT: Tensor,
               sT: Tensor, ckpt: Tensor, sa: Tensor, kind: int, p1: int, p2: int, p3: int,
-              amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dr, dk, dv, dlogw, da, db, d initial state). ``amax``: the forward's (computed here if None)."""
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dr, dk, dv, dlogw, da, db, d initial state)."""
     B, T, H, N = r.shape
     _, bwd = _kernels()
     r, k, v, logw, a, b = (_dense(x) for x in (r, k, v, logw, a, b))
@@ -734,11 +772,10 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
             raise UserError(f"the rows backward needs 32 <= N * TPR and 4 * TPR <= N (got N={N}, TPR={tpr})",
                             "use TPR = 2 for N = 16 .. 64")
         dr, dk, dlogw, da, db = (torch.empty_like(x) for x in keyed)
-        amax = step_amax(logw) if amax is None else amax.float().contiguous()
         with _on_device(r):
-            rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0, amax,
+            rows[(B * H,)](r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, dr, dk, dv, dlogw, da, db, ds0,
                            T, ckpt.shape[1], H=H, N=N, TPR=tpr, CHUNK=CHUNK, LOG_AMP_MAX=LOG_AMP_MAX,
-                           num_warps=N * tpr // 32, **({"maxnreg": maxnreg} if maxnreg else {}))
+                           Q=_rsum_q(N, tpr), num_warps=N * tpr // 32, **({"maxnreg": maxnreg} if maxnreg else {}))
         return dr, dk, dv, dlogw, da, db, ds0
     bv, warps, maxnreg = p1, p2, p3
     nv = N // bv
@@ -757,24 +794,24 @@ def _wkv7_bwd(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Tenso
 
 
 @_wkv7_bwd.register_fake
-def _(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, kind, p1, p2, p3, amax=None):
+def _(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, kind, p1, p2, p3):
     like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
     return like(r), like(k), like(v), like(logw), like(a), like(b), torch.empty_like(sT)
 
 
 def _setup(ctx, inputs, output):
-    r, k, v, logw, a, b, state, save, config, amax = inputs
+    r, k, v, logw, a, b, state, save, config = inputs
     _y, sT, ckpt, sa = output
-    ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa, amax)
+    ctx.save_for_backward(r, k, v, logw, a, b, sT, ckpt, sa)
     ctx.has_s0, ctx.bwd = state is not None, tuple(config[4:])
 
 
 def _backward(ctx, dy, dsT, _dckpt, _dsa):
-    r, k, v, logw, a, b, sT, ckpt, sa, amax = ctx.saved_tensors
+    r, k, v, logw, a, b, sT, ckpt, sa = ctx.saved_tensors
     dy = dy if dy is not None else torch.zeros_like(r)
     dsT = dsT if dsT is not None else torch.zeros_like(sT)
-    dr, dk, dv, dlogw, da, db, ds0 = _wkv7_bwd(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, *ctx.bwd, amax)
-    return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None, None, None
+    dr, dk, dv, dlogw, da, db, ds0 = _wkv7_bwd(r, k, v, logw, a, b, dy, dsT, sT, ckpt, sa, *ctx.bwd)
+    return dr, dk, dv, dlogw, da, db, (ds0 if ctx.has_s0 else None), None, None
 
 
 _wkv7_fwd.register_autograd(_backward, setup_context=_setup)
@@ -823,17 +860,8 @@ def wkv7_triton(r: Tensor, k: Tensor, v: Tensor, logw: Tensor, a: Tensor, b: Ten
     flat = list(_flat(config)) if config else list(_default_flat(B, T, H, N, _device_index(r)))
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, logw, a, b, state))
     logw = logw.expand_as(r)
-    # The rows backward reads each step's largest -logw. Taken here, outside the custom op, it is part of a
-    # compiled block's graph: inductor fuses the reduction into the kernel that makes logw, instead of a
-    # separate pass over logw in every backward (0.29 ms of 24 per step at B 8, T 4096, C 2048 on an H100).
-    amax = step_amax(logw) if save and flat[4] == 1 else None
-    y, sT, _ckpt, _sa = _wkv7_fwd(r, k, v, logw, a, b, state, save, flat, amax)
+    y, sT, _ckpt, _sa = _wkv7_fwd(r, k, v, logw, a, b, state, save, flat)
     return y, sT
-
-
-def step_amax(logw: Tensor) -> Tensor:
-    """[B, T, H] fp32: the largest -logw of each step and head (the rows backward's rescaling bound)."""
-    return logw.amin(-1).float().neg().contiguous()
 
 
 def wkv6_triton(r, k, v, logw, u, state=None):

@@ -595,11 +595,12 @@ def default_config(B: int, T: int, H: int, N: int, device: torch.device) -> dict
       row (BV = N, TPR 1); with fewer, smaller programs so that more SMs work: at most half as many heads
       as SMs, half a head and 4 threads per row; in between, a quarter of a head and 2 threads per row.
     - Backward, the rows kernel with 2 threads per row.
-    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 10), forward and
-    forward + backward in ms: B8 T4096 C4096 (512 heads) r64x1/f2 3.51, 17.18 (the session-6 default 64x2/r2
-    4.74, 20.11); B8 T4096 C2048 (256) r64x1/f2 2.19, 8.98 (16x1/r2 3.37, 10.95); B8 T1024 C768 (96)
-    r16x2/f2 0.41, 1.86 (16x1/r2 0.90, 2.01); B1 T1024 C2048 (32) r32x4/r2 0.41, 1.64 (16x1/r2 0.84, 2.01);
-    B1 T32768 C4096 (64) r32x4/r2 9.43-9.96, 45.6 (16x1/r2 24.3, 58.7).
+    Measured on an H100 (bench/wkv_kernel.py --configs, bf16; bench/RESULTS.md, session 11), forward and
+    forward + backward in ms, the default first: B8 T4096 C4096 (512 heads) r64x1/r2 3.51, 15.66 (r32x2/r2
+    4.14, 15.97; r64x1/r4 23.3); B8 T4096 C2048 (256) r64x1/r2 2.03, 7.96 (r32x2/r2 1.99, 8.04); B8 T1024
+    C768 (96) r16x2/r2 0.42, 1.57 (r32x4/r2 0.61, 1.69); B1 T1024 C2048 (32) r32x4/r2 0.41, 1.62 (r64x1/r2
+    0.54, 1.58); B1 T32768 C4096 (64) r32x4/r2 8.78, 37.78 (r16x2/r2 9.20, 37.68). The backward with 4
+    threads per row was slower at every shape.
     Without Gluon: the tile forward (16 rows, one warp per program with at most two heads per SM, else a
     head per program) and the tile backward, split into 16-row programs while heads are few and its partial
     sums fit in PARTIALS_BUDGET; also for N = 128 (not measured) or below 16."""

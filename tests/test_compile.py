@@ -389,6 +389,8 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
     """The whole trainer: the same losses with the CUDA graphs as without, step by step (GRAD_CP 1, 0, and
     auto with one block checkpointed and one not; and QLoRA, whose compiled blocks hold the quantised
     product as a custom op)."""
+    if quant != "none":
+        pytest.importorskip("bitsandbytes", reason="QUANT on a GPU needs bitsandbytes")
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)

@@ -300,7 +300,8 @@ def _gluon_kernels():
         """Each row's sum of the tile x [rows, N] (layout L, a thread's keys 4 by 4 along the row), as OUT
         (= ROW): first over Q slices of the keys (Q independent terms per partial sum), then along a slice.
         gl.sum alone adds a thread's N/TPR keys one after another, a chain of dependent FMAs (4 cycles each)
-        that the steps wait on; this tree is about Q times shorter."""
+        that the steps wait on; with 32 keys per thread and Q = 8 the longest chain is 7 + 3 adds instead of
+        32 (with 64 keys, 7 + 7 instead of 64)."""
         part = gl.sum(gl.reshape(x, [x.shape[0], Q, x.shape[1] // Q]), 1)
         return gl.convert_layout(gl.sum(part, 1), OUT, assert_trivial=True)
 
@@ -313,8 +314,8 @@ def _gluon_kernels():
         checkpoint is the state. Taken once per chunk, so that a step only tests a bit."""
         am = f_am.load(REP)
         idx = gl.arange(0, CHUNK, layout=REP)
-        amp = gl.max(gl.zeros_like(am), 0)
-        replays = gl.sum(gl.zeros_like(idx), 0)
+        amp = gl.max(gl.zeros_like(am), 0)              # scalar 0.0 (fp32)
+        replays = gl.sum(gl.zeros_like(idx), 0)         # scalar 0 (int32)
         for s in gl.static_range(CHUNK - 1, -1, -1):
             amp_t = amp + gl.max(gl.where(idx == s, am, float("-inf")), 0)
             live = n > s

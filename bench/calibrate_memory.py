@@ -55,12 +55,25 @@ class _LiveBytes:
         self.live = 0
         self.peak = 0
         self.seen = WeakIdKeyDictionary()
+        self.counting = True
+
+    @contextlib.contextmanager
+    def off(self):
+        """Tensors made in here are not GPU memory (the embedding kept on the CPU): never counted."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def track(self, t: torch.Tensor) -> None:
         if t.device.type == "meta":          # the model's skeleton before it gets (fake) storage
             return
         st = t.untyped_storage()
         if st in self.seen:
+            return
+        if not self.counting:
+            self.seen[st] = 0
             return
         n = -(-st.nbytes() // 512) * 512
         self.seen[st] = n
@@ -162,7 +175,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer import infctx as infctx_mod
-    from trainer import loop, ops
+    from trainer import loop, memory, ops
     from trainer.config import grad_cp_mode
     from trainer import quant as quant_mod
     from trainer.model import RWKV
@@ -196,11 +209,13 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
         # --- as loop.prepare: the model in the weight dtype, the method, quantisation, fp32 trained tensors
         with torch.device("meta"):
             model = RWKV(sizes)
+        emb_cpu = not deepspeed and memory.embedding_on_cpu(cfg)   # RWKV.keep_embedding_on_cpu: not GPU memory
         for mod in model.modules():
             for n, p in list(mod._parameters.items()):
                 if p is not None:
-                    mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=wdtype))
-                    live.track(mod._parameters[n])
+                    with live.off() if emb_cpu and mod is model.emb else contextlib.nullcontext():
+                        mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=wdtype))
+                        live.track(mod._parameters[n])
         method = get_method(cfg.FINETUNE_MODE)(loop.method_settings(cfg))
         method.apply(model, train_parts=cfg.TRAIN_PARTS)
         quant_mod.quantize_model(model, cfg.QUANT)
@@ -333,6 +348,22 @@ class Compared:
     used: float | None           # measured: nvidia-smi's used memory at the peak, less the baseline
 
 
+H100_DEFAULT_STACK = 132 * 2048 * 1024    # the driver's default 1 KiB for each of an H100's resident threads
+
+
+def _stack_kept(row: dict) -> int:
+    """The CUDA thread-stack reserve a row's process kept (trainer/memory.trim_thread_stack): as recorded,
+    or, for rows measured before session 12, when the trainer did not give it back yet, an H100's default
+    (those rows are all H100 rows; the A/B rows of session 12 measured it as the difference in use)."""
+    if "cuda_stack_kept_bytes" in row:
+        return int(row["cuda_stack_kept_bytes"])
+    if "cuda_stack_freed_bytes" in row:
+        return 0
+    if "H100" not in str(row.get("gpu") or row.get("device") or ""):
+        raise ValueError(f"row {row.get('command')!r}: no cuda_stack field and not an H100: its stack is unknown")
+    return H100_DEFAULT_STACK
+
+
 def compare_rows(rows: list[dict]) -> list[Compared]:
     """Estimate every row (its own settings and the op it ran) and pair it with its measurement."""
     import train_speed
@@ -340,12 +371,16 @@ def compare_rows(rows: list[dict]) -> list[Compared]:
     out = []
     for r in rows:
         cfg, sizes = train_speed.row_config(r), train_speed.row_sizes(r)
-        est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"), plain_top=int(r.get("plain_top") or 0),
+        # rows measured before session 12 had the embedding on the GPU
+        est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"), emb_on_cpu=bool(r.get("emb_on_cpu")),
+                       plain_top=int(r.get("plain_top") or 0),
                        keep_products=int(r.get("keep_products") or 0))
         alloc = max(r.get("peak_alloc_bytes") or 0, r.get("load_alloc_bytes") or 0)
         used = max(r.get("peak_used_bytes") or 0, r.get("load_used_bytes") or 0) or None
         if used is not None and r.get("used_baseline_bytes") is not None:
             used -= r["used_baseline_bytes"]
+        if used is not None:          # the trainer gives the driver's thread-stack reserve back; rows that kept it
+            used -= _stack_kept(r)    # are compared without it
         out.append(Compared(r, est, alloc, used))
     return out
 

@@ -54,7 +54,9 @@ commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/
 On a CPU it runs too (use --size tiny); GPU columns are then empty. TRAIN_SPEED_PROFILE=N (GPU) prints the
 torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only;
 with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
-trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs.
+trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
+CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
+the frozen embedding on the GPU (memory.embedding_on_cpu), for A/B runs.
 """
 from __future__ import annotations
 
@@ -336,6 +338,19 @@ def run_row(spec: dict) -> dict:
     graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the trainer's choice (A/B)
     if graphs_env in ("0", "1"):
         loop.use_cudagraphs = lambda *a, **k: graphs_env == "1"
+    trim = memory.trim_thread_stack
+
+    def trimming(device):           # TRAIN_SPEED_CUDA_STACK=keep: the driver's default stack reserve (A/B)
+        freed = 0 if os.environ.get("TRAIN_SPEED_CUDA_STACK") == "keep" else trim(device)
+        out["cuda_stack_freed_bytes"] = freed
+        out["cuda_stack_kept_bytes"] = 0 if freed or used is None else memory.thread_stack_bytes(device)
+        if used is not None:        # the bare context, as preflight finds it
+            torch.cuda.synchronize()
+            out["context_used_bytes"] = used.read() - out["used_baseline_bytes"]
+        return freed
+    memory.trim_thread_stack = trimming
+    if os.environ.get("TRAIN_SPEED_EMB") == "gpu":    # A/B: the embedding on the GPU, as before session 12
+        memory.embedding_on_cpu = lambda cfg_: False
     rows: list[tuple] = []
     phase: dict = {}
     sampler = _Sampler(used) if used is not None else None
@@ -346,6 +361,7 @@ def run_row(spec: dict) -> dict:
         def __init__(self, out_dir, prep, *args, **kwargs):     # whatever else the loop passes: unused
             self.out, self.prep, self.write, self.csv_path = Path(out_dir), prep, False, Path(out_dir) / "loss.csv"
             phase["op"] = prep.op
+            out["emb_on_cpu"] = prep.model.emb.weight.device.type == "cpu" and cuda
             if cuda:
                 torch.cuda.synchronize()
                 phase["load_alloc"] = torch.cuda.max_memory_allocated()
@@ -427,6 +443,12 @@ def run_row(spec: dict) -> dict:
         out["peak_used_bytes"] = sampler.peak["train"] or None
         out["load_used_bytes"] = sampler.peak["load"] or None
         out["used_source"] = used.source
+        lib = memory._libcuda()       # the stack limit the driver grew back to for the kernels that ran
+        if lib is not None:
+            import ctypes
+            limit = ctypes.c_size_t(0)
+            if lib.cuCtxGetLimit(ctypes.byref(limit), memory.CU_LIMIT_STACK_SIZE) == 0:
+                out["cuda_stack_limit_end"] = limit.value
     out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT="))]
     steady = rows[spec["warmup"]:]
     tokens = spec["bsz"] * spec["ctx"]
@@ -446,7 +468,7 @@ def run_row(spec: dict) -> dict:
     try:
         from trainer.memory import estimate
         est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP, plain_top=planned.get("plain_top", 0),
-                       keep_products=planned.get("keep_products", 0))
+                       keep_products=planned.get("keep_products", 0), emb_on_cpu=bool(out.get("emb_on_cpu")))
         out["plain_top"] = planned.get("plain_top", 0)
         out["keep_products"] = planned.get("keep_products", 0)
         out["est_total_bytes"] = int(est.total)

@@ -83,7 +83,10 @@ def test_breakdown_of_a_tiny_config_by_hand():
     per_layer = 12 * C * C + 2 * C * (d_decay + d_aaa + d_mv + d_gate) + 19 * C
     assert total == 2 * V * C + L * per_layer + 2 * 2 * C
     e = estimate(cfg, TINY)
-    assert e.terms["weights"] == total * 2
+    assert M.embedding_on_cpu(cfg)                                   # one GPU, the embedding frozen
+    assert e.terms["weights"] == (total - V * C) * 2
+    assert estimate(cfg, TINY, emb_on_cpu=False).terms["weights"] == total * 2
+    total -= V * C                                                   # what stays on the GPU
     assert e.terms["trained"] == lora * 4
     assert (e.terms["optimizer"], e.terms["grads"], e.terms["step"]) == (lora * 8, lora * 4, 0)
     layer = (M.ACT[7]["lora"] + M.WKV_SAVED["chunk"][7]) * C + 2 * (8 - 64) * 6   # per token and layer
@@ -453,7 +456,8 @@ def test_calibration_reads_rows_and_fits(tmp_path):
         head = t["head"] if head_peak else 0.0
         alloc = base + 1.2 * (est.train_peak - base - head) + 0.9 * head
         row.update(peak_alloc_bytes=alloc, load_alloc_bytes=0, peak_used_bytes=0.5 * GiB + 1.1 * alloc,
-                   used_baseline_bytes=0)
+                   used_baseline_bytes=0, cuda_stack_freed_bytes=264 * 2**20, cuda_stack_kept_bytes=0,
+                   emb_on_cpu=True)
         rows.append(row)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows + [dict(status="OOM")]))
@@ -469,6 +473,18 @@ def test_calibration_reads_rows_and_fits(tmp_path):
     assert fitted["slack"] == pytest.approx(0.1, abs=1e-6) and fitted["context"] == pytest.approx(0.5 * GiB, rel=1e-6)
 
 
+@pytest.mark.parametrize("changes, on_cpu", [
+    ({}, True), (dict(FINETUNE_MODE="state"), True), (dict(QUANT="nf4"), True),
+    (dict(TRAIN_PARTS="emb ln"), False), (dict(FINETUNE_MODE="full"), False),
+    (dict(GPU_COUNT=2), False), (dict(NODES=2), False), (dict(STRATEGY="deepspeed_stage_2"), False)])
+def test_embedding_stays_on_the_cpu_where_frozen_on_one_gpu(changes, on_cpu):
+    cfg = cfg_(**changes)
+    assert M.embedding_on_cpu(cfg) is on_cpu
+    V, C = TINY.vocab_size, TINY.n_embd
+    saved = estimate(cfg, TINY, emb_on_cpu=False).terms["weights"] - estimate(cfg, TINY).terms["weights"]
+    assert saved == (V * C * 2 if on_cpu else 0)
+
+
 def test_allocator_grows_segments_except_on_wsl_or_when_the_user_set_it(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -481,3 +497,56 @@ def test_allocator_grows_segments_except_on_wsl_or_when_the_user_set_it(monkeypa
     assert calls == ["expandable_segments:True"]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert M.configure_allocator(torch.device("cuda"), wsl=False) is None and len(calls) == 1
+
+
+class _FakeDriver:
+    """cuCtxGetLimit / cuCtxSetLimit of the CUDA driver, as ctypes would call them."""
+
+    def __init__(self, stack=1024, refuse=False):
+        self.limits, self.refuse, self.calls = {M.CU_LIMIT_STACK_SIZE: stack}, refuse, []
+
+    def cuCtxGetLimit(self, ptr, which):
+        ptr._obj.value = self.limits[which]
+        return 0
+
+    def cuCtxSetLimit(self, which, value):
+        self.calls.append((which, value.value))
+        if self.refuse:
+            return 1                      # CUDA_ERROR_INVALID_VALUE
+        self.limits[which] = value.value
+        return 0
+
+
+def _fake_gpu(monkeypatch, driver):
+    props = type("Props", (), {"multi_processor_count": 132, "max_threads_per_multi_processor": 2048})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    monkeypatch.setattr(M, "_libcuda", lambda: driver)
+
+
+def test_thread_stack_is_given_back_once_and_counted(monkeypatch):
+    """The driver's 1 KiB per resident thread (an H100: 132 SMs × 2048 threads = 264 MiB) is given back
+    by setting the limit to 0; nothing happens off a GPU, without the driver, or when it refuses."""
+    driver = _FakeDriver()
+    _fake_gpu(monkeypatch, driver)
+    assert M.trim_thread_stack("cpu") == 0 and not driver.calls
+    assert M.trim_thread_stack(torch.device("cuda", 0)) == 264 * 2**20
+    assert driver.calls == [(M.CU_LIMIT_STACK_SIZE, 0)] and driver.limits[M.CU_LIMIT_STACK_SIZE] == 0
+    assert M.trim_thread_stack(torch.device("cuda", 0)) == 0 and len(driver.calls) == 1   # already trimmed
+    refusing = _FakeDriver(refuse=True)
+    monkeypatch.setattr(M, "_libcuda", lambda: refusing)
+    assert M.trim_thread_stack(torch.device("cuda", 0)) == 0 and refusing.calls
+    monkeypatch.setattr(M, "_libcuda", lambda: None)
+    assert M.trim_thread_stack(torch.device("cuda", 0)) == 0
+
+
+def test_thread_stack_of_a_4090():
+    props = type("Props", (), {"multi_processor_count": 128, "max_threads_per_multi_processor": 1536})()
+    orig = torch.cuda.get_device_properties
+    try:
+        torch.cuda.get_device_properties = lambda d: props
+        assert M.thread_stack_bytes("cuda") == 192 * 2**20
+    finally:
+        torch.cuda.get_device_properties = orig

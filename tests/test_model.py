@@ -359,3 +359,17 @@ def test_state_tuning_with_frozen_weights_and_grad_cp(version):
     for a, b in zip(*grads):
         assert a.abs().max() > 0
         _close(a, b, atol=1e-7)
+
+
+def test_embedding_kept_on_the_cpu_gives_the_same_logits():
+    """RWKV.keep_embedding_on_cpu (a GPU run's frozen embedding): refused while it trains; the same logits
+    after it. Its cross-device lookup is checked on a GPU in test_train."""
+    model = random_model(7, 2, 64, vocab_size=97, seed=3)
+    idx = torch.randint(0, 97, (2, 9))
+    before = model(idx)
+    with pytest.raises(ValueError, match="frozen"):
+        model.keep_embedding_on_cpu()
+    model.emb.weight.requires_grad_(False)
+    model.keep_embedding_on_cpu()
+    assert model.emb.weight.device.type == "cpu" and not model.emb.weight.requires_grad
+    assert torch.equal(model(idx), before)

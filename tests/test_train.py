@@ -381,3 +381,48 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     res = train(config(GRAD_CP="0", MICRO_BSZ="2", EPOCH_STEPS="4", RESUME="1"), progress=False,
                 log=lambda *_: None)
     assert res.global_step == 4 and not res.interrupted
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode,quant", [("lora", "none"), ("state", "none"), ("lora", "nf4")])
+def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
+    """On a GPU the trainer keeps the frozen embedding in CPU memory and gives the CUDA driver's thread-stack
+    reserve back (memory.embedding_on_cpu, memory.trim_thread_stack): the same losses, step by step, as with
+    the embedding on the GPU and the driver's default stack; the stack limit is back at 0 after the trim and
+    the embedding really is on the CPU during training."""
+    if quant != "none":
+        pytest.importorskip("bitsandbytes", reason="QUANT on a GPU needs bitsandbytes")
+    import ctypes
+
+    from trainer import loop, memory
+    lib = memory._libcuda()
+    assert lib is not None
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    seen = {}
+    prepare = loop.prepare
+
+    def recording(*args, **kwargs):
+        prep = prepare(*args, **kwargs)
+        seen["emb"] = prep.model.emb.weight.device.type
+        limit = ctypes.c_size_t(1)
+        assert lib.cuCtxGetLimit(ctypes.byref(limit), memory.CU_LIMIT_STACK_SIZE) == 0
+        seen["stack"] = limit.value
+        return prep
+    monkeypatch.setattr(loop, "prepare", recording)
+    results = []
+    for saving in (False, True):
+        torch.cuda.synchronize()
+        assert lib.cuCtxSetLimit(memory.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(memory.DEFAULT_THREAD_STACK)) == 0
+        with monkeypatch.context() as m:
+            if not saving:
+                m.setattr(memory, "embedding_on_cpu", lambda cfg: False)
+                m.setattr(memory, "trim_thread_stack", lambda device: 0)
+            cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", FINETUNE_MODE=mode, QUANT=quant,
+                         GRAD_CP="1", EPOCH_STEPS="4", OUTPUT=f"out{int(saving)}")
+            results.append(train(cfg, log=lambda *_: None, progress=False).losses)
+        assert seen["emb"] == ("cpu" if saving else "cuda")
+        assert (seen["stack"] < memory.DEFAULT_THREAD_STACK) == saving
+    assert len(results[0]) == 4
+    assert results[1] == pytest.approx(results[0], rel=1e-6, abs=1e-6)

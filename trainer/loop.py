@@ -170,7 +170,7 @@ class Prepared:
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
             rank: int = 0) -> Prepared:
     """Everything before the first step: checks, model, method, data (rank's share). Used by the dry run."""
-    from . import ops
+    from . import memory, ops
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
     from .memory import preflight
@@ -189,19 +189,27 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     # QLoRA on a GPU: the weights to be quantised stay in the file (mmap) until quantize_model puts each,
     # quantised, on the GPU; so the whole model is never there in bf16 (PiSSA: its SVD wants them there)
     stream = cfg.QUANT != "none" and device.type == "cuda" and cfg.FINETUNE_MODE != "pissa"
-    model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device,
-                                  keep_on_cpu=is_quantised_key if stream else None)
+    # the frozen embedding stays in CPU memory on one GPU (memory.embedding_on_cpu): never put on the GPU
+    emb_cpu = device.type == "cuda" and memory.embedding_on_cpu(cfg)
+    keep = (lambda k: (stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")) if stream or emb_cpu \
+        else None
+    model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device, keep_on_cpu=keep)
     base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
     report = quantize_model(model, cfg.QUANT, device=device if stream else None)  # int8 / nf4 base linears
     if report is not None:
         log(report.line())
-    if stream:
-        model.to(device)                     # the adapters were made beside the weights, on the CPU
+    if stream:                               # the adapters were made beside the weights, on the CPU
+        for part in model.children():
+            if not (emb_cpu and part is model.emb):
+                part.to(device)
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()
+    if emb_cpu:
+        model.emb.to(dtype=weight_dtype)     # as stored in the file until now
+        model.keep_embedding_on_cpu()
     if model.cfg.version == 7:               # stored in layer 0 but unused there: nothing to train (and DDP
         for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
             getattr(model.blocks[0].att, name).requires_grad_(False)
@@ -480,7 +488,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from tqdm import tqdm
 
     from .infctx import InfctxLoss, ctx_len_at, cut_batch
-    from .memory import configure_allocator
+    from .memory import configure_allocator, trim_thread_stack
 
     device = resolve_device(cfg)
     precision, _ = resolve_precision(cfg, device)
@@ -493,6 +501,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     strategy=spread.fabric_strategy(), precision=precision)
     fabric.launch()                       # several GPUs: one process per GPU from here on
     main = fabric.global_rank == 0        # only rank 0 logs and writes files
+    trim_thread_stack(fabric.device)      # each process: the driver's idle thread-stack reserve (264 MiB on an H100)
     if not main:
         log, progress = (lambda *_: None), False
     prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)

@@ -133,7 +133,7 @@ WKV_WORK["torch"] = WKV_WORK["chunk"]
 HEAD_BYTES = 7.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py),
                                          # in PyTorch (the CPU); on a GPU a chunk's logits in the compute dtype
 CPU_OPS = ("chunk", "torch", "null")     # a CPU run (null: the calibration's simulation): the head in PyTorch
-CUDA_CONTEXT = int(0.96 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
+CUDA_CONTEXT = int(0.70 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
                                          # torch 2.11, the 14 rows of bench/memory_measured.jsonl, session 6;
                                          # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
 CUDA_GRAPHS = int(0.18 * GiB)            # CUDA graphs (small steps, loop.use_cudagraphs): their private memory pool's
@@ -359,13 +359,27 @@ def _resolve_op(cfg: Any, op: str | None, version: int) -> str:
     return op if op in WKV_SAVED else DEFAULT_GPU_OP     # an op this table does not know yet: as fla
 
 
-def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0) -> Estimate:
+def embedding_on_cpu(cfg: Any) -> bool:
+    """Whether a GPU run keeps the embedding in CPU memory (RWKV.keep_embedding_on_cpu): where it is frozen
+    (not FINETUNE_MODE=full, not in TRAIN_PARTS) and one process trains without DeepSpeed (DDP wants every
+    parameter on the GPU; DeepSpeed moves the whole model there)."""
+    from .peft.base import part_names
+    if _get(cfg, "FINETUNE_MODE", "lora") == "full":
+        return False
+    if part_names(["emb.weight"], tuple(_get(cfg, "TRAIN_PARTS", ()) or ())):
+        return False
+    world = int(_get(cfg, "GPU_COUNT", 1)) * int(_get(cfg, "NODES", 1))
+    return world == 1 and not (_get(cfg, "STRATEGY", "auto") or "auto").startswith("deepspeed_stage_")
+
+
+def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0,
+             emb_on_cpu: bool | None = None) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
     ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op).
     ``plain_top``: with checkpointing, this many top blocks are not checkpointed (GRAD_CP=auto's plan);
     ``keep_products``: this many blocks below them keep their matrix products' outputs (where it applies:
-    keeps_products)."""
+    keeps_products). ``emb_on_cpu``: whether the embedding stays in CPU memory (default: embedding_on_cpu)."""
     v = sizes.version
     op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
@@ -388,6 +402,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
 
     # --- what stays on the GPU: weights, optimizer states
     frozen_w = t.frozen * wbytes + t.quantised_bytes + t.buffers * wbytes
+    emb_w = V * C * wbytes if (embedding_on_cpu(cfg) if emb_on_cpu is None else emb_on_cpu) else 0
+    frozen_w -= emb_w                                # the frozen embedding stays in CPU memory
     trained_w = P * 4
     opt, grads, step = P * 8.0, P * 4.0, 0.0     # fused AdamW on the GPU: no buffer while it steps
     stage = 0
@@ -471,7 +487,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     peak_at = max(parts, key=parts.get)
     train_peak = frozen_w + trained_w + opt + parts[peak_at]
     # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
-    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes
+    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes - emb_w
     if quant != "none" and mode == "pissa":
         load_peak += QUANTISE_WORK * t.largest_target
     elif quant != "none":        # quantised from the file into the GPU one weight at a time (loop.prepare)
@@ -777,3 +793,57 @@ def configure_allocator(device, wsl: bool | None = None) -> str | None:
         return None
     return "expandable_segments:True"
 
+
+
+CU_LIMIT_STACK_SIZE = 0                  # cuCtxSetLimit's limit for each GPU thread's stack (cuda.h)
+DEFAULT_THREAD_STACK = 1024              # bytes per thread the CUDA driver reserves by default
+
+
+def thread_stack_bytes(device: Any, per_thread: int = DEFAULT_THREAD_STACK) -> int:
+    """What a per-thread stack limit reserves on this GPU: one stack for every thread the GPU can hold at
+    once (SMs × threads per SM). The default 1 KiB is 264 MiB on an H100 (132 × 2048 threads), 192 MiB on
+    an RTX 4090 (128 × 1536), memory nvidia-smi shows in use and PyTorch's allocator never sees."""
+    import torch
+    p = torch.cuda.get_device_properties(torch.device(device))
+    return p.multi_processor_count * p.max_threads_per_multi_processor * per_thread
+
+
+def _libcuda():
+    """The CUDA driver library already loaded by PyTorch (Linux, WSL2, Windows), or None."""
+    import ctypes
+    import sys
+    for name in (("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def trim_thread_stack(device: Any) -> int:
+    """Give back the GPU threads' stack reserve this process's CUDA context holds (measured on an H100:
+    264 MiB less in use, bench/RESULTS.md session 12). The driver reserves 1 KiB for every thread the GPU
+    can run at once; PyTorch's, cuBLAS's and our Triton kernels need far less, and the driver grows the
+    reserve again before any kernel that needs more (its documented behaviour for CU_LIMIT_STACK_SIZE), so
+    setting it to 0 changes no result. Makes the device's context current first. Returns the bytes given
+    back (0 where there is nothing to do: no CUDA, no driver library, or the call refused)."""
+    import ctypes
+
+    import torch
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    lib = _libcuda()
+    if lib is None:
+        return 0
+    torch.cuda.set_device(dev)
+    torch.cuda.synchronize(dev)                    # creates the device's primary context, current in this thread
+    try:
+        before = ctypes.c_size_t(0)
+        if lib.cuCtxGetLimit(ctypes.byref(before), CU_LIMIT_STACK_SIZE) != 0:
+            return 0
+        if before.value == 0 or lib.cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(0)) != 0:
+            return 0
+    except AttributeError:                        # not the CUDA driver after all
+        return 0
+    return thread_stack_bytes(dev, before.value)

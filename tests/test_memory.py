@@ -532,7 +532,8 @@ def test_thread_stack_is_given_back_once_and_counted(monkeypatch):
     driver = _FakeDriver()
     _fake_gpu(monkeypatch, driver)
     assert M.trim_thread_stack("cpu") == 0 and not driver.calls
-    assert M.trim_thread_stack(torch.device("cuda", 0)) == 264 * 2**20
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert M.trim_thread_stack(torch.device("cuda")) == 264 * 2**20
     assert driver.calls == [(M.CU_LIMIT_STACK_SIZE, 0)] and driver.limits[M.CU_LIMIT_STACK_SIZE] == 0
     assert M.trim_thread_stack(torch.device("cuda", 0)) == 0 and len(driver.calls) == 1   # already trimmed
     refusing = _FakeDriver(refuse=True)

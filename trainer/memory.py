@@ -833,6 +833,8 @@ def trim_thread_stack(device: Any) -> int:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return 0
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     lib = _libcuda()
     if lib is None:
         return 0

@@ -532,8 +532,9 @@ def test_quantising_from_the_file_gives_the_same_model(tmp_path):
 
 @pytest.mark.gpu
 def test_trainer_quantises_into_the_gpu_without_the_bf16_weights(tmp_path, monkeypatch):
-    """loop.prepare with QUANT=nf4 on a GPU: every tensor ends on the GPU (adapters fp32), and the GPU never
-    held the quantised layers' bf16 weights (its peak stays below them plus what it keeps)."""
+    """loop.prepare with QUANT=nf4 on a GPU: every tensor ends on the GPU (adapters fp32) but the frozen
+    embedding, which stays in pinned CPU memory (memory.embedding_on_cpu), and the GPU never held the
+    quantised layers' bf16 weights (its peak stays below them plus what it keeps)."""
     _need_gpu()
     from test_train import VOCAB as TRAIN_VOCAB, config, make_project
     from trainer import checkpoint, loop
@@ -546,7 +547,8 @@ def test_trainer_quantises_into_the_gpu_without_the_bf16_weights(tmp_path, monke
     start = torch.cuda.memory_allocated()
     prep = loop.prepare(config(QUANT="nf4", PRECISION="bf16", ACCELERATOR="cuda", COMPILE="0"), log=lambda *_: None)
     model = prep.model
-    tensors = list(model.parameters()) + list(model.buffers())
+    assert model.emb.weight.device.type == "cpu" and model.emb.weight.is_pinned()
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t is not model.emb.weight]
     assert all(t.is_cuda for t in tensors)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     kept = sum(t.numel() * t.element_size() for t in tensors)

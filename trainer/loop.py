@@ -184,6 +184,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
+    memory.trim_thread_stack(device)     # the CUDA driver's idle thread-stack reserve (264 MiB on an H100)
     est = preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 
     # QLoRA on a GPU: the weights to be quantised stay in the file (mmap) until quantize_model puts each,
@@ -488,7 +489,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from tqdm import tqdm
 
     from .infctx import InfctxLoss, ctx_len_at, cut_batch
-    from .memory import configure_allocator, trim_thread_stack
+    from .memory import configure_allocator
 
     device = resolve_device(cfg)
     precision, _ = resolve_precision(cfg, device)
@@ -501,7 +502,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     strategy=spread.fabric_strategy(), precision=precision)
     fabric.launch()                       # several GPUs: one process per GPU from here on
     main = fabric.global_rank == 0        # only rank 0 logs and writes files
-    trim_thread_stack(fabric.device)      # each process: the driver's idle thread-stack reserve (264 MiB on an H100)
     if not main:
         log, progress = (lambda *_: None), False
     prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)

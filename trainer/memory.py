@@ -13,7 +13,8 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
 
   weights    frozen base elements × 2 (bf16/fp16; 4 in fp32); the quantised att/ffn linears at their exact
              storage (nf4: 32 code bytes + 4 scale bytes per 64 weights; int8: 1 per weight + 4 per row);
-             PiSSA's initial A and B × 2
+             PiSSA's initial A and B × 2; less the embedding (V·C × 2) where it stays in CPU memory
+             (embedding_on_cpu: frozen, one GPU, no DeepSpeed)
   trained    P × 4                  the trainer keeps trained tensors in fp32
   optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq
   grads      P × 4
@@ -49,12 +50,15 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
                                                        grads + step)                         optimizer step
                    (+ dequant and infctx in the first two)
   load peak      = (all base elements + the adapter + PiSSA's buffers) × 2: the trainer puts the whole model
-                   on the GPU in bf16 before it turns trained tensors into fp32 (full: × 4); QUANT (but
+                   on the GPU in bf16 (but an embedding kept in CPU memory) before it turns trained tensors
+                   into fp32 (full: × 4); QUANT (but
                    PiSSA): weights + P × 2 + (QUANTISE_WORK + 2) × the largest quantised weight, since those
                    weights go from the file into the GPU one at a time, quantised
   peak_allocated = max(train peak, load peak) + buckets (DDP: P × 4; DeepSpeed: see below)
   total          = peak_allocated × (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT (ALLOCATOR_SLACK_FIXED where the
-                   allocator cannot grow segments in place: WSL2, or PYTORCH_CUDA_ALLOC_CONF set)
+                   allocator cannot grow segments in place: WSL2, or PYTORCH_CUDA_ALLOC_CONF set); the
+                   trainer gives the CUDA driver's thread-stack reserve back first (trim_thread_stack), so
+                   CUDA_CONTEXT holds none of it
 
 Strategies: DDP (STRATEGY=auto on several GPUs) needs the same per GPU plus its gradient buckets.
 DeepSpeed ZeRO over W = GPU_COUNT × NODES GPUs runs the model in bf16 without autocast (trainer/strategy.py):
@@ -133,14 +137,16 @@ WKV_WORK["torch"] = WKV_WORK["chunk"]
 HEAD_BYTES = 7.0                         # per logit of one chunk of the chunked head + loss (trainer/head_loss.py),
                                          # in PyTorch (the CPU); on a GPU a chunk's logits in the compute dtype
 CPU_OPS = ("chunk", "torch", "null")     # a CPU run (null: the calibration's simulation): the head in PyTorch
-CUDA_CONTEXT = int(0.70 * GiB)           # CUDA context, cuBLAS, compiled kernels: used, never allocated (H100 fit,
-                                         # torch 2.11, the 14 rows of bench/memory_measured.jsonl, session 6;
-                                         # 1.23 before, when the head's 256 MiB chunks left reserved blocks idle)
+CUDA_CONTEXT = int(0.74 * GiB)           # CUDA context, cuBLAS, loaded kernels: used, never allocated (H100 fit,
+                                         # torch 2.11, the 38 rows of bench/memory_measured.jsonl, session 12, with
+                                         # the thread-stack reserve given back (trim_thread_stack); 0.96 before it,
+                                         # 1.23 before session 6's smaller head chunks)
 CUDA_GRAPHS = int(0.18 * GiB)            # CUDA graphs (small steps, loop.use_cudagraphs): their private memory pool's
                                          # idle blocks and the graphs themselves (H100: +0.15 to +0.23 GiB used, 3 rows)
 FIT_FRACTION = 0.85                      # what the trainer's own choices (CUDA graphs, GRAD_CP=auto) may plan to
                                          # use of the free memory: the estimate is within 15 % (measured rows)
-CONTEXT_AT_PREFLIGHT = int(0.38 * GiB)   # the bare CUDA context when preflight asks for free memory (estimated)
+CONTEXT_AT_PREFLIGHT = int(0.25 * GiB)   # the bare CUDA context when preflight asks for free memory, its stack
+                                         # reserve given back (H100: 0.254 GiB measured; 0.511 with the reserve)
 ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
                                          # fitted -0.007 on the same rows, i.e. none
 ALLOCATOR_SLACK_FIXED = 0.425            # the same without them (WSL2, or the user's own allocator settings)

@@ -56,7 +56,8 @@ torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the m
 with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
 trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
 CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
-the frozen embedding on the GPU (memory.embedding_on_cpu), for A/B runs.
+the frozen embedding on the GPU (memory.embedding_on_cpu), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
+pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
 """
 from __future__ import annotations
 
@@ -401,9 +402,16 @@ def run_row(spec: dict) -> dict:
             prof.step()
             return lr_of_step(*args, **kwargs)
         loop.learning_rate = stepping_lr
+    snapshot = os.environ.get("TRAIN_SPEED_MEMORY_SNAPSHOT") if cuda else None   # =FILE: the allocator's history
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=400_000)
     try:
         with prof or contextlib.nullcontext():
             loop.train(cfg, log=logs.append, max_steps=spec["warmup"] + spec["steps"], progress=False)
+        if snapshot:
+            import pickle
+            with open(snapshot, "wb") as f:
+                pickle.dump(torch.cuda.memory._snapshot(), f)
         if prof is not None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(profile)), file=sys.stderr)
             if os.environ.get("TRAIN_SPEED_TRACE"):           # a chrome trace (.json.gz) of the measured steps

@@ -800,7 +800,6 @@ def configure_allocator(device, wsl: bool | None = None) -> str | None:
     return "expandable_segments:True"
 
 
-
 CU_LIMIT_STACK_SIZE = 0                  # cuCtxSetLimit's limit for each GPU thread's stack (cuda.h)
 DEFAULT_THREAD_STACK = 1024              # bytes per thread the CUDA driver reserves by default
 

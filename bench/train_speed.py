@@ -451,12 +451,7 @@ def run_row(spec: dict) -> dict:
         out["peak_used_bytes"] = sampler.peak["train"] or None
         out["load_used_bytes"] = sampler.peak["load"] or None
         out["used_source"] = used.source
-        lib = memory._libcuda()       # the stack limit the driver grew back to for the kernels that ran
-        if lib is not None:
-            import ctypes
-            limit = ctypes.c_size_t(0)
-            if lib.cuCtxGetLimit(ctypes.byref(limit), memory.CU_LIMIT_STACK_SIZE) == 0:
-                out["cuda_stack_limit_end"] = limit.value
+        out["cuda_stack_limit_end"] = memory.thread_stack_limit()   # what the driver grew it back to
     out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT="))]
     steady = rows[spec["warmup"]:]
     tokens = spec["bsz"] * spec["ctx"]

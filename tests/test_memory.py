@@ -543,11 +543,7 @@ def test_thread_stack_is_given_back_once_and_counted(monkeypatch):
     assert M.trim_thread_stack(torch.device("cuda", 0)) == 0
 
 
-def test_thread_stack_of_a_4090():
+def test_thread_stack_of_a_4090(monkeypatch):
     props = type("Props", (), {"multi_processor_count": 128, "max_threads_per_multi_processor": 1536})()
-    orig = torch.cuda.get_device_properties
-    try:
-        torch.cuda.get_device_properties = lambda d: props
-        assert M.thread_stack_bytes("cuda") == 192 * 2**20
-    finally:
-        torch.cuda.get_device_properties = orig
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    assert M.thread_stack_bytes("cuda") == 192 * 2**20

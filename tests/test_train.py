@@ -389,8 +389,8 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
 def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
     """On a GPU the trainer keeps the frozen embedding in CPU memory and gives the CUDA driver's thread-stack
     reserve back (memory.embedding_on_cpu, memory.trim_thread_stack): the same losses, step by step, as with
-    the embedding on the GPU and the driver's default stack; the stack limit is back at 0 after the trim and
-    the embedding really is on the CPU during training."""
+    the embedding on the GPU and the driver's default stack; after set-up the stack limit is below the
+    default (the driver grows it from 0 only as far as a kernel needs) and the embedding is on the CPU."""
     if quant != "none":
         pytest.importorskip("bitsandbytes", reason="QUANT on a GPU needs bitsandbytes")
     import ctypes
@@ -406,9 +406,7 @@ def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
     def recording(*args, **kwargs):
         prep = prepare(*args, **kwargs)
         seen["emb"] = prep.model.emb.weight.device.type
-        limit = ctypes.c_size_t(1)
-        assert lib.cuCtxGetLimit(ctypes.byref(limit), memory.CU_LIMIT_STACK_SIZE) == 0
-        seen["stack"] = limit.value
+        seen["stack"] = memory.thread_stack_limit(lib)
         return prep
     monkeypatch.setattr(loop, "prepare", recording)
     results = []

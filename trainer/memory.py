@@ -825,6 +825,20 @@ def _libcuda():
     return None
 
 
+def thread_stack_limit(lib=None) -> int | None:
+    """The current CUDA context's per-thread stack limit in bytes (cuCtxGetLimit), or None where the driver
+    library is missing or the call fails (no current context)."""
+    import ctypes
+    lib = lib if lib is not None else _libcuda()
+    if lib is None:
+        return None
+    value = ctypes.c_size_t(0)
+    try:
+        return value.value if lib.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE) == 0 else None
+    except AttributeError:                        # not the CUDA driver after all
+        return None
+
+
 def trim_thread_stack(device: Any) -> int:
     """Give back the GPU threads' stack reserve this process's CUDA context holds (measured on an H100:
     264 MiB less in use, bench/RESULTS.md session 12). The driver reserves 1 KiB for every thread the GPU
@@ -845,12 +859,7 @@ def trim_thread_stack(device: Any) -> int:
         return 0
     torch.cuda.set_device(dev)
     torch.cuda.synchronize(dev)                    # creates the device's primary context, current in this thread
-    try:
-        before = ctypes.c_size_t(0)
-        if lib.cuCtxGetLimit(ctypes.byref(before), CU_LIMIT_STACK_SIZE) != 0:
-            return 0
-        if before.value == 0 or lib.cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(0)) != 0:
-            return 0
-    except AttributeError:                        # not the CUDA driver after all
+    before = thread_stack_limit(lib)
+    if not before or lib.cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(0)) != 0:
         return 0
-    return thread_stack_bytes(dev, before.value)
+    return thread_stack_bytes(dev, before)

@@ -371,10 +371,10 @@ def compare_rows(rows: list[dict]) -> list[Compared]:
     out = []
     for r in rows:
         cfg, sizes = train_speed.row_config(r), train_speed.row_sizes(r)
-        # rows measured before session 12 had the embedding on the GPU
+        # rows measured before session 12 had the embedding on the GPU, before session 13 the FFN whole
         est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"), emb_on_cpu=bool(r.get("emb_on_cpu")),
                        plain_top=int(r.get("plain_top") or 0),
-                       keep_products=int(r.get("keep_products") or 0))
+                       keep_products=int(r.get("keep_products") or 0), ffn_pieces=int(r.get("ffn_pieces") or 1))
         alloc = max(r.get("peak_alloc_bytes") or 0, r.get("load_alloc_bytes") or 0)
         used = max(r.get("peak_used_bytes") or 0, r.get("load_used_bytes") or 0) or None
         if used is not None and r.get("used_baseline_bytes") is not None:

@@ -41,6 +41,19 @@ def peak_blocks(snapshot: dict, depth: int = 3) -> tuple[int, dict[str, tuple[in
     return peak, {k: (v[0], v[1]) for k, v in groups.items()}
 
 
+def pools(snapshot: dict) -> dict[str, tuple[int, int, int]]:
+    """{pool: (reserved, allocated, segments)} of the snapshot's segments (taken after training): the
+    default pool is "default", a CUDA graph's private pool is named by its id."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for seg in snapshot.get("segments", []):
+        pid = tuple(seg.get("segment_pool_id") or (0, 0))
+        name = "default" if pid == (0, 0) else f"graph pool {pid}"
+        out[name][0] += seg["total_size"]
+        out[name][1] += seg["allocated_size"]
+        out[name][2] += 1
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("snapshot")
@@ -53,6 +66,9 @@ def main() -> None:
     print(f"peak of the traced allocations: {peak / MiB:.1f} MiB (allocations before tracing began not counted)")
     for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{size / MiB:9.1f} MiB {n:5d}x  {where}")
+    print("memory pools at the snapshot (after training): reserved / allocated MiB, segments")
+    for name, (res, alloc, n) in sorted(pools(snap).items()):
+        print(f"{res / MiB:9.1f} {alloc / MiB:9.1f} {n:5d}  {name}")
 
 
 if __name__ == "__main__":

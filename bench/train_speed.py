@@ -56,7 +56,8 @@ torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the m
 with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
 trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
 CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
-the frozen embedding on the GPU (memory.embedding_on_cpu), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
+the frozen embedding on the GPU (memory.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
+(RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
 pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
 """
 from __future__ import annotations
@@ -363,6 +364,11 @@ def run_row(spec: dict) -> dict:
             self.out, self.prep, self.write, self.csv_path = Path(out_dir), prep, False, Path(out_dir) / "loss.csv"
             phase["op"] = prep.op
             out["emb_on_cpu"] = prep.model.emb.weight.device.type == "cpu" and cuda
+            if os.environ.get("TRAIN_SPEED_FFN_PIECE"):     # A/B: the FFN's pieces of at least N tokens (0: whole)
+                prep.model.ffn_piece_tokens = int(os.environ["TRAIN_SPEED_FFN_PIECE"])
+            from trainer.model import ffn_pieces
+            T = min(int(spec["infctx"]), int(spec["ctx"])) if spec.get("infctx") else int(spec["ctx"])
+            out["ffn_pieces"] = ffn_pieces(int(spec["bsz"]) * T, prep.model.ffn_piece_tokens)
             if cuda:
                 torch.cuda.synchronize()
                 phase["load_alloc"] = torch.cuda.max_memory_allocated()

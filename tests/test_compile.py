@@ -101,6 +101,19 @@ def test_compiled_blocks_equal_eager_and_share_graphs(fresh_dynamo, mode):
     assert graphs[2] == graphs[5] <= 6, graphs
 
 
+def test_compiled_ffn_in_pieces_equals_eager(fresh_dynamo):
+    """The FFN over pieces of the tokens (RWKV.ffn_piece_tokens, set by the trainer under checkpointing),
+    compiled with the checkpointed block, gives the eager whole FFN's loss and gradients."""
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    eager, compiled = twins(layers=2)
+    compiled.ffn_piece_tokens = 16                        # 80 tokens: 4 pieces of 20
+    compiled.compile_blocks(backend="aot_eager")
+    la, ga = loss_and_grads(eager, idx)
+    lb, gb = loss_and_grads(compiled, idx)
+    assert lb == pytest.approx(la, rel=1e-6)
+    assert_grads_close(ga, gb, 1e-5)
+
+
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantised_blocks_compile_whole(fresh_dynamo, quant):
     """QUANT: the quantised layers' product is one custom op (trainer/quant.py), so a compiled QLoRA block is

@@ -440,6 +440,7 @@ def test_calibration_reads_rows_and_fits(tmp_path):
     × 1.2, head × 0.9, nvidia-smi = 0.5 GiB + 1.1 × allocated; the fit finds those numbers back."""
     import calibrate_memory
     import train_speed
+    from trainer.model import FFN_PIECE_TOKENS, ffn_pieces
     rows = []
     for method, ctx, bsz, cp in (("lora", 1024, 1, 1), ("lora", 4096, 8, 1), ("state", 2048, 2, 0),
                                  ("lora", 512, 4, 0), ("bone", 1024, 2, 1), ("state", 4096, 1, 1),
@@ -448,7 +449,7 @@ def test_calibration_reads_rows_and_fits(tmp_path):
         op = "chunk" if ctx <= 256 else "fla"
         row = dict(version=7, size="1.5B", method=method, ctx=ctx, bsz=bsz, grad_cp=cp, op="auto", infctx=0,
                    train_parts="", vocab=65536, status="ok", gpu="NVIDIA H100", op_resolved=op,
-                   command=f"{method} {ctx} {bsz} {cp}")
+                   command=f"{method} {ctx} {bsz} {cp}", ffn_pieces=ffn_pieces(ctx * bsz, FFN_PIECE_TOKENS))
         est = estimate(train_speed.row_config(row), train_speed.row_sizes(row), op=op)
         t = est.terms
         base = t["weights"] + t["trained"] + t["optimizer"]
@@ -471,6 +472,21 @@ def test_calibration_reads_rows_and_fits(tmp_path):
     assert fitted["activation_scale"] == pytest.approx(1.2, rel=1e-6)
     assert fitted["head_scale"] == pytest.approx(0.9, rel=1e-6)
     assert fitted["slack"] == pytest.approx(0.1, abs=1e-6) and fitted["context"] == pytest.approx(0.5 * GiB, rel=1e-6)
+
+
+def test_ffn_in_pieces_lowers_a_checkpointed_block_by_its_hidden_tensors():
+    """The trainer runs a checkpointed block's FFN over pieces of at least FFN_PIECE_TOKENS tokens
+    (model.ffn_pieces): the estimate's block term holds the hidden tensors of one piece instead of all."""
+    from trainer.model import FFN_PIECE_TOKENS, ffn_pieces
+    big = cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=1, OP="triton")
+    BT = 4096 * 8
+    n = ffn_pieces(BT, FFN_PIECE_TOKENS)
+    assert n == 4
+    whole, pieces = estimate(big, B15, ffn_pieces=1), estimate(big, B15)
+    assert whole.terms["layer"] - pieces.terms["layer"] == pytest.approx(M.FFN_HIDDEN * B15.ffn_dim * BT * 3 / 4)
+    assert pieces.total < whole.total
+    for small in (cfg_(CTX_LEN=1024, MICRO_BSZ=1, GRAD_CP=1), cfg_(CTX_LEN=4096, MICRO_BSZ=8, GRAD_CP=0)):
+        assert estimate(small, B15).terms == estimate(small, B15, ffn_pieces=1).terms   # one piece / no checkpoint
 
 
 @pytest.mark.parametrize("changes, on_cpu", [

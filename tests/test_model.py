@@ -132,6 +132,39 @@ def test_batch_rows_are_independent_and_zero_state_is_default(version):
         _close(full, model(idx, model.zero_state(3)), atol=0)
 
 
+def test_ffn_pieces_rule():
+    from trainer.model import FFN_MAX_PIECES, ffn_pieces
+    assert ffn_pieces(1024, 4096) == 1 and ffn_pieces(4096, 4096) == 1 and ffn_pieces(4096 * 8, 0) == 1
+    assert ffn_pieces(8192, 4096) == 2 and ffn_pieces(4096 * 8, 4096) == FFN_MAX_PIECES == 4
+    assert ffn_pieces(3 * 4096, 4096) == 3 and ffn_pieces(4097 * 3, 4096) == 3
+    assert ffn_pieces(2 * 6151, 4096) == 2                  # 3 does not divide 12302: 2 does
+    assert ffn_pieces(3 * 5003, 4096) == 3 and ffn_pieces(13001, 4096) == 1   # 13001 is prime
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_ffn_in_pieces_gives_the_same_loss_and_gradients(version):
+    """RWKV.ffn_piece_tokens: the FFN over pieces of the B·T tokens, with and without checkpointing, gives
+    the whole FFN's loss and gradients (2 x 24 tokens in pieces of at least 10: 4 pieces of 12)."""
+    model = random_model(version, 2, 128, 256, seed=6).train()
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    for cp in (False, True):
+        model.grad_cp = cp
+        results = []
+        for piece in (0, 10):
+            model.zero_grad()
+            model.ffn_piece_tokens = piece
+            loss = F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}))
+        (l0, g0), (l1, g1) = results
+        assert l0 == pytest.approx(l1, abs=1e-6)
+        assert g0.keys() == g1.keys() and len(g0) > 10
+        for n in g0:
+            _close(g0[n], g1[n], atol=1e-5)
+    model.ffn_piece_tokens = 0
+
+
 @pytest.mark.parametrize("version", [5, 6, 7])
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(version):
     model = random_model(version, 2, 128, 256, seed=6).train()

@@ -383,6 +383,53 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     assert res.global_step == 4 and not res.interrupted
 
 
+def _losses_with_ffn_pieces(tmp_path, monkeypatch, piece, **kw):
+    from trainer import loop
+    seen = {}
+    prepare = loop.prepare
+
+    def recording(*args, **kwargs):
+        prep = prepare(*args, **kwargs)
+        seen["piece"] = prep.model.ffn_piece_tokens
+        return prep
+    with monkeypatch.context() as m:
+        m.setattr(loop, "prepare", recording)
+        m.setattr(loop, "FFN_PIECE_TOKENS", piece)
+        cfg = config(EPOCH_STEPS="4", OUTPUT=f"out{piece}", **kw)
+        losses = train(cfg, log=lambda *_: None, progress=False).losses
+    return losses, seen["piece"]
+
+
+def test_trainer_runs_the_ffn_in_pieces_under_checkpointing(tmp_path, monkeypatch):
+    """loop.prepare sets model.ffn_piece_tokens = FFN_PIECE_TOKENS under gradient checkpointing (0 without);
+    with pieces (64 tokens a step, pieces of 16) the losses are the whole FFN's, step by step."""
+    from trainer.model import FFN_PIECE_TOKENS
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    whole, p0 = _losses_with_ffn_pieces(tmp_path, monkeypatch, 0, GRAD_CP="1")
+    pieces, p1 = _losses_with_ffn_pieces(tmp_path, monkeypatch, 16, GRAD_CP="1")
+    assert (p0, p1) == (0, 16) and len(whole) == 4
+    assert pieces == pytest.approx(whole, rel=1e-5, abs=1e-6)
+    assert _losses_with_ffn_pieces(tmp_path, monkeypatch, 16, GRAD_CP="0")[1] == 0
+    from trainer import loop
+    assert loop.FFN_PIECE_TOKENS == FFN_PIECE_TOKENS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_gpu_ffn_in_pieces_changes_no_step(tmp_path, monkeypatch, mode):
+    """The same on a GPU, compiled (inductor) in bf16: the FFN in 4 pieces gives the whole FFN's losses."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", FINETUNE_MODE=mode, GRAD_CP="1",
+              LR_INIT="1e-3", LR_FINAL="1e-3")
+    whole, _ = _losses_with_ffn_pieces(tmp_path, monkeypatch, 0, **kw)
+    pieces, p = _losses_with_ffn_pieces(tmp_path, monkeypatch, 16, **kw)
+    assert p == 16 and len(whole) == 4
+    assert pieces == pytest.approx(whole, rel=2e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode,quant", [("lora", "none"), ("state", "none"), ("lora", "nf4")])

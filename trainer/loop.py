@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import TrainConfig
 from .errors import UserError
+from .model import FFN_PIECE_TOKENS
 from .schedule import learning_rate
 
 from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread  # noqa: F401  (re-exported)
@@ -216,6 +217,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             getattr(model.blocks[0].att, name).requires_grad_(False)
     model.op = op
     model.grad_cp = cfg.checkpointing
+    # the FFN over pieces of the tokens where a checkpointed block's backward would otherwise hold its
+    # [B·T, 4C] hidden tensors whole (memory.estimate counts the same)
+    model.ffn_piece_tokens = FFN_PIECE_TOKENS if cfg.checkpointing else 0
     model.plain_top = est.plain_top if est is not None else 0      # GRAD_CP=auto's plan (else 0)
     model.keep_products = est.keep_products if est is not None else 0
     model.act_dtype = activation_dtype(precision)

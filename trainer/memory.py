@@ -116,6 +116,9 @@ CP_SAVED = {"bf16": 2.0, "fp16": 4.0, "fp32": 4.0}   # GRAD_CP=1: each block kee
                                          # stream: bf16 under bf16 autocast, else fp32; loop.activation_dtype)
 CAST_BYTES = 2.0                         # per trained matrix element: autocast's bf16 copy, kept for backward
 BWD_WORK = {True: 50.0, False: 30.0}     # a block's backward temporaries (its activations' gradients), by GRAD_CP
+FFN_HIDDEN = 14.0                        # of those, per token per FFN channel (F = ffn_dim), GRAD_CP: seven bf16
+                                         # [B·T, F] tensors alive at once; in pieces (model.ffn_pieces) they exist
+                                         # for one piece at a time (1.5B LoRA, 4096 x 8: 2.56 GiB less with 4)
 BAT_BYTES = 4.2                          # Bat: bytes per adapted weight kept (bf16 W blocks and bf16 ΔW)
 BAT_WORK = 8.6                           # Bat: bytes per weight of the largest layer while its ΔW is rebuilt
 # The WKV op, bytes per token per channel: kept for backward by each layer (GRAD_CP=0; with GRAD_CP=1 only
@@ -379,13 +382,15 @@ def embedding_on_cpu(cfg: Any) -> bool:
 
 
 def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0,
-             emb_on_cpu: bool | None = None) -> Estimate:
+             emb_on_cpu: bool | None = None, ffn_pieces: int | None = None) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
     ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op).
     ``plain_top``: with checkpointing, this many top blocks are not checkpointed (GRAD_CP=auto's plan);
     ``keep_products``: this many blocks below them keep their matrix products' outputs (where it applies:
-    keeps_products). ``emb_on_cpu``: whether the embedding stays in CPU memory (default: embedding_on_cpu)."""
+    keeps_products). ``emb_on_cpu``: whether the embedding stays in CPU memory (default: embedding_on_cpu).
+    ``ffn_pieces``: the pieces of the FFN's tokens in a checkpointed block (default: the trainer's,
+    model.ffn_pieces with FFN_PIECE_TOKENS; bench/calibrate_memory.py passes what a measured row ran)."""
     v = sizes.version
     op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
@@ -465,6 +470,11 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
         kp_saved = L_kp * KP_SAVED.get(family, 0.0) * C * BT
         saved = cp_saved + L_plain * plain_saved + kp_saved
         one_layer = tok * layer * BT + fixed + work
+        if ffn_pieces is None:
+            from .model import FFN_PIECE_TOKENS, ffn_pieces as pieces_of
+            ffn_pieces = pieces_of(BT, FFN_PIECE_TOKENS)
+        F_dim = int(getattr(sizes, "ffn_dim", 0) or 4 * C)
+        one_layer -= FFN_HIDDEN * F_dim * BT * (1.0 - 1.0 / max(int(ffn_pieces), 1))
         if L_plain or L_kp:
             # the un-checkpointed top blocks go back first, each freeing what it kept, then the blocks that
             # kept their products (recomputing only element-wise work: a plain block's backward work); the

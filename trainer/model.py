@@ -201,9 +201,35 @@ class TimeMix7(_TimeMix):
 
 
 # ------------------------------------------------------------------------------------ channel mixing
+FFN_PIECE_TOKENS = 4096   # the trainer's RWKV.ffn_piece_tokens under gradient checkpointing
+FFN_MAX_PIECES = 4        # 1.5B LoRA, ctx 4096 x 8, GRAD_CP=1 on an H100: 4 pieces 2.6 GiB less at 1 % slower;
+                          # 16 pieces no less memory, 4 % slower (bench/RESULTS.md, session 13)
+
+
+def ffn_pieces(tokens: int, piece_tokens: int) -> int:
+    """Into how many pieces the FFN splits ``tokens`` (B·T) tokens: pieces of at least ``piece_tokens``
+    (0: whole), at most FFN_MAX_PIECES, a divisor of ``tokens``."""
+    n = min(FFN_MAX_PIECES, tokens // piece_tokens) if piece_tokens > 0 else 1
+    while n > 1 and tokens % n:
+        n -= 1
+    return max(n, 1)
+
+
+def _by_token_chunks(f, x: Tensor, piece_tokens: int) -> Tensor:
+    """f (token-wise: [N, C] -> [N, D]) over x [B, T, C] in ffn_pieces(B·T, piece_tokens) pieces of its
+    tokens: the FFN's [N, 4C] hidden tensors, the largest in a checkpointed block's backward pass, then
+    exist for one piece at a time (RWKV.ffn_piece_tokens). The same numbers as f(x)."""
+    B, T, C = x.shape
+    n = ffn_pieces(B * T, piece_tokens)
+    if n == 1:
+        return f(x)
+    return torch.cat([f(t) for t in x.reshape(B * T, C).chunk(n)]).view(B, T, -1)
+
+
 class ChannelMix5(nn.Module):
     """RWKV-5.2: sigmoid(W_r x_r) * W_v relu(W_k x_k)^2 with static interpolation."""
     mix_names = ("time_mix_k", "time_mix_r")
+    piece_tokens = 0                     # RWKV.ffn_piece_tokens
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -219,7 +245,8 @@ class ChannelMix5(nn.Module):
 
     def forward(self, x, shift):
         xk, xr = self._mixed(x, _shift(x, shift))
-        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
+        return torch.sigmoid(self.receptance(xr)) * _by_token_chunks(
+            lambda t: self.value(torch.relu(self.key(t)) ** 2), xk, self.piece_tokens)
 
 
 class ChannelMix6(ChannelMix5):
@@ -233,6 +260,7 @@ class ChannelMix6(ChannelMix5):
 
 class ChannelMix7(nn.Module):
     """RWKV-7: W_v relu(W_k x_k)^2, no receptance."""
+    piece_tokens = 0                     # RWKV.ffn_piece_tokens
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -243,7 +271,7 @@ class ChannelMix7(nn.Module):
 
     def forward(self, x, shift):
         x = x + (_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(x)) ** 2)
+        return _by_token_chunks(lambda t: self.value(torch.relu(self.key(t)) ** 2), x, self.piece_tokens)
 
 
 _CLASSES = {5: (TimeMix5, ChannelMix5), 6: (TimeMix6, ChannelMix6), 7: (TimeMix7, ChannelMix7)}
@@ -335,6 +363,17 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    @property
+    def ffn_piece_tokens(self) -> int:
+        """The FFN runs over the B·T tokens in pieces of at least this many (ffn_pieces; 0: whole). The
+        trainer sets FFN_PIECE_TOKENS under gradient checkpointing."""
+        return self.blocks[0].ffn.piece_tokens
+
+    @ffn_piece_tokens.setter
+    def ffn_piece_tokens(self, n: int) -> None:
+        for blk in self.blocks:
+            blk.ffn.piece_tokens = max(int(n), 0)
 
     def keep_embedding_on_cpu(self) -> None:
         """Keep the (frozen) embedding in pinned CPU memory, the rest where it is: each forward looks its

@@ -215,7 +215,7 @@ def ffn_pieces(tokens: int, piece_tokens: int) -> int:
     return max(n, 1)
 
 
-def _by_token_chunks(f, x: Tensor, piece_tokens: int) -> Tensor:
+def _in_pieces(f, x: Tensor, piece_tokens: int) -> Tensor:
     """f (token-wise: [N, C] -> [N, D]) over x [B, T, C] in ffn_pieces(B·T, piece_tokens) pieces of its
     tokens: the FFN's [N, 4C] hidden tensors, the largest in a checkpointed block's backward pass, then
     exist for one piece at a time (RWKV.ffn_piece_tokens). The same numbers as f(x)."""
@@ -245,7 +245,7 @@ class ChannelMix5(nn.Module):
 
     def forward(self, x, shift):
         xk, xr = self._mixed(x, _shift(x, shift))
-        return torch.sigmoid(self.receptance(xr)) * _by_token_chunks(
+        return torch.sigmoid(self.receptance(xr)) * _in_pieces(
             lambda t: self.value(torch.relu(self.key(t)) ** 2), xk, self.piece_tokens)
 
 
@@ -271,7 +271,7 @@ class ChannelMix7(nn.Module):
 
     def forward(self, x, shift):
         x = x + (_shift(x, shift) - x) * self.x_k
-        return _by_token_chunks(lambda t: self.value(torch.relu(self.key(t)) ** 2), x, self.piece_tokens)
+        return _in_pieces(lambda t: self.value(torch.relu(self.key(t)) ** 2), x, self.piece_tokens)
 
 
 _CLASSES = {5: (TimeMix5, ChannelMix5), 6: (TimeMix6, ChannelMix6), 7: (TimeMix7, ChannelMix7)}

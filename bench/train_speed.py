@@ -66,6 +66,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import shlex
 import statistics
@@ -367,8 +368,7 @@ def run_row(spec: dict) -> dict:
             if os.environ.get("TRAIN_SPEED_FFN_PIECE"):     # A/B: the FFN's pieces of at least N tokens (0: whole)
                 prep.model.ffn_piece_tokens = int(os.environ["TRAIN_SPEED_FFN_PIECE"])
             from trainer.model import ffn_pieces
-            T = min(int(spec["infctx"]), int(spec["ctx"])) if spec.get("infctx") else int(spec["ctx"])
-            out["ffn_pieces"] = ffn_pieces(int(spec["bsz"]) * T, prep.model.ffn_piece_tokens)
+            out["ffn_pieces"] = ffn_pieces(math.prod(memory.micro_step(cfg)), prep.model.ffn_piece_tokens)
             if cuda:
                 torch.cuda.synchronize()
                 phase["load_alloc"] = torch.cuda.max_memory_allocated()

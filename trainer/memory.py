@@ -381,6 +381,13 @@ def embedding_on_cpu(cfg: Any) -> bool:
     return world == 1 and not (_get(cfg, "STRATEGY", "auto") or "auto").startswith("deepspeed_stage_")
 
 
+def micro_step(cfg: Any) -> tuple[int, int]:
+    """(B, T) of one forward call of the model: MICRO_BSZ sequences of CTX_LEN tokens (infctx: of CHUNK_CTX)."""
+    ctx = int(_get(cfg, "CTX_LEN", 512))
+    infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
+    return int(_get(cfg, "MICRO_BSZ", 1)), min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
+
+
 def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0,
              emb_on_cpu: bool | None = None, ffn_pieces: int | None = None) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
@@ -401,8 +408,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     cp = _grad_cp(cfg) != "0"
     infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
     ctx = int(_get(cfg, "CTX_LEN", 512))
-    T = min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
-    B = int(_get(cfg, "MICRO_BSZ", 1))
+    B, T = micro_step(cfg)
     BT = B * T
     L, C, V = sizes.n_layer, sizes.n_embd, sizes.vocab_size
     strategy = _get(cfg, "STRATEGY", "auto") or "auto"
@@ -473,8 +479,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
         if ffn_pieces is None:
             from .model import FFN_PIECE_TOKENS, ffn_pieces as pieces_of
             ffn_pieces = pieces_of(BT, FFN_PIECE_TOKENS)
-        F_dim = int(getattr(sizes, "ffn_dim", 0) or 4 * C)
-        one_layer -= FFN_HIDDEN * F_dim * BT * (1.0 - 1.0 / max(int(ffn_pieces), 1))
+        one_layer -= FFN_HIDDEN * sizes.ffn_dim * BT * (1.0 - 1.0 / ffn_pieces)
         if L_plain or L_kp:
             # the un-checkpointed top blocks go back first, each freeing what it kept, then the blocks that
             # kept their products (recomputing only element-wise work: a plain block's backward work); the

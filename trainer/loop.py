@@ -219,8 +219,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     model.grad_cp = cfg.checkpointing
     # the FFN over pieces of the tokens where a checkpointed block's backward would otherwise hold its
     # [B·T, 4C] hidden tensors whole (memory.estimate counts the same). GRAD_CP=auto's un-checkpointed top
-    # blocks run in pieces too: the same memory there, one compiled graph for all blocks (about 1 % slower
-    # at 4096 x 8, measured on checkpointed blocks)
+    # blocks run in pieces too: the same memory there, one compiled graph for all blocks (what that costs
+    # them is not measured; on checkpointed blocks 4 pieces cost 1 % at 4096 x 8)
     model.ffn_piece_tokens = FFN_PIECE_TOKENS if cfg.checkpointing else 0
     model.plain_top = est.plain_top if est is not None else 0      # GRAD_CP=auto's plan (else 0)
     model.keep_products = est.keep_products if est is not None else 0

@@ -192,6 +192,7 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
         "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision,
         "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1") else "auto",     # a forced plan: auto
+        "OPTIMIZER": row.get("optimizer") or "adamw",
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }
@@ -616,7 +617,7 @@ def row_command(row: dict, opts: argparse.Namespace) -> str:
              "--compile", str(row.get("compile") or "auto"), "--stream", row.get("stream") or "auto",
              "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
              "--precision", opts.precision, "--lora-r", str(opts.lora_r), "--lora-alpha", str(opts.lora_alpha),
-             "--vocab", str(opts.vocab)]
+             "--vocab", str(opts.vocab), "--optimizer", opts.optimizer]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -643,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-alpha", type=float, default=128.0)
     ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="OPTIMIZER")
     ap.add_argument("--grid", default=None, help="peft-table | anchors | mfu | memfit (replaces the list options)")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured)")
@@ -703,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {versions.get('torch')}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch"))
     print(f"MFU peak: {peak} TFLOP/s bf16 ({'given' if peak_info.get('given') else 'measured: 8192³ matmul'})"
           if peak else "MFU peak: none (no GPU; give --peak-tflops to compute MFU)")
-    print(f"{opts.steps} steps after {opts.warmup} warm-up steps per row, precision {opts.precision}\n")
+    print(f"{opts.steps} steps after {opts.warmup} warm-up steps per row, precision {opts.precision}, "
+          f"OPTIMIZER={opts.optimizer}\n")
 
     work = Path(tempfile.mkdtemp(prefix="rwkv-train-speed-"))
     data_prefix = work / "data" / "random"
@@ -717,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         model = ensure_model(row["version"], layers, width, opts.vocab, Path(opts.model_dir), opts.row_timeout)
         spec = dict(row, model_path=str(model), data_prefix=str(data_prefix), output=str(work / "out"),
                     steps=opts.steps, warmup=opts.warmup, precision=opts.precision, lora_r=opts.lora_r,
-                    lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak)
+                    lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak, optimizer=opts.optimizer)
         rc, so, se = _child(["--_row", json.dumps(spec)], opts.row_timeout)
         if os.environ.get("TRAIN_SPEED_PROFILE"):
             print(se[se.find("-----"):], flush=True)       # the profiler's tables
@@ -729,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_row(row, res), flush=True)
         if opts.json:
             rec = dict(row, n_layer=layers, n_embd=width, vocab=opts.vocab, steps=opts.steps, warmup=opts.warmup,
-                       precision=opts.precision, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha, **res,
+                       precision=opts.precision, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha,
+                       optimizer=opts.optimizer, **res,
                        peak_tflops=peak, command=row_command(row, opts), commit=commit, dirty=dirty,
                        gpu=res.get("device") or peak_info.get("device"), versions=versions,
                        date=time.strftime("%Y-%m-%d %H:%M:%S"), host=os.uname().nodename)

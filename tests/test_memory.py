@@ -52,6 +52,9 @@ def test_param_table_counts_what_the_trainer_builds(version, mode, parts):
     t = param_table(cfg, sizes)
     assert (t.total, t.trained, t.buffers) == (total, trained, buffers)
     assert t.frozen + t.trained_base == total
+    from trainer.strategy import BNB_MIN_8BIT          # what OPTIMIZER=adamw8bit keeps fp32 states for
+    small = sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() < BNB_MIN_8BIT)
+    assert t.trained_small == small
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
@@ -330,6 +333,26 @@ def test_suggestions_start_with_the_cheapest():
     assert {"GRAD_CP": 1} in [c.settings for c in found] and all("auto" not in c.line() for c in found)
     assert any(c.settings.get("TRAIN_TYPE") == "infctx" for c in found[1:])
     assert suggest(cfg_(), B15, 80 * GiB) == []             # it fits: nothing to say
+
+
+def test_adamw8bit_keeps_two_bytes_a_number_and_is_suggested():
+    """OPTIMIZER=adamw8bit: the optimizer term is 8 bytes per trained number in tensors under 4096 numbers
+    and OPT8_BYTES for the rest (nothing else changes); where it is the cheapest change that fits, it is
+    the first suggestion, and never with DeepSpeed or on the CPU (which refuse it)."""
+    from trainer.memory import OPT8_BYTES
+    exact = estimate(cfg_(TRAIN_PARTS="ln"), B15)
+    eight = estimate(cfg_(TRAIN_PARTS="ln", OPTIMIZER="adamw8bit"), B15)
+    t = param_table(cfg_(TRAIN_PARTS="ln"), B15)
+    assert t.trained_small == (24 * 6 + 4) * 2048      # ln1, ln2, ln_x (weight, bias) of 24 blocks; ln0, ln_out
+    assert exact.terms["optimizer"] == 8 * t.trained
+    assert eight.terms["optimizer"] == pytest.approx(8 * t.trained_small + OPT8_BYTES * (t.trained - t.trained_small))
+    assert exact.total - eight.total == pytest.approx(exact.terms["optimizer"] - eight.terms["optimizer"])
+    assert {k: v for k, v in exact.terms.items() if k != "optimizer"} == \
+        {k: v for k, v in eight.terms.items() if k != "optimizer"}
+    found = suggestions(cfg_(TRAIN_PARTS="ln"), B15, (exact.total + eight.total) / 2)
+    assert found[0].settings == {"OPTIMIZER": "adamw8bit"} and found[0].estimate.total == eight.total
+    ds = cfg_(TRAIN_PARTS="ln", STRATEGY="deepspeed_stage_2", GPU_COUNT=2)
+    assert all("OPTIMIZER" not in c.settings for c in suggestions(ds, B15, estimate(ds, B15).total * 0.95))
 
 
 def test_nothing_fits_says_so():

@@ -220,6 +220,64 @@ def test_fused_adamw_steps_like_foreach_on_a_gpu():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------------ OPTIMIZER=adamw8bit
+@pytest.mark.parametrize("kw,words", [
+    (dict(STRATEGY="deepspeed_stage_2"), ["OPTIMIZER=adamw8bit with STRATEGY=deepspeed_stage_2", "OPTIMIZER=adamw"]),
+    (dict(ACCELERATOR="cpu"), ["needs an NVIDIA GPU", "OPTIMIZER=adamw to train on the CPU"]),
+])
+def test_adamw8bit_refusals_name_the_setting_and_the_fix(kw, words):
+    problems = strategy_problems(cfg(OPTIMIZER="adamw8bit", **kw), wsl=False)
+    assert len(problems) == 1
+    for w in words:
+        assert w in " ".join(problems[0])
+    assert strategy_problems(cfg(OPTIMIZER="adamw", **kw), wsl=False) == []
+    with pytest.raises(UserError) as e:                  # the config refuses it when training.sh is read
+        TrainConfig.from_env(dict(MODEL="m.pth", DATA="d", OPTIMIZER="adamw8bit", **kw))
+    assert words[0] in e.value.message
+    with pytest.raises(UserError, match="OPTIMIZER='adam8'"):
+        TrainConfig.from_env(dict(MODEL="m.pth", DATA="d", OPTIMIZER="adam8"))
+
+
+def test_adamw8bit_needs_a_gpu_and_bitsandbytes_and_says_so(monkeypatch):
+    with pytest.raises(UserError) as e:
+        Spread(cfg(OPTIMIZER="adamw8bit")).check_device(torch.device("cpu"))
+    assert "needs an NVIDIA GPU" in e.value.message and "OPTIMIZER=adamw" in e.value.fix
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)         # import bitsandbytes: ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    with pytest.raises(UserError) as e:
+        Spread(cfg(OPTIMIZER="adamw8bit")).check_device(torch.device("cuda"))
+    assert "not installed" in e.value.message and "pip install bitsandbytes" in e.value.fix
+    Spread(cfg(OPTIMIZER="adamw")).check_device(torch.device("cuda"))      # the default needs nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adamw8bit_steps_like_adamw_on_a_gpu():
+    """bitsandbytes' 8-bit AdamW with the trainer's settings: 1-byte states for a tensor of 4096 numbers or
+    more, fp32 states below; ten steps move the weights as the exact AdamW does, within 2 %."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    big, small = torch.randn(64, 1024, device="cuda"), torch.randn(4095, device="cuda")
+    exact_p = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
+    eight_p = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
+    exact = Spread(cfg()).optimizer(exact_p, 1e-3, print)
+    eight = Spread(cfg(OPTIMIZER="adamw8bit")).optimizer(eight_p, 1e-3, print)
+    assert type(eight).__name__ == "AdamW8bit"
+    for _ in range(10):
+        grads = [torch.randn_like(p) * 1e-2 + 3e-3 for p in exact_p]
+        for a, b, g in zip(exact_p, eight_p, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        exact.step()
+        eight.step()
+    assert eight.state[eight_p[0]]["state1"].dtype == torch.uint8
+    assert eight.state[eight_p[1]]["state1"].dtype == torch.float32
+    for a, b, start in zip(exact_p, eight_p, (big, small)):
+        moved, moved8 = a.detach() - start, b.detach() - start
+        assert moved.norm() > 5e-3 * start.numel() ** 0.5           # it moved (10 steps of about lr)
+        assert (moved8 - moved).norm() < 0.02 * moved.norm()
+
+
 # ------------------------------------------------------------------ the real thing, on a GPU
 needs_deepspeed = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,

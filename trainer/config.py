@@ -29,6 +29,7 @@ SCHEDULES = ("cos", "wsd", "const")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_TYPES = ("normal", "infctx")
 QUANTS = ("none", "int8", "nf4")
+OPTIMIZERS = ("adamw", "adamw8bit")
 COMPILES = ("auto", "1", "0")
 GRAD_CPS = ("auto", "1", "0")
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
@@ -92,6 +93,8 @@ class TrainConfig:
                         "that must be to fit in the GPU's memory", default="auto")
     COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
+    OPTIMIZER: str = _var("adamw | adamw8bit: AdamW's two states in 8 bits (bitsandbytes; NVIDIA GPU)",
+                          default="adamw")
     STRATEGY: str = _var("auto | deepspeed_stage_1 | ... (several GPUs)", default="auto")
     GPU_COUNT: int = _var("GPUs per node", default=1)
     NODES: int = _var("machines", default=1)
@@ -147,7 +150,7 @@ class TrainConfig:
         for name, allowed in (("FINETUNE_MODE", MODES), ("DATALOAD", DATALOADS), ("LOSS_MASK", LOSS_MASKS),
                               ("LR_SCHEDULE", SCHEDULES), ("PRECISION", PRECISIONS),
                               ("TRAIN_TYPE", TRAIN_TYPES), ("QUANT", QUANTS), ("STRATEGY", STRATEGIES),
-                              ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES),
+                              ("OPTIMIZER", OPTIMIZERS), ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES),
                               ("GRAD_CP", GRAD_CPS)):
             choice(name, allowed)
         for p in self.TRAIN_PARTS:

@@ -433,6 +433,11 @@ def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
         if key in old and old[key] != cfg.to_env()[key]:
             raise UserError(f"RESUME=1 but {key} changed since the saved run ({old[key]!r} → {cfg.to_env()[key]!r}).",
                             f"set {key}={old[key]} to resume, or RESUME=0 and a new OUTPUT to start afresh")
+    saved_opt = old.get("OPTIMIZER", "adamw")        # runs saved before OPTIMIZER existed ran AdamW
+    if saved_opt != cfg.OPTIMIZER:                    # the optimizer's state has another layout
+        raise UserError(f"RESUME=1 but OPTIMIZER changed since the saved run ({saved_opt!r} → {cfg.OPTIMIZER!r}): "
+                        "its saved state belongs to the other optimizer.",
+                        f"set OPTIMIZER={saved_opt} to resume, or RESUME=0 and a new OUTPUT to start afresh")
     tensors, _meta = checkpoint.load_adapter(cfg.output_dir / state["adapter"])
     prep.method.load_adapter(prep.model, tensors)
     for p in prep.model.parameters():
@@ -484,7 +489,8 @@ def _out_of_memory(cfg: TrainConfig, prep: Prepared, epoch: int, step: int, save
     if found:
         fix = "one of: " + "; or ".join(c.line() for c in found)
     else:
-        fix = "lower MICRO_BSZ (raise MINI_BSZ to keep the batch), set GRAD_CP=1, QUANT=nf4, or TRAIN_TYPE=infctx"
+        fix = ("lower MICRO_BSZ (raise MINI_BSZ to keep the batch), set GRAD_CP=1, QUANT=nf4, OPTIMIZER=adamw8bit "
+               "or TRAIN_TYPE=infctx")
     return UserError(msg, fix)
 
 

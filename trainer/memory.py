@@ -16,7 +16,8 @@ layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_sha
              PiSSA's initial A and B × 2; less the embedding (V·C × 2) where it stays in CPU memory
              (embedding_on_cpu: frozen, one GPU, no DeepSpeed)
   trained    P × 4                  the trainer keeps trained tensors in fp32
-  optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq
+  optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq (OPTIMIZER=adamw8bit: OPT8_BYTES, and 8
+                                    for the numbers in tensors under 4096 numbers, which keep fp32 states)
   grads      P × 4
   step       0                      what the optimizer step needs besides: nothing with the fused AdamW
                                     the trainer runs on a GPU (foreach's would need P × 4; DeepSpeed: below)
@@ -153,6 +154,7 @@ CONTEXT_AT_PREFLIGHT = int(0.25 * GiB)   # the bare CUDA context when preflight 
 ALLOCATOR_SLACK = 0.0                    # reserved / allocated - 1 at the peak, expandable segments (configure_allocator):
                                          # fitted -0.007 on the same rows, i.e. none
 ALLOCATOR_SLACK_FIXED = 0.425            # the same without them (WSL2, or the user's own allocator settings)
+OPT8_BYTES = 2.0 + 8.0 / 256            # OPTIMIZER=adamw8bit: two 1-byte states and two fp32 scales per 256
 DDP_BUCKET_BYTES = 4.0                   # per trained element: DDP's gradient buckets
 DEEPSPEED_BUCKET_ELEMS = int(2e8)        # strategy.py's reduce and allgather bucket sizes (elements)
 DS_ACT_SCALE = 0.62                      # DeepSpeed (bf16 model, no autocast): activations vs autocast's
@@ -242,6 +244,7 @@ class ParamTable:
     block_trained_mm: int    # trained matrix elements of one block (autocast keeps a bf16 copy of each)
     head_trained: bool       # the head trains (TRAIN_PARTS head, full)
     trained_base: int        # base elements among ``trained`` (TRAIN_PARTS; full: all but v7's unused three)
+    trained_small: int = 0   # trained elements in tensors of fewer than BNB_MIN_8BIT (adamw8bit keeps fp32 states)
 
 
 def param_table(cfg: Any, sizes: Any) -> ParamTable:
@@ -258,7 +261,8 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
     lowrank = _LOWRANK[sizes.version]
     total = trained = frozen = quantised = qbytes = buffers = 0
     matmul = head = adapter_mm = adapter_step = trained_mm = adapted = largest = block_t = block_p = 0
-    block_tmm, head_trained, trained_base = 0, False, 0
+    block_tmm, head_trained, trained_base, small = 0, False, 0, 0
+    from .strategy import BNB_MIN_8BIT
     for key, shape, mult in shapes:
         n = _numel(shape)
         total += n * mult
@@ -282,6 +286,7 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
         if train_it:
             trained += n * mult
             trained_base += n * mult
+            small += n * mult if n < BNB_MIN_8BIT else 0
             if is_mm:
                 trained_mm += n * mult
                 block_tmm += n if in_block else 0
@@ -302,6 +307,8 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
             own = {"lora": r * (in_f + out_f), "pissa": r * (in_f + out_f), "bone": r * out_f,
                    "bat": in_f * r}[mode]
             trained += own * mult
+            pieces = (r * in_f, r * out_f) if mode in ("lora", "pissa") else (own,)    # its tensors (A, B)
+            small += sum(n_ for n_ in pieces if n_ < BNB_MIN_8BIT) * mult
             trained_mm += own * mult
             block_tmm += own if in_block else 0
             adapter_mm += ({"bat": in_f * out_f}.get(mode, own)) * mult
@@ -310,10 +317,12 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
             if mode == "bat":
                 adapter_step += 2 * out_f * in_f * r * mult
     if mode == "state":
-        trained += sizes.n_layer * sizes.n_head * sizes.head_size ** 2
+        one = sizes.n_head * sizes.head_size ** 2                       # one layer's state tensor
+        trained += sizes.n_layer * one
+        small += sizes.n_layer * one if one < BNB_MIN_8BIT else 0
     return ParamTable(total, trained, frozen, quantised, qbytes, buffers, matmul, head, adapter_mm, adapter_step,
                       trained_mm, adapted, largest, block_t, block_p, block_tmm, head_trained,
-                      trained_base)
+                      trained_base, small)
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -423,6 +432,8 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     frozen_w -= emb_w                                # the frozen embedding stays in CPU memory
     trained_w = P * 4
     opt, grads, step = P * 8.0, P * 4.0, 0.0     # fused AdamW on the GPU: no buffer while it steps
+    if _get(cfg, "OPTIMIZER", "adamw") == "adamw8bit":   # bitsandbytes' blockwise 8-bit states, in place
+        opt = t.trained_small * 8.0 + (P - t.trained_small) * OPT8_BYTES
     stage = 0
     ds = strategy.startswith("deepspeed_stage_")
     if ds:
@@ -633,6 +644,7 @@ COST_HALVE_BATCH = 0.1        # per halving of MICRO_BSZ (smaller products, same
 COST_NF4 = 1.25               # dequantisation in every forward and backward; slightly less precise weights
 COST_INFCTX = 1.35            # each chunk's forward runs once more; + COST_HALVE_CHUNK per halving of the chunk
 COST_HALVE_CHUNK = 0.1
+COST_OPT8 = 1.05              # OPTIMIZER=adamw8bit: the same speed (measured: bench/RESULTS.md), rounded states
 COST_METHOD = 2.0             # full fine-tuning -> LoRA: a different method, the last resort
 
 
@@ -654,6 +666,10 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
     quant = _get(cfg, "QUANT", "none") or "none"
     if str(_get(cfg, "COMPILE", "auto")) == "0" and quant == "none":
         out.append(({"COMPILE": "auto"}, "compiled blocks keep fewer activations, and run faster", COST_COMPILE))
+    if (_get(cfg, "OPTIMIZER", "adamw") != "adamw8bit" and _get(cfg, "ACCELERATOR", "auto") != "cpu"
+            and not str(_get(cfg, "STRATEGY", "auto")).startswith("deepspeed_stage_")):
+        out.append(({"OPTIMIZER": "adamw8bit"}, "AdamW's states in 8 bits (bitsandbytes): about the same "
+                     "speed, slightly rounded updates", COST_OPT8))
     if mode != "full" and quant != "nf4":
         out.append(({"QUANT": "nf4"}, "frozen weights in 4 bits: slower, a little less precise", COST_NF4))
     ctx = int(_get(cfg, "CTX_LEN", 512))
@@ -714,7 +730,8 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
         return [c.line() for c in found]
     why = (" (its peak comes while loading: the whole model in bf16 before quantising, for PiSSA's SVD)"
            if est.peak_at == "loading" and _get(cfg, "QUANT", "none") != "none" else "")
-    return [f"none of GRAD_CP=1 (or auto), a smaller MICRO_BSZ, QUANT=nf4 or TRAIN_TYPE=infctx fits in "
+    return [f"none of GRAD_CP=1 (or auto), a smaller MICRO_BSZ, QUANT=nf4, OPTIMIZER=adamw8bit or "
+            f"TRAIN_TYPE=infctx fits in "
             f"{free_bytes / GiB:.1f} GiB{why}: use a smaller model, a GPU with more memory, or several GPUs"]
 
 

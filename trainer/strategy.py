@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 GRAD_CLIP = 1.0
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
+BNB_MIN_8BIT = 4096                  # OPTIMIZER=adamw8bit: smaller tensors keep fp32 states (bitsandbytes' default)
 DS_DIR = "deepspeed"                 # OUTPUT/deepspeed/<tag>/: DeepSpeed's partitioned optimizer state
 _DS_PIP = "pip install deepspeed   (on Linux or WSL2, with a CUDA GPU)"
+_BNB_PIP = "pip install bitsandbytes (or: pip install -e '.[gpu]')"
 
 
 def deepspeed_stage(strategy: str) -> int | None:
@@ -67,8 +69,17 @@ def strategy_problems(cfg: "TrainConfig", wsl: bool | None = None) -> list[tuple
     out: list[tuple[str, str]] = []
     s = cfg.STRATEGY
     stage = deepspeed_stage(s)
+    eight_bit = getattr(cfg, "OPTIMIZER", "adamw") == "adamw8bit"
+    if eight_bit and cfg.ACCELERATOR == "cpu":
+        out.append(("OPTIMIZER=adamw8bit runs bitsandbytes' 8-bit AdamW, which needs an NVIDIA GPU, but "
+                    "ACCELERATOR=cpu.", "set OPTIMIZER=adamw to train on the CPU"))
     if stage is None:
         return out
+    if eight_bit:
+        out.append((f"OPTIMIZER=adamw8bit with STRATEGY={s}: DeepSpeed runs its own optimizer over its "
+                    "partitions of the fp32 master weights, not bitsandbytes' 8-bit AdamW.",
+                    f"set OPTIMIZER=adamw with STRATEGY={s} (ZeRO already splits the optimizer state over the "
+                    "GPUs; _offload keeps it in CPU memory), or STRATEGY=auto with OPTIMIZER=adamw8bit"))
     wsl = running_on_wsl() if wsl is None else wsl
     if cfg.ACCELERATOR == "cpu":
         out.append((f"STRATEGY={s} needs CUDA GPUs, but ACCELERATOR=cpu.",
@@ -89,6 +100,20 @@ def check_strategy(cfg: "TrainConfig") -> None:
     problems = strategy_problems(cfg)
     if problems:
         raise UserError(*problems[0])
+
+
+def optimizer_unavailable_reason(device) -> str | None:
+    """Why OPTIMIZER=adamw8bit cannot run on ``device``, or None when it can: bitsandbytes' 8-bit AdamW has
+    CUDA kernels only (its CPU backend has none for the 8-bit update)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return f"bitsandbytes' 8-bit AdamW needs an NVIDIA GPU, and this run is on '{torch.device(device).type}'"
+    try:
+        import bitsandbytes.optim  # noqa: F401
+    except ImportError:
+        return f"it needs the bitsandbytes package, which is not installed; {_BNB_PIP}"
+    except Exception as err:                           # a broken install: its own message says why
+        return f"bitsandbytes is installed but does not load ({type(err).__name__}: {err}); {_BNB_PIP}"
+    return None
 
 
 def deepspeed_reason() -> str | None:
@@ -138,6 +163,12 @@ class Spread:
     def check_device(self, device: torch.device) -> None:
         """Before Fabric starts: the rules that need to know the machine (the others ran when the config
         was validated)."""
+        if getattr(self.cfg, "OPTIMIZER", "adamw") == "adamw8bit":
+            why = optimizer_unavailable_reason(device)
+            if why:
+                said, _, fix = why.partition("; ")
+                raise UserError(f"OPTIMIZER=adamw8bit: {said}.",
+                                fix or "train on a machine with an NVIDIA GPU, or set OPTIMIZER=adamw")
         if not self.deepspeed:
             return
         if device.type != "cuda":
@@ -167,6 +198,13 @@ class Spread:
                 log(f"note: DeepSpeed's CPU Adam could not be built here ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the offloaded optimizer runs "
                     "torch's AdamW on the CPU instead, which is slower.")
+        if getattr(self.cfg, "OPTIMIZER", "adamw") == "adamw8bit":
+            # bitsandbytes' blockwise 8-bit AdamW: exp_avg and exp_avg_sq as 1-byte codes with an fp32 scale
+            # per 256 (2.03 bytes per trained number against 8); tensors under 4096 numbers keep fp32 states.
+            # The trained tensors themselves and their gradients stay fp32: only the states are rounded.
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
+                                       min_8bit_size=BNB_MIN_8BIT)
         # On a GPU (DeepSpeed aside: its engine wraps the optimizer) the fused AdamW: one kernel for all the
         # trained tensors instead of foreach's dozen per group, and no sqrt(exp_avg_sq) buffer the size of
         # the trained tensors at the step (memory.py's ``step`` term is 0 for it). A state saved by the

@@ -274,8 +274,23 @@ def test_adamw8bit_steps_like_adamw_on_a_gpu():
     assert eight.state[eight_p[1]]["state1"].dtype == torch.float32
     for a, b, start in zip(exact_p, eight_p, (big, small)):
         moved, moved8 = a.detach() - start, b.detach() - start
-        assert moved.norm() > 5e-3 * start.numel() ** 0.5           # it moved (10 steps of about lr)
+        assert moved.norm() > 2e-3 * start.numel() ** 0.5           # it moved (10 steps of up to lr)
         assert (moved8 - moved).norm() < 0.02 * moved.norm()
+    # the trainer's step (bitsandbytes' per-tensor update without its wait after each) gives its stock step's bits
+    import bitsandbytes as bnb
+    stock_p = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
+    ours_p = [torch.nn.Parameter(big.clone()), torch.nn.Parameter(small.clone())]
+    stock = bnb.optim.AdamW8bit(stock_p, lr=1e-3, betas=eight.defaults["betas"], eps=eight.defaults["eps"],
+                                weight_decay=0.0)
+    ours = Spread(cfg(OPTIMIZER="adamw8bit")).optimizer(ours_p, 1e-3, print)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in stock_p]
+        for a, b, g in zip(stock_p, ours_p, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        stock.step()
+        ours.step()
+    for a, b in zip(stock_p, ours_p):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ the real thing, on a GPU

@@ -500,7 +500,8 @@ def test_gpu_adamw8bit_trains_saves_and_resumes(tmp_path, monkeypatch):
     eight = train(config(OUTPUT="b", OPTIMIZER="adamw8bit", **kw), **quiet).losses
     assert len(eight) == 8 and eight == pytest.approx(exact, rel=3e-2) and eight[-1] < eight[0]
     saved = checkpoint.load_train_state(tmp_path / "b" / "train_state.pth")["optimizer"]
-    kinds = {st["state1"].dtype for st in saved["state"].values()}
+    kinds = {{**st, **st.get("__bnb_optimizer_quant_state__", {})}["state1"].dtype     # its wrapping for FSDP
+             for st in saved["state"].values()}
     assert torch.uint8 in kinds
     first = train(config(OUTPUT="c", OPTIMIZER="adamw8bit", **kw), max_steps=5, **quiet)
     rest = train(config(OUTPUT="c", OPTIMIZER="adamw8bit", RESUME=1, **kw), **quiet)

@@ -202,9 +202,7 @@ class Spread:
             # bitsandbytes' blockwise 8-bit AdamW: exp_avg and exp_avg_sq as 1-byte codes with an fp32 scale
             # per 256 (2.03 bytes per trained number against 8); tensors under 4096 numbers keep fp32 states.
             # The trained tensors themselves and their gradients stay fp32: only the states are rounded.
-            import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
-                                       min_8bit_size=BNB_MIN_8BIT)
+            return adamw8bit(params, lr)
         # On a GPU (DeepSpeed aside: its engine wraps the optimizer) the fused AdamW: one kernel for all the
         # trained tensors instead of foreach's dozen per group, and no sqrt(exp_avg_sq) buffer the size of
         # the trained tensors at the step (memory.py's ``step`` term is 0 for it). A state saved by the
@@ -293,6 +291,40 @@ class Spread:
         if load_path is None:
             raise UserError(f"RESUME=1: DeepSpeed could not read {out / DS_DIR / tag}/.",
                             "set RESUME=0 to start a new run")
+
+
+def adamw8bit(params: list, lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit with the trainer's betas and eps, stepping without a synchronisation per tensor.
+
+    Its ``step`` waits for the GPU after every tensor's update (``sync_gpu``), which its paged optimizers need
+    and this one (not paged: every kernel is ordered on the stream, nothing is read back) does not: with
+    LoRA's ~440 tensors at 1.5B that wait cost 56 ms a step (7,094 against 11,677 tok/s at ctx 1024 × 1,
+    bench/RESULTS.md). The step below calls bitsandbytes' own per-tensor update, the same kernels, without it."""
+    import bitsandbytes as bnb
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged or not all(hasattr(self, n) for n in ("initialized", "init_state", "update_step")):
+                return super().step(closure)           # paged, or a bitsandbytes that changed: its own step
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW8bit(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, min_8bit_size=BNB_MIN_8BIT)
 
 
 def _tensors(params: list):

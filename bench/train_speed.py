@@ -57,8 +57,7 @@ with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPH
 trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
 CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
 the frozen embedding on the GPU (memory.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
-(RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), TRAIN_SPEED_WARM_UP=0 leaves fla's kernels to
-autotune in the first step instead of before the model loads (ops.warm_up), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
+(RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
 pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
 """
 from __future__ import annotations
@@ -354,10 +353,6 @@ def run_row(spec: dict) -> dict:
             out["context_used_bytes"] = used.read() - out["used_baseline_bytes"]
         return freed
     memory.trim_thread_stack = trimming
-    if os.environ.get("TRAIN_SPEED_WARM_UP") == "0":  # A/B: fla's kernels tune in the first step, as before
-        from trainer import ops                        # session 14 (ops.warm_up)
-        ops.warm_up = lambda *a, **k: False
-    out["warm_up"] = os.environ.get("TRAIN_SPEED_WARM_UP") != "0"
     if os.environ.get("TRAIN_SPEED_EMB") == "gpu":    # A/B: the embedding on the GPU, as before session 12
         memory.embedding_on_cpu = lambda cfg_: False
     rows: list[tuple] = []

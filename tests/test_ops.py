@@ -374,36 +374,3 @@ def test_auto_prefers_our_triton_kernel_for_rwkv7_on_a_gpu(monkeypatch):
     assert "RWKV-6" in e.value.message and "OP=auto" in e.value.fix
     monkeypatch.setattr(ops_mod, "why_unavailable", lambda name, device: "missing" if name == "triton" else None)
     assert ops_mod.resolve("auto", "cuda", 7) == "fla"
-
-
-# ------------------------------------------------------------------ warm-up of autotuned ops
-@pytest.mark.parametrize("version", [5, 6, 7])
-@pytest.mark.parametrize("state", [False, True])
-def test_warm_up_runs_the_op_forward_and_backward_as_the_model_calls_it(monkeypatch, version, state):
-    """ops.warm_up's work (run on a GPU for fla/rwkvfla before the model loads): the op gets the training
-    shapes [B, T, H, N] in the training dtype, a log decay in the model's range, an initial state only when
-    asked, and every input gets its gradient (the backward kernels ran too)."""
-    from trainer import ops
-    fn7, fn6, check = ops._REGISTRY["torch"]
-    seen = {}
-
-    def spy(fn):
-        def run(*args):
-            seen["args"] = args
-            return fn(*args)
-        return run
-    monkeypatch.setitem(ops._REGISTRY, "spy", (spy(fn7), spy(fn6), check))
-    ops._warm_up_once("spy", version, 2, 5, 3, 4, torch.float64, torch.device("cpu"), state)
-    args = seen["args"]
-    r, k, v, logw = args[:4]
-    assert r.shape == k.shape == v.shape == logw.shape == (2, 5, 3, 4) and r.dtype == torch.float64
-    assert bool((logw < 0).all()) and (version != 7 or bool((logw > -math.exp(-0.5)).all()))
-    assert (args[-1] is not None) == state and (not state or args[-1].shape == (2, 3, 4, 4))
-    for x in args:
-        if x is not None:
-            assert x.grad is not None and bool(torch.isfinite(x.grad).all())
-    assert len(args) == (7 if version == 7 else 6)
-    # only the autotuned ops, only on a GPU
-    assert not ops.warm_up("fla", version, 2, 5, 3, 4, torch.bfloat16, "cpu")
-    assert not ops.warm_up("triton", version, 2, 5, 3, 4, torch.bfloat16, "cuda")
-    assert ops.AUTOTUNED == ("fla", "rwkvfla")

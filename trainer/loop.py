@@ -185,13 +185,6 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
-    if device.type == "cuda" and op in ops.AUTOTUNED:
-        # its kernels autotune on first use: here, on an empty GPU, before the stack reserve is given back
-        log(f"OP={op}: running its kernels once at the training shapes (the first time on this machine they "
-            "are compiled and tuned, which takes minutes; then cached)")
-        B, T = memory.micro_step(cfg)
-        ops.warm_up(op, sizes.version, B, T, sizes.n_head, sizes.head_size, weight_dtype, device,
-                    state=cfg.FINETUNE_MODE == "state" or cfg.TRAIN_TYPE == "infctx")
     memory.trim_thread_stack(device)     # the CUDA driver's idle thread-stack reserve (264 MiB on an H100)
     est = preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
 

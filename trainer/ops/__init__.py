@@ -18,7 +18,6 @@ Ops (``OP`` in training.sh):
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -118,47 +117,3 @@ def _wkv(r, k, v, logw, *, u, a, b, state, op):
 
 
 _wkv_eager = torch.compiler.disable(_wkv)
-
-
-# Ops whose kernels choose their launch configuration by timing candidates on first use (fla's Triton
-# autotune, results cached on disk afterwards). Some candidates need a large per-thread stack, and the CUDA
-# driver then keeps that stack reserved for every thread the GPU can run at once, for the rest of the run:
-# 2.7 GiB on an H100 in the first run of RWKV-6 7B (bench/RESULTS.md, session 14).
-AUTOTUNED = ("fla", "rwkvfla")
-
-
-def warm_up(op: str, version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype,
-            device: torch.device | str, state: bool = False) -> bool:
-    """Run ``op`` forward and backward once on random inputs of the training shapes (B, T, H heads of N) in the
-    training dtype, as the model calls it (``state``: with an initial state that takes a gradient, as state
-    tuning and infctx pass), so that its kernels compile and autotune now: before the model is on the GPU,
-    and before the trainer gives back the driver's thread-stack reserve (memory.trim_thread_stack), which
-    the autotune's candidates would otherwise leave grown. Only for the AUTOTUNED ops, on a GPU; returns
-    whether it ran. Everything it allocated is given back to the device."""
-    device = torch.device(device)
-    if op not in AUTOTUNED or device.type != "cuda":
-        return False
-    _warm_up_once(op, version, B, T, H, N, dtype, device, state)
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()                           # its inputs and gradients are gone: give them back
-    return True
-
-
-def _warm_up_once(op: str, version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype,
-                  device: torch.device, state: bool) -> None:
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rnd(*shape: int, dt: torch.dtype = dtype, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dt).requires_grad_()
-
-    r, k, v = (rnd(B, T, H, N, scale=0.5) for _ in range(3))
-    s0 = rnd(B, H, N, N, dt=torch.float32, scale=0.1) if state else None
-    if version == 7:                                   # in RWKV-7's decay range, as TimeMix7 makes it
-        logw = -math.exp(-0.5) * torch.sigmoid(torch.randn(B, T, H, N, device=device, generator=gen))
-        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=device, generator=gen), dim=-1)
-        a, b = (-kk).to(dtype).requires_grad_(), (kk * 0.5).to(dtype).requires_grad_()
-        y, _ = wkv(r, k, v, logw.requires_grad_(), a=a, b=b, state=s0, op=op)
-    else:
-        logw = -torch.exp(torch.randn(B, T, H, N, device=device, generator=gen) * 0.5 - 1.0)
-        y, _ = wkv(r, k, v, logw.requires_grad_(), u=rnd(H, N, scale=0.5), state=s0, op=op)
-    y.float().sum().backward()

@@ -298,8 +298,9 @@ def adamw8bit(params: list, lr: float) -> torch.optim.Optimizer:
 
     Its ``step`` waits for the GPU after every tensor's update (``sync_gpu``), which its paged optimizers need
     and this one (not paged: every kernel is ordered on the stream, nothing is read back) does not: with
-    LoRA's ~440 tensors at 1.5B that wait cost 56 ms a step (7,094 against 11,677 tok/s at ctx 1024 × 1,
-    bench/RESULTS.md). The step below calls bitsandbytes' own per-tensor update, the same kernels, without it."""
+    LoRA's ~440 tensors at 1.5B that wait cost 28 ms a step (7,094 against 8,826 tok/s at ctx 1024 × 1 on an
+    H100, bench/RESULTS.md session 14). The step below calls bitsandbytes' own per-tensor update, the same
+    kernels, without it."""
     import bitsandbytes as bnb
 
     class AdamW8bit(bnb.optim.AdamW8bit):

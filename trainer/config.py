@@ -150,8 +150,8 @@ class TrainConfig:
         for name, allowed in (("FINETUNE_MODE", MODES), ("DATALOAD", DATALOADS), ("LOSS_MASK", LOSS_MASKS),
                               ("LR_SCHEDULE", SCHEDULES), ("PRECISION", PRECISIONS),
                               ("TRAIN_TYPE", TRAIN_TYPES), ("QUANT", QUANTS), ("STRATEGY", STRATEGIES),
-                              ("OPTIMIZER", OPTIMIZERS), ("ACCELERATOR", ("auto", "cuda", "cpu")), ("COMPILE", COMPILES),
-                              ("GRAD_CP", GRAD_CPS)):
+                              ("OPTIMIZER", OPTIMIZERS), ("ACCELERATOR", ("auto", "cuda", "cpu")),
+                              ("COMPILE", COMPILES), ("GRAD_CP", GRAD_CPS)):
             choice(name, allowed)
         for p in self.TRAIN_PARTS:
             if p not in PARTS:

@@ -306,7 +306,8 @@ def adamw8bit(params: list, lr: float) -> torch.optim.Optimizer:
     class AdamW8bit(bnb.optim.AdamW8bit):
         @torch.no_grad()
         def step(self, closure=None):
-            if self.is_paged or not all(hasattr(self, n) for n in ("initialized", "init_state", "update_step")):
+            if self.is_paged or not all(hasattr(self, n) for n in ("initialized", "check_overrides", "to_gpu",
+                                                                    "init_state", "update_step")):
                 return super().step(closure)           # paged, or a bitsandbytes that changed: its own step
             loss = None
             if closure is not None:

@@ -86,13 +86,18 @@ def quant_unavailable_reason(device, quant: str = "nf4") -> str | None:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return "quantisation needs an NVIDIA GPU (bitsandbytes)"
-    if quant == "nf4":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return f"QUANT=nf4 needs the bitsandbytes package, which is not installed; {INSTALL_FIX}"
-        except Exception as err:                       # a broken install: its own message says why
-            return f"bitsandbytes is installed but does not load ({type(err).__name__}: {err}); {INSTALL_FIX}"
+    return bitsandbytes_missing("QUANT=nf4") if quant == "nf4" else None
+
+
+def bitsandbytes_missing(who: str) -> str | None:
+    """None when bitsandbytes loads, else why not and how to install it, ending in "; INSTALL_FIX" (``who``:
+    what needs it, the sentence's subject)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return f"{who} needs the bitsandbytes package, which is not installed; {INSTALL_FIX}"
+    except Exception as err:                       # a broken install: its own message says why
+        return f"bitsandbytes is installed but does not load ({type(err).__name__}: {err}); {INSTALL_FIX}"
     return None
 
 

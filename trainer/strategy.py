@@ -45,7 +45,6 @@ ADAM_EPS = 1e-8
 BNB_MIN_8BIT = 4096                  # OPTIMIZER=adamw8bit: smaller tensors keep fp32 states (bitsandbytes' default)
 DS_DIR = "deepspeed"                 # OUTPUT/deepspeed/<tag>/: DeepSpeed's partitioned optimizer state
 _DS_PIP = "pip install deepspeed   (on Linux or WSL2, with a CUDA GPU)"
-_BNB_PIP = "pip install bitsandbytes (or: pip install -e '.[gpu]')"
 
 
 def deepspeed_stage(strategy: str) -> int | None:
@@ -69,7 +68,7 @@ def strategy_problems(cfg: "TrainConfig", wsl: bool | None = None) -> list[tuple
     out: list[tuple[str, str]] = []
     s = cfg.STRATEGY
     stage = deepspeed_stage(s)
-    eight_bit = getattr(cfg, "OPTIMIZER", "adamw") == "adamw8bit"
+    eight_bit = cfg.OPTIMIZER == "adamw8bit"
     if eight_bit and cfg.ACCELERATOR == "cpu":
         out.append(("OPTIMIZER=adamw8bit runs bitsandbytes' 8-bit AdamW, which needs an NVIDIA GPU, but "
                     "ACCELERATOR=cpu.", "set OPTIMIZER=adamw to train on the CPU"))
@@ -107,13 +106,8 @@ def optimizer_unavailable_reason(device) -> str | None:
     CUDA kernels only (its CPU backend has none for the 8-bit update)."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return f"bitsandbytes' 8-bit AdamW needs an NVIDIA GPU, and this run is on '{torch.device(device).type}'"
-    try:
-        import bitsandbytes.optim  # noqa: F401
-    except ImportError:
-        return f"it needs the bitsandbytes package, which is not installed; {_BNB_PIP}"
-    except Exception as err:                           # a broken install: its own message says why
-        return f"bitsandbytes is installed but does not load ({type(err).__name__}: {err}); {_BNB_PIP}"
-    return None
+    from .quant import bitsandbytes_missing
+    return bitsandbytes_missing("it")
 
 
 def deepspeed_reason() -> str | None:
@@ -163,7 +157,7 @@ class Spread:
     def check_device(self, device: torch.device) -> None:
         """Before Fabric starts: the rules that need to know the machine (the others ran when the config
         was validated)."""
-        if getattr(self.cfg, "OPTIMIZER", "adamw") == "adamw8bit":
+        if self.cfg.OPTIMIZER == "adamw8bit":
             why = optimizer_unavailable_reason(device)
             if why:
                 said, _, fix = why.partition("; ")
@@ -198,7 +192,7 @@ class Spread:
                 log(f"note: DeepSpeed's CPU Adam could not be built here ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the offloaded optimizer runs "
                     "torch's AdamW on the CPU instead, which is slower.")
-        if getattr(self.cfg, "OPTIMIZER", "adamw") == "adamw8bit":
+        if self.cfg.OPTIMIZER == "adamw8bit":
             # bitsandbytes' blockwise 8-bit AdamW: exp_avg and exp_avg_sq as 1-byte codes with an fp32 scale
             # per 256 (2.03 bytes per trained number against 8); tensors under 4096 numbers keep fp32 states.
             # The trained tensors themselves and their gradients stay fp32: only the states are rounded.

@@ -59,6 +59,9 @@ CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) a
 the frozen embedding on the GPU (memory.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
 (RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
 pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
+TRAIN_SPEED_STACK_LOG=1 records which Triton kernels grew the CUDA driver's thread-stack limit, and when
+(cuda_stack_growth in --json). steady_used_bytes / steady_alloc_bytes are the peaks from the first optimizer
+step after the warm-up on (peak_* cover all training steps).
 """
 from __future__ import annotations
 
@@ -192,7 +195,7 @@ def row_env(row: dict, model_path: str, data_prefix: str, output: str, steps: in
         "TRAIN_TYPE": "infctx" if infctx else "normal", "CHUNK_CTX": str(infctx or 512),
         "OP": row.get("op") or "auto", "COMPILE": str(row.get("compile") or "auto"), "PRECISION": precision,
         "GRAD_CP": str(row["grad_cp"]) if str(row["grad_cp"]) in ("0", "1") else "auto",     # a forced plan: auto
-        "OPTIMIZER": row.get("optimizer") or "adamw",
+        "OPTIMIZER": row.get("optimizer") or "adamw", "OFFLOAD_BLOCKS": str(row.get("offload") or 0),
         "STRATEGY": "auto", "GPU_COUNT": "1", "NODES": "1", "ACCELERATOR": "auto", "SEED": "0", "WANDB": "",
         "RESUME": "0",
     }
@@ -289,13 +292,15 @@ class _UsedMemory:
 
 
 class _Sampler(threading.Thread):
-    """Polls the used memory every 5 ms; keeps the maximum of the set-up phase and of the training phase."""
+    """Polls the used memory every 5 ms; keeps the maximum of the set-up phase, of the training phase and of
+    its steady part (from the optimizer step after the warm-up steps: no compiling, autotuning or first-step
+    allocation in it; "train" includes it)."""
 
     def __init__(self, used: _UsedMemory):
         super().__init__(daemon=True)
         self.used = used
         self.phase = "load"
-        self.peak = {"load": 0, "train": 0}
+        self.peak = {"load": 0, "train": 0, "steady": 0}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -305,7 +310,45 @@ class _Sampler(threading.Thread):
             except Exception:
                 v = 0
             self.peak[self.phase] = max(self.peak[self.phase], v)
+            if self.phase == "steady":
+                self.peak["train"] = max(self.peak["train"], v)
             time.sleep(0.005)
+
+
+def _log_stack_growth(memory, steps: dict) -> list[dict]:
+    """TRAIN_SPEED_STACK_LOG=1: which Triton kernel launch grows the CUDA driver's per-thread stack limit.
+    Reads the limit (one driver call) before and after every Triton launch; a growth seen after a launch is
+    that kernel's (with its local memory per thread, cuFuncGetAttribute), one seen before it happened since
+    the last Triton launch (a kernel that is not Triton's, or a trim). At most 40 entries."""
+    import ctypes
+
+    from triton import knobs
+    lib = memory._libcuda()
+    seen: list[dict] = []
+    last = [memory.thread_stack_limit(lib)]
+
+    def local_bytes(function) -> int | None:
+        value = ctypes.c_int(0)
+        try:
+            ok = lib.cuFuncGetAttribute(ctypes.byref(value), 3, ctypes.c_void_p(function)) == 0  # LOCAL_SIZE
+        except Exception:
+            return None
+        return value.value if ok else None
+
+    def check(meta, where: str) -> None:
+        now = memory.thread_stack_limit(lib)
+        if now == last[0]:
+            return
+        if now is not None and last[0] is not None and now > last[0] and len(seen) < 40:
+            data = getattr(meta, "data", None) or {}
+            seen.append({"kernel": data.get("name"), "where": where, "from": last[0], "to": now,
+                         "opt_step": steps.get("n", 0),
+                         "local_bytes": local_bytes(data.get("function")) if where == "launch" else None})
+        last[0] = now
+
+    knobs.runtime.launch_enter_hook.add(lambda meta: check(meta, "before"))
+    knobs.runtime.launch_exit_hook.add(lambda meta: check(meta, "launch"))
+    return seen
 
 
 # ------------------------------------------------------------------------------------------ one row (child)
@@ -343,9 +386,13 @@ def run_row(spec: dict) -> dict:
     if graphs_env in ("0", "1"):
         loop.use_cudagraphs = lambda *a, **k: graphs_env == "1"
     trim = memory.trim_thread_stack
+    phase_steps: dict = {"n": 0}      # optimizer steps begun (counting_lr below)
 
     def trimming(device):           # TRAIN_SPEED_CUDA_STACK=keep: the driver's default stack reserve (A/B)
         freed = 0 if os.environ.get("TRAIN_SPEED_CUDA_STACK") == "keep" else trim(device)
+        if "cuda_stack_freed_bytes" in out:          # after an optimizer step (memory.trim_grown_stack)
+            out.setdefault("cuda_stack_regrown_freed", []).append([phase_steps["n"], freed])
+            return freed
         out["cuda_stack_freed_bytes"] = freed
         out["cuda_stack_kept_bytes"] = 0 if freed or used is None else memory.thread_stack_bytes(device)
         if used is not None:        # the bare context, as preflight finds it
@@ -409,6 +456,20 @@ def run_row(spec: dict) -> dict:
             prof.step()
             return lr_of_step(*args, **kwargs)
         loop.learning_rate = stepping_lr
+    steps = phase_steps
+    lr_before = loop.learning_rate
+
+    def counting_lr(*args, **kwargs):              # called once per optimizer step, before it
+        steps["n"] += 1
+        if steps["n"] == spec["warmup"] + 1 and cuda:     # the steady part starts (see _Sampler)
+            phase["pre_steady_alloc"] = torch.cuda.max_memory_allocated()
+            phase["pre_steady_reserved"] = torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+            if sampler is not None:
+                sampler.phase = "steady"
+        return lr_before(*args, **kwargs)
+    loop.learning_rate = counting_lr
+    stack_log = _log_stack_growth(memory, steps) if cuda and os.environ.get("TRAIN_SPEED_STACK_LOG") else None
     snapshot = os.environ.get("TRAIN_SPEED_MEMORY_SNAPSHOT") if cuda else None   # =FILE: the allocator's history
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=400_000)
@@ -449,17 +510,22 @@ def run_row(spec: dict) -> dict:
         except Exception as err:                      # a failed kernel can leave the GPU unusable: say so
             out.setdefault("error", f"{type(err).__name__}: {err}"[:300])
         out["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        out["peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
-        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["peak_alloc_bytes"] = max(torch.cuda.max_memory_allocated(), phase.get("pre_steady_alloc", 0))
+        out["peak_reserved_bytes"] = max(torch.cuda.max_memory_reserved(), phase.get("pre_steady_reserved", 0))
+        if "pre_steady_alloc" in phase:
+            out["steady_alloc_bytes"] = torch.cuda.max_memory_allocated()
         out["load_alloc_bytes"] = phase.get("load_alloc")
         out["load_reserved_bytes"] = phase.get("load_reserved")
         if "load_alloc" not in phase:                 # failed during set-up: all of it was the load phase
             out["load_alloc_bytes"], out["peak_alloc_bytes"] = out["peak_alloc_bytes"], None
         out["peak_used_bytes"] = sampler.peak["train"] or None
         out["load_used_bytes"] = sampler.peak["load"] or None
+        out["steady_used_bytes"] = sampler.peak["steady"] or None
         out["used_source"] = used.source
         out["cuda_stack_limit_end"] = memory.thread_stack_limit()   # what the driver grew it back to
-    out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT="))]
+        if stack_log is not None:
+            out["cuda_stack_growth"] = stack_log
+    out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT=", "OFFLOAD_BLOCKS"))]
     steady = rows[spec["warmup"]:]
     tokens = spec["bsz"] * spec["ctx"]
     if out["status"] == "ok" and steady:
@@ -618,6 +684,8 @@ def row_command(row: dict, opts: argparse.Namespace) -> str:
              "--train-parts", row["train_parts"] or "", "--steps", str(opts.steps), "--warmup", str(opts.warmup),
              "--precision", opts.precision, "--lora-r", str(opts.lora_r), "--lora-alpha", str(opts.lora_alpha),
              "--vocab", str(opts.vocab), "--optimizer", opts.optimizer]
+    if opts.offload:
+        parts += ["--offload", str(opts.offload)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -645,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-alpha", type=float, default=128.0)
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="OPTIMIZER")
+    ap.add_argument("--offload", type=int, default=0, help="OFFLOAD_BLOCKS (default 0: none)")
     ap.add_argument("--grid", default=None, help="peft-table | anchors | mfu | memfit (replaces the list options)")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured)")
@@ -720,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         model = ensure_model(row["version"], layers, width, opts.vocab, Path(opts.model_dir), opts.row_timeout)
         spec = dict(row, model_path=str(model), data_prefix=str(data_prefix), output=str(work / "out"),
                     steps=opts.steps, warmup=opts.warmup, precision=opts.precision, lora_r=opts.lora_r,
-                    lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak, optimizer=opts.optimizer)
+                    lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak, optimizer=opts.optimizer,
+                    offload=opts.offload)
         rc, so, se = _child(["--_row", json.dumps(spec)], opts.row_timeout)
         if os.environ.get("TRAIN_SPEED_PROFILE"):
             print(se[se.find("-----"):], flush=True)       # the profiler's tables
@@ -733,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.json:
             rec = dict(row, n_layer=layers, n_embd=width, vocab=opts.vocab, steps=opts.steps, warmup=opts.warmup,
                        precision=opts.precision, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha,
-                       optimizer=opts.optimizer, **res,
+                       optimizer=opts.optimizer, offload=opts.offload, **res,
                        peak_tflops=peak, command=row_command(row, opts), commit=commit, dirty=dirty,
                        gpu=res.get("device") or peak_info.get("device"), versions=versions,
                        date=time.strftime("%Y-%m-%d %H:%M:%S"), host=os.uname().nodename)

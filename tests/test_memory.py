@@ -34,8 +34,11 @@ TINY = config_from_sizes(7, 2, 128, vocab_size=256)
 @pytest.mark.parametrize("version", [5, 6, 7])
 @pytest.mark.parametrize("mode,parts", [("lora", ()), ("pissa", ("ln",)), ("bone", ("time",)), ("bat", ()),
                                         ("state", ("time", "ln")), ("full", ()), ("lora", ("emb", "head"))])
-def test_param_table_counts_what_the_trainer_builds(version, mode, parts):
-    """Trained and total elements equal those of a model with the method applied as loop.prepare does."""
+def test_param_table_counts_what_the_trainer_builds(monkeypatch, version, mode, parts):
+    """Trained and total elements equal those of a model with the method applied as loop.prepare does; so
+    does one block's streamed part (OFFLOAD_BLOCKS; its size limit lowered to the tiny model's matrices)."""
+    from trainer import offload
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
     from trainer.loop import method_settings
     from trainer.peft import get_method
     sizes = config_from_sizes(version, 2, 128, vocab_size=256)
@@ -55,6 +58,8 @@ def test_param_table_counts_what_the_trainer_builds(version, mode, parts):
     from trainer.strategy import BNB_MIN_8BIT          # what OPTIMIZER=adamw8bit keeps fp32 states for
     small = sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() < BNB_MIN_8BIT)
     assert t.trained_small == small
+    if mode != "full":
+        assert t.block_streamed == sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
@@ -355,6 +360,34 @@ def test_adamw8bit_keeps_two_bytes_a_number_and_is_suggested():
     assert all("OPTIMIZER" not in c.settings for c in suggestions(ds, B15, estimate(ds, B15).total * 0.95))
 
 
+def test_offload_takes_streamed_blocks_off_the_gpu_and_auto_takes_the_fewest_that_fit():
+    """OFFLOAD_BLOCKS=N: the weights (and the loading peak) lose N - 2 blocks' frozen matrices (two slots stay),
+    every block is checkpointed; nothing changes where the settings cannot stream. auto (plan_offload)
+    takes the fewest blocks that fit, none where the plan fits already, all but block 0 where nothing
+    fits; a set 0 gets OFFLOAD_BLOCKS among the suggestions."""
+    from trainer.memory import FIT_FRACTION, plan_offload
+    base = cfg_(TRAIN_PARTS="ln", OFFLOAD_BLOCKS=0)
+    t = param_table(base, B15)
+    # a block's att (4 C²) and ffn (8 C²) matrices and its low-rank time-mix ones (exact: the test above)
+    assert 12 * 2048 ** 2 < t.block_streamed < 13 * 2048 ** 2
+    none, six = estimate(base, B15), estimate(cfg_(TRAIN_PARTS="ln", OFFLOAD_BLOCKS=6), B15)
+    assert six.offload == 6 and none.offload == 0
+    assert none.terms["weights"] - six.terms["weights"] == 4 * t.block_streamed * 2
+    assert none.load_peak - six.load_peak == 4 * t.block_streamed * 2
+    assert estimate(base, B15, offload=40).offload == 23                 # at most every block but block 0
+    q = cfg_(TRAIN_PARTS="ln", QUANT="nf4")
+    assert estimate(q, B15, offload=6).terms == estimate(q, B15).terms   # cannot stream: unchanged
+    auto = cfg_(TRAIN_PARTS="ln")
+    assert auto.OFFLOAD_BLOCKS == "auto" and estimate(auto, B15).offload == 0
+    assert plan_offload(auto, B15, 80 * GiB, estimate(auto, B15)).offload == 0
+    free = (estimate(auto, B15, offload=8).total + 1) / FIT_FRACTION
+    assert plan_offload(auto, B15, free, estimate(auto, B15)).offload == 8
+    assert plan_offload(auto, B15, GiB, estimate(auto, B15)).offload == 23
+    assert plan_offload(base, B15, free, estimate(base, B15)).offload == 0            # set to 0: never
+    found = suggestions(base, B15, free)
+    assert any(c.settings.get("OFFLOAD_BLOCKS") for c in found)
+
+
 def test_nothing_fits_says_so():
     lines = suggest(cfg_(FINETUNE_MODE="full"), config_from_sizes(6, 32, 4096), 8 * GiB)
     assert len(lines) == 1 and "smaller model" in lines[0]
@@ -584,6 +617,25 @@ def test_thread_stack_is_given_back_once_and_counted(monkeypatch):
     assert M.trim_thread_stack(torch.device("cuda", 0)) == 0 and refusing.calls
     monkeypatch.setattr(M, "_libcuda", lambda: None)
     assert M.trim_thread_stack(torch.device("cuda", 0)) == 0
+
+
+def test_a_grown_thread_stack_is_given_back_after_a_step_a_few_times_at_most(monkeypatch):
+    """After an optimizer step: a limit the driver grew past its 1 KiB default (an autotune's tried kernel:
+    10,640 bytes on fla's first run) is set back to 0; at or under the default nothing is called; a run
+    whose kept kernels keep growing it stops trimming after GROWN_STACK_TRIMS; off a GPU nothing happens."""
+    driver = _FakeDriver(stack=10640)
+    _fake_gpu(monkeypatch, driver)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert M.trim_grown_stack("cpu", 3) == 3 and not driver.calls
+    assert M.trim_grown_stack(torch.device("cuda"), 3) == 2
+    assert driver.calls == [(M.CU_LIMIT_STACK_SIZE, 0)]
+    driver.limits[M.CU_LIMIT_STACK_SIZE] = 192          # a kept kernel grew it a little: left alone
+    assert M.trim_grown_stack(torch.device("cuda"), 2) == 2 and len(driver.calls) == 1
+    trims = M.GROWN_STACK_TRIMS
+    for _ in range(trims + 2):                            # regrown every step: trimmed GROWN_STACK_TRIMS times
+        driver.limits[M.CU_LIMIT_STACK_SIZE] = 4096
+        trims = M.trim_grown_stack(torch.device("cuda"), trims)
+    assert trims == 0 and len(driver.calls) == 1 + M.GROWN_STACK_TRIMS
 
 
 def test_thread_stack_of_a_4090(monkeypatch):

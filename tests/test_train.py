@@ -480,6 +480,56 @@ def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
     assert results[1] == pytest.approx(results[0], rel=1e-6, abs=1e-6)
 
 
+def test_trainer_looks_for_a_grown_thread_stack_after_every_optimizer_step(tmp_path, monkeypatch):
+    """loop.train calls memory.trim_grown_stack once per optimizer step (2 micro-batches of 1 a step here),
+    with the count of trims left that the previous call returned."""
+    from trainer import memory
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    calls = []
+
+    def recording(device, trims_left):
+        calls.append(trims_left)
+        return trims_left - 1
+    monkeypatch.setattr(memory, "trim_grown_stack", recording)
+    train(config(EPOCH_STEPS="6", MICRO_BSZ="1", MINI_BSZ="2"), log=lambda *_: None, progress=False)
+    assert calls == [memory.GROWN_STACK_TRIMS - i for i in range(3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_stack_grown_during_a_step_is_given_back_after_it(tmp_path, monkeypatch):
+    """A kernel that needs a big stack (as an autotune's tried configuration does) grows the driver's limit
+    during step 1; after that step the trainer sets it back, and training goes on unchanged (the same
+    losses as a run where nothing grew it)."""
+    import ctypes
+
+    from trainer import loop, memory
+    lib = memory._libcuda()
+    assert lib is not None
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    lr_of_step = loop.learning_rate
+    seen = []
+
+    def growing(opt_step, *args, **kwargs):        # just before the optimizer step: "a kernel grew it"
+        seen.append(memory.thread_stack_limit(lib))
+        if opt_step == 0 and grow:
+            torch.cuda.synchronize()
+            assert lib.cuCtxSetLimit(memory.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(10640)) == 0
+        return lr_of_step(opt_step, *args, **kwargs)
+    monkeypatch.setattr(loop, "learning_rate", growing)
+    results = []
+    for grow in (False, True):
+        seen.clear()
+        cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", FINETUNE_MODE="lora", GRAD_CP="1",
+                     EPOCH_STEPS="3", OUTPUT=f"out{int(grow)}")
+        results.append(train(cfg, log=lambda *_: None, progress=False).losses)
+        assert len(seen) == 3 and all(v < memory.DEFAULT_THREAD_STACK for v in seen[1:])
+    assert memory.thread_stack_limit(lib) < memory.DEFAULT_THREAD_STACK
+    assert results[1] == pytest.approx(results[0], rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_adamw8bit_trains_saves_and_resumes(tmp_path, monkeypatch):

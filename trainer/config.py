@@ -95,6 +95,8 @@ class TrainConfig:
     QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
     OPTIMIZER: str = _var("adamw | adamw8bit: AdamW's two states in 8 bits (bitsandbytes; NVIDIA GPU)",
                           default="adamw")
+    OFFLOAD_BLOCKS: str = _var("blocks whose frozen weights stay in CPU memory, copied to the GPU as they run: "
+                               "auto (only when the model would not fit otherwise) | 0 | a number", default="auto")
     STRATEGY: str = _var("auto | deepspeed_stage_1 | ... (several GPUs)", default="auto")
     GPU_COUNT: int = _var("GPUs per node", default=1)
     NODES: int = _var("machines", default=1)
@@ -183,6 +185,8 @@ class TrainConfig:
         check_quant(self.QUANT, self.FINETUNE_MODE)
         from .strategy import check_strategy  # DeepSpeed rules likewise (installed? CUDA? checked at start)
         check_strategy(self)
+        from .offload import check_offload    # weight streaming likewise (the model's depth is checked at start)
+        check_offload(self)
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:

@@ -171,7 +171,7 @@ class Prepared:
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
             rank: int = 0) -> Prepared:
     """Everything before the first step: checks, model, method, data (rank's share). Used by the dry run."""
-    from . import memory, ops
+    from . import memory, offload, ops
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
     from .memory import preflight
@@ -193,12 +193,23 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     stream = cfg.QUANT != "none" and device.type == "cuda" and cfg.FINETUNE_MODE != "pissa"
     # the frozen embedding stays in CPU memory on one GPU (memory.embedding_on_cpu): never put on the GPU
     emb_cpu = device.type == "cuda" and memory.embedding_on_cpu(cfg)
-    keep = (lambda k: (stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")) if stream or emb_cpu \
-        else None
+    # OFFLOAD_BLOCKS: those blocks stay in CPU memory from the file on; offload.setup puts the rest of them
+    # on the GPU and their frozen matrices in pinned memory
+    streamed = offload.choose_blocks(sizes.n_layer, _offload_count(cfg, sizes, device, est))
+    off_prefixes = tuple(f"blocks.{b}." for b in streamed)
+    keep = None
+    if stream or emb_cpu or streamed:
+        keep = lambda k: ((stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")  # noqa: E731
+                          or (bool(off_prefixes) and k.startswith(off_prefixes)))
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device, keep_on_cpu=keep)
     base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    off = offload.setup(model, streamed, device, dtype=weight_dtype)
+    if off is not None:
+        log(f"OFFLOAD_BLOCKS: blocks {', '.join(map(str, off.order))} ({len(off.order)} of {sizes.n_layer}) stream "
+            f"their frozen weights ({len(off.order) * off.bytes_per_block / 2**30:.2f} GiB) from CPU memory"
+            + ("" if off.pinned else " (not page-locked: the copies are slower and do not overlap the compute)"))
     report = quantize_model(model, cfg.QUANT, device=device if stream else None)  # int8 / nf4 base linears
     if report is not None:
         log(report.line())
@@ -251,6 +262,23 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
                            micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
                            loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
     return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est)
+
+
+def _offload_count(cfg: TrainConfig, sizes, device: torch.device, est) -> int:
+    """The blocks OFFLOAD_BLOCKS streams: the number set, or auto's choice (preflight's plan; 0 where there
+    was none). Refused with the fix: a number on a run that is not on a GPU, or one the model has no room
+    for (block 0 always stays)."""
+    value = cfg.OFFLOAD_BLOCKS
+    if value == "auto":
+        return est.offload if est is not None and device.type == "cuda" else 0
+    n = int(value)
+    if n and device.type != "cuda":
+        raise UserError(f"OFFLOAD_BLOCKS={n}: this run is on the {device.type}, where the weights are in its "
+                        "memory already.", "set OFFLOAD_BLOCKS=0 (or auto), or train on an NVIDIA GPU")
+    if n > sizes.n_layer - 1:
+        raise UserError(f"OFFLOAD_BLOCKS={n}, but {cfg.model_path.name} has {sizes.n_layer} blocks; block 0 always "
+                        f"stays on the GPU.", f"set OFFLOAD_BLOCKS to at most {sizes.n_layer - 1} (or auto)")
+    return n
 
 
 def autocast_for(prep: "Prepared"):
@@ -500,6 +528,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     from lightning_fabric import Fabric
     from tqdm import tqdm
 
+    from . import memory
     from .infctx import InfctxLoss, ctx_len_at, cut_batch
     from .memory import configure_allocator
 
@@ -557,6 +586,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     run = _wandb_run(cfg) if main else None
     log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
     last_log = time.perf_counter()
+    stack_trims = memory.GROWN_STACK_TRIMS     # an autotune's grown thread-stack reserve, given back after a step
     bar = tqdm(total=cfg.EPOCH_COUNT * cfg.EPOCH_STEPS, initial=start_epoch * cfg.EPOCH_STEPS + start_step,
                disable=not progress, unit="step", dynamic_ncols=True)
     epoch, loss_acc = start_epoch, 0.0
@@ -622,6 +652,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     for g in optimizer.param_groups:
                         g["lr"] = lr
                     spread.step(fabric, module, optimizer)
+                    stack_trims = memory.trim_grown_stack(prep.device, stack_trims)
                     opt_step += 1
                     now = time.perf_counter()
                     tps = tok_since / max(now - t_last, 1e-9)

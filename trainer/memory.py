@@ -245,6 +245,7 @@ class ParamTable:
     head_trained: bool       # the head trains (TRAIN_PARTS head, full)
     trained_base: int        # base elements among ``trained`` (TRAIN_PARTS; full: all but v7's unused three)
     trained_small: int = 0   # trained elements in tensors of fewer than BNB_MIN_8BIT (adamw8bit keeps fp32 states)
+    block_streamed: int = 0  # frozen elements of one block that OFFLOAD_BLOCKS streams (offload.STREAM_MIN_NUMEL)
 
 
 def param_table(cfg: Any, sizes: Any) -> ParamTable:
@@ -261,7 +262,8 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
     lowrank = _LOWRANK[sizes.version]
     total = trained = frozen = quantised = qbytes = buffers = 0
     matmul = head = adapter_mm = adapter_step = trained_mm = adapted = largest = block_t = block_p = 0
-    block_tmm, head_trained, trained_base, small = 0, False, 0, 0
+    block_tmm, head_trained, trained_base, small, streamed = 0, False, 0, 0, 0
+    from .offload import STREAM_MIN_NUMEL
     from .strategy import BNB_MIN_8BIT
     for key, shape, mult in shapes:
         n = _numel(shape)
@@ -301,6 +303,7 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
                 qbytes += (n + 4 * out_f) * mult
         else:
             frozen += n * mult
+            streamed += n if in_block and n >= STREAM_MIN_NUMEL else 0
         if is_target and mode in ("lora", "pissa", "bone", "bat"):
             out_f, in_f = shape
             adapted += mult
@@ -322,7 +325,7 @@ def param_table(cfg: Any, sizes: Any) -> ParamTable:
         small += sizes.n_layer * one if one < BNB_MIN_8BIT else 0
     return ParamTable(total, trained, frozen, quantised, qbytes, buffers, matmul, head, adapter_mm, adapter_step,
                       trained_mm, adapted, largest, block_t, block_p, block_tmm, head_trained,
-                      trained_base, small)
+                      trained_base, small, streamed)
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -339,6 +342,7 @@ class Estimate:
     free: float | None = None            # the GPU's free memory, where preflight looked
     plain_top: int = 0                   # top blocks not checkpointed (GRAD_CP=auto: plan_checkpointing)
     keep_products: int = 0               # blocks below those that keep their matrix products (the same)
+    offload: int = 0                     # blocks whose frozen weights stream from CPU memory (OFFLOAD_BLOCKS)
 
     def plan(self) -> str:
         """GRAD_CP=auto's plan in words ("" when every block is plainly checkpointed)."""
@@ -397,8 +401,21 @@ def micro_step(cfg: Any) -> tuple[int, int]:
     return int(_get(cfg, "MICRO_BSZ", 1)), min(int(_get(cfg, "CHUNK_CTX", 512)), ctx) if infctx else ctx
 
 
+def offload_blocks(cfg: Any, sizes: Any, count: int | None = None) -> int:
+    """How many blocks stream their frozen weights: ``count`` (default: OFFLOAD_BLOCKS; auto counts as 0
+    here: preflight decides it), as many as offload.choose_blocks takes, and 0 where the settings cannot
+    (offload.why_not)."""
+    from .offload import choose_blocks, why_not
+    if count is None:
+        v = str(_get(cfg, "OFFLOAD_BLOCKS", "0"))
+        count = int(v) if v.isdigit() else 0
+    if count <= 0 or why_not(cfg):
+        return 0
+    return len(choose_blocks(sizes.n_layer, count))
+
+
 def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, keep_products: int = 0,
-             emb_on_cpu: bool | None = None, ffn_pieces: int | None = None) -> Estimate:
+             emb_on_cpu: bool | None = None, ffn_pieces: int | None = None, offload: int | None = None) -> Estimate:
     """The peak GPU memory of training ``cfg`` on a model of ``sizes`` (a ModelConfig), per GPU.
 
     ``op``: the WKV op that will run (default: cfg.OP; auto: what a GPU gets, see _resolve_op).
@@ -406,7 +423,9 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     ``keep_products``: this many blocks below them keep their matrix products' outputs (where it applies:
     keeps_products). ``emb_on_cpu``: whether the embedding stays in CPU memory (default: embedding_on_cpu).
     ``ffn_pieces``: the pieces of the FFN's tokens in a checkpointed block (default: the trainer's,
-    model.ffn_pieces with FFN_PIECE_TOKENS; bench/calibrate_memory.py passes what a measured row ran)."""
+    model.ffn_pieces with FFN_PIECE_TOKENS; bench/calibrate_memory.py passes what a measured row ran).
+    ``offload``: blocks whose frozen weights stream from CPU memory (default: OFFLOAD_BLOCKS, see
+    offload_blocks); every block is then checkpointed."""
     v = sizes.version
     op = _resolve_op(cfg, op, v)
     mode = _get(cfg, "FINETUNE_MODE", "lora")
@@ -430,6 +449,13 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     frozen_w = t.frozen * wbytes + t.quantised_bytes + t.buffers * wbytes
     emb_w = V * C * wbytes if (embedding_on_cpu(cfg) if emb_on_cpu is None else emb_on_cpu) else 0
     frozen_w -= emb_w                                # the frozen embedding stays in CPU memory
+    n_off = offload_blocks(cfg, sizes, offload)
+    off_w = (n_off - min(n_off, 2)) * t.block_streamed * wbytes    # streamed blocks take turns in two slots
+    frozen_w -= off_w
+    if n_off:
+        plain_top = keep_products = 0
+        notes.append(f"OFFLOAD_BLOCKS: {n_off} blocks' frozen weights "
+                     f"({n_off * t.block_streamed * wbytes / GiB:.2f} GiB) in CPU memory, two of them on the GPU")
     trained_w = P * 4
     opt, grads, step = P * 8.0, P * 4.0, 0.0     # fused AdamW on the GPU: no buffer while it steps
     if _get(cfg, "OPTIMIZER", "adamw") == "adamw8bit":   # bitsandbytes' blockwise 8-bit states, in place
@@ -519,7 +545,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     peak_at = max(parts, key=parts.get)
     train_peak = frozen_w + trained_w + opt + parts[peak_at]
     # --- loading: the whole model in the weight dtype on the GPU, then the method's tensors
-    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes - emb_w
+    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes - emb_w - off_w
     if quant != "none" and mode == "pissa":
         load_peak += QUANTISE_WORK * t.largest_target
     elif quant != "none":        # quantised from the file into the GPU one weight at a time (loop.prepare)
@@ -547,7 +573,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     if will_use_cudagraphs(cfg, sizes):
         total += CUDA_GRAPHS
     return Estimate(terms, train_peak, load_peak, peak_alloc, total, peak_at, notes, plain_top=L_plain,
-                    keep_products=L_kp)
+                    keep_products=L_kp, offload=n_off)
 
 
 def _grad_cp(cfg: Any) -> str:
@@ -577,7 +603,8 @@ def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None =
     Every block checkpointed when nothing more fits, and always with TRAIN_TYPE=infctx or DeepSpeed (their
     own memory plans), or GRAD_CP 0/1."""
     best = estimate(cfg, sizes, op)
-    if _grad_cp(cfg) != "auto" or _checkpoints_every_block(cfg) or best.total > FIT_FRACTION * free_bytes:
+    if (_grad_cp(cfg) != "auto" or _checkpoints_every_block(cfg) or best.total > FIT_FRACTION * free_bytes
+            or best.offload):
         return best
     L = sizes.n_layer
     def fits(p: int, m: int) -> bool:
@@ -597,6 +624,22 @@ def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None =
             if p + KP_SPEED * m > score + 1e-9:
                 choice, score = (p, m), p + KP_SPEED * m
     return estimate(cfg, sizes, op, plain_top=choice[0], keep_products=choice[1])
+
+
+def plan_offload(cfg: Any, sizes: Any, free_bytes: float, est: Estimate, op: str | None = None) -> Estimate:
+    """OFFLOAD_BLOCKS=auto: where ``est`` (the plan without streaming) does not fit in FIT_FRACTION of
+    ``free_bytes``, the fewest streamed blocks (3 or more: two slots stay on the GPU) that fit, else the
+    most there can be (every block but block 0). ``est`` itself otherwise, and where the settings cannot
+    stream (offload.why_not)."""
+    from .offload import why_not
+    if (str(_get(cfg, "OFFLOAD_BLOCKS", "0")) != "auto" or est.total <= FIT_FRACTION * free_bytes
+            or why_not(cfg) or sizes.n_layer <= 3):
+        return est
+    for k in range(3, sizes.n_layer):
+        planned = estimate(cfg, sizes, op, offload=k)
+        if planned.total <= FIT_FRACTION * free_bytes:
+            return planned
+    return planned
 
 
 def will_use_cudagraphs(cfg: Any, sizes: Any) -> bool:
@@ -647,6 +690,8 @@ COST_HALVE_CHUNK = 0.1
 COST_OPT8 = 1.15              # OPTIMIZER=adamw8bit: a step per trained tensor (H100, bench/RESULTS.md session 14:
                               # 24 % slower at 1.5B LoRA ctx 1024 x 1, 3 % at 4096 x 8), rounded states
 COST_METHOD = 2.0             # full fine-tuning -> LoRA: a different method, the last resort
+COST_OFFLOAD = 1.1            # OFFLOAD_BLOCKS=N: + COST_OFFLOAD_ALL × N / layers (copies that do not hide behind
+COST_OFFLOAD_ALL = 0.4        # the compute; not measured yet)
 
 
 def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
@@ -683,6 +728,13 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
                         f"the same CTX_LEN={ctx} in chunks of {c}, exact gradient, slower",
                         (1.0 if infctx else COST_INFCTX) + COST_HALVE_CHUNK * math.log2(chunk / c)))
             c //= 2
+    from .offload import why_not
+    L = sizes.n_layer
+    if not why_not(cfg) and str(_get(cfg, "OFFLOAD_BLOCKS", "0")) != "auto":
+        for k in sorted({k for k in (L // 4, L // 2, L - 1) if k >= 3}):
+            out.append(({"OFFLOAD_BLOCKS": k}, f"{k} of {L} blocks' frozen weights in CPU memory, copied in as "
+                         "they run: slower where the copies do not hide behind the compute",
+                         COST_OFFLOAD + COST_OFFLOAD_ALL * k / L))
     if mode == "full":
         out.append(({"FINETUNE_MODE": "lora"}, "LoRA trains far fewer numbers than full fine-tuning", COST_METHOD))
     return out
@@ -731,7 +783,7 @@ def suggest(cfg: Any, sizes: Any, free_bytes: float, op: str | None = None) -> l
         return [c.line() for c in found]
     why = (" (its peak comes while loading: the whole model in bf16 before quantising, for PiSSA's SVD)"
            if est.peak_at == "loading" and _get(cfg, "QUANT", "none") != "none" else "")
-    return [f"none of GRAD_CP=1 (or auto), a smaller MICRO_BSZ, QUANT=nf4, OPTIMIZER=adamw8bit or "
+    return [f"none of GRAD_CP=1 (or auto), a smaller MICRO_BSZ, QUANT=nf4, OPTIMIZER=adamw8bit, OFFLOAD_BLOCKS or "
             f"TRAIN_TYPE=infctx fits in "
             f"{free_bytes / GiB:.1f} GiB{why}: use a smaller model, a GPU with more memory, or several GPUs"]
 
@@ -759,8 +811,12 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
                 f"run is on the {torch.device(device).type})")
             return est
         free_before = gpu_free_before(device)
-        est = plan_checkpointing(cfg, sizes, free_before, op)
+        est = plan_offload(cfg, sizes, free_before, plan_checkpointing(cfg, sizes, free_before, op), op)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
+        if est.offload and str(_get(cfg, "OFFLOAD_BLOCKS", "0")) == "auto":
+            log(f"OFFLOAD_BLOCKS=auto: {est.offload} of {sizes.n_layer} blocks keep their frozen weights in CPU "
+                "memory and copy them in as they run (it would not fit otherwise; slower where the copies do "
+                "not hide behind the compute)")
         if _grad_cp(cfg) == "auto":
             L, p, m = sizes.n_layer, est.plain_top, est.keep_products
             said = f"GRAD_CP=auto: {L - p} of {L} blocks checkpointed"
@@ -896,3 +952,26 @@ def trim_thread_stack(device: Any) -> int:
     if not before or lib.cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(0)) != 0:
         return 0
     return thread_stack_bytes(dev, before)
+
+
+GROWN_STACK_TRIMS = 3                    # a run gives a grown stack reserve back at most this many times
+
+
+def trim_grown_stack(device: Any, trims_left: int) -> int:
+    """Called after each optimizer step: where the driver's per-thread stack limit has grown past its 1 KiB
+    default since the last trim, give it back (trim_thread_stack) and return trims_left - 1; else return
+    trims_left unchanged. The growth comes from kernels an autotune only tries: fla's first run on a machine
+    (its results are cached on disk afterwards) ends step 1 with 10,640 bytes per thread, 2.68 GiB held on
+    an H100 for the rest of the run (bench/RESULTS.md sessions 14 and 15); the kernels kept need 192 bytes
+    at most. A kernel that does need more has the driver grow it again, so the trims are counted: a run
+    whose kept kernels need more than the default stops trimming after GROWN_STACK_TRIMS, instead of
+    paying a synchronisation and a re-reservation every step. Reading the limit is one driver call."""
+    import torch
+    if trims_left <= 0 or torch.device(device).type != "cuda":
+        return trims_left
+    limit = thread_stack_limit()
+    if limit is None or limit <= DEFAULT_THREAD_STACK:
+        return trims_left
+    trim_thread_stack(device)
+    return trims_left - 1
+

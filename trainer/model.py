@@ -359,6 +359,7 @@ class RWKV(nn.Module):
         self._compiled_kp = None          # set by compile_blocks: the blocks that keep their products
         self._compiled_train = None       # set by compile_blocks(cudagraphs=True): training without checkpoints
         self.cudagraphs = False           # compile_blocks(cudagraphs=True): training calls replay CUDA graphs
+        self.offload = None               # trainer/offload.py: blocks whose frozen weights are streamed in
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -491,10 +492,14 @@ class RWKV(nn.Module):
                 att_shift, wkv_state, ffn_shift = state[i]
             args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
             call = (cp_call if i < n_cp - n_kp else kp_call) if i < n_cp else plain_call
+            if self.offload is not None:
+                self.offload.before(i)             # its weights in their GPU slot
             if call is not None:
                 x, v_first, att_shift, wkv_state, ffn_shift = call(blk, *args)
             else:
                 x, v_first, att_shift, wkv_state, ffn_shift = blk(*args)
+            if self.offload is not None:
+                self.offload.after(i, x)           # the slot to the next streamed block; the backward's hook
             new_state.append((att_shift, wkv_state, ffn_shift))
         return self.ln_out(x), new_state
 

@@ -1,0 +1,207 @@
+"""OFFLOAD_BLOCKS (trainer/offload.py): streamed blocks give the same losses and gradients as resident ones,
+on the CPU (the slots' bookkeeping: which block's weights a slot holds when it is read) and on a GPU (the
+copy stream and its events, compiled blocks, the whole trainer)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trainer import offload
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.peft import get_method
+
+from rwkv_ref import random_model
+
+
+def _adapted(version: int, mode: str, n_layer: int = 6, seed: int = 0):
+    model = random_model(version, n_layer, 64, vocab_size=97, seed=seed)
+    settings = {"lora": {"r": 4, "alpha": 8}, "pissa": {"r": 4, "svd_niter": 2}, "bone": {"r": 16},
+                "state": {}}[mode]
+    torch.manual_seed(1)
+    get_method(mode)(settings).apply(model, train_parts=())
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)          # LoRA's B starts at zero: make every adapter matter
+    model.op = "torch"
+    return model
+
+
+def _loss_and_grads(model, ids, targets):
+    loss = model(ids, targets=targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("version,mode", [(7, "lora"), (6, "lora"), (5, "state"), (7, "bone"), (6, "pissa")])
+@pytest.mark.parametrize("grad_cp", [True, False])
+def test_streamed_blocks_give_the_resident_models_losses_and_gradients(monkeypatch, version, mode, grad_cp):
+    """Three of six blocks streamed through two slots: two training steps with a no-grad forward between
+    them give exactly the losses and gradients of the same model with every block resident, and the
+    slots were really reloaded (the schedule's copies plus ensure's). The tiny model's matrices are
+    streamed (the size limit lowered to theirs)."""
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
+    base = _adapted(version, mode)
+    base.train()
+    base.grad_cp = grad_cp
+    streamed = copy.deepcopy(base)
+    blocks = offload.choose_blocks(6, 3)
+    assert blocks == [1, 2, 4]
+    off = offload.setup(streamed, blocks, torch.device("cpu"))
+    assert off is not None and streamed.offload is off and len(off.slots) == 2
+    # the streamed blocks' frozen matrices are views of the two slots; the adapters are their own
+    assert len(off.names) >= 4
+    for b in blocks:
+        for n, p in offload.streamable(streamed.blocks[b]).items():
+            assert p.data_ptr() == off.slots[off._slot(b)][n].data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(2):
+        ids = torch.randint(0, 97, (2, 24), generator=gen)
+        targets = torch.randint(0, 97, (2, 24), generator=gen)
+        want = _loss_and_grads(base, ids, targets)
+        got = _loss_and_grads(streamed, ids, targets)
+        assert torch.equal(got[0], want[0])
+        assert got[1].keys() == want[1].keys()
+        for n in want[1]:
+            assert torch.equal(got[1][n], want[1][n]), n
+        with torch.no_grad():                 # a sample between steps: another order of use
+            assert torch.equal(streamed(ids[:1, :5]), base(ids[:1, :5]))
+    assert off.loads > 2 * 3                  # each streamed block copied in more than once a step
+
+
+def test_choose_blocks_spreads_them_and_never_takes_block_0():
+    assert offload.choose_blocks(32, 0) == []
+    assert offload.choose_blocks(32, 3) == [1, 11, 21]
+    assert offload.choose_blocks(32, 31) == list(range(1, 32))
+    assert offload.choose_blocks(32, 99) == list(range(1, 32))
+    assert offload.choose_blocks(1, 2) == []
+
+
+def _cfg(**kw):
+    env = dict(MODEL="m.pth", DATA="d")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+def test_offload_setting_is_checked():
+    assert _cfg().OFFLOAD_BLOCKS == "auto"
+    assert _cfg(OFFLOAD_BLOCKS=" 6 ").OFFLOAD_BLOCKS == "6"
+    assert _cfg(OFFLOAD_BLOCKS="AUTO").OFFLOAD_BLOCKS == "auto"
+    with pytest.raises(UserError, match="neither auto nor a whole number"):
+        _cfg(OFFLOAD_BLOCKS="-1")
+    for kw, said in ((dict(FINETUNE_MODE="full"), "trains the weights"), (dict(QUANT="nf4"), "QUANT=nf4"),
+                     (dict(GRAD_CP="0"), "GRAD_CP=0"), (dict(ACCELERATOR="cpu"), "ACCELERATOR=cpu")):
+        with pytest.raises(UserError, match=said):
+            _cfg(OFFLOAD_BLOCKS=4, **kw)
+        assert _cfg(OFFLOAD_BLOCKS="auto", **kw).OFFLOAD_BLOCKS == "auto"    # auto: simply not used there
+        assert _cfg(OFFLOAD_BLOCKS=0, **kw).OFFLOAD_BLOCKS == "0"
+
+
+def _project(root, version: int, n_layer: int = 6):
+    import numpy as np
+
+    from trainer import checkpoint
+    from trainer.data.binidx import write_binidx
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    model = random_model(version, n_layer, 64, vocab_size=97, seed=3)
+    checkpoint.save_atomic(model.state_dict(), root / "model" / "tiny.pth")
+    rng = np.random.default_rng(1)
+    write_binidx(root / "data" / "toy", [list(rng.integers(1, 97, size=rng.integers(12, 30))) + [0]
+                                          for _ in range(8)])
+
+
+def _train_cfg(**kw):
+    env = dict(MODEL="tiny.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="4", LORA_ALPHA="8",
+               CTX_LEN="24", MICRO_BSZ="2", EPOCH_STEPS="4", EPOCH_COUNT="1", PRECISION="fp32", LR_INIT="1e-2",
+               LR_FINAL="1e-2", OP="chunk", GRAD_CP="1", SAMPLE_PROMPT="ab", OFFLOAD_BLOCKS="0")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+@pytest.mark.parametrize("mode", ["lora", "state"])
+def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, mode):
+    """The whole trainer (loading those blocks into CPU memory, the method on them, training, saving, the
+    sample at the end) with 3 of 6 blocks streamed gives the losses of the run without, step by step. On
+    the CPU only through the count (a number is refused off a GPU): what streaming changes is the same."""
+    from trainer import loop
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, 7)
+    seen = {}
+    setup = offload.setup
+
+    def recording(model, blocks, device, dtype=None):
+        seen["off"] = setup(model, blocks, device, dtype)
+        return seen["off"]
+    monkeypatch.setattr(offload, "setup", recording)
+    runs = []
+    for n in (0, 3):
+        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
+        logs = []
+        runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}"), log=logs.append,
+                               progress=False).losses)
+    off = seen["off"]
+    # two copies a step at least: block 4 in the forward pass, block 1 after 4's backward
+    assert off is not None and off.order == [1, 2, 4] and off.loads >= 2 + 2 * len(runs[1])
+    assert any(line.startswith("OFFLOAD_BLOCKS: blocks 1, 2, 4 (3 of 6)") for line in logs)
+    assert len(runs[0]) == 4 and runs[1] == pytest.approx(runs[0], rel=1e-6, abs=1e-7)
+
+
+def test_a_number_is_refused_off_a_gpu_and_beyond_the_models_blocks(tmp_path, monkeypatch):
+    from trainer import loop
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, 7)
+    sizes = type("S", (), {"n_layer": 6})()
+    cfg = _train_cfg(OFFLOAD_BLOCKS=3)
+    with pytest.raises(UserError, match="this run is on the cpu"):
+        loop._offload_count(cfg, sizes, torch.device("cpu"), None)
+    assert loop._offload_count(cfg, sizes, torch.device("cuda"), None) == 3
+    with pytest.raises(UserError, match="at most 5"):
+        loop._offload_count(_train_cfg(OFFLOAD_BLOCKS=6), sizes, torch.device("cuda"), None)
+    auto = _train_cfg(OFFLOAD_BLOCKS="auto")
+    planned = type("E", (), {"offload": 4})()
+    assert loop._offload_count(auto, sizes, torch.device("cuda"), planned) == 4
+    assert loop._offload_count(auto, sizes, torch.device("cpu"), planned) == 0
+    assert loop._offload_count(auto, sizes, torch.device("cuda"), None) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode,compile_", [("bone", "1"), ("state", "1"), ("bone", "0")])
+def test_gpu_streamed_blocks_train_as_resident_ones(tmp_path, monkeypatch, mode, compile_):
+    """On a GPU, bf16, our Triton op, compiled blocks or not: OFFLOAD_BLOCKS=3 of 6 (copies on the second
+    stream, page-locked memory, the backward's hooks) gives the losses of OFFLOAD_BLOCKS=0 step by step
+    (Bone and state start from zeros: the same start wherever the adapters are made), the streamed
+    matrices are views of the two GPU slots (bf16) and their copies in CPU memory are page-locked."""
+    from trainer import loop
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, 7)
+    seen = {}
+    setup = offload.setup
+
+    def recording(model, blocks, device, dtype=None):
+        seen["off"] = setup(model, blocks, device, dtype)
+        seen["model"] = model
+        return seen["off"]
+    monkeypatch.setattr(offload, "setup", recording)
+    runs = []
+    for n in (0, 3):
+        cfg = _train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", ACCELERATOR="cuda", OP="triton", PRECISION="bf16",
+                         COMPILE=compile_, OFFLOAD_BLOCKS=n, DISHA_R="16", LR_INIT="1e-3", LR_FINAL="1e-3")
+        runs.append(loop.train(cfg, log=lambda *_: None, progress=False).losses)
+    off, model = seen["off"], seen["model"]
+    assert off.pinned and off.copy_stream is not None and off.order == [1, 2, 4]
+    for b in off.order:
+        for n, p in offload.streamable(model.blocks[b]).items():
+            assert p.is_cuda and p.dtype == torch.bfloat16
+            assert p.data_ptr() == off.slots[off._slot(b)][n].data_ptr()
+        assert all(t.is_pinned() for t in off.host[b].values())
+    assert off.loads >= 2 + 2 * len(runs[1])
+    assert len(runs[0]) == 4
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5, abs=1e-6)

@@ -123,8 +123,9 @@ def _train_cfg(**kw):
     return TrainConfig.from_env(env)
 
 
-@pytest.mark.parametrize("mode", ["lora", "state"])
-def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,extra", [("lora", {}), ("state", {}),
+                                        ("lora", {"TRAIN_TYPE": "infctx", "CHUNK_CTX": "8"})])
+def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, mode, extra):
     """The whole trainer (loading those blocks into CPU memory, the method on them, training, saving, the
     sample at the end) with 3 of 6 blocks streamed gives the losses of the run without, step by step. On
     the CPU only through the count (a number is refused off a GPU): what streaming changes is the same."""
@@ -143,7 +144,7 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
     for n in (0, 3):
         monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
         logs = []
-        runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}"), log=logs.append,
+        runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", **extra), log=logs.append,
                                progress=False).losses)
     off = seen["off"]
     # two copies a step at least: block 4 in the forward pass, block 1 after 4's backward

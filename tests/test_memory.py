@@ -480,16 +480,22 @@ def test_estimate_matches_measured_gpu_rows():
            if abs(c.est.peak_allocated / c.alloc - 1) > 0.15]
     assert not bad, bad
     # what nvidia-smi shows (less the idle baseline): CUDA_CONTEXT and ALLOCATOR_SLACK were fitted on these
-    # same rows, so this guards the fit against later changes rather than proving it. Two rows are known to
-    # miss it (bench/RESULTS.md, sessions 4 and 14): RWKV-6 7B on fla, the first run on a machine, held about
-    # 3.15 GiB outside torch's allocator (used - reserved; 0.5-1.3 GiB in every other row): fla's autotune
-    # grew the CUDA driver's thread-stack limit to 10,640 bytes (2.68 GiB reserved on an H100), which the
-    # formula does not model; their allocation is checked above like every row's. No other row may be left out.
+    # same rows, so this guards the fit against later changes rather than proving it. Three rows are known
+    # to miss it (bench/RESULTS.md, sessions 4, 14 and 15): RWKV-6 7B on fla, the first run on a machine, held
+    # about 3 GiB outside torch's allocator (used - reserved; 0.5-1.3 GiB in every other row): fla's
+    # autotune grew the CUDA driver's thread-stack limit to 10,640 bytes in step 1 (2.68 GiB reserved on an
+    # H100), which the formula does not model. Since session 15 the trainer gives it back after that step
+    # (memory.trim_grown_stack, recorded as cuda_stack_regrown_freed): that row's steady part is checked
+    # like every row. Their allocation is checked above like every row's. No other row may be left out.
     odd = [c for c in compared if c.used and c.used - c.row["peak_reserved_bytes"] > 2 * GiB]
-    assert len(odd) <= 2
+    assert len(odd) <= 3
     for c in odd:
         assert (c.row["version"], c.row["size"], c.row.get("op_resolved", "fla")) == (6, "7B", "fla")
-        assert c.row.get("cuda_stack_limit_end") in (None, 10640)     # None: session 4 did not record it
+        assert (c.row.get("cuda_stack_limit_end") in (None, 10640)     # None: session 4 did not record it
+                or c.row.get("cuda_stack_regrown_freed"))
+        if c.row.get("steady_used_bytes"):
+            steady = c.row["steady_used_bytes"] - c.row["used_baseline_bytes"]
+            assert abs(c.est.total / steady - 1) < 0.15, (c.row["command"], c.est.total / steady)
     bad = [(c.row["command"], round(c.est.total / c.used - 1, 3)) for c in compared
            if c.used and c not in odd and abs(c.est.total / c.used - 1) > 0.15]
     assert not bad, bad

@@ -115,6 +115,22 @@ def _project(root, version: int, n_layer: int = 6):
                                           for _ in range(8)])
 
 
+def _streaming_project(tmp_path, monkeypatch) -> dict:
+    """A 6-block RWKV-7 project in tmp_path (its matrices streamable: the size limit lowered), and a dict
+    that offload.setup fills with the last model and BlockOffload it made."""
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, 7)
+    seen: dict = {}
+    setup = offload.setup
+
+    def recording(model, blocks, device, dtype=None):
+        seen["off"], seen["model"] = setup(model, blocks, device, dtype), model
+        return seen["off"]
+    monkeypatch.setattr(offload, "setup", recording)
+    return seen
+
+
 def _train_cfg(**kw):
     env = dict(MODEL="tiny.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="4", LORA_ALPHA="8",
                CTX_LEN="24", MICRO_BSZ="2", EPOCH_STEPS="4", EPOCH_COUNT="1", PRECISION="fp32", LR_INIT="1e-2",
@@ -127,19 +143,11 @@ def _train_cfg(**kw):
                                         ("lora", {"TRAIN_TYPE": "infctx", "CHUNK_CTX": "8"})])
 def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, mode, extra):
     """The whole trainer (loading those blocks into CPU memory, the method on them, training, saving, the
-    sample at the end) with 3 of 6 blocks streamed gives the losses of the run without, step by step. On
-    the CPU only through the count (a number is refused off a GPU): what streaming changes is the same."""
+    sample at the end) with 3 of 6 blocks streamed gives the losses of the run without, step by step; also
+    with infctx (each chunk recomputed in the backward pass, the state's gradient carried). On the CPU only
+    through the count (a number is refused off a GPU): what streaming changes is the same."""
     from trainer import loop
-    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
-    monkeypatch.chdir(tmp_path)
-    _project(tmp_path, 7)
-    seen = {}
-    setup = offload.setup
-
-    def recording(model, blocks, device, dtype=None):
-        seen["off"] = setup(model, blocks, device, dtype)
-        return seen["off"]
-    monkeypatch.setattr(offload, "setup", recording)
+    seen = _streaming_project(tmp_path, monkeypatch)
     runs = []
     for n in (0, 3):
         monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
@@ -180,17 +188,7 @@ def test_gpu_streamed_blocks_train_as_resident_ones(tmp_path, monkeypatch, mode,
     (Bone and state start from zeros: the same start wherever the adapters are made), the streamed
     matrices are views of the two GPU slots (bf16) and their copies in CPU memory are page-locked."""
     from trainer import loop
-    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)
-    monkeypatch.chdir(tmp_path)
-    _project(tmp_path, 7)
-    seen = {}
-    setup = offload.setup
-
-    def recording(model, blocks, device, dtype=None):
-        seen["off"] = setup(model, blocks, device, dtype)
-        seen["model"] = model
-        return seen["off"]
-    monkeypatch.setattr(offload, "setup", recording)
+    seen = _streaming_project(tmp_path, monkeypatch)
     runs = []
     for n in (0, 3):
         cfg = _train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", ACCELERATOR="cuda", OP="triton", PRECISION="bf16",

@@ -484,6 +484,8 @@ class RWKV(nn.Module):
                 if self._compiled_kp is not None and is_traceable(self.op):
                     n_kp = min(max(int(self.keep_products), 0), n_cp)
                     kp_call = self._compiled_kp
+        if self.offload is not None:
+            self.offload.start()
         for i, blk in enumerate(self.blocks):
             if state is None:
                 zero = torch.zeros(B, self.cfg.n_embd, dtype=torch.float32, device=x.device)

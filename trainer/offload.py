@@ -12,10 +12,11 @@ When a slot is loaded:
 - backward pass: a hook on each block's output gradient (it fires just before that block's backward, and
   just after the block above it has finished its own) makes sure the block's weights are in its slot, and
   copies the streamed block two places lower into the slot the finished block frees. After the lowest
-  streamed block, the slots are refilled with the first two, ready for the next step.
+  two, the slots hold the first two streamed blocks: what the next step starts with.
 Correctness never rests on that schedule: ``ensure`` before every use (each block's forward, recompute and
 backward) reloads a slot that holds another block, and waits for the copy. Copies wait for the slot's last
-use (events on the compute stream), so a copy never overwrites weights a queued kernel still reads.
+use (events on the compute stream: after each forward, after each backward, and everything queued before a
+forward pass starts), so a copy never overwrites weights a queued kernel still reads.
 
 Checkpointed blocks recompute their forward inside their backward, after the hook: GRAD_CP=0 (every
 activation kept, the weights read again in the backward) is refused with offloading, where it would save
@@ -36,10 +37,6 @@ STREAM_MIN_NUMEL = 65536        # a block's frozen tensors at least this big are
 def streamable(block: nn.Module) -> dict[str, nn.Parameter]:
     """The frozen tensors of a block that streaming moves to CPU memory: {name: parameter}."""
     return {n: p for n, p in block.named_parameters() if not p.requires_grad and p.numel() >= STREAM_MIN_NUMEL}
-
-
-def streamable_bytes(block: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in streamable(block).values())
 
 
 def choose_blocks(n_layer: int, count: int) -> list[int]:
@@ -140,6 +137,14 @@ class BlockOffload:
             self._load(b)
 
     # ------------------------------------------------------------------ the model's calls
+    def start(self) -> None:
+        """A forward pass begins: whatever the current stream has queued (the last backward pass included,
+        even a block's whose use no hook recorded) comes before any copy this pass makes."""
+        if self.copy_stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.free = [ev] * len(self.slots)
+
     def before(self, i: int) -> None:
         """Before block i's forward (training, recompute of a whole chunk, or inference)."""
         self.ensure(i)

@@ -690,8 +690,9 @@ COST_HALVE_CHUNK = 0.1
 COST_OPT8 = 1.15              # OPTIMIZER=adamw8bit: a step per trained tensor (H100, bench/RESULTS.md session 14:
                               # 24 % slower at 1.5B LoRA ctx 1024 x 1, 3 % at 4096 x 8), rounded states
 COST_METHOD = 2.0             # full fine-tuning -> LoRA: a different method, the last resort
-COST_OFFLOAD = 1.1            # OFFLOAD_BLOCKS=N: + COST_OFFLOAD_ALL × N / layers (copies that do not hide behind
-COST_OFFLOAD_ALL = 0.4        # the compute; not measured yet)
+COST_OFFLOAD = 1.1            # OFFLOAD_BLOCKS=N: + COST_OFFLOAD_ALL × N / layers (the copies that do not hide
+COST_OFFLOAD_ALL = 0.4        # behind the compute; H100, ctx 1024 x 1, bench/RESULTS.md session 15: 3B 12 of 32
+                              # x1.19, 31 of 32 x1.71; 7B 16 of 32 x1.17; 3B adamw8bit 8 of 32 x1.06)
 
 
 def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:

@@ -94,7 +94,8 @@ def test_offload_setting_is_checked():
     with pytest.raises(UserError, match="neither auto nor a whole number"):
         _cfg(OFFLOAD_BLOCKS="-1")
     for kw, said in ((dict(FINETUNE_MODE="full"), "trains the weights"), (dict(QUANT="nf4"), "QUANT=nf4"),
-                     (dict(GRAD_CP="0"), "GRAD_CP=0"), (dict(ACCELERATOR="cpu"), "ACCELERATOR=cpu")):
+                     (dict(GRAD_CP="0"), "GRAD_CP=0"), (dict(ACCELERATOR="cpu"), "ACCELERATOR=cpu"),
+                     (dict(GPU_COUNT=2), "2 GPUs"), (dict(STRATEGY="deepspeed_stage_2"), "STRATEGY=deepspeed")):
         with pytest.raises(UserError, match=said):
             _cfg(OFFLOAD_BLOCKS=4, **kw)
         assert _cfg(OFFLOAD_BLOCKS="auto", **kw).OFFLOAD_BLOCKS == "auto"    # auto: simply not used there

@@ -20,7 +20,8 @@ forward pass starts), so a copy never overwrites weights a queued kernel still r
 
 Checkpointed blocks recompute their forward inside their backward, after the hook: GRAD_CP=0 (every
 activation kept, the weights read again in the backward) is refused with offloading, where it would save
-little anyway. Not with QUANT (quantised weights), full fine-tuning (the weights are trained) or DeepSpeed.
+little anyway. Not with QUANT (quantised weights), full fine-tuning (the weights are trained), DeepSpeed, or
+several GPUs (not tried yet).
 """
 from __future__ import annotations
 
@@ -195,8 +196,8 @@ def setup(model: nn.Module, blocks: list[int], device: torch.device,
 
 def why_not(cfg: Any) -> str | None:
     """Why these settings cannot stream blocks (None: they can). Trained weights (full fine-tuning),
-    quantised ones, DeepSpeed's own placement and GRAD_CP=0's kept activations (the backward would read the
-    weights outside the hooks' reach) are not supported; a CPU run has nowhere to stream from."""
+    quantised ones, DeepSpeed's own placement, several GPUs (not tried yet) and GRAD_CP=0's kept
+    activations are not supported; a CPU run has nowhere to stream from."""
     get = lambda name, default: getattr(cfg, name, default)  # noqa: E731  (the calibration's namespaces)
     quant, strategy = get("QUANT", "none") or "none", str(get("STRATEGY", "auto"))
     if get("FINETUNE_MODE", "lora") == "full":
@@ -205,6 +206,9 @@ def why_not(cfg: Any) -> str | None:
         return f"QUANT={quant} already stores the frozen weights quantised on the GPU"
     if strategy.startswith("deepspeed"):
         return f"STRATEGY={strategy} places the weights itself (its _offload strategies move them)"
+    world = int(get("GPU_COUNT", 1)) * int(get("NODES", 1))
+    if world > 1:
+        return f"{world} GPUs: streaming has been tested on one GPU only (each process would stream its own copy)"
     if str(get("GRAD_CP", "1")) in ("0", "False"):
         return "GRAD_CP=0 keeps every block's activations, which cost far more than the weights"
     if get("ACCELERATOR", "auto") == "cpu":

@@ -456,12 +456,11 @@ def run_row(spec: dict) -> dict:
             prof.step()
             return lr_of_step(*args, **kwargs)
         loop.learning_rate = stepping_lr
-    steps = phase_steps
     lr_before = loop.learning_rate
 
     def counting_lr(*args, **kwargs):              # called once per optimizer step, before it
-        steps["n"] += 1
-        if steps["n"] == spec["warmup"] + 1 and cuda:     # the steady part starts (see _Sampler)
+        phase_steps["n"] += 1
+        if phase_steps["n"] == spec["warmup"] + 1 and cuda:     # the steady part starts (see _Sampler)
             phase["pre_steady_alloc"] = torch.cuda.max_memory_allocated()
             phase["pre_steady_reserved"] = torch.cuda.max_memory_reserved()
             torch.cuda.reset_peak_memory_stats()
@@ -469,7 +468,8 @@ def run_row(spec: dict) -> dict:
                 sampler.phase = "steady"
         return lr_before(*args, **kwargs)
     loop.learning_rate = counting_lr
-    stack_log = _log_stack_growth(memory, steps) if cuda and os.environ.get("TRAIN_SPEED_STACK_LOG") else None
+    stack_log = (_log_stack_growth(memory, phase_steps) if cuda and os.environ.get("TRAIN_SPEED_STACK_LOG")
+                 else None)
     snapshot = os.environ.get("TRAIN_SPEED_MEMORY_SNAPSHOT") if cuda else None   # =FILE: the allocator's history
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=400_000)
@@ -525,7 +525,8 @@ def run_row(spec: dict) -> dict:
         out["cuda_stack_limit_end"] = memory.thread_stack_limit()   # what the driver grew it back to
         if stack_log is not None:
             out["cuda_stack_growth"] = stack_log
-    out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT=", "OFFLOAD_BLOCKS"))]
+    out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT=",
+                                                               "OFFLOAD_BLOCKS"))]
     steady = rows[spec["warmup"]:]
     tokens = spec["bsz"] * spec["ctx"]
     if out["status"] == "ok" and steady:

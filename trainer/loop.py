@@ -200,7 +200,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     keep = None
     if stream or emb_cpu or streamed:
         keep = lambda k: ((stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")  # noqa: E731
-                          or (bool(off_prefixes) and k.startswith(off_prefixes)))
+                          or k.startswith(off_prefixes))      # () when nothing is streamed: False
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device, keep_on_cpu=keep)
     base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))

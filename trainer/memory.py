@@ -903,8 +903,10 @@ def thread_stack_bytes(device: Any, per_thread: int = DEFAULT_THREAD_STACK) -> i
     return p.multi_processor_count * p.max_threads_per_multi_processor * per_thread
 
 
+@functools.lru_cache(maxsize=1)
 def _libcuda():
-    """The CUDA driver library already loaded by PyTorch (Linux, WSL2, Windows), or None."""
+    """The CUDA driver library already loaded by PyTorch (Linux, WSL2, Windows), or None. Looked up once: the
+    trainer reads the stack limit after every optimizer step (trim_grown_stack)."""
     import ctypes
     import sys
     for name in (("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")):

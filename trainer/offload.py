@@ -119,9 +119,8 @@ class BlockOffload:
         """Block b's weights are in its slot for whatever the current stream runs next."""
         if b not in self.rank:
             return
+        self._prefetch(b)
         s = self._slot(b)
-        if self.holds[s] != b:
-            self._load(b)
         if self.loaded[s] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
 
@@ -134,6 +133,7 @@ class BlockOffload:
             self.free[s] = ev
 
     def _prefetch(self, b: int) -> None:
+        """Block b's weights are in its slot, or on their way there on the copy stream."""
         if self.holds[self._slot(b)] != b:
             self._load(b)
 

@@ -1,5 +1,6 @@
 """Loading, size detection, dtypes, errors for bad files, atomic saving, make_model."""
 import os
+import signal
 import zipfile
 
 import pytest
@@ -9,7 +10,7 @@ from rwkv_ref import random_model
 from tools import make_model
 from trainer.checkpoint import (config_from_sizes, detect_config, init_model, load_checkpoint, load_model,
                                 save_atomic)
-from trainer.errors import UserError
+from trainer.errors import UserError, interrupt_deferred
 from trainer.model import ModelConfig
 
 
@@ -207,6 +208,35 @@ def test_save_atomic_never_leaves_half_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     one_line_error(lambda: save_atomic({"a": torch.ones(3)}, p), "m.pth", "No space left")
     assert os.listdir(p.parent) == ["m.pth"]
+
+
+class _CtrlCWhilePickled:
+    """Sends this process SIGINT while torch.save pickles it, i.e. in the middle of writing the file."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return (dict, ((("sent", 1),),))
+
+
+def test_ctrl_c_during_save_atomic_finishes_the_file_then_stops(tmp_path, capsys):
+    p = tmp_path / "m.pth"
+    save_atomic({"a": torch.arange(5)}, p)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"a": torch.ones(3), "b": _CtrlCWhilePickled(), "c": torch.full((4,), 2.0)}, p)
+    new = torch.load(p, weights_only=False)                # the new file, whole
+    assert torch.equal(new["a"], torch.ones(3)) and new["b"] == {"sent": 1} and torch.equal(new["c"], torch.full((4,), 2.0))
+    assert os.listdir(tmp_path) == ["m.pth"]
+    assert "finishing the file being written first" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # Ctrl+C is back to normal
+    # nested: held until the outermost block ends; reraise=False drops it
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_deferred():
+            save_atomic({"b": _CtrlCWhilePickled()}, p)
+            done = True
+    assert done
+    with interrupt_deferred(reraise=False):
+        save_atomic({"b": _CtrlCWhilePickled()}, p)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # --------------------------------------------------------------------------------------- make_model

@@ -163,6 +163,37 @@ def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
     assert state["adapter"] == "rwkv-interrupted.pth" and state["opt_step"] >= 1
 
 
+def test_ctrl_c_during_an_epochs_save_finishes_it_then_saves_and_resumes(tmp_path, monkeypatch):
+    """Ctrl+C while the epoch's checkpoint is written: that file is finished, the run stops as on any
+    Ctrl+C (rwkv-interrupted.pth), and resuming from there takes the uninterrupted run's steps."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 6)
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=2, LR_FINAL="1e-3")
+    full = train(config(OUTPUT="a", **kw), progress=False, log=lambda *_: None)
+    real = checkpoint.save_adapter
+    sent = []
+
+    def ctrl_c_in_the_middle(path, tensors, meta):
+        if meta["complete"] and not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)     # lands in the middle of this save
+        return real(path, tensors, meta)
+
+    monkeypatch.setattr(checkpoint, "save_adapter", ctrl_c_in_the_middle)
+    said = []
+    first = train(config(OUTPUT="b", **kw), progress=False, log=said.append)
+    assert sent and first.interrupted and len(first.losses) == 4
+    assert [p.name for p in first.saved] == ["rwkv-0.pth", "rwkv-interrupted.pth"]
+    assert any("stopped: saved" in line for line in said)
+    _, meta = checkpoint.load_adapter(tmp_path / "b" / "rwkv-0.pth")
+    assert meta["complete"] is True
+    state = checkpoint.load_train_state(tmp_path / "b" / "train_state.pth")
+    assert state["adapter"] == "rwkv-interrupted.pth" and state["opt_step"] == 4
+    monkeypatch.setattr(checkpoint, "save_adapter", real)
+    rest = train(config(OUTPUT="b", RESUME=1, **kw), progress=False, log=lambda *_: None)
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["lora", "state"])
 def test_infctx_training_equals_normal_training(tmp_path, monkeypatch, mode):
     """The loop with TRAIN_TYPE=infctx (chunks of 7 tokens, not dividing CTX_LEN=32) takes the same steps."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from .errors import UserError, interrupt_deferred
 from .model import RWKV, ModelConfig, init_weights_
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -266,7 +266,8 @@ def save_atomic(obj: Any, path) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
     Either the old file or the complete new one is there afterwards, never a half-written file, even
-    on Ctrl+C or a full disk (the error is raised as UserError).
+    on a full disk (the error is raised as UserError). Ctrl+C during the write lets it finish and is
+    raised afterwards.
     """
     p = Path(path)
     try:
@@ -274,26 +275,27 @@ def save_atomic(obj: Any, path) -> None:
     except OSError as err:
         raise UserError(f"cannot create the folder {p.parent} ({err.strerror or err})",
                         "check the path and its permissions") from None
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.chmod(tmp, _file_mode(p))      # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+    with interrupt_deferred():          # Ctrl+C meanwhile: the file is finished, then it stops
         tmp = None
-        _fsync_dir(p.parent)
-    except OSError as err:
-        raise UserError(f"cannot write {p} ({err.strerror or err})",
-                        "check free disk space and permissions of the folder") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+            os.chmod(tmp, _file_mode(p))      # mkstemp makes 0600; give the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            tmp = None
+            _fsync_dir(p.parent)
+        except OSError as err:
+            raise UserError(f"cannot write {p} ({err.strerror or err})",
+                            "check free disk space and permissions of the folder") from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
 
 def _file_mode(p: Path) -> int:

@@ -6,8 +6,11 @@ and exit code 2 (see ``run_cli``). A traceback therefore always means a bug of o
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Callable, NoReturn
+import threading
+from typing import Callable, Iterator, NoReturn
 
 
 class UserError(Exception):
@@ -34,3 +37,41 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
+
+
+class _Deferred:
+    """Ctrl+C noted while a file is being written (see ``interrupt_deferred``)."""
+    active = False
+    pending = False
+
+
+def _note_interrupt(signum, frame) -> None:
+    if not _Deferred.pending:
+        print("\nCtrl+C: finishing the file being written first", file=sys.stderr, flush=True)
+    _Deferred.pending = True
+
+
+@contextlib.contextmanager
+def interrupt_deferred(reraise: bool = True) -> Iterator[None]:
+    """Hold Ctrl+C (SIGINT) back until the block is done, so a checkpoint is never cut off half-written.
+
+    A Ctrl+C that came meanwhile is raised as KeyboardInterrupt when the block ends (``reraise``), or
+    dropped (``reraise=False``: the block is already the save that Ctrl+C asked for). Nested uses
+    join the outermost one. Off the main thread, or where SIGINT has a handler that is not Python's
+    default one, nothing changes.
+    """
+    if (_Deferred.active or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    _Deferred.active, _Deferred.pending = True, False
+    signal.signal(signal.SIGINT, _note_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _Deferred.active = False
+    if _Deferred.pending and reraise:
+        _Deferred.pending = False
+        raise KeyboardInterrupt
+    _Deferred.pending = False

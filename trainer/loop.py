@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, interrupt_deferred
 from .model import FFN_PIECE_TOKENS
 from .schedule import learning_rate
 
@@ -342,6 +342,14 @@ class RunFiles:
 
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
+        """Write the adapter, the optimizer and train_state.pth as one unit: a Ctrl+C meanwhile is held
+        back until all are written, then raised (an epoch's save) or dropped (the save Ctrl+C asked for)."""
+        with interrupt_deferred(reraise=complete):
+            return self._save(epoch=epoch, step_in_epoch=step_in_epoch, opt_step=opt_step,
+                              micro_step=micro_step, optimizer=optimizer, complete=complete, rng=rng)
+
+    def _save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
+              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None) -> Path:
         prep = self.prep
         path = self.adapter_path(epoch if complete else None)
         # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
@@ -678,11 +686,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
             files.append_losses(pending_rows)
             pending_rows = []
             if (epoch + 1) % cfg.EPOCH_SAVE == 0 or epoch + 1 == cfg.EPOCH_COUNT:
-                path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,
-                                  micro_step=micro_step, optimizer=optimizer, complete=True)
-                result.saved.append(path)
+                with interrupt_deferred():     # Ctrl+C meanwhile: this epoch's files are finished first
+                    path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,
+                                      micro_step=micro_step, optimizer=optimizer, complete=True)
+                    result.saved.append(path)
+                    if main:
+                        bar.write(f"saved {path}")
                 if main:
-                    bar.write(f"saved {path}")
                     files.plot()
                     files.sample(epoch, bar.write)
                 fabric.barrier()

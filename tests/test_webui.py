@@ -15,7 +15,7 @@ from trainer.errors import UserError
 from webui import actions
 from trainer.envfile import parse_training_sh, read_env_file, training_fields, write_env_file
 from webui.guard import LocalOnly
-from webui.jobs import JobManager
+from webui.jobs import Job, JobManager
 
 from test_train import make_project
 
@@ -132,6 +132,21 @@ def test_job_manager_start_one_at_a_time_stop_saves(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ small parts
+def test_job_losses_skip_a_row_still_being_written(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    csv_path = out / "loss.csv"
+    csv_path.write_text("optimizer_step,epoch,loss,lr,tokens_per_s\n1,0,2.5,1e-3,10\n")
+    job = Job([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), out, out / "job.env", resume=True)
+    job.proc.wait()
+    with open(csv_path, "a") as fh:
+        fh.write("2,0,2.4,1e-3,11\n3,0,2.")          # the trainer is in the middle of row 3
+    assert job.losses() == [(1, 2.5), (2, 2.4)]
+    with open(csv_path, "a") as fh:
+        fh.write("31,1e-3,12\n")
+    assert job.losses() == [(1, 2.5), (2, 2.4), (3, 2.31)]
+
+
 def test_upload_names_stay_in_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, want in (("../../etc/x.jsonl", "x.jsonl"), ("..\\..\\y.jsonl", "y.jsonl"), ("my data.jsonl",

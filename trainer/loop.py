@@ -388,14 +388,17 @@ class RunFiles:
         return path
 
     def append_losses(self, rows: list[tuple]) -> None:
-        if not self.write or not rows:
-            return
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new:
-                w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
-            w.writerows(rows)
+        """Append ``rows`` to loss.csv and empty the list, both or neither: a Ctrl+C meanwhile waits, so
+        no half row is written and no row twice."""
+        with interrupt_deferred():
+            if self.write and rows:
+                new = not self.csv_path.exists()
+                with open(self.csv_path, "a", newline="") as fh:
+                    w = csv.writer(fh)
+                    if new:
+                        w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
+                    w.writerows(rows)
+            rows.clear()
 
     def plot(self) -> Path | None:
         if not self.write or not self.csv_path.exists():
@@ -680,11 +683,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                     committed = (epoch, step + 1, micro_step, torch.get_rng_state())
                     if len(pending_rows) >= 10:
                         files.append_losses(pending_rows)
-                        pending_rows = []
                 bar.update(1)
             # epoch done
             files.append_losses(pending_rows)
-            pending_rows = []
             if (epoch + 1) % cfg.EPOCH_SAVE == 0 or epoch + 1 == cfg.EPOCH_COUNT:
                 with interrupt_deferred():     # Ctrl+C meanwhile: this epoch's files are finished first
                     path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,

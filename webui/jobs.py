@@ -120,7 +120,9 @@ class Job:
             with open(self.csv_path, encoding="utf-8") as fh:
                 head = fh.readline()
                 fh.seek(max(self.csv_from, len(head)))
-                for row in csv.reader(io.StringIO(fh.read())):
+                text = fh.read()
+                text = text[:text.rfind("\n") + 1]       # a row the trainer is still writing waits
+                for row in csv.reader(io.StringIO(text)):
                     if len(row) >= 3 and row[0].isdigit():
                         rows.append((int(row[0]), float(row[2])))
         except (OSError, ValueError):

@@ -56,7 +56,8 @@ OPTIMIZER="adamw"         # adamw | adamw8bit: AdamW's two states in 8 bits (bit
                           #   updates; slower where steps are short (1.5B LoRA at ctx 1024 x 1: -24 %; 4096 x 8: -3 %)
 OFFLOAD_BLOCKS="auto"     # blocks whose frozen weights wait in CPU memory and are copied to the GPU as they run, for
                           #   a model that would not fit otherwise: auto = only then, as few as fit | 0 = never | N
-                          #   (lora, pissa, bone, bat, state; one GPU; not with QUANT, GRAD_CP=0 or DeepSpeed)
+                          #   (lora, pissa, bone, bat, state; one GPU; not with QUANT, GRAD_CP=0 or DeepSpeed;
+                          #   they must fit in the CPU memory available: checked before loading)
 STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload
                           #   (DeepSpeed ZeRO: splits optimizer state (1), + gradients (2), + weights (3) over
                           #   GPUs; _offload keeps them in CPU memory, not on WSL2; pip install deepspeed)

@@ -151,7 +151,7 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
     seen = _streaming_project(tmp_path, monkeypatch)
     runs = []
     for n in (0, 3):
-        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
+        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, log, n=n: n)
         logs = []
         runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", **extra), log=logs.append,
                                progress=False).losses)
@@ -163,7 +163,8 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
 
 
 def test_a_number_is_refused_off_a_gpu_and_beyond_the_models_blocks(tmp_path, monkeypatch):
-    from trainer import loop
+    from trainer import loop, memory
+    monkeypatch.setattr(memory, "host_available", lambda: None)     # (the CPU memory check: below)
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, 7)
     sizes = type("S", (), {"n_layer": 6})()
@@ -178,6 +179,44 @@ def test_a_number_is_refused_off_a_gpu_and_beyond_the_models_blocks(tmp_path, mo
     assert loop._offload_count(auto, sizes, torch.device("cuda"), planned) == 4
     assert loop._offload_count(auto, sizes, torch.device("cpu"), planned) == 0
     assert loop._offload_count(auto, sizes, torch.device("cuda"), None) == 0
+
+
+def test_streamed_weights_must_fit_in_the_cpu_memory_available(tmp_path, monkeypatch):
+    """A number whose blocks would not fit in HOST_FRACTION of MemAvailable is refused with the most that
+    fit; auto streams only as many (none where fewer than three fit: two slots stay on the GPU)."""
+    from trainer import loop, memory
+    from trainer.checkpoint import detect_config, load_checkpoint
+    monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)       # the tiny model's matrices
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, 7, n_layer=8)
+    cfg = _train_cfg(OFFLOAD_BLOCKS=6, PRECISION="bf16")
+    sizes = detect_config(load_checkpoint(cfg.model_path), cfg.model_path)
+    per = memory.offload_host_bytes(cfg, sizes)
+    model = random_model(7, 8, 64, vocab_size=97, seed=3)
+    get_method("lora")({"r": 4, "alpha": 8, "dropout": 0.0}).apply(model)
+    assert per == 2 * sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(memory, "host_available", lambda: int(6 * per / memory.HOST_FRACTION) + 1)
+    assert loop._offload_count(cfg, sizes, cuda, None) == 6
+    monkeypatch.setattr(memory, "host_available", lambda: int(4.5 * per / memory.HOST_FRACTION))
+    with pytest.raises(UserError) as e:
+        loop._offload_count(cfg, sizes, cuda, None)
+    assert "OFFLOAD_BLOCKS=6 keeps" in e.value.message and "OFFLOAD_BLOCKS=4 fits there" in e.value.message
+    assert "at most 4" in e.value.fix and ".wslconfig" in e.value.fix
+    said = []
+    auto, planned = _train_cfg(OFFLOAD_BLOCKS="auto", PRECISION="bf16"), type("E", (), {"offload": 6})()
+    assert loop._offload_count(auto, sizes, cuda, planned, said.append) == 4
+    assert said and "streaming 4" in said[0]
+    monkeypatch.setattr(memory, "host_available", lambda: int(2.5 * per / memory.HOST_FRACTION))
+    assert loop._offload_count(auto, sizes, cuda, planned, said.append) == 0 and "streaming none" in said[-1]
+    with pytest.raises(UserError, match="not one block|OFFLOAD_BLOCKS=2 fits"):
+        loop._offload_count(cfg, sizes, cuda, None)
+    # MemAvailable as Linux (and WSL2's VM) reports it
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.undo()
+    assert memory.host_available(str(meminfo)) == 20000000 * 1024
+    assert memory.host_available(str(tmp_path / "none")) is None
 
 
 @pytest.mark.gpu

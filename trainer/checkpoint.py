@@ -740,10 +740,11 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
             state_model = True
             res.notes.append(f"the run also trained {len(parts)} other tensors (TRAIN_PARTS {' '.join(meta.get('train_parts', []))}): "
                              "the state file alone is not the trained model, so the model with the state is written too")
-        save_atomic(states, res.state)
-        if state_model:
-            res.model = out_dir / f"{stem}-state-{tag}-model.pth"
-            save_atomic(release_state_dict(merged, cfg, with_state=True), res.model)
+        with interrupt_deferred():      # the state file and the model with it: both, even on Ctrl+C
+            save_atomic(states, res.state)
+            if state_model:
+                res.model = out_dir / f"{stem}-state-{tag}-model.pth"
+                save_atomic(release_state_dict(merged, cfg, with_state=True), res.model)
             if cfg.version == 7:
                 res.notes.append("RWKV-7: the rwkv pip package ignores time_state keys in a model file (it starts from "
                                  "zero); give it the state file as the initial state instead. Ai00 reads them.")

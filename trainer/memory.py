@@ -626,6 +626,28 @@ def plan_checkpointing(cfg: Any, sizes: Any, free_bytes: float, op: str | None =
     return estimate(cfg, sizes, op, plain_top=choice[0], keep_products=choice[1])
 
 
+HOST_FRACTION = 0.8   # of the CPU memory available, what OFFLOAD_BLOCKS' page-locked copies may take (the rest:
+                      # the data, Python, the loader's transient copies; WSL2 ends its whole VM when it runs out)
+
+
+def host_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The CPU memory available to new allocations without swapping, in bytes (Linux's MemAvailable; inside
+    WSL2 that of its VM, whose size .wslconfig sets); None where it cannot be read."""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def offload_host_bytes(cfg: Any, sizes: Any) -> float:
+    """CPU memory one streamed block's frozen weights take (OFFLOAD_BLOCKS keeps them there)."""
+    return param_table(cfg, sizes).block_streamed * (4 if _get(cfg, "PRECISION", "bf16") == "fp32" else 2)
+
+
 def plan_offload(cfg: Any, sizes: Any, free_bytes: float, est: Estimate, op: str | None = None) -> Estimate:
     """OFFLOAD_BLOCKS=auto: where ``est`` (the plan without streaming) does not fit in FIT_FRACTION of
     ``free_bytes``, the fewest streamed blocks (3 or more: two slots stay on the GPU) that fit, else the

@@ -151,7 +151,7 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
     seen = _streaming_project(tmp_path, monkeypatch)
     runs = []
     for n in (0, 3):
-        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, log, n=n: n)
+        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
         logs = []
         runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", **extra), log=logs.append,
                                progress=False).losses)
@@ -203,14 +203,17 @@ def test_streamed_weights_must_fit_in_the_cpu_memory_available(tmp_path, monkeyp
         loop._offload_count(cfg, sizes, cuda, None)
     assert "OFFLOAD_BLOCKS=6 keeps" in e.value.message and "OFFLOAD_BLOCKS=4 fits there" in e.value.message
     assert "at most 4" in e.value.fix and ".wslconfig" in e.value.fix
-    said = []
-    auto, planned = _train_cfg(OFFLOAD_BLOCKS="auto", PRECISION="bf16"), type("E", (), {"offload": 6})()
-    assert loop._offload_count(auto, sizes, cuda, planned, said.append) == 4
-    assert said and "streaming 4" in said[0]
-    monkeypatch.setattr(memory, "host_available", lambda: int(2.5 * per / memory.HOST_FRACTION))
-    assert loop._offload_count(auto, sizes, cuda, planned, said.append) == 0 and "streaming none" in said[-1]
-    with pytest.raises(UserError, match="not one block|OFFLOAD_BLOCKS=2 fits"):
+    with pytest.raises(UserError, match="OFFLOAD_BLOCKS=2 fits"):
+        monkeypatch.setattr(memory, "host_available", lambda: int(2.5 * per / memory.HOST_FRACTION))
         loop._offload_count(cfg, sizes, cuda, None)
+    # auto: preflight's plan streams no more than fit there (none where fewer than three would)
+    auto = _train_cfg(OFFLOAD_BLOCKS="auto", PRECISION="bf16")
+    assert memory.offload_host_limit(auto, sizes, int(4.5 * per / memory.HOST_FRACTION)) == 4
+    resident = memory.estimate(auto, sizes, "fla")
+    tight = resident.total - 3.5 * per          # fits with six blocks streamed (two stay in the slots)
+    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla").offload == 6
+    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=4).offload == 4
+    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=2) is resident
     # MemAvailable as Linux (and WSL2's VM) reports it
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")

@@ -195,7 +195,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     emb_cpu = device.type == "cuda" and memory.embedding_on_cpu(cfg)
     # OFFLOAD_BLOCKS: those blocks stay in CPU memory from the file on; offload.setup puts the rest of them
     # on the GPU and their frozen matrices in pinned memory
-    streamed = offload.choose_blocks(sizes.n_layer, _offload_count(cfg, sizes, device, est, log))
+    streamed = offload.choose_blocks(sizes.n_layer, _offload_count(cfg, sizes, device, est))
     off_prefixes = tuple(f"blocks.{b}." for b in streamed)
     keep = None
     if stream or emb_cpu or streamed:
@@ -264,45 +264,33 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est)
 
 
-def _offload_count(cfg: TrainConfig, sizes, device: torch.device, est,
-                   log: Callable[[str], None] = print) -> int:
-    """The blocks OFFLOAD_BLOCKS streams: the number set, or auto's choice (preflight's plan; 0 where there
-    was none). Refused with the fix: a number on a run that is not on a GPU, one the model has no room for
-    (block 0 always stays), or one whose weights would not fit in the CPU memory available (auto streams as
-    many as fit there, and says so)."""
+def _offload_count(cfg: TrainConfig, sizes, device: torch.device, est) -> int:
+    """The blocks OFFLOAD_BLOCKS streams: the number set, or auto's choice (preflight's plan, which keeps to
+    the CPU memory available; 0 where there was none). Refused with the fix: a number on a run that is not
+    on a GPU, one the model has no room for (block 0 always stays), or one whose weights would not fit in
+    HOST_FRACTION of the CPU memory available."""
+    from . import memory
     value = cfg.OFFLOAD_BLOCKS
     if value == "auto":
-        n = est.offload if est is not None and device.type == "cuda" else 0
-    else:
-        n = int(value)
-        if n and device.type != "cuda":
-            raise UserError(f"OFFLOAD_BLOCKS={n}: this run is on the {device.type}, where the weights are in its "
-                            "memory already.", "set OFFLOAD_BLOCKS=0 (or auto), or train on an NVIDIA GPU")
-        if n > sizes.n_layer - 1:
-            raise UserError(f"OFFLOAD_BLOCKS={n}, but {cfg.model_path.name} has {sizes.n_layer} blocks; block 0 "
-                            f"always stays on the GPU.", f"set OFFLOAD_BLOCKS to at most {sizes.n_layer - 1} (or auto)")
-    from . import memory
+        return est.offload if est is not None and device.type == "cuda" else 0
+    n = int(value)
+    if n and device.type != "cuda":
+        raise UserError(f"OFFLOAD_BLOCKS={n}: this run is on the {device.type}, where the weights are in its "
+                        "memory already.", "set OFFLOAD_BLOCKS=0 (or auto), or train on an NVIDIA GPU")
+    if n > sizes.n_layer - 1:
+        raise UserError(f"OFFLOAD_BLOCKS={n}, but {cfg.model_path.name} has {sizes.n_layer} blocks; block 0 always "
+                        f"stays on the GPU.", f"set OFFLOAD_BLOCKS to at most {sizes.n_layer - 1} (or auto)")
     available = memory.host_available() if n else None
-    if available is None:
+    most = memory.offload_host_limit(cfg, sizes, available) if available is not None else None
+    if most is None or n <= most:
         return n
-    per_block = memory.offload_host_bytes(cfg, sizes)
-    most = int(memory.HOST_FRACTION * available // per_block) if per_block else n
-    if n <= most:
-        return n
-    need, have = n * per_block / 2**30, available / 2**30
-    fits = (f"OFFLOAD_BLOCKS={most} fits there" if most else "not one block fits there")
-    if value != "auto":
-        raise UserError(f"OFFLOAD_BLOCKS={n} keeps {need:.1f} GiB of frozen weights in CPU memory, but only "
-                        f"{have:.1f} GiB is available ({fits}, keeping {100 - memory.HOST_FRACTION * 100:.0f}% "
-                        "for the rest).",
-                        (f"set OFFLOAD_BLOCKS to at most {most}" if most else "set OFFLOAD_BLOCKS=0")
-                        + ", close other programs, or (WSL2) give it more memory: memory=... in "
-                        "%UserProfile%\\.wslconfig, then wsl --shutdown")
-    if most < 3:                    # two slots stay on the GPU: streaming two blocks or fewer saves nothing
-        most = 0
-    log(f"OFFLOAD_BLOCKS=auto: {n} blocks would need {need:.1f} GiB of CPU memory and {have:.1f} GiB is "
-        f"available; streaming {most or 'none'} (the run may not fit the GPU: see the estimate above)")
-    return most
+    raise UserError(f"OFFLOAD_BLOCKS={n} keeps {n * memory.offload_host_bytes(cfg, sizes) / 2**30:.1f} GiB of frozen "
+                    f"weights in CPU memory, but only {available / 2**30:.1f} GiB is available ("
+                    + (f"OFFLOAD_BLOCKS={most} fits there" if most else "not one block fits there")
+                    + f", keeping {100 - memory.HOST_FRACTION * 100:.0f}% for the rest).",
+                    (f"set OFFLOAD_BLOCKS to at most {most}" if most else "set OFFLOAD_BLOCKS=0")
+                    + ", close other programs, or (WSL2) give it more memory: memory=... in "
+                    "%UserProfile%\\.wslconfig, then wsl --shutdown")
 
 
 def autocast_for(prep: "Prepared"):

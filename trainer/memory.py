@@ -648,16 +648,28 @@ def offload_host_bytes(cfg: Any, sizes: Any) -> float:
     return param_table(cfg, sizes).block_streamed * (4 if _get(cfg, "PRECISION", "bf16") == "fp32" else 2)
 
 
-def plan_offload(cfg: Any, sizes: Any, free_bytes: float, est: Estimate, op: str | None = None) -> Estimate:
+def offload_host_limit(cfg: Any, sizes: Any, available: int | None = None) -> int | None:
+    """The most blocks whose frozen weights fit in HOST_FRACTION of the CPU memory ``available`` (default:
+    host_available()); None where that is unknown."""
+    available = host_available() if available is None else available
+    per_block = offload_host_bytes(cfg, sizes)
+    if available is None or per_block <= 0:
+        return None
+    return int(HOST_FRACTION * available // per_block)
+
+
+def plan_offload(cfg: Any, sizes: Any, free_bytes: float, est: Estimate, op: str | None = None,
+                 host_limit: int | None = None) -> Estimate:
     """OFFLOAD_BLOCKS=auto: where ``est`` (the plan without streaming) does not fit in FIT_FRACTION of
     ``free_bytes``, the fewest streamed blocks (3 or more: two slots stay on the GPU) that fit, else the
-    most there can be (every block but block 0). ``est`` itself otherwise, and where the settings cannot
-    stream (offload.why_not)."""
+    most there can be (every block but block 0, and no more than ``host_limit``: what fits in CPU memory).
+    ``est`` itself otherwise, and where the settings cannot stream (offload.why_not)."""
     from .offload import why_not
+    most = sizes.n_layer - 1 if host_limit is None else min(sizes.n_layer - 1, host_limit)
     if (str(_get(cfg, "OFFLOAD_BLOCKS", "0")) != "auto" or est.total <= FIT_FRACTION * free_bytes
-            or why_not(cfg) or sizes.n_layer <= 3):
+            or why_not(cfg) or most < 3):
         return est
-    for k in range(3, sizes.n_layer):
+    for k in range(3, most + 1):
         planned = estimate(cfg, sizes, op, offload=k)
         if planned.total <= FIT_FRACTION * free_bytes:
             return planned
@@ -834,12 +846,16 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
                 f"run is on the {torch.device(device).type})")
             return est
         free_before = gpu_free_before(device)
-        est = plan_offload(cfg, sizes, free_before, plan_checkpointing(cfg, sizes, free_before, op), op)
+        auto_off = str(_get(cfg, "OFFLOAD_BLOCKS", "0")) == "auto"
+        host_limit = offload_host_limit(cfg, sizes) if auto_off else None
+        est = plan_offload(cfg, sizes, free_before, plan_checkpointing(cfg, sizes, free_before, op), op,
+                           host_limit)
         log(f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free_before / GiB:.1f} GiB free)")
-        if est.offload and str(_get(cfg, "OFFLOAD_BLOCKS", "0")) == "auto":
+        if est.offload and auto_off:
             log(f"OFFLOAD_BLOCKS=auto: {est.offload} of {sizes.n_layer} blocks keep their frozen weights in CPU "
                 "memory and copy them in as they run (it would not fit otherwise; slower where the copies do "
-                "not hide behind the compute)")
+                "not hide behind the compute)"
+                + (" - as many as 80% of the CPU memory available holds" if est.offload == host_limit else ""))
         if _grad_cp(cfg) == "auto":
             L, p, m = sizes.n_layer, est.plain_top, est.keep_products
             said = f"GRAD_CP=auto: {L - p} of {L} blocks checkpointed"

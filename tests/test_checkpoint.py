@@ -218,7 +218,7 @@ class _CtrlCWhilePickled:
         return (dict, ((("sent", 1),),))
 
 
-def test_ctrl_c_during_save_atomic_finishes_the_file_then_stops(tmp_path, capsys):
+def test_ctrl_c_during_save_atomic_finishes_the_file_then_stops(tmp_path, capfd):
     p = tmp_path / "m.pth"
     save_atomic({"a": torch.arange(5)}, p)
     with pytest.raises(KeyboardInterrupt):
@@ -226,7 +226,7 @@ def test_ctrl_c_during_save_atomic_finishes_the_file_then_stops(tmp_path, capsys
     new = torch.load(p, weights_only=False)                # the new file, whole
     assert torch.equal(new["a"], torch.ones(3)) and new["b"] == {"sent": 1} and torch.equal(new["c"], torch.full((4,), 2.0))
     assert os.listdir(tmp_path) == ["m.pth"]
-    assert "finishing the file being written first" in capsys.readouterr().err
+    assert "finishing the file being written first" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # Ctrl+C is back to normal
     # nested: held until the outermost block ends; reraise=False drops it
     with pytest.raises(KeyboardInterrupt):

@@ -194,6 +194,32 @@ def test_ctrl_c_during_an_epochs_save_finishes_it_then_saves_and_resumes(tmp_pat
     np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
 
 
+def test_ctrl_c_right_after_an_optimizer_step_saves_that_step(tmp_path, monkeypatch):
+    """Ctrl+C as the optimizer finishes a step (before the loop has counted it): the step is counted and its
+    position saved with its weights, so resuming takes the uninterrupted run's steps (not that one twice)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=2, LR_FINAL="1e-3")
+    full = train(config(OUTPUT="a", **kw), progress=False, log=lambda *_: None)
+    steps = []
+
+    def ctrl_c_after_the_third(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(ctrl_c_after_the_third)
+    try:
+        first = train(config(OUTPUT="b", **kw), progress=False, log=lambda *_: None)
+    finally:
+        handle.remove()
+    assert first.interrupted and len(first.losses) == 3
+    assert checkpoint.load_train_state(tmp_path / "b" / "train_state.pth")["opt_step"] == 3
+    rest = train(config(OUTPUT="b", RESUME=1, **kw), progress=False, log=lambda *_: None)
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["lora", "state"])
 def test_infctx_training_equals_normal_training(tmp_path, monkeypatch, mode):
     """The loop with TRAIN_TYPE=infctx (chunks of 7 tokens, not dividing CTX_LEN=32) takes the same steps."""

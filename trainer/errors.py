@@ -7,6 +7,7 @@ and exit code 2 (see ``run_cli``). A traceback therefore always means a bug of o
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -47,7 +48,10 @@ class _Deferred:
 
 def _note_interrupt(signum, frame) -> None:
     if not _Deferred.pending:
-        print("\nCtrl+C: finishing the file being written first", file=sys.stderr, flush=True)
+        try:     # os.write: a print() here could land inside another write to stderr (a reentrant call)
+            os.write(2, b"\nCtrl+C: finishing the file being written first\n")
+        except OSError:
+            pass
     _Deferred.pending = True
 
 

@@ -670,31 +670,34 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 micro_step += 1
                 tok_since += x.numel() * fabric.world_size
                 if boundary:
-                    lr = learning_rate(opt_step, total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL,
-                                       cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
-                    spread.step(fabric, module, optimizer)
-                    stack_trims = memory.trim_grown_stack(prep.device, stack_trims)
-                    opt_step += 1
-                    now = time.perf_counter()
-                    tps = tok_since / max(now - t_last, 1e-9)
-                    t_last, tok_since = now, 0
-                    result.losses.append(loss_acc)
-                    pending_rows.append((opt_step, epoch, f"{loss_acc:.6f}", f"{lr:.3e}", f"{tps:.1f}"))
-                    bar.set_postfix(loss=f"{loss_acc:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    if run is not None:
-                        run.log({"loss": loss_acc, "lr": lr, "tokens_per_s": tps, "epoch": epoch}, step=opt_step)
-                    if not progress and (opt_step % log_every == 0 or opt_step in (1, total_opt_steps)
-                                         or now - last_log > 15):
-                        last_log = now
-                        log(f"epoch {epoch} step {step + 1}/{cfg.EPOCH_STEPS}  optimizer step {opt_step}/"
-                            f"{total_opt_steps}  loss {loss_acc:.4f}  lr {lr:.2e}  {tps:,.0f} tokens/s")
-                    loss_acc = 0.0
-                    group = []
-                    committed = (epoch, step + 1, micro_step, torch.get_rng_state())
-                    if len(pending_rows) >= 10:
-                        files.append_losses(pending_rows)
+                    # the step, its counters and the position an interrupted run saves change together:
+                    # a Ctrl+C meanwhile waits, so the saved weights always match the saved position
+                    with interrupt_deferred():
+                        lr = learning_rate(opt_step, total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL,
+                                           cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
+                        for g in optimizer.param_groups:
+                            g["lr"] = lr
+                        spread.step(fabric, module, optimizer)
+                        stack_trims = memory.trim_grown_stack(prep.device, stack_trims)
+                        opt_step += 1
+                        now = time.perf_counter()
+                        tps = tok_since / max(now - t_last, 1e-9)
+                        t_last, tok_since = now, 0
+                        result.losses.append(loss_acc)
+                        pending_rows.append((opt_step, epoch, f"{loss_acc:.6f}", f"{lr:.3e}", f"{tps:.1f}"))
+                        bar.set_postfix(loss=f"{loss_acc:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                        if run is not None:
+                            run.log({"loss": loss_acc, "lr": lr, "tokens_per_s": tps, "epoch": epoch}, step=opt_step)
+                        if not progress and (opt_step % log_every == 0 or opt_step in (1, total_opt_steps)
+                                             or now - last_log > 15):
+                            last_log = now
+                            log(f"epoch {epoch} step {step + 1}/{cfg.EPOCH_STEPS}  optimizer step {opt_step}/"
+                                f"{total_opt_steps}  loss {loss_acc:.4f}  lr {lr:.2e}  {tps:,.0f} tokens/s")
+                        loss_acc = 0.0
+                        group = []
+                        committed = (epoch, step + 1, micro_step, torch.get_rng_state())
+                        if len(pending_rows) >= 10:
+                            files.append_losses(pending_rows)
                 bar.update(1)
             # epoch done
             files.append_losses(pending_rows)

@@ -13,6 +13,14 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def cpu_memory_not_read(monkeypatch):
+    """What OFFLOAD_BLOCKS may keep in CPU memory depends on the machine's free memory (memory.host_available):
+    unknown in the tests, so that plans and suggestions are the same everywhere (test_offload sets it)."""
+    from trainer import memory
+    monkeypatch.setattr(memory, "host_available", lambda *a, **k: None)
+
+
 @pytest.fixture
 def failing_import(monkeypatch):
     """failing_import(name, exc): from now on in this test, ``import name`` raises ``exc``."""

@@ -388,6 +388,22 @@ def test_offload_takes_streamed_blocks_off_the_gpu_and_auto_takes_the_fewest_tha
     assert any(c.settings.get("OFFLOAD_BLOCKS") for c in found)
 
 
+def test_preflight_streams_no_more_blocks_than_cpu_memory_holds(monkeypatch):
+    auto = cfg_(TRAIN_PARTS="ln")
+    per = M.offload_host_bytes(auto, B15)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2 * GiB), 80 * GiB))
+    monkeypatch.setattr(M, "host_available", lambda *a: int(5.5 * per / M.HOST_FRACTION))
+    lines = []
+    est = preflight(auto, B15, torch.device("cuda"), lines.append)
+    assert est.offload == 5 and est.total == estimate(auto, B15, offload=5).total
+    assert any(ln.startswith("OFFLOAD_BLOCKS=auto: 5 of 24 blocks") and "no more: 80% of the CPU memory "
+               "available holds 5" in ln for ln in lines), lines
+    assert any("WARNING" in ln for ln in lines)
+    monkeypatch.setattr(M, "host_available", lambda *a: None)          # unknown: every block but block 0
+    assert preflight(auto, B15, torch.device("cuda"), lines.append).offload == 23
+
+
 def test_nothing_fits_says_so():
     lines = suggest(cfg_(FINETUNE_MODE="full"), config_from_sizes(6, 32, 4096), 8 * GiB)
     assert len(lines) == 1 and "smaller model" in lines[0]

@@ -163,8 +163,7 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
 
 
 def test_a_number_is_refused_off_a_gpu_and_beyond_the_models_blocks(tmp_path, monkeypatch):
-    from trainer import loop, memory
-    monkeypatch.setattr(memory, "host_available", lambda: None)     # (the CPU memory check: below)
+    from trainer import loop
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, 7)
     sizes = type("S", (), {"n_layer": 6})()
@@ -214,6 +213,14 @@ def test_streamed_weights_must_fit_in_the_cpu_memory_available(tmp_path, monkeyp
     assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla").offload == 6
     assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=4).offload == 4
     assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=2) is resident
+    # the pre-flight's suggestions offer no more than fit either
+    zero = _train_cfg(OFFLOAD_BLOCKS=0, PRECISION="bf16")
+    offers = lambda: sorted(c[0]["OFFLOAD_BLOCKS"] for c in memory._candidates(zero, sizes)  # noqa: E731
+                            if "OFFLOAD_BLOCKS" in c[0])
+    monkeypatch.setattr(memory, "host_available", lambda: int(4.5 * per / memory.HOST_FRACTION))
+    assert offers() == [4]
+    monkeypatch.setattr(memory, "host_available", lambda: None)
+    assert offers() == [4, 7]
     # MemAvailable as Linux (and WSL2's VM) reports it
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")

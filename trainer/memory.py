@@ -766,7 +766,8 @@ def _candidates(cfg: Any, sizes: Any) -> list[tuple[dict, str, float]]:
     from .offload import why_not
     L = sizes.n_layer
     if not why_not(cfg) and str(_get(cfg, "OFFLOAD_BLOCKS", "0")) != "auto":
-        for k in sorted({k for k in (L // 4, L // 2, L - 1) if k >= 3}):
+        most = offload_host_limit(cfg, sizes)             # no more than the CPU memory holds
+        for k in sorted({min(k, L - 1 if most is None else most) for k in (L // 4, L // 2, L - 1)} - {0, 1, 2}):
             out.append(({"OFFLOAD_BLOCKS": k}, f"{k} of {L} blocks' frozen weights in CPU memory, copied in as "
                          "they run: slower where the copies do not hide behind the compute",
                          COST_OFFLOAD + COST_OFFLOAD_ALL * k / L))
@@ -855,7 +856,8 @@ def preflight(cfg: Any, model: Any, device: Any, log: Callable[[str], None] = pr
             log(f"OFFLOAD_BLOCKS=auto: {est.offload} of {sizes.n_layer} blocks keep their frozen weights in CPU "
                 "memory and copy them in as they run (it would not fit otherwise; slower where the copies do "
                 "not hide behind the compute)"
-                + (" - as many as 80% of the CPU memory available holds" if est.offload == host_limit else ""))
+                + (f"; no more: {HOST_FRACTION:.0%} of the CPU memory available holds {host_limit}"
+                   if est.offload == host_limit and est.total > FIT_FRACTION * free_before else ""))
         if _grad_cp(cfg) == "auto":
             L, p, m = sizes.n_layer, est.plain_top, est.keep_products
             said = f"GRAD_CP=auto: {L - p} of {L} blocks checkpointed"

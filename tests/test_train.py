@@ -194,7 +194,7 @@ def test_ctrl_c_during_an_epochs_save_finishes_it_then_saves_and_resumes(tmp_pat
     np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_right_after_an_optimizer_step_saves_that_step(tmp_path, monkeypatch):
+def test_ctrl_c_right_after_an_optimizer_step_saves_that_step(tmp_path, monkeypatch, capfd):
     """Ctrl+C as the optimizer finishes a step (before the loop has counted it): the step is counted and its
     position saved with its weights, so resuming takes the uninterrupted run's steps (not that one twice)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -215,6 +215,7 @@ def test_ctrl_c_right_after_an_optimizer_step_saves_that_step(tmp_path, monkeypa
     finally:
         handle.remove()
     assert first.interrupted and len(first.losses) == 3
+    assert "Ctrl+C: finishing the optimizer step first" in capfd.readouterr().err
     assert checkpoint.load_train_state(tmp_path / "b" / "train_state.pth")["opt_step"] == 3
     rest = train(config(OUTPUT="b", RESUME=1, **kw), progress=False, log=lambda *_: None)
     np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)

@@ -44,31 +44,32 @@ class _Deferred:
     """Ctrl+C noted while a file is being written (see ``interrupt_deferred``)."""
     active = False
     pending = False
+    what = ""
 
 
 def _note_interrupt(signum, frame) -> None:
     if not _Deferred.pending:
         try:     # os.write: a print() here could land inside another write to stderr (a reentrant call)
-            os.write(2, b"\nCtrl+C: finishing the file being written first\n")
+            os.write(2, f"\nCtrl+C: finishing {_Deferred.what} first\n".encode())
         except OSError:
             pass
     _Deferred.pending = True
 
 
 @contextlib.contextmanager
-def interrupt_deferred(reraise: bool = True) -> Iterator[None]:
+def interrupt_deferred(reraise: bool = True, what: str = "the file being written") -> Iterator[None]:
     """Hold Ctrl+C (SIGINT) back until the block is done, so a checkpoint is never cut off half-written.
 
     A Ctrl+C that came meanwhile is raised as KeyboardInterrupt when the block ends (``reraise``), or
-    dropped (``reraise=False``: the block is already the save that Ctrl+C asked for). Nested uses
-    join the outermost one. Off the main thread, or where SIGINT has a handler that is not Python's
+    dropped (``reraise=False``: the block is already the save that Ctrl+C asked for). ``what`` names the
+    block in the notice a Ctrl+C prints. Nested uses join the outermost one. Off the main thread, or where SIGINT has a handler that is not Python's
     default one, nothing changes.
     """
     if (_Deferred.active or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
-    _Deferred.active, _Deferred.pending = True, False
+    _Deferred.active, _Deferred.pending, _Deferred.what = True, False, what
     signal.signal(signal.SIGINT, _note_interrupt)
     try:
         yield

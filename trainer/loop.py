@@ -672,7 +672,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
                 if boundary:
                     # the step, its counters and the position an interrupted run saves change together:
                     # a Ctrl+C meanwhile waits, so the saved weights always match the saved position
-                    with interrupt_deferred():
+                    with interrupt_deferred(what="the optimizer step"):
                         lr = learning_rate(opt_step, total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL,
                                            cfg.WARMUP_STEPS, cfg.LR_SCHEDULE)
                         for g in optimizer.param_groups:
@@ -702,7 +702,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
             # epoch done
             files.append_losses(pending_rows)
             if (epoch + 1) % cfg.EPOCH_SAVE == 0 or epoch + 1 == cfg.EPOCH_COUNT:
-                with interrupt_deferred():     # Ctrl+C meanwhile: this epoch's files are finished first
+                with interrupt_deferred(what="the checkpoint being written"):   # then it stops and saves
                     path = files.save(epoch=epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=opt_step,
                                       micro_step=micro_step, optimizer=optimizer, complete=True)
                     result.saved.append(path)

@@ -354,14 +354,8 @@ class RunFiles:
 
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
-        """Write the adapter, the optimizer and train_state.pth as one unit: a Ctrl+C meanwhile is held
-        back until all are written, then raised (an epoch's save) or dropped (the save Ctrl+C asked for)."""
-        with interrupt_deferred(reraise=complete):
-            return self._save(epoch=epoch, step_in_epoch=step_in_epoch, opt_step=opt_step,
-                              micro_step=micro_step, optimizer=optimizer, complete=complete, rng=rng)
-
-    def _save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
-              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None) -> Path:
+        """Write the adapter, the optimizer and train_state.pth. The callers hold Ctrl+C back meanwhile
+        (interrupt_deferred), so that the three are written as one unit."""
         prep = self.prep
         path = self.adapter_path(epoch if complete else None)
         # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
@@ -726,8 +720,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         if oom:
             stop.__traceback__ = None       # its frames hold the step's activations
         _release_gpu_memory(optimizer)
-        path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
-                          optimizer=optimizer, complete=False, rng=c_rng)
+        with interrupt_deferred(reraise=False):   # another Ctrl+C: this is already the save it asks for
+            path = files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=opt_step, micro_step=c_micro,
+                              optimizer=optimizer, complete=False, rng=c_rng)
         files.plot()
         result.saved.append(path)
         result.interrupted = True

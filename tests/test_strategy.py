@@ -143,17 +143,24 @@ def test_deepspeed_saves_masters_and_optimizer_partitions_and_resumes_from_them(
     opt = torch.optim.AdamW([p for p in prep.model.parameters() if p.requires_grad])
     files.save(epoch=0, step_in_epoch=4, opt_step=2, micro_step=4, optimizer=opt, complete=True)
     files.save(epoch=1, step_in_epoch=4, opt_step=4, micro_step=8, optimizer=opt, complete=True)
-    assert spread.engine.saved == ["step-2", "step-4"]
-    assert sorted(p.name for p in (tmp_path / "output" / DS_DIR).iterdir()) == ["step-4"]
+    # a new tag each save (never the folder the committed train_state.pth names), the older one removed
+    first, last = spread.engine.saved
+    assert first.startswith("step-2-") and last.startswith("step-4-")
+    assert sorted(p.name for p in (tmp_path / "output" / DS_DIR).iterdir()) == [last]
     state = checkpoint.load_train_state(tmp_path / "output" / "train_state.pth")
-    assert state["optimizer"] is None and state["deepspeed_tag"] == "step-4" and state["world_size"] == 1
+    assert state["optimizer"] is None and state["deepspeed_tag"] == last and state["world_size"] == 1
+    assert state["deepspeed_files"] == {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 1}
     tensors, _ = checkpoint.load_adapter(tmp_path / "output" / "rwkv-1.pth")
     want = prep.method.adapter_state_dict(prep.model)
     key = "blocks.0.att.key.lora_B"
     torch.testing.assert_close(tensors[key], want[key].float() + 1000)   # the master, not the working copy
 
     spread.load_optimizer(opt, state, tmp_path / "output")
-    assert spread.engine.loaded == ["step-4"]
+    assert spread.engine.loaded == [last]
+    from trainer import resume                      # a partition file cut short: resume refuses it
+    (tmp_path / "output" / DS_DIR / last / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="incomplete"):
+        resume._check_deepspeed_files(state, tmp_path / "output")
     with pytest.raises(UserError, match="spread over 1 GPUs, this one over 2"):
         Spread(dataclasses.replace(c, GPU_COUNT=2)).load_optimizer(opt, state, tmp_path / "output")
     with pytest.raises(UserError, match="used DeepSpeed"):

@@ -117,13 +117,13 @@ def test_resume_refuses_changed_settings_and_missing_state(tmp_path, monkeypatch
     with pytest.raises(UserError, match="nothing to resume"):
         train(config(RESUME=1), progress=False, log=lambda *_: None)
     train(config(), progress=False, log=lambda *_: None, max_steps=1)
-    with pytest.raises(UserError, match="LORA_R changed"):
+    with pytest.raises(UserError, match="LORA_R 8 → 4 changed"):
         train(config(RESUME=1, LORA_R=4), progress=False, log=lambda *_: None)
     state_path = tmp_path / "output" / "train_state.pth"     # a run saved with the 8-bit optimizer (GPU only)
     state = checkpoint.load_train_state(state_path)
     state["config"]["OPTIMIZER"] = "adamw8bit"
     checkpoint.save_atomic(state, state_path)        # not over the file the loader has mapped
-    with pytest.raises(UserError, match="OPTIMIZER changed") as e:
+    with pytest.raises(UserError, match="OPTIMIZER adamw8bit → adamw changed") as e:
         train(config(RESUME=1), progress=False, log=lambda *_: None)
     assert "OPTIMIZER=adamw8bit" in e.value.fix
 

@@ -10,9 +10,7 @@ This is the only module that calls ``torch.load`` / ``torch.save`` on user files
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -263,62 +261,28 @@ def load_model(path, dtype: torch.dtype | str | None = None, device="cpu",
 
 # ------------------------------------------------------------------------------------------ writing
 def save_atomic(obj: Any, path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` to a temporary in the same folder, fsync, then rename over ``path`` (files.atomic_write).
 
-    Either the old file or the complete new one is there afterwards, never a half-written file, even
-    on a full disk (the error is raised as UserError). Ctrl+C during the write lets it finish and is
-    raised afterwards.
+    Either the old file or the complete new one is there afterwards, never a half-written file; a full disk
+    is one line naming the folder and the size needed. Ctrl+C during the write lets it finish and is raised
+    afterwards.
     """
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the folder {p.parent} ({err.strerror or err})",
-                        "check the path and its permissions") from None
-    with interrupt_deferred():          # Ctrl+C meanwhile: the file is finished, then it stops
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-            os.chmod(tmp, _file_mode(p))      # mkstemp makes 0600; give the usual permissions
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-            tmp = None
-            _fsync_dir(p.parent)
-        except OSError as err:
-            raise UserError(f"cannot write {p} ({err.strerror or err})",
-                            "check free disk space and permissions of the folder") from None
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+    from .files import atomic_write
+    with atomic_write(path, need=payload_bytes(obj)) as f:
+        torch.save(obj, f)
 
 
-def _file_mode(p: Path) -> int:
-    """The mode of the file being replaced, else what a plain open() would create (0666 & ~umask)."""
-    try:
-        return p.stat().st_mode & 0o7777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def payload_bytes(obj: Any) -> int:
+    """About what ``torch.save(obj)`` writes: the bytes of its tensors (plus a little per entry)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size() + 64
+    if isinstance(obj, Mapping):
+        return sum(payload_bytes(v) + 64 for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) + 16 for v in obj)
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    return 16
 
 
 # ----------------------------------------------------------------------------------- new models
@@ -418,15 +382,42 @@ def _adapter_from_obj(obj: Mapping, p: Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
+TRAIN_STATE = "train_state.pth"       # OUTPUT's resume unit (trainer/resume.py)
+DS_DIR = "deepspeed"                  # OUTPUT/deepspeed/<tag>/: DeepSpeed's partitioned optimizer state
+_RUN_FILES = (TRAIN_STATE, "loss.csv", "loss.png", "samples.txt", DS_DIR)
+
+
+def run_files(output_dir) -> list[Path]:
+    """The files of a training run in ``output_dir``: checkpoints, train_state.pth, loss.csv, ... (not the web
+    page's saved configs)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted(d.glob("rwkv-*.pth")) + [d / n for n in _RUN_FILES if (d / n).exists()]
+
+
+def clear_run(output_dir) -> list[Path]:
+    """OVERWRITE=1: remove an earlier run's files from ``output_dir``; returns what was removed."""
+    import shutil
+    removed = run_files(output_dir)
+    for p in removed:
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError as err:
+            raise UserError(f"OVERWRITE=1: cannot remove {p} ({err.strerror or err}).",
+                            "remove it yourself, or set OUTPUT to a new folder") from None
+    return removed
+
+
 def save_train_state(path, state: dict) -> None:
     save_atomic(state, path)
 
 
 def load_train_state(path) -> dict:
     obj = _load_file(Path(path), "training state")
-    if not isinstance(obj, Mapping) or "optimizer" not in obj:
-        raise UserError(f"{_name(path)} is not a training state written by ./training.sh",
-                        "set RESUME=0 to start a new run")
+    if not isinstance(obj, Mapping) or "opt_step" not in obj or not ("optimizer" in obj or "deepspeed_tag" in obj):
+        raise UserError(f"{_name(path)} is damaged or is not a training state written by ./training.sh",
+                        "set RESUME=0 and OVERWRITE=1 to start afresh (or another OUTPUT)")
     return dict(obj)
 
 

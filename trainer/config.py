@@ -104,6 +104,7 @@ class TrainConfig:
     SEED: int = _var("random seed", default=42)
     WANDB: str = _var("wandb project name; empty = off", default="")
     RESUME: bool = _var("1 = continue from the newest checkpoint in OUTPUT", default=False)
+    OVERWRITE: bool = _var("1 = a new run (RESUME=0) may replace an earlier run's files in OUTPUT", default=False)
     SAMPLE_PROMPT: str = _var("prompt for the sample generated at each save",
                               default="User: Hello, who are you?\n\nAssistant:")
 
@@ -187,6 +188,9 @@ class TrainConfig:
         check_strategy(self)
         from .offload import check_offload    # weight streaming likewise (the model's depth is checked at start)
         check_offload(self)
+        if self.RESUME and self.OVERWRITE:
+            raise UserError("RESUME=1 and OVERWRITE=1 contradict each other: continue the run in OUTPUT, or "
+                            "replace it.", "set OVERWRITE=0 to continue it, or RESUME=0 to start afresh over it")
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:
@@ -237,7 +241,9 @@ class TrainConfig:
         return self.GPU_COUNT * self.NODES
 
     def check_files(self) -> None:
-        """The model and data exist; their sizes fit the settings. Raises UserError, reads headers only."""
+        """The model and data exist; their sizes fit the settings; OUTPUT can take this run (check_output).
+        Raises UserError, reads headers only."""
+        self.check_output()
         mp = self.model_path
         if not mp.is_file():
             folder = mp.parent if mp.parent.is_dir() else Path("model")
@@ -252,6 +258,32 @@ class TrainConfig:
             raise UserError(f"DATA: {dp}{'/'.join(missing)} not found. Data in {folder}/: {', '.join(have) or 'none'}.",
                             "make it with ./make_tokenize.sh FILE.jsonl and set DATA to FILE's name")
         self._check_data_fits()
+
+    def check_output(self) -> None:
+        """OUTPUT is (or can become) a folder, and holds no earlier run unless this one continues it (RESUME=1)
+        or is told to replace it (OVERWRITE=1). RESUME=1 needs a run there to continue."""
+        from .checkpoint import TRAIN_STATE, run_files
+        out = self.output_dir
+        bad = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+        if bad is not None:
+            raise UserError(f"OUTPUT={self.OUTPUT}: {bad} is a file, not a folder.",
+                            "set OUTPUT to a folder (e.g. output/my-run); it is made if missing")
+        have = next(q for q in (out, *out.parents, Path(".")) if q.exists())
+        if not os.access(have, os.W_OK | os.X_OK):
+            raise UserError(f"OUTPUT={self.OUTPUT}: {have} cannot be written (permission denied).",
+                            "set OUTPUT to a folder you can write to")
+        found = run_files(out)
+        if self.RESUME:
+            if not (out / TRAIN_STATE).is_file():
+                raise UserError(f"RESUME=1 but there is nothing to resume in {out}/ (no {TRAIN_STATE}).",
+                                "set RESUME=0 to start a new run" + (" (with OVERWRITE=1 to replace the files there, "
+                                                                     "or another OUTPUT)" if found else ""))
+            return
+        if found and not self.OVERWRITE:
+            names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise UserError(f"OUTPUT={self.OUTPUT} already holds a training run ({names}); a new run (RESUME=0) "
+                            "would overwrite it.", "set RESUME=1 to continue that run, set OUTPUT to a new folder, "
+                            "or set OVERWRITE=1 to replace it")
 
     def _check_data_fits(self) -> None:
         from .data.dataset import data_facts, items_per_epoch
@@ -276,6 +308,58 @@ class TrainConfig:
                 shown = repr(shown)
             lines.append(f"  {f.name:<17} = {shown!s:<24} # {f.metadata['help']}")
         return "\n".join(lines)
+
+
+# RESUME=1 continues a saved run. What it may change, and why each change is honoured; every other setting must
+# stay as the run was saved (the saved tensors, the optimizer's state and the data position depend on it).
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "EPOCH_COUNT": "more or fewer epochs (the learning-rate schedule is stretched to the new length)",
+    "EPOCH_SAVE": "when checkpoints are written",
+    "LR_INIT": "the learning rate follows the new schedule from the next step on",
+    "LR_FINAL": "the learning rate follows the new schedule from the next step on",
+    "WARMUP_STEPS": "the learning rate follows the new schedule from the next step on",
+    "LR_SCHEDULE": "the learning rate follows the new schedule from the next step on",
+    "LORA_DROPOUT": "dropout applies from the next step on",
+    "TRAIN_TYPE": "infctx computes the same gradient in chunks",
+    "CHUNK_CTX": "infctx computes the same gradient in chunks of any size",
+    "OP": "every WKV kernel computes the same function",
+    "PRECISION": "the trained tensors are kept in fp32 whatever the precision",
+    "GRAD_CP": "checkpointing changes memory and speed, not the result",
+    "COMPILE": "compiling changes speed, not the result",
+    "OFFLOAD_BLOCKS": "streaming weights changes memory and speed, not the result",
+    "ACCELERATOR": "the saved state loads on any device",
+    "WANDB": "logging only",
+    "SAMPLE_PROMPT": "the sample at each save only",
+}
+
+
+def resume_changes(saved: Mapping[str, str], cfg: "TrainConfig") -> tuple[list[str], list[str]]:
+    """(refused, honoured): the settings of ``cfg`` that differ from the ``saved`` run's (``to_env`` strings),
+    each as "NAME old → new"; honoured ones end with why they are fine. A setting the saved run did not record
+    (saved by an older version) is taken as unchanged."""
+    now = cfg.to_env()
+    refused, honoured = [], []
+    for name in TrainConfig.names():
+        if name not in saved or name in ("RESUME", "OVERWRITE", "OUTPUT", "MODEL", "DATA"):   # the last two: by
+            continue                                                # their contents (resume.py), not their names
+            continue
+        old, new = str(saved[name]), now[name]
+        if old == new or _same_value(old, new):
+            continue
+        line = f"{name} {old or '(empty)'} → {new or '(empty)'}"
+        if name in RESUME_MAY_CHANGE:
+            honoured.append(f"{line} ({RESUME_MAY_CHANGE[name]})")
+        else:
+            refused.append(line)
+    return refused, honoured
+
+
+def _same_value(a: str, b: str) -> bool:
+    """1e-4 and 0.0001 are the same setting."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def _convert(f: dataclasses.Field, raw: str) -> Any:

@@ -101,10 +101,8 @@ def write_env_file(path: str | Path, values: dict[str, str], note: str = "") -> 
             lines.append(f"\n# {'-' * 16} {sec}")
         assign = f"{name}={_quote(str(values[name]))}"
         lines.append(f"{assign:<25} # {help_}" if help_ else assign)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(p)
+    from .files import write_bytes
+    write_bytes(p, "\n".join(lines) + "\n")
     return p
 
 

@@ -166,6 +166,8 @@ class Prepared:
     op: str
     base_meta: dict
     estimate: object = None           # memory.Estimate from preflight (None: unavailable)
+    resume: dict | None = None        # RESUME=1: the saved unit it continues (resume.load), checked
+    data_identity: dict | None = None  # what a resume checks the data against (resume.data_identity)
 
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
@@ -178,7 +180,12 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from .peft import get_method
     from .quant import check_quant, is_quantised_key, quantize_model
 
+    from . import resume
+
     cfg.check_files()
+    base_meta = checkpoint.base_metadata(cfg.model_path)
+    data_id = resume.data_identity(cfg.data_prefix)
+    state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
@@ -202,7 +209,6 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
         keep = lambda k: ((stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")  # noqa: E731
                           or k.startswith(off_prefixes))      # () when nothing is streamed: False
     model = checkpoint.load_model(cfg.model_path, dtype=weight_dtype, device=device, keep_on_cpu=keep)
-    base_meta = checkpoint.base_metadata(cfg.model_path)
     method = get_method(cfg.FINETUNE_MODE)(method_settings(cfg))
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
     off = offload.setup(model, streamed, device, dtype=weight_dtype)
@@ -261,7 +267,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     dataset = make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
                            micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
                            loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
-    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est)
+    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est, state, data_id)
 
 
 def _offload_count(cfg: TrainConfig, sizes, device: torch.device, est) -> int:
@@ -338,24 +344,44 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
 
 # --------------------------------------------------------------------------- saving
 class RunFiles:
-    """Everything written to OUTPUT, each write atomic."""
+    """Everything written to OUTPUT, each write atomic; the folder held by this run alone (files.hold_folder)."""
 
-    def __init__(self, out: Path, prep: Prepared, write: bool = True, spread: Spread | None = None):
+    def __init__(self, out: Path, prep: Prepared, write: bool = True, spread: Spread | None = None,
+                 log: Callable[[str], None] = print):
+        from .files import hold_folder, sweep_temps
         self.out = out
         self.prep = prep
         self.spread = spread or Spread(prep.cfg)
         self.write = write                  # False on every GPU process but the first
-        if write:
-            out.mkdir(parents=True, exist_ok=True)
+        self.lock = None
         self.csv_path = out / "loss.csv"
+        if not write:
+            return
+        self.lock = hold_folder(out, "OUTPUT")     # a second run into this folder is refused
+        for p in sweep_temps(out):
+            log(f"removed {p.name}, a temporary file left by a run that was killed while writing")
+        cfg = prep.cfg
+        if cfg.OVERWRITE and not cfg.RESUME:
+            gone = checkpoint.clear_run(out)
+            if gone:
+                log(f"OVERWRITE=1: removed the earlier run's {', '.join(p.name for p in gone)} from {out}/")
+        if prep.resume is not None:
+            self._drop_rows_after(prep.resume["opt_step"])
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def adapter_path(self, epoch: int | None) -> Path:
         return self.out / ("rwkv-interrupted.pth" if epoch is None else f"rwkv-{epoch}.pth")
 
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
              optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
-        """Write the adapter, the optimizer and train_state.pth. The callers hold Ctrl+C back meanwhile
-        (interrupt_deferred), so that the three are written as one unit."""
+        """Write the adapter, then train_state.pth: the unit a resume continues (resume.py says what it holds and
+        why this order). The callers hold Ctrl+C back meanwhile (interrupt_deferred)."""
+        import uuid
+
+        from . import resume
         prep = self.prep
         path = self.adapter_path(epoch if complete else None)
         # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
@@ -364,10 +390,13 @@ class RunFiles:
         with self.spread.master_weights(prep.model):
             if self.write:
                 tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
-        tag = f"step-{opt_step}{'' if complete else '-interrupted'}"
+        save_id = uuid.uuid4().hex if self.write else ""
+        save_id = self.spread.agree(save_id)
+        tag = f"step-{opt_step}{'' if complete else '-interrupted'}-{save_id[:8]}"
         opt_part = self.spread.save_optimizer(optimizer, self.out, tag, self.write)
         if not self.write:
             return path
+        config = prep.cfg.to_env()
         meta = {
             "method": prep.cfg.FINETUNE_MODE,
             "settings": prep.method.metadata(),
@@ -377,34 +406,48 @@ class RunFiles:
             "epoch": epoch,
             "complete": complete,
             "optimizer_steps": opt_step,
-            "config": prep.cfg.to_env(),
+            "save_id": save_id,
+            "config": config,
         }
         checkpoint.save_adapter(path, tensors, meta)
-        checkpoint.save_train_state(self.out / "train_state.pth", {
-            "adapter": path.name,
-            "epoch": epoch if not complete else epoch + 1,
-            "step_in_epoch": step_in_epoch if not complete else 0,
-            "opt_step": opt_step,
-            "micro_step": micro_step,
-            **opt_part,
-            "rng": torch.get_rng_state() if rng is None else rng,
-            "config": prep.cfg.to_env(),
-        })
+        checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, resume.unit(
+            save_id=save_id, adapter=path.name, tensors=tensors, meta=meta,
+            epoch=epoch if not complete else epoch + 1, step_in_epoch=step_in_epoch if not complete else 0,
+            opt_step=opt_step, micro_step=micro_step, optimizer_part=opt_part,
+            rng=torch.get_rng_state() if rng is None else rng, config=config, data=prep.data_identity))
         self.spread.forget_old(self.out, keep=tag)
         return path
 
     def append_losses(self, rows: list[tuple]) -> None:
         """Append ``rows`` to loss.csv and empty the list, both or neither: a Ctrl+C meanwhile waits, so
-        no half row is written and no row twice."""
+        no half row is written and no row twice (a full disk leaves the file as it was)."""
+        import io
+
+        from .files import append_text
         with interrupt_deferred():
             if self.write and rows:
-                new = not self.csv_path.exists()
-                with open(self.csv_path, "a", newline="") as fh:
-                    w = csv.writer(fh)
-                    if new:
-                        w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
-                    w.writerows(rows)
+                buf = io.StringIO()
+                w = csv.writer(buf)
+                if not self.csv_path.exists():
+                    w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
+                w.writerows(rows)
+                append_text(self.csv_path, buf.getvalue())
             rows.clear()
+
+    def _drop_rows_after(self, opt_step: int) -> None:
+        """Resume: rows of loss.csv after the saved step (a run killed after writing them) go, so that the steps
+        redone are not there twice."""
+        from .files import write_bytes
+        try:
+            text = self.csv_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return
+        lines = text.splitlines(keepends=True)
+        keep = [ln for i, ln in enumerate(lines) if i == 0 or not ln.split(",", 1)[0].isdigit()
+                or int(ln.split(",", 1)[0]) <= opt_step]
+        keep = [ln for ln in keep if ln.endswith("\n")]           # a half row of an old version
+        if keep != lines:
+            write_bytes(self.csv_path, "".join(keep))
 
     def plot(self) -> Path | None:
         if not self.write or not self.csv_path.exists():
@@ -429,22 +472,24 @@ class RunFiles:
         ax.set_title(f"{self.prep.cfg.FINETUNE_MODE} on {self.prep.cfg.DATA}")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = self.out / "loss.png.tmp"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, self.out / "loss.png")
+        from .files import atomic_write
+        try:
+            with atomic_write(self.out / "loss.png") as fh:
+                fig.savefig(fh, format="png")
+        finally:
+            plt.close(fig)
         return self.out / "loss.png"
 
     def sample(self, epoch: int, log: Callable[[str], None]) -> str:
         from .data.tokenizer import get_tokenizer
+        from .files import append_text
         from .inference import generate
         model = self.prep.model
         tok = get_tokenizer()
         prompt = tok.encode(self.prep.cfg.SAMPLE_PROMPT)
         if max(prompt, default=0) >= model.cfg.vocab_size:   # a model with a custom small vocabulary
-            with open(self.out / "samples.txt", "a", encoding="utf-8") as fh:
-                fh.write(f"=== epoch {epoch}\n(no sample: the prompt's World-tokenizer ids do not fit this "
-                         f"model's vocabulary of {model.cfg.vocab_size})\n\n")
+            append_text(self.out / "samples.txt", f"=== epoch {epoch}\n(no sample: the prompt's World-tokenizer ids "
+                        f"do not fit this model's vocabulary of {model.cfg.vocab_size})\n\n")
             return ""
         was_training = model.training
         model.eval()
@@ -457,40 +502,12 @@ class RunFiles:
         finally:
             model.train(was_training)
             torch.set_rng_state(rng)
-        with open(self.out / "samples.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"=== epoch {epoch}\n{self.prep.cfg.SAMPLE_PROMPT}{text}\n\n")
+        append_text(self.out / "samples.txt", f"=== epoch {epoch}\n{self.prep.cfg.SAMPLE_PROMPT}{text}\n\n")
         log(f"sample after epoch {epoch}: {self.prep.cfg.SAMPLE_PROMPT!r} → {text.strip()[:200]!r}")
         return text
 
 
 # --------------------------------------------------------------------------- the loop
-def _resume_state(cfg: TrainConfig, prep: Prepared) -> dict | None:
-    if not cfg.RESUME:
-        return None
-    path = cfg.output_dir / "train_state.pth"
-    if not path.is_file():
-        raise UserError(f"RESUME=1 but there is nothing to resume in {cfg.output_dir}/ (no train_state.pth).",
-                        "set RESUME=0 to start a new run")
-    state = checkpoint.load_train_state(path)
-    old = state.get("config", {})
-    for key in ("MODEL", "FINETUNE_MODE", "DATA", "CTX_LEN", "MICRO_BSZ", "EPOCH_STEPS", "DATALOAD",
-                "LORA_R", "PISSA_R", "DISHA_R", "TRAIN_PARTS", "SEED"):
-        if key in old and old[key] != cfg.to_env()[key]:
-            raise UserError(f"RESUME=1 but {key} changed since the saved run ({old[key]!r} → {cfg.to_env()[key]!r}).",
-                            f"set {key}={old[key]} to resume, or RESUME=0 and a new OUTPUT to start afresh")
-    saved_opt = old.get("OPTIMIZER", "adamw")        # runs saved before OPTIMIZER existed ran AdamW
-    if saved_opt != cfg.OPTIMIZER:                    # the optimizer's state has another layout
-        raise UserError(f"RESUME=1 but OPTIMIZER changed since the saved run ({saved_opt!r} → {cfg.OPTIMIZER!r}): "
-                        "its saved state belongs to the other optimizer.",
-                        f"set OPTIMIZER={saved_opt} to resume, or RESUME=0 and a new OUTPUT to start afresh")
-    tensors, _meta = checkpoint.load_adapter(cfg.output_dir / state["adapter"])
-    prep.method.load_adapter(prep.model, tensors)
-    for p in prep.model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return state
-
-
 def _wandb_run(cfg: TrainConfig):
     if not cfg.WANDB:
         return None
@@ -565,10 +582,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)
     torch.manual_seed(cfg.SEED + 1 + fabric.global_rank)   # the training stream (dropout), apart from init
     model = prep.model
-    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread)
+    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread, log=log)
+    state = prep.resume
+    if state is not None:
+        from .resume import restore
+        restore(prep, state)                 # the saved tensors, before the optimizer takes the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = spread.optimizer(params, cfg.LR_INIT, log)
-    state = _resume_state(cfg, prep)
     infctx = cfg.TRAIN_TYPE == "infctx"
     # what runs forward under Fabric's wrapper (autocast, DDP gradient sync): the model, or for infctx
     # the chunked loss around it (one forward per backward, as DDP needs)
@@ -731,6 +751,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         log(f"\nstopped: saved {path} (epoch {c_epoch}, step {c_step}). Continue with RESUME=1.")
     finally:
         bar.close()
+        files.close()
         if run is not None:
             run.finish()
     result.global_step = opt_step

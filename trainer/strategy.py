@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .checkpoint import DS_DIR  # noqa: F401  (OUTPUT/deepspeed/<tag>/)
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ GRAD_CLIP = 1.0
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
 BNB_MIN_8BIT = 4096                  # OPTIMIZER=adamw8bit: smaller tensors keep fp32 states (bitsandbytes' default)
-DS_DIR = "deepspeed"                 # OUTPUT/deepspeed/<tag>/: DeepSpeed's partitioned optimizer state
 _DS_PIP = "pip install deepspeed   (on Linux or WSL2, with a CUDA GPU)"
 
 
@@ -147,11 +147,19 @@ class Spread:
         self.stage = deepspeed_stage(cfg.STRATEGY)
         self.deepspeed = self.stage is not None
         self.engine = None                  # DeepSpeed's engine, once Fabric has set it up
+        self.fabric = None
 
     def attach(self, fabric) -> None:
         """After ``fabric.setup``: keep DeepSpeed's engine (it owns the boundary and the checkpoints)."""
+        self.fabric = fabric
         if self.deepspeed:
             self.engine = fabric.strategy.model
+
+    def agree(self, value: str) -> str:
+        """The first process's ``value`` on every process (one GPU: ``value``)."""
+        if self.fabric is None or self.fabric.world_size == 1:
+            return value
+        return self.fabric.broadcast(value, src=0)
 
     # ------------------------------------------------------------------ setup
     def check_device(self, device: torch.device) -> None:
@@ -251,7 +259,10 @@ class Spread:
         ds_dir = out / DS_DIR
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state={}, save_latest=False,
                                exclude_frozen_parameters=True)
-        return {"optimizer": None, "deepspeed_tag": tag, "world_size": self.cfg.world_size}
+        folder = ds_dir / tag     # what this rank sees of it, so that a resume can tell it is all there
+        seen = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()} \
+            if write and folder.is_dir() else {}
+        return {"optimizer": None, "deepspeed_tag": tag, "world_size": self.cfg.world_size, "deepspeed_files": seen}
 
     def forget_old(self, out: Path, keep: str) -> None:
         """After train_state.pth names ``keep``: remove older DeepSpeed tags (rank 0)."""
@@ -268,7 +279,12 @@ class Spread:
             if state.get("optimizer") is None:
                 raise UserError(f"RESUME=1: the saved run in {out}/ used DeepSpeed, this one STRATEGY="
                                 f"{self.cfg.STRATEGY}.", "resume with the STRATEGY and GPU_COUNT of that run")
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError):
+                raise UserError(f"RESUME=1: the optimizer state in {out}/train_state.pth does not fit this run's "
+                                "trained tensors (damaged, or saved by another set-up).",
+                                "set RESUME=0 and OVERWRITE=1 to start afresh (or another OUTPUT)") from None
             return
         if tag is None:
             raise UserError(f"RESUME=1: the saved run in {out}/ did not use DeepSpeed, this one STRATEGY="

@@ -44,18 +44,21 @@ def paths(prefix: str | Path) -> tuple[Path, Path]:
     return p.with_name(p.name + ".bin"), p.with_name(p.name + ".idx")
 
 
-def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]) -> None:
+def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray], need: int | None = None) -> None:
     """Write ``items`` (token id sequences, each one document) as ``prefix.bin`` + ``prefix.idx``.
 
     Both files are written under temporary names and moved into place only when complete; on any
     error or Ctrl+C the temporaries are removed and an older pair, if any, is left untouched. The old
     ``.idx`` is removed before the new ``.bin`` moves in, so a crash between the two moves leaves a
-    ``.bin`` without ``.idx`` (refused by the reader), never a mismatched pair.
+    ``.bin`` without ``.idx`` (refused by the reader), never a mismatched pair. A full disk is one line
+    (``need``: the bytes both files take, for that message; else what was written until then).
     """
+    from ..files import make_folder, os_error_in, temp_path, write_error
     bin_path, idx_path = paths(prefix)
-    tag = f".tmp{os.getpid()}"
-    bin_tmp, idx_tmp = bin_path.with_name(bin_path.name + tag), idx_path.with_name(idx_path.name + tag)
+    make_folder(bin_path.parent)
+    bin_tmp, idx_tmp = temp_path(bin_path), temp_path(idx_path)
     sizes: list[int] = []
+    target = bin_path
     try:
         with open(bin_tmp, "wb") as f:
             buf: list[np.ndarray] = []
@@ -79,6 +82,7 @@ def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]
         if len(sizes) > 1:
             np.cumsum(size_arr[:-1] * 2, out=pointers[1:])
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+        target = idx_path
         with open(idx_tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, CODE_UINT16, len(sizes), len(doc_idx)))
             f.write(size_arr.astype("<i4").tobytes())
@@ -90,13 +94,15 @@ def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]
             idx_path.unlink()
         os.replace(bin_tmp, bin_path)
         os.replace(idx_tmp, idx_path)
-    except BaseException:
+    except OSError as err:
+        need = need or 2 * int(sum(sizes)) + 20 * len(sizes) + 64
+        raise write_error(os_error_in(err) or err, target, need) from None
+    finally:
         for tmp in (bin_tmp, idx_tmp):
             try:
                 tmp.unlink()
             except FileNotFoundError:
                 pass
-        raise
 
 
 def _as_uint16(item: Sequence[int] | np.ndarray, i: int) -> np.ndarray:

@@ -76,7 +76,7 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
         for i in order:
             yield flat[offsets[i]:offsets[i + 1]]
 
-    write_binidx(prefix, items())
+    write_binidx(prefix, items(), need=2 * int(lengths[order].sum()) + 20 * len(order) + 64)
     bin_path, idx_path = paths(prefix)
     out_lengths = lengths[order]
     log(f"wrote {bin_path} and {idx_path.name}: {len(order)} items "

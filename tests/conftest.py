@@ -34,3 +34,24 @@ def failing_import(monkeypatch):
             return real(mod, *args, **kw)
         monkeypatch.setattr(builtins, "__import__", fake)
     return install
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib): a folder on a file system of that size (a tmpfs), to fill up for real; skipped where
+    mounting is not allowed (needs root)."""
+    import subprocess
+    mounted = []
+
+    def make(kib: int):
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+        mounted.append(d)
+        return d
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

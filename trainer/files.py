@@ -95,13 +95,14 @@ def make_folder(folder: Path, what: str = "") -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{what + ' ' if what else ''}{folder} is a file, not a folder.",
-                        f"choose another {what or 'folder'}, or move that file away") from None
     except OSError as err:
-        e = write_error(err, folder / ".", None)
-        raise UserError(f"{what + ': ' if what else ''}cannot create the folder {folder} ({err.strerror or err}).",
-                        e.fix) from None
+        label = f"{what}: " if what else ""
+        bad = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
+        if bad is not None:
+            raise UserError(f"{label}cannot make the folder {folder}: {bad} is a file, not a folder.",
+                            f"choose another {what or 'folder'}, or move the file {bad} away") from None
+        raise UserError(f"{label}cannot make the folder {folder} ({err.strerror or err}).",
+                        write_error(err, folder / ".", None).fix) from None
     return folder
 
 

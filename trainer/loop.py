@@ -582,7 +582,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
     prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)
     torch.manual_seed(cfg.SEED + 1 + fabric.global_rank)   # the training stream (dropout), apart from init
     model = prep.model
-    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread, log=log)
     state = prep.resume
     if state is not None:
         from .resume import restore
@@ -621,6 +620,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         log("note: the first steps compile the GPU kernels (Triton, from flash-linear-attention): this takes a "
             "few minutes once, and later runs reuse the compiled kernels.")
     run = _wandb_run(cfg) if main else None
+    # OUTPUT from here on: held by this run, a killed run's temporaries swept, OVERWRITE's clearing, loss.csv
+    # cut back to the resumed step; released in the finally below
+    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread, log=log)
     log_every = max(1, total_opt_steps // 20)     # plain log lines when there is no progress bar
     last_log = time.perf_counter()
     stack_trims = memory.GROWN_STACK_TRIMS     # an autotune's grown thread-stack reserve, given back after a step

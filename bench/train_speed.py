@@ -407,10 +407,11 @@ def run_row(spec: dict) -> dict:
     sampler = _Sampler(used) if used is not None else None
 
     class BenchFiles(loop.RunFiles):
-        """Records the loss rows; writes nothing; marks the end of set-up (it is made right after prepare)."""
+        """Records the loss rows; writes nothing; marks the end of set-up (it is made just before the loop)."""
 
         def __init__(self, out_dir, prep, *args, **kwargs):     # whatever else the loop passes: unused
             self.out, self.prep, self.write, self.csv_path = Path(out_dir), prep, False, Path(out_dir) / "loss.csv"
+            self.lock = None
             phase["op"] = prep.op
             out["emb_on_cpu"] = prep.model.emb.weight.device.type == "cpu" and cuda
             if os.environ.get("TRAIN_SPEED_FFN_PIECE"):     # A/B: the FFN's pieces of at least N tokens (0: whole)

@@ -65,7 +65,8 @@ GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per 
 NODES=1                   # machines
 SEED=42                   # random seed: same seed + same settings = same run
 WANDB=""                  # a wandb project name to log there too; empty = off (loss.csv and loss.png are always written)
-RESUME=0                  # 1 = continue from the newest checkpoint in OUTPUT (optimizer and schedule included)
+RESUME=0                  # 1 = continue the run saved in OUTPUT (optimizer, position and schedule included)
+OVERWRITE=0               # 1 = a new run (RESUME=0) may replace an earlier run's files in OUTPUT; 0 refuses to
 
 set +a
 cd "$(dirname "$0")" && exec python3 -m tools.train "$@"

@@ -19,6 +19,8 @@ BASE="${BASE:-}"                # empty: the base model named in the checkpoint,
                                 # file moved or was renamed (it is still checked to be the same weights)
 STATE_MODEL="${STATE_MODEL:-0}" # state tuning: 1 = also write <base>-state-EPOCH-model.pth, the base model with the
                                 # state inside (the rwkv package reads it for RWKV-5/6; for RWKV-7 it ignores it)
+OVERWRITE="${OVERWRITE:-0}"     # 1 = replace a file in MERGE_DIR merged from another checkpoint (merging the same
+                                # checkpoint again always replaces its own files)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
@@ -28,6 +30,7 @@ if [ $# -ne 1 ]; then
 fi
 EXTRA=()
 [ "$STATE_MODEL" = "1" ] && EXTRA+=(--state-model)
+[ "$OVERWRITE" = "1" ] && EXTRA+=(--overwrite)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m tools.merge "$1" --dtype "$DTYPE" --output "$OUTPUT" --merge-dir "$MERGE_DIR" \
     --model-dir model --base "$BASE" "${EXTRA[@]+"${EXTRA[@]}"}"

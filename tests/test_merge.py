@@ -191,7 +191,7 @@ def test_output_dtype_keys_and_usage(runs, capsys):
     r = checkpoint.merge_epoch(0, output_dir=root / "out-state", model_dir=root / "model", merge_dir=merge_dir)
     assert r.model is None and r.state.name == "tiny-state-0.pth"
     assert all(t.dtype == torch.bfloat16 for t in checkpoint.load_checkpoint(r.state).values())
-    assert sorted(p.name for p in merge_dir.iterdir()) == ["tiny-bat-0.pth", "tiny-full-0.pth", "tiny-lora-0.pth",
+    assert sorted(p.name for p in merge_dir.iterdir()) == [checkpoint.MERGED_FROM, "tiny-bat-0.pth", "tiny-full-0.pth", "tiny-lora-0.pth",
                                                             "tiny-state-0.pth"]
     text = merge_tool.usage_text(r)              # RWKV-7: the state goes into the package's state as it is
     assert "RWKV_V7_ON" in text and "RWKV-Runner" in text and "Ai00" in text and "transpose" not in text
@@ -215,6 +215,29 @@ def test_interrupted_and_lora_with_train_parts_and_state_parts(runs, tmp_path, m
     tensors, _ = checkpoint.load_adapter("out-sp/rwkv-0.pth")
     assert torch.equal(sd["ln_out.weight"], tensors["ln_out.weight"])
     assert torch.equal(sd["blocks.1.att.time_state"], tensors["blocks.1.att.time_state"])
+
+
+def test_a_merge_never_replaces_another_checkpoints_file_unless_told(runs, tmp_path, capsys, monkeypatch):
+    """Two runs (out-lora, out-other) merged into one MERGE_DIR would both write tiny-lora-0.pth: the second is
+    refused; merging the same checkpoint again (another DTYPE) replaces its own file; --overwrite replaces."""
+    import shutil
+    _, roots = runs
+    monkeypatch.chdir(roots[7])
+    shutil.copytree("out-lora", tmp_path / "out-other")
+    md = tmp_path / "merge"
+    common = ["--model-dir", "model", "--merge-dir", str(md)]
+    run_cli_ok = lambda argv: pytest.raises(SystemExit, run_cli, merge_tool.main, argv)   # noqa: E731
+    assert run_cli_ok(["0", "--output", "out-lora", "--dtype", "fp32"] + common).value.code == 0
+    first = (md / "tiny-lora-0.pth").read_bytes()
+    capsys.readouterr()
+    _refused(capsys, ["0", "--output", str(tmp_path / "out-other")] + common, "tiny-lora-0.pth exists already, "
+             f"merged from {roots[7] / 'out-lora' / 'rwkv-0.pth'}", "OVERWRITE=1")
+    assert (md / "tiny-lora-0.pth").read_bytes() == first
+    assert run_cli_ok(["0", "--output", "out-lora", "--dtype", "bf16"] + common).value.code == 0   # its own: fine
+    assert (md / "tiny-lora-0.pth").stat().st_size < len(first)
+    assert run_cli_ok(["0", "--output", str(tmp_path / "out-other"), "--overwrite"] + common).value.code == 0
+    assert json.loads((md / checkpoint.MERGED_FROM).read_text()) == {
+        "tiny-lora-0.pth": str(tmp_path / "out-other" / "rwkv-0.pth")}
 
 
 def _refused(capsys, argv, *expect):
@@ -285,7 +308,7 @@ def test_errors_are_one_line_and_nothing_is_written(runs, tmp_path, capsys, monk
     assert "converted from a plain" in out
     sd = checkpoint.load_checkpoint(md / "tiny-state-5.pth")
     assert all(torch.equal(sd[k], st[k].to(torch.bfloat16).float()) for k in st)
-    assert sorted(p.name for p in md.iterdir()) == ["tiny-state-5.pth"]       # no temp files left
+    assert sorted(p.name for p in md.iterdir()) == [checkpoint.MERGED_FROM, "tiny-state-5.pth"]   # no temp files
 
 
 def shutil_copy(a: Path, b: Path) -> None:

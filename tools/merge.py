@@ -28,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="", help="the base model (default: the one recorded in the checkpoint)")
     ap.add_argument("--state-model", action="store_true",
                     help="state tuning: also write the base model with the tuned state inside")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a file in the merge folder that was merged from another checkpoint")
     args = ap.parse_args(argv)
 
     from trainer.checkpoint import checkpoint_path, merge_checkpoint
 
     path = checkpoint_path(args.output, args.epoch)
     t0 = time.time()
-    res = merge_checkpoint(path, args.model_dir, args.merge_dir, args.dtype, args.base or None, args.state_model)
+    res = merge_checkpoint(path, args.model_dir, args.merge_dir, args.dtype, args.base or None, args.state_model,
+                           overwrite=args.overwrite)
     meta = res.meta
     when = "interrupted mid-epoch" if meta.get("complete") is False else f"after epoch {meta.get('epoch')}"
     if meta.get("converted_from"):

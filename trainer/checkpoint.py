@@ -686,14 +686,52 @@ class MergeResult:
     notes: list = field(default_factory=list)
 
 
+MERGED_FROM = ".merged-from.json"     # MERGE_DIR: which checkpoint each file there was merged from
+
+
+def _merged_from(merge_dir: Path) -> dict:
+    import json
+    try:
+        got = json.loads((merge_dir / MERGED_FROM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _check_merge_targets(targets: list[Path], source: str, overwrite: bool) -> None:
+    """A merge replaces a file in MERGE_DIR only where it was merged from the same checkpoint (merging it again,
+    in another DTYPE say), or when told (OVERWRITE=1): a file of another run is never replaced silently."""
+    if overwrite:
+        return
+    for t in targets:
+        if t.exists():
+            was = _merged_from(t.parent).get(t.name)
+            if was != source:
+                raise UserError(f"{t} exists already, merged from {was or 'another checkpoint'}; merging {source} "
+                                "would replace it.", "set MERGE_DIR to another folder, move that file away, or "
+                                "OVERWRITE=1 ./merge.sh ... to replace it")
+
+
+def _record_merged_from(targets: list[Path], source: str) -> None:
+    import json
+
+    from .files import write_bytes
+    if not targets:
+        return
+    record = _merged_from(targets[0].parent)
+    record.update({t.name: source for t in targets})
+    write_bytes(targets[0].parent / MERGED_FROM, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+
+
 def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: str = "bf16", base=None,
-                     state_model: bool = False, tag: str | None = None) -> MergeResult:
+                     state_model: bool = False, tag: str | None = None, overwrite: bool = False) -> MergeResult:
     """Merge one training checkpoint with its base model and write the results (see the section comment).
 
     ``dtype``: "bf16" | "fp16" | "fp32" for every tensor written. ``base``: override of the base model (path or a
     name in ``model_dir``). ``state_model``: for state tuning, also write the base model with the state inside.
     ``tag``: the EPOCH part of the names (default: from the checkpoint's file name). Files are written atomically
-    and only after every check has passed."""
+    and only after every check has passed; a file in ``merge_dir`` merged from another checkpoint is replaced only
+    with ``overwrite``."""
     if dtype not in DTYPES:
         raise UserError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}", "set DTYPE=bf16 in merge.sh")
     ckpt = Path(checkpoint)
@@ -724,6 +762,7 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
     stem = base_path.name[:-len(".pth")] if base_path.name.endswith(".pth") else base_path.name
     out_dir = Path(merge_dir)
     res = MergeResult(ckpt, base_path, meta, cfg.version)
+    source = str(ckpt.resolve())
     if method == "state":
         parts = [k for k in tensors if not k.endswith(STATE_SUFFIX)]
         res.state = out_dir / f"{stem}-state-{tag}.pth"
@@ -731,25 +770,29 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
             state_model = True
             res.notes.append(f"the run also trained {len(parts)} other tensors (TRAIN_PARTS {' '.join(meta.get('train_parts', []))}): "
                              "the state file alone is not the trained model, so the model with the state is written too")
-        with interrupt_deferred():      # the state file and the model with it: both, even on Ctrl+C
-            save_atomic(states, res.state)
-            if state_model:
-                res.model = out_dir / f"{stem}-state-{tag}-model.pth"
-                save_atomic(release_state_dict(merged, cfg, with_state=True), res.model)
-            if cfg.version == 7:
-                res.notes.append("RWKV-7: the rwkv pip package ignores time_state keys in a model file (it starts from "
-                                 "zero); give it the state file as the initial state instead. Ai00 reads them.")
+        if state_model:
+            res.model = out_dir / f"{stem}-state-{tag}-model.pth"
+        if cfg.version == 7:
+            res.notes.append("RWKV-7: the rwkv pip package ignores time_state keys in a model file (it starts from "
+                             "zero); give it the state file as the initial state instead. Ai00 reads them.")
     else:
         res.model = out_dir / f"{stem}-{method}-{tag}.pth"
-        save_atomic(release_state_dict(merged, cfg), res.model)
+    targets = [p for p in (res.state, res.model) if p is not None]
+    _check_merge_targets(targets, source, overwrite)
+    with interrupt_deferred():      # the state file and the model with it: both, even on Ctrl+C
+        if res.state is not None:
+            save_atomic(states, res.state)
+        if res.model is not None:
+            save_atomic(release_state_dict(merged, cfg, with_state=method == "state"), res.model)
+        _record_merged_from(targets, source)
     return res
 
 
 def merge_epoch(epoch, output_dir="output", model_dir="model", merge_dir="merge", dtype: str = "bf16", base=None,
-                state_model: bool = False) -> MergeResult:
+                state_model: bool = False, overwrite: bool = False) -> MergeResult:
     """``./merge.sh EPOCH``: ``merge_checkpoint(output_dir/rwkv-EPOCH.pth, ...)``."""
     path = checkpoint_path(output_dir, epoch)
-    return merge_checkpoint(path, model_dir, merge_dir, dtype, base, state_model)
+    return merge_checkpoint(path, model_dir, merge_dir, dtype, base, state_model, overwrite=overwrite)
 
 
 def merge_usage_text(res) -> str:

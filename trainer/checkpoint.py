@@ -779,6 +779,9 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
         res.model = out_dir / f"{stem}-{method}-{tag}.pth"
     targets = [p for p in (res.state, res.model) if p is not None]
     _check_merge_targets(targets, source, overwrite)
+    from .files import sweep_temps
+    for p in sweep_temps(out_dir):
+        res.notes.append(f"removed {p.name}, a temporary file left by a merge that was killed while writing")
     with interrupt_deferred():      # the state file and the model with it: both, even on Ctrl+C
         if res.state is not None:
             save_atomic(states, res.state)

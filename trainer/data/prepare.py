@@ -51,6 +51,9 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
                         "give the name of a .jsonl file (one JSON object per line, e.g. sample.jsonl); "
                         "if yours is one under another name, rename it to end in .jsonl")
     prefix = src.with_suffix("")
+    from ..files import sweep_temps
+    for p in sweep_temps(prefix.parent):
+        log(f"removed {p.name}, a temporary file left by a tokenizer that was killed while writing")
     t0 = time.perf_counter()
     texts = read_items(src)
     n_bytes = src.stat().st_size

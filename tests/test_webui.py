@@ -177,7 +177,7 @@ def test_error_goes_next_to_its_field(env, field):
     assert actions.error_field(exc.value, TrainConfig.names()) == field
 
 
-def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860"):
+def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860", headers=(), method="GET", kind="http"):
     import asyncio
     sent = []
 
@@ -186,21 +186,62 @@ def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860"):
 
     async def receive():
         return {"type": "http.request"}
-    scope = {"type": "http", "client": client, "headers": [(b"host", host)], "path": "/"}
+    scope = {"type": kind, "client": client, "headers": [(b"host", host), *headers], "path": "/", "method": method,
+             "scheme": "http" if kind == "http" else "ws"}
     asyncio.run(app(scope, receive, send))
     return sent
 
 
-def test_guard_refuses_other_hosts():
-    async def ok(scope, receive, send):
+async def _ok(scope, receive, send):
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.accept"})
+    else:
         await send({"type": "http.response.start", "status": 200, "headers": []})
-    local = LocalOnly(ok)
+
+
+def test_guard_refuses_other_hosts():
+    local = LocalOnly(_ok)
     assert _call(local)[0]["status"] == 200
     assert _call(local, host=b"localhost:7860")[0]["status"] == 200
     assert _call(local, client=("::1", 1), host=b"[::1]:7860")[0]["status"] == 200
     assert _call(local, client=("192.168.1.20", 5000))[0]["status"] == 403
     assert _call(local, host=b"evil.example:7860")[0]["status"] == 403      # DNS rebinding
-    assert _call(LocalOnly(ok, allow_remote=True), client=("192.168.1.20", 1), host=b"x:1")[0]["status"] == 200
+    assert _call(LocalOnly(_ok, allow_remote=True), client=("192.168.1.20", 1), host=b"x:1")[0]["status"] == 200
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+def test_guard_refuses_pages_of_other_sites(allow_remote):
+    """A foreign Origin (any method, and websockets), or a foreign Referer on a non-GET request, gets 403 with
+    one line; the page's own origin, and requests without either header, pass."""
+    guard = LocalOnly(_ok, allow_remote=allow_remote)
+
+    def status(headers=(), method="GET", host=b"127.0.0.1:7860"):
+        sent = _call(guard, headers=headers, method=method, host=host)
+        return sent[0]["status"], sent[1]["body"].decode() if len(sent) > 1 else ""
+    same = (b"origin", b"http://127.0.0.1:7860")
+    assert status([same], "POST")[0] == 200
+    assert status([(b"origin", b"http://LOCALHOST:7860")], host=b"localhost:7860")[0] == 200
+    assert status([(b"origin", b"http://[::1]:7860")], host=b"[::1]:7860")[0] == 200
+    assert status([(b"origin", b"http://127.0.0.1")], host=b"127.0.0.1:80")[0] == 200     # default port
+    assert status([(b"referer", b"http://127.0.0.1:7860/?view=api")], "POST")[0] == 200
+    assert status([(b"referer", b"https://evil.example/page")], "GET")[0] == 200          # a link to the page
+    assert status(method="POST")[0] == 200
+    for headers, method in (([(b"origin", b"https://evil.example")], "GET"),
+                            ([(b"origin", b"https://evil.example")], "POST"),
+                            ([(b"origin", b"http://127.0.0.1:8000")], "POST"),              # another port
+                            ([(b"origin", b"http://localhost:7860")], "POST"),              # another name
+                            ([(b"origin", b"null")], "POST"),                               # a sandboxed frame
+                            ([(b"origin", b"http://127.0.0.1:7860@evil.example")], "POST"),
+                            ([(b"referer", b"https://evil.example/x?secret=1")], "POST"),
+                            ([(b"referer", b"https://evil.example/")], "OPTIONS")):
+        code, body = status(headers, method)
+        assert code == 403, (headers, method)
+        assert body.count("\n") == 1 and body.startswith("refused: a page of another site"), body
+        assert "secret" not in body
+    # a websocket from another site is closed before it opens (the server then answers the handshake with 403)
+    ws = _call(guard, headers=[(b"origin", b"https://evil.example")], kind="websocket")
+    assert ws == [{"type": "websocket.close", "code": 1008}]
+    assert _call(guard, headers=[same], kind="websocket")[0]["type"] == "websocket.accept"
 
 
 def test_data_report_matches_stats(tmp_path):

@@ -157,11 +157,39 @@ def test_upload_names_stay_in_data(tmp_path, monkeypatch):
                 actions.safe_upload_name(name)
         else:
             assert actions.safe_upload_name(name) == want
-    src = tmp_path / "src.jsonl"
+    cache = tmp_path / "uploads"
+    (cache / "ab12").mkdir(parents=True)
+    src = cache / "ab12" / "src.jsonl"
     src.write_text('{"text": "hi"}\n')
-    p = actions.save_upload(src, "../../../evil.jsonl", Path("data"))
+    p = actions.save_upload(src, "../../../evil.jsonl", cache, Path("data"))
     assert p.resolve() == (tmp_path / "data" / "evil.jsonl").resolve() and p.read_text() == src.read_text()
     assert not (tmp_path.parent / "evil.jsonl").exists()
+
+
+def test_only_uploaded_files_enter_data(tmp_path, monkeypatch):
+    """save_upload copies only a file inside the upload folder: any other path of the machine, a link out of
+    the folder, the folder itself or a folder in it are refused with one line, and data/ is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "uploads"
+    (cache / "ab12").mkdir(parents=True)
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "my secret"}\n')
+    (cache / "ab12" / "link.jsonl").symlink_to(secret)
+    (cache / "ab12" / "dir.jsonl").mkdir()
+    for src, why in ((secret, "was not uploaded through the page"), ("/etc/passwd", "was not uploaded"),
+                     (cache / "ab12" / "link.jsonl", "was not uploaded"), (cache / ".." / "secret.jsonl",
+                     "was not uploaded"), (cache / "ab12" / "missing.jsonl", "was not uploaded"),
+                     (cache, "was not uploaded"), (cache / "ab12" / "dir.jsonl", "is not a file")):
+        with pytest.raises(UserError, match=why) as exc:
+            actions.save_upload(src, Path(src).name if Path(src).name.endswith(".jsonl") else "x.jsonl", cache)
+        assert "\n" not in str(exc.value)
+    assert not (tmp_path / "data").exists() or list((tmp_path / "data").iterdir()) == []
+    good = cache / "ab12" / "mine.jsonl"
+    good.write_text('{"text": "ok"}\n')
+    assert actions.save_upload(good, "mine.jsonl", cache).read_text() == '{"text": "ok"}\n'
+    (tmp_path / "data" / "taken.jsonl").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        actions.save_upload(good, "taken.jsonl", cache)
 
 
 @pytest.mark.parametrize("env,field", [
@@ -292,3 +320,165 @@ def test_memory_estimate_shows_grad_cp_autos_plan_on_a_gpu(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     text = actions.memory_estimate(cfg)
     assert "device cuda, WKV op 'triton'" in text and "(GRAD_CP=auto: the top 2 blocks not checkpointed)" in text
+
+
+# ------------------------------------------------------------------------------------------ the running server
+# `python -m tools.webui` in a subprocess, driven through its HTTP API as a script (or a page of another site)
+# would drive it: POST /gradio_api/call/NAME, then the answer's events from GET /gradio_api/call/NAME/EVENT_ID.
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(root / "gradio-uploads")}
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.webui", "--root", str(root), "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("the web page did not start:\n" + (root / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+
+
+def http(url: str, path: str, method: str = "GET", body: bytes | None = None,
+         headers: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def api(url: str, name: str, *data) -> tuple[str, object]:
+    """Call an event handler of the page by its API name: ("complete", outputs) or ("error", the message)."""
+    import json
+    code, text = http(url, f"/gradio_api/call/{name}", "POST", json.dumps({"data": list(data)}).encode(),
+                      {"Content-Type": "application/json"})
+    assert code == 200, text
+    code, text = http(url, f"/gradio_api/call/{name}/{json.loads(text)['event_id']}")
+    event, payload = None, None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: ") and event in ("complete", "error"):
+            payload = json.loads(line[len("data: "):])
+    if event == "error" and isinstance(payload, dict):
+        payload = payload.get("error")
+    return event, payload
+
+
+def multipart(name: str, content: bytes) -> tuple[bytes, dict]:
+    """A body for POST /gradio_api/upload: what the page sends when the user picks a file."""
+    boundary = "----rwkvtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The page's server with uploads capped at 0.05 MB (--max-upload-mb 0.05)."""
+    root = tmp_path_factory.mktemp("server")
+    (root / "data").mkdir()
+    proc, url = start_server(root, "--max-upload-mb", "0.05")
+    yield url, root
+    proc.send_signal(2)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    text = (root / "server.log").read_text()
+    assert "Traceback" not in text, text[-4000:]          # no request of the tests hit a bug of ours
+
+
+def test_server_copies_only_uploaded_files_into_data(server, tmp_path):
+    """Through the HTTP API: naming a file of this machine (outside Gradio's upload folder, or put in that folder
+    without an upload) is refused with one line and copies nothing; a real upload lands in data/."""
+    url, root = server
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "my secret"}\n')
+    event, msg = api(url, "on_upload", file_data(secret))
+    assert event == "error" and msg.startswith("refused: 'secret.jsonl' was not uploaded through this page"), msg
+    assert "\n" not in msg
+    planted = root / "gradio-uploads" / "0123abcd" / "planted.jsonl"     # in the upload folder, never uploaded
+    planted.parent.mkdir(parents=True)
+    planted.write_text('{"text": "planted"}\n')
+    event, out = api(url, "on_upload", file_data(planted))
+    assert event == "complete" and out[0].startswith("error: 'planted.jsonl' was not uploaded through the page"), out
+    assert sorted(p.name for p in (root / "data").iterdir()) == []
+    assert not [p for p in (root / "gradio-uploads").rglob("secret.jsonl")]        # not even copied into the cache
+    # what a browser does: upload, then the upload event names the uploaded file
+    content = b'{"text": "User: hi\\n\\nAssistant: hello"}\n'
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("my data.jsonl", content))
+    assert code == 200, text
+    import json
+    uploaded = json.loads(text)[0]
+    event, out = api(url, "on_upload", file_data(uploaded))
+    assert event == "complete" and out[0] == "✔ uploaded into `data/my_data.jsonl`", out
+    assert out[1]["value"] == "my_data.jsonl"
+    assert (root / "data" / "my_data.jsonl").read_bytes() == content
+    (root / "data" / "my_data.jsonl").unlink()
+
+
+def test_server_caps_upload_size(server):
+    """--max-upload-mb 0.05: Gradio refuses a larger upload (413, one line) and nothing is stored."""
+    url, root = server
+    before = sorted(p.name for p in (root / "gradio-uploads").rglob("*") if p.is_file())
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("big.jsonl", b"x" * (60 * 1024)))
+    assert code == 413 and "maximum allowed size" in text and text.count("\n") <= 1, (code, text)
+    assert sorted(p.name for p in (root / "gradio-uploads").rglob("*") if p.is_file()) == before
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("small.jsonl", b"x" * (40 * 1024)))
+    assert code == 200, text
+    code, config = http(url, "/config")
+    assert "Upload a .jsonl into data/ (up to 0.05 MB)" in config
+
+
+def test_server_refuses_pages_of_other_sites(server):
+    """A foreign Origin gets 403 and one line on every route the page uses (the page, the queue and its event
+    stream, the call API, uploads, a websocket handshake); a foreign Referer on a POST too. The same origin works."""
+    url, root = server
+    evil = {"Origin": "https://evil.example"}
+    json_type = {"Content-Type": "application/json"}
+    for method, path, body, headers in (
+            ("GET", "/", None, evil),
+            ("GET", "/config", None, evil),
+            ("POST", "/gradio_api/queue/join", b"{}", {**evil, **json_type}),
+            ("GET", "/gradio_api/queue/data?session_hash=x", None, evil),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {**evil, **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {"Origin": "null", **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {"Origin": url.replace("127.0.0.1", "localhost"),
+                                                                  **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}',
+             {"Referer": "https://evil.example/attack.html", **json_type}),
+            ("POST", "/gradio_api/upload", *multipart("x.jsonl", b"{}")[:1], {**evil, **multipart("x.jsonl", b"")[1]}),
+            ("OPTIONS", "/gradio_api/call/on_stop", None, {**evil, "Access-Control-Request-Method": "POST"}),
+            ("GET", "/gradio_api/queue/data", None, {**evil, "Connection": "Upgrade", "Upgrade": "websocket",
+                                                    "Sec-WebSocket-Version": "13",
+                                                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})):
+        code, text = http(url, path, method, body, headers)
+        assert code == 403, (method, path, headers, code, text[:200])
+        assert text.startswith("refused: a page of another site") and text.count("\n") == 1, text
+    code, text = http(url, "/gradio_api/call/on_stop", "POST", b'{"data": []}', {"Origin": url, **json_type})
+    assert code == 200, text
+    assert http(url, "/", headers={"Referer": "https://evil.example/"})[0] == 200       # a link to the page

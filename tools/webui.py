@@ -1,8 +1,11 @@
-"""python -m tools.webui [--host 127.0.0.1] [--port 7860] [--root .]: the web page for the whole workflow.
+"""python -m tools.webui [--host 127.0.0.1] [--port 7860] [--root .] [--max-upload-mb 1024]: the web page for the
+whole workflow.
 
 Serves Data (tokenize), Train (the training.sh form, live progress, Stop = Ctrl+C), Merge and Chat over the
 project folder ROOT (data/, model/, output/, merge/). Only this machine can open it unless --host names
-another address; then anyone who can reach that address can start training and read your files.
+another address; then anyone who can reach that address can start training and read your files. A page of
+another site is never let in. Ctrl+C or SIGTERM stops the server; a training job it started saves first, as
+Ctrl+C does.
 """
 from __future__ import annotations
 
@@ -23,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
                     "only). Another address (e.g. 0.0.0.0) lets other machines in: a warning is printed")
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--root", default=".", help="the project folder with data/ model/ output/ merge/ (default: here)")
+    ap.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB",
+                    help="the largest .jsonl the page accepts as an upload, in MB (default 1024)")
     args = ap.parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number.", "use e.g. --port 7860")
+    if not args.max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb {args.max_upload_mb:g} is not a size.",
+                        "give the largest upload in MB, e.g. --max-upload-mb 1024")
     root = Path(args.root).resolve()
     if not root.is_dir():
         raise UserError(f"--root {root} is not a folder.", "give the project folder (with data/ and model/)")
@@ -33,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise UserError("the web page needs Gradio, which is not installed.",
                         'pip install -e ".[webui]"') from None
     os.chdir(root)
     for d in ("data", "model", "output", "merge"):
         Path(d).mkdir(exist_ok=True)
-    from webui.app import make_app
+    from webui.app import make_app, serve
     from webui.jobs import JobManager
 
     remote = args.host not in LOCAL
@@ -49,16 +57,12 @@ def main(argv: list[str] | None = None) -> int:
               "training and download your models. There is no password. Use this only on a network you trust.",
               file=sys.stderr, flush=True)
     jobs = JobManager(root)
-    app = make_app(allow_remote=remote, jobs=jobs)
+    app = make_app(allow_remote=remote, jobs=jobs, max_upload_mb=args.max_upload_mb)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"rwkv-peft-simple web page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else shown}:{args.port}/"
-          f"  (project folder {root}; Ctrl+C stops the server)", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        if jobs.running:            # Ctrl+C on the server: the training job saves its checkpoint first
-            print("stopping the training job (it saves a checkpoint first) ...", file=sys.stderr, flush=True)
-            jobs.stop()
+          f"  (project folder {root}; Ctrl+C stops the server, and a training job it started saves first)",
+          flush=True)
+    serve(app, args.host, args.port, jobs)    # Ctrl+C or SIGTERM: the training job saves, as Ctrl+C does, first
     return 0
 
 

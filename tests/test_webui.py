@@ -396,11 +396,28 @@ def file_data(path) -> dict:
     return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
 
 
+def _wrong_files(root: Path) -> None:
+    """A project full of what a user can get wrong: folders where files belong, junk files, a file as OUTPUT."""
+    from trainer.checkpoint import config_from_sizes, init_model, save_atomic
+    from trainer.data.binidx import write_binidx
+    for d in ("data/dir.jsonl", "model/folder.pth", "output/dir.env"):
+        (root / d).mkdir(parents=True)
+    save_atomic(init_model(config_from_sizes(7, 2, 64)).state_dict(), root / "model" / "tiny.pth")
+    (root / "model" / "junk.pth").write_text("not a model\n")
+    (root / "output" / "rwkv-0.pth").write_text("not a checkpoint\n")
+    (root / "afile").write_text("x")
+    (root / "data" / "bad.idx").write_text("garbage")
+    (root / "data" / "bad.bin").write_text("")
+    (root / "data" / "gone.jsonl").write_text('{"text": "x"}\n')
+    (root / "data" / "badtype.jsonl").write_text('{"text": 1}\n')
+    write_binidx(root / "data" / "good", [[1, 2, 3, 0]] * 8)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The page's server with uploads capped at 0.05 MB (--max-upload-mb 0.05)."""
+    """The page's server over a project of wrong files (_wrong_files), uploads capped at 0.05 MB."""
     root = tmp_path_factory.mktemp("server")
-    (root / "data").mkdir()
+    _wrong_files(root)
     proc, url = start_server(root, "--max-upload-mb", "0.05")
     yield url, root
     proc.send_signal(2)
@@ -426,7 +443,7 @@ def test_server_copies_only_uploaded_files_into_data(server, tmp_path):
     planted.write_text('{"text": "planted"}\n')
     event, out = api(url, "on_upload", file_data(planted))
     assert event == "complete" and out[0].startswith("error: 'planted.jsonl' was not uploaded through the page"), out
-    assert sorted(p.name for p in (root / "data").iterdir()) == []
+    assert not (root / "data" / "secret.jsonl").exists() and not (root / "data" / "planted.jsonl").exists()
     assert not [p for p in (root / "gradio-uploads").rglob("secret.jsonl")]        # not even copied into the cache
     # what a browser does: upload, then the upload event names the uploaded file
     content = b'{"text": "User: hi\\n\\nAssistant: hello"}\n'
@@ -482,3 +499,170 @@ def test_server_refuses_pages_of_other_sites(server):
     code, text = http(url, "/gradio_api/call/on_stop", "POST", b'{"data": []}', {"Origin": url, **json_type})
     assert code == 200, text
     assert http(url, "/", headers={"Referer": "https://evil.example/"})[0] == 200       # a link to the page
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def form_values(**overrides) -> list:
+    """The Train form's inputs in their order, as the page sends them: training.sh's defaults, then ``overrides``."""
+    values = {f.name: f.default for f in training_fields()}
+    values.update(overrides)
+    return [values[f.name].split() if f.name == "TRAIN_PARTS" else values[f.name] for f in training_fields()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the trainer process in /proc (Linux)")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_the_server_stops_its_training_job_with_a_save(tmp_path, sig):
+    """SIGTERM or SIGINT (Ctrl+C) to the server: the training job it started gets its Ctrl+C, saves
+    rwkv-interrupted.pth, and is gone before the server exits (exit code 0); the Merge tab then opens at that
+    job's OUTPUT, listing its checkpoints."""
+    import signal
+    make_project(tmp_path, 7, items=[list(range(1, 30)) + [0]] * 64)
+    proc, url = start_server(tmp_path)
+    try:
+        event, out = api(url, "on_start", "job", *form_values(
+            MODEL="tiny.pth", DATA="toy", OUTPUT="out-run", LORA_R="4", LORA_ALPHA="8", CTX_LEN="32",
+            MICRO_BSZ="1", EPOCH_STEPS="64", EPOCH_COUNT="50", PRECISION="fp32", ACCELERATOR="cpu", OP="chunk",
+            GRAD_CP="0", SAMPLE_PROMPT="ab", WARMUP_STEPS="0"))
+        assert event == "complete" and out[0].startswith("Started:"), out
+        trainers = [p for p in _children(proc.pid) if b"tools.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(trainers) == 1
+        csv_path = tmp_path / "out-run" / "loss.csv"
+        deadline = time.time() + 120         # training steps are running: loss.csv has its first block of rows
+        while time.time() < deadline and not (csv_path.is_file() and len(csv_path.read_text().splitlines()) > 1):
+            assert proc.poll() is None and _alive(trainers[0])
+            time.sleep(0.3)
+        assert len(csv_path.read_text().splitlines()) > 1, (tmp_path / "out-run" / "webui-train.log").read_text()
+        event, out = api(url, "on_load_page", "output", *["(none)"] * 6)      # a page opened now
+        assert event == "complete" and out[5]["value"] == "out-run", out[5]     # Merge: the job's OUTPUT
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "server.log").read_text()
+    assert not _alive(trainers[0]), log
+    assert (tmp_path / "out-run" / "rwkv-interrupted.pth").is_file(), log
+    assert "stopped: saved" in (tmp_path / "out-run" / "webui-train.log").read_text()
+    assert "the training job stopped (exit code 130); saved: " in log and "Traceback" not in log, log
+
+
+def test_page_preselects_no_data_and_merge_opens_at_what_was_trained(server):
+    """The Data tab's .jsonl list and the Train form's DATA start empty (the page never picks data for the user;
+    Check then says how to choose it); the Merge tab opens at the OUTPUT of the newest saved config whose folder
+    holds checkpoints, with them listed."""
+    import json
+    url, root = server
+    (root / "data" / "a.jsonl").write_text('{"text": "a"}\n')
+    code, text = http(url, "/config")
+    props = {c["props"].get("elem_id"): c["props"] for c in json.loads(text)["components"] if "props" in c}
+    assert props["data-file"].get("value") is None and props["field-DATA"].get("value") is None
+    assert props["data-file"]["choices"] and props["field-DATA"]["choices"]           # there was data to pick
+    event, out = api(url, "on_check", *form_values(DATA=""))
+    assert event == "complete" and out[0].startswith("error: DATA is empty: no tokenized data is chosen. Fix: "
+                                                     "tokenize a .jsonl on the Data tab"), out[0]
+    names = [f.name for f in training_fields()]
+    assert out[1 + names.index("DATA")]["visible"] is True          # shown under the DATA field
+    (root / "output").mkdir(exist_ok=True)
+    (root / "run-a").mkdir()
+    for tag in ("0", "1", "interrupted"):
+        (root / "run-a" / f"rwkv-{tag}.pth").write_bytes(b"")
+    write_env_file(root / "output" / "a.env", {"OUTPUT": "run-a"})
+    time.sleep(0.05)
+    write_env_file(root / "output" / "b.env", {"OUTPUT": "run-b"})      # newer, but nothing trained there
+    event, out = api(url, "on_load_page", "output", *["(none)"] * 6)
+    assert event == "complete", out
+    assert ["a.jsonl", "a.jsonl"] in out[0]["choices"] and "value" not in out[0]     # listed, not chosen
+    assert out[5]["value"] == "run-a"
+    assert out[6]["choices"] == [["0", "0"], ["1", "1"], ["interrupted", "interrupted"]] and out[6]["value"] == \
+        "interrupted"
+    (root / "data" / "a.jsonl").unlink()
+
+
+def test_trained_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert actions.trained_output() == "output"                          # nothing saved yet
+    assert actions.trained_output("my-run") == "my-run"                  # the last job this server started
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "broken.env").write_text("not a config\n")
+    write_env_file(tmp_path / "output" / "old.env", {"OUTPUT": "old"})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rwkv-3.pth").write_bytes(b"")
+    os.utime(tmp_path / "output" / "old.env", (1, 1))
+    write_env_file(tmp_path / "output" / "new.env", {"OUTPUT": "new"})
+    assert actions.trained_output() == "old"                             # new/ holds no checkpoint
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "rwkv-0.pth").write_bytes(b"")
+    assert actions.trained_output() == "new"
+    assert actions.trained_output("running") == "running"
+
+
+def test_wrong_values_give_one_line_never_a_traceback(server):
+    """Every action of the page, called with what a user can get wrong (missing files, bad names, a folder where a
+    file belongs, a file where a folder belongs, junk files, values that are not numbers): one line that starts
+    with "error:" in the page, and no traceback in the server's log. A value the page never offers (not among a
+    list's choices: a request made by hand) is refused by Gradio before any action runs: one line too."""
+    url, root = server
+    (root / "data" / "gone.jsonl").unlink()            # listed when the page was made, deleted since
+    ok = dict(MODEL="tiny.pth", DATA="good", EPOCH_STEPS="2", MICRO_BSZ="1", CTX_LEN="16", ACCELERATOR="cpu",
+              PRECISION="fp32", OP="chunk")
+    none3 = ["(none)", "(none)", []] * 3            # the three chat columns: model, what goes on it, history
+    cases = [   # (action, its inputs, which output holds the message, the message starts with)
+        ("on_tokenize", ["gone.jsonl", "1", "", False], 0, "error: data/gone.jsonl not found"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False], 0, 'error: data/badtype.jsonl, line 1: "text" is a JSON '
+                                                            'number'),
+        ("on_tokenize", [None, "1", "", False], 0, "error: no .jsonl file chosen"),
+        ("on_tokenize", ["badtype.jsonl", "two", "", False], 0, "error: REPEAT must be a positive whole number"),
+        ("on_show", [None], 0, "error: no tokenized data chosen"),
+        ("on_show", ["bad"], 0, "error: data/bad.idx is not a binidx index file"),
+        ("on_save", ["dir", *form_values(**ok)], 0, "error: output/dir.env is a folder"),
+        ("on_save", ["../x", *form_values(**ok)], 0, "error: config name '../x' is not a plain name"),
+        ("on_check", form_values(**{**ok, "MODEL": "folder.pth"}), 0, "error: MODEL: model/folder.pth not found"),
+        ("on_check", form_values(**{**ok, "MODEL": "junk.pth"}), 0, "error: model/junk.pth "),
+        ("on_check", form_values(**{**ok, "DATA": "../../etc/passwd"}), 0, "error: DATA: "),
+        ("on_check", form_values(**{**ok, "LORA_R": "abc"}), 0, "error: LORA_R='abc' is not a whole number"),
+        ("on_start", ["run", *form_values(**{**ok, "OUTPUT": "afile"})], 0, "error: OUTPUT=afile is a file"),
+        ("on_merge", ["afile", "0", "bf16", False], 0, "error: the folder afile does not exist"),
+        ("on_merge", ["output", "0", "bf16", False], 0, "error: output/rwkv-0.pth "),
+        ("on_merge", ["output", None, "bf16", False], 0, "error: no checkpoint chosen"),
+        ("on_stop", [], 0, "no training job is running."),
+    ]
+    for name, args, at, want in cases:
+        event, out = api(url, name, *args)
+        got = out[at] if event == "complete" else out
+        assert event == "complete" and isinstance(got, str) and got.startswith(want), (name, args[:2], got)
+        assert "\n" not in got and "unexpected error" not in got
+    event, out = api(url, "epochs_update", "afile")                    # a file as OUTPUT: simply no checkpoints
+    assert event == "complete" and out[0]["choices"] == []
+    for name, args in (("on_tokenize", ["dir.jsonl", "1", "", False]), ("on_tokenize", ["../../etc/passwd", "1",
+                       "", False]), ("on_show", ["missing"]), ("on_load", ["dir"]), ("on_load", ["../x"]),
+                       ("on_merge", ["output", "../x", "bf16", False]),
+                       ("on_send", ["hi", 3, 1, 0.5, "/etc/passwd", *none3[1:]]),
+                       ("on_send", ["hi", "abc", 1, 0.5, *none3]), ("on_send", ["hi", 3, 1, 7, *none3]),
+                       ("on_check", form_values(**{**ok, "TRAIN_PARTS": "bogus"})),
+                       ("on_check", form_values(**{**ok})[:3])):
+        event, msg = api(url, name, *args)
+        assert event == "error" and msg.startswith("refused: ") and "\n" not in msg, (name, args[:2], msg)
+    assert http(url, "/download/merge/%00x")[0] == 404
+    assert http(url, "/download/merge/" + "x" * 5000)[0] == 404
+    assert "Traceback" not in (root / "server.log").read_text()

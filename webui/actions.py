@@ -26,7 +26,7 @@ MERGE_DIR = Path("merge")
 
 # ------------------------------------------------------------------------------------------ data
 def list_jsonl(data_dir: Path = DATA_DIR) -> list[str]:
-    return sorted(p.name for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
+    return sorted(p.name for p in data_dir.glob("*.jsonl") if p.is_file()) if data_dir.is_dir() else []
 
 
 def list_data(data_dir: Path = DATA_DIR) -> list[str]:
@@ -213,7 +213,7 @@ def config_path(name: str, folder: Path = Path("output"), for_writing: bool = Fa
 
 
 def list_configs(folder: Path = Path("output")) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.env")) if folder.is_dir() else []
+    return sorted(p.stem for p in folder.glob("*.env") if p.is_file()) if folder.is_dir() else []
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -279,9 +279,9 @@ NONE = "(none)"
 
 def model_choices(model_dir: Path = MODEL_DIR, merge_dir: Path = MERGE_DIR) -> list[str]:
     """Models to chat with: base models in model/ and merged models in merge/ (not state files)."""
-    out = sorted(str(p) for p in model_dir.glob("*.pth")) if model_dir.is_dir() else []
+    out = sorted(str(p) for p in model_dir.glob("*.pth") if p.is_file()) if model_dir.is_dir() else []
     if merge_dir.is_dir():
-        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if not _is_state_file(p))
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if not _is_state_file(p) and p.is_file())
     return out
 
 
@@ -292,7 +292,7 @@ def addon_choices(output_dirs: list[str], merge_dir: Path = MERGE_DIR) -> list[s
         for tag in list_epochs(d):
             out.append(str(Path(d) / f"rwkv-{tag}.pth"))
     if merge_dir.is_dir():
-        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if _is_state_file(p))
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if _is_state_file(p) and p.is_file())
     return out
 
 

@@ -129,18 +129,24 @@ def upload_folder() -> str:
 
 
 class _Blocks(gr.Blocks):
-    """gr.Blocks whose refusal of a file that was not uploaded (a request naming a path of this machine) is one
-    line for the caller and none in the server's log (Gradio prints that refusal with a traceback)."""
+    """gr.Blocks whose refusals of a request's values, before any handler runs, are one line for the caller and
+    none in the server's log (Gradio prints them with a traceback): a file that was not uploaded (a request
+    naming a path of this machine), a value that is not among a list's choices, a value of the wrong kind."""
 
     async def preprocess_data(self, *args, **kwargs):
-        from gradio.exceptions import InvalidPathError
+        from gradio.exceptions import ComponentProcessingError, Error, InvalidPathError
         try:
             return await super().preprocess_data(*args, **kwargs)
         except InvalidPathError as err:
             name = re.search(r"Cannot move (.+?) to the gradio cache", str(err))
             shown = Path(name.group(1)).name if name else "a file"
-            raise gr.Error(f"refused: {shown!r} was not uploaded through this page; only uploaded files are "
-                           "accepted.", print_exception=False) from None
+            message = f"refused: {shown!r} was not uploaded through this page; only uploaded files are accepted."
+        except Error as err:
+            message = f"refused: {err.message}"
+        except (ComponentProcessingError, ValueError, TypeError) as err:
+            original = (str(err).rsplit("Original error: ", 1)[-1].strip().splitlines() or [type(err).__name__])[0]
+            message = f"refused: a value the page cannot use ({original})"
+        raise gr.Error(" ".join(message.split())[:400], print_exception=False) from None
 
 
 def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 1024) -> gr.Blocks:

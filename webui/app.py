@@ -163,8 +163,12 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                 with gr.Row():
                     jsonl = gr.Dropdown(actions.list_jsonl(), label="your .jsonl file in data/", elem_id="data-file",
                                         value=None, scale=3)       # nothing chosen until the user picks or uploads
-                    upload = gr.UploadButton(f"Upload a .jsonl into data/ (up to {max_upload_mb:g} MB)",
-                                             file_types=[".jsonl"], elem_id="data-upload", scale=1)
+                    with gr.Column(scale=1, min_width=220):
+                        upload = gr.UploadButton(f"Upload a .jsonl into data/ (up to {max_upload_mb:g} MB)",
+                                                 file_types=[".jsonl"], elem_id="data-upload")
+                        gr.Markdown(f"Larger files: copy them into `data/` yourself, or start the page with "
+                                    f"`./webui.sh --max-upload-mb N` (now {max_upload_mb:g}).",
+                                    elem_id="data-upload-note")
                 with gr.Row():
                     repeat = gr.Textbox("1", label="REPEAT", info="write the data this many times, each copy "
                                         "shuffled", elem_id="data-repeat")

@@ -303,6 +303,21 @@ def test_missing_gradio_says_what_to_install(monkeypatch):
     assert exc.value.fix == 'pip install -e ".[webui]"'
 
 
+@pytest.mark.parametrize("mb", ["0", "-5", "nan", "inf"])
+def test_max_upload_mb_must_be_a_size(mb):
+    from tools import webui
+    with pytest.raises(UserError, match="--max-upload-mb .* is not a size") as exc:
+        webui.main(["--max-upload-mb", mb])
+    assert exc.value.fix == "give the largest upload in MB, e.g. --max-upload-mb 1024"
+
+
+def test_sampling_settings():
+    assert actions.sampling_settings("80", 1, "0.5") == (80, 1.0, 0.5)
+    for bad in (("x", 1, 0.5), (None, 1, 0.5), (0, 1, 0.5), (5, -1, 0.5), (5, 1, 0), (5, 1, 1.5), (5, "nan", 0.5)):
+        with pytest.raises(UserError):
+            actions.sampling_settings(*bad)
+
+
 def test_memory_estimate_shows_grad_cp_autos_plan_on_a_gpu(tmp_path, monkeypatch):
     """The page's memory panel: on the CPU the plain estimate; on a GPU (simulated: 80 GiB free) the plan that
     GRAD_CP=auto will make there, as the trainer's preflight makes it."""

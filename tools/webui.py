@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number.", "use e.g. --port 7860")
-    if not args.max_upload_mb > 0:
+    if not 0 < args.max_upload_mb < float("inf"):
         raise UserError(f"--max-upload-mb {args.max_upload_mb:g} is not a size.",
                         "give the largest upload in MB, e.g. --max-upload-mb 1024")
     root = Path(args.root).resolve()

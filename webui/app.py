@@ -1,11 +1,12 @@
 """The web page (Gradio): Data → Train → Merge → Chat, over the project folder the server runs in.
 
-    app = make_app(root, allow_remote=False)     # a FastAPI app: the page at /, merged files at /download/...
-    uvicorn.run(app, host="127.0.0.1", port=7860)
+    app = make_app(allow_remote=False, jobs=jobs, max_upload_mb=1024)   # the page at /, merged files at /download/
+    serve(app, "127.0.0.1", 7860, jobs)     # until Ctrl+C or SIGTERM; a training job it started saves first
 
 The page holds no state of its own: the training job lives in ``webui.jobs.JobManager`` (one per server),
 so a reload or a second tab sees the running job; every button calls a function of ``webui.actions``.
-Requests from other machines are refused unless ``allow_remote`` (tools/webui.py --host warns about it).
+Requests from other machines are refused unless ``allow_remote`` (tools/webui.py --host warns about it), and
+requests made by a page of another site always (webui.guard). Only files the browser uploaded are accepted.
 """
 from __future__ import annotations
 
@@ -586,7 +587,7 @@ def make_app(allow_remote: bool = False, jobs: JobManager | None = None, max_upl
             raise HTTPException(404, "only files in merge/ can be downloaded")
         return FileResponse(p, filename=p.name)
 
-    if not max_upload_mb > 0:
+    if not 0 < max_upload_mb < float("inf"):
         raise UserError(f"--max-upload-mb {max_upload_mb} is not a size.", "give the largest upload in MB, e.g. 1024")
     demo = build(jobs, chat, max_upload_mb)
     app = gr.mount_gradio_app(api, demo, path="", footer_links=[], ssr_mode=False, css=CSS, show_error=True,

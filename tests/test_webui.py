@@ -311,6 +311,24 @@ def test_max_upload_mb_must_be_a_size(mb):
     assert exc.value.fix == "give the largest upload in MB, e.g. --max-upload-mb 1024"
 
 
+def test_port_in_use_is_one_line(tmp_path):
+    import socket
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        from tools import webui
+        with pytest.raises(UserError, match=f"port {port} is in use") as exc:
+            webui.main(["--port", str(port), "--root", str(tmp_path)])
+    assert exc.value.fix == f"stop it, or pick another port: PORT={port + 1} ./webui.sh"
+    with pytest.raises(UserError, match="--host no.such.host.invalid is not an address of this machine"):
+        webui.main(["--host", "no.such.host.invalid", "--root", str(tmp_path)])
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(UserError, match="data is a file, but the project keeps its data files in a folder data/"):
+        webui.main(["--port", str(_free_port()), "--root", str(tmp_path)])
+
+
 def test_sampling_settings():
     assert actions.sampling_settings("80", 1, "0.5") == (80, 1.0, 0.5)
     for bad in (("x", 1, 0.5), (None, 1, 0.5), (0, 1, 0.5), (5, -1, 0.5), (5, 1, 0), (5, 1, 1.5), (5, "nan", 0.5)):
@@ -349,6 +367,7 @@ def _free_port() -> int:
 
 def start_server(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
     import urllib.request
+    pytest.importorskip("gradio", reason="the web page needs gradio (pip install -e \".[webui]\")")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
            "GRADIO_TEMP_DIR": str(root / "gradio-uploads")}
     port = _free_port()

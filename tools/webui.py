@@ -10,6 +10,7 @@ Ctrl+C does.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,27 @@ from pathlib import Path
 from trainer.errors import UserError, run_cli
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, before the page is built, an address this machine cannot listen on (a port already in use)."""
+    import socket
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host} is not an address of this machine.",
+                        "use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server itself binds
+        try:
+            s.bind(addr)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} is in use (another web page, or another program).",
+                                f"stop it, or pick another port: PORT={port + 1} ./webui.sh") from None
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}.",
+                            "use --host 127.0.0.1 and a port above 1024, e.g. 7860") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise UserError("the web page needs Gradio, which is not installed.",
                         'pip install -e ".[webui]"') from None
+    _check_port(args.host, args.port)
     os.chdir(root)
     for d in ("data", "model", "output", "merge"):
-        Path(d).mkdir(exist_ok=True)
+        if Path(d).exists() and not Path(d).is_dir():
+            raise UserError(f"{root / d} is a file, but the project keeps its {d} files in a folder {d}/.",
+                            f"move {root / d} away")
+        try:
+            Path(d).mkdir(exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot make the folder {root / d}: {err.strerror or err}.",
+                            "run the page in a project folder you can write to (--root)") from None
     from webui.app import make_app, serve
     from webui.jobs import JobManager
 

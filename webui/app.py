@@ -624,7 +624,8 @@ def serve(app, host: str, port: int, jobs: JobManager, stop_wait_s: float = STOP
         server.should_exit = True
         if waiting[0]:
             try:
-                os.write(2, b"still waiting for the training job to save its checkpoint ...\n")
+                os.write(2, b"still waiting for the training job to save its checkpoint (kill -9 ends this server "
+                            b"without waiting, and may cut the save short) ...\n")
             except OSError:
                 pass
 

@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("the web page needs Gradio, which is not installed.",
                         'pip install -e ".[webui]"') from None
     _check_port(args.host, args.port)
-    os.chdir(root)
     for d in ("data", "model", "output", "merge"):
-        if Path(d).exists() and not Path(d).is_dir():
+        if (root / d).exists() and not (root / d).is_dir():
             raise UserError(f"{root / d} is a file, but the project keeps its {d} files in a folder {d}/.",
                             f"move {root / d} away")
         try:
-            Path(d).mkdir(exist_ok=True)
+            (root / d).mkdir(exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot make the folder {root / d}: {err.strerror or err}.",
                             "run the page in a project folder you can write to (--root)") from None
+    os.chdir(root)
     from webui.app import make_app, serve
     from webui.jobs import JobManager
 

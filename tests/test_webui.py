@@ -147,6 +147,40 @@ def test_job_losses_skip_a_row_still_being_written(tmp_path):
     assert job.losses() == [(1, 2.5), (2, 2.4), (3, 2.31)]
 
 
+def test_job_gets_one_ctrl_c_and_kill_ends_it(tmp_path):
+    """Stop pressed twice (two tabs) and a server shutdown send the trainer one SIGINT, never a second one that
+    could cut into the save it started; kill() ends a trainer that ignores SIGTERM too (SIGKILL)."""
+    out = tmp_path / "output"
+    out.mkdir()
+    script = ("import signal, time, pathlib\n"
+              "p = pathlib.Path('sigints')\n"
+              "signal.signal(signal.SIGINT, lambda *a: p.write_text(p.read_text() + 'x' if p.exists() else 'x'))\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "print('ready', flush=True)\n"
+              "while True: time.sleep(0.05)\n")
+    jobs = JobManager(tmp_path)
+    jobs.job = Job([sys.executable, "-c", script], tmp_path, dict(os.environ), out, out / "job.env", resume=False)
+    try:
+        deadline = time.time() + 30
+        while "ready" not in jobs.status().log and time.time() < deadline:
+            time.sleep(0.05)
+        assert jobs.interrupt() is True
+        st = jobs.stop(wait_s=0.5)                     # the Stop button after a shutdown's interrupt
+        assert st.running and st.state == "stopping"
+        assert jobs.interrupt() is True
+        time.sleep(0.3)
+        assert (tmp_path / "sigints").read_text() == "x"
+        jobs.kill(wait_s=0.5)
+        assert jobs.job.proc.poll() == -9
+    finally:
+        if jobs.job.proc.poll() is None:
+            jobs.job.proc.kill()
+    deadline = time.time() + 10
+    while jobs.running and time.time() < deadline:     # its output reader ends just after the process
+        time.sleep(0.05)
+    assert jobs.interrupt() is False
+
+
 def test_upload_names_stay_in_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, want in (("../../etc/x.jsonl", "x.jsonl"), ("..\\..\\y.jsonl", "y.jsonl"), ("my data.jsonl",

@@ -3,7 +3,8 @@
     jobs = JobManager(root)                     # one per server; the job's state lives here, not in the page
     jobs.start(env_file, output_dir, resume)    # python -m tools.train --config ENV_FILE --no-progress
     st = jobs.status()                          # what the page shows: step, loss, tokens/s, time left, losses...
-    jobs.stop()                                 # SIGINT to the trainer, as Ctrl+C, then wait for its save
+    jobs.stop()                                 # SIGINT to the trainer (once), as Ctrl+C, then wait for its save
+    jobs.interrupt()                            # the same SIGINT without waiting (the server's shutdown)
 
 Only one job runs at a time (a second start is refused with a UserError). A reloaded page or a second tab
 calls ``status()`` and sees the same job. The trainer's own files are the source of truth: ``loss.csv``

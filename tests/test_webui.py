@@ -147,6 +147,40 @@ def test_job_losses_skip_a_row_still_being_written(tmp_path):
     assert job.losses() == [(1, 2.5), (2, 2.4), (3, 2.31)]
 
 
+def test_job_gets_one_ctrl_c_and_kill_ends_it(tmp_path):
+    """Stop pressed twice (two tabs) and a server shutdown send the trainer one SIGINT, never a second one that
+    could cut into the save it started; kill() ends a trainer that ignores SIGTERM too (SIGKILL)."""
+    out = tmp_path / "output"
+    out.mkdir()
+    script = ("import signal, time, pathlib\n"
+              "p = pathlib.Path('sigints')\n"
+              "signal.signal(signal.SIGINT, lambda *a: p.write_text(p.read_text() + 'x' if p.exists() else 'x'))\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "print('ready', flush=True)\n"
+              "while True: time.sleep(0.05)\n")
+    jobs = JobManager(tmp_path)
+    jobs.job = Job([sys.executable, "-c", script], tmp_path, dict(os.environ), out, out / "job.env", resume=False)
+    try:
+        deadline = time.time() + 30
+        while "ready" not in jobs.status().log and time.time() < deadline:
+            time.sleep(0.05)
+        assert jobs.interrupt() is True
+        st = jobs.stop(wait_s=0.5)                     # the Stop button after a shutdown's interrupt
+        assert st.running and st.state == "stopping"
+        assert jobs.interrupt() is True
+        time.sleep(0.3)
+        assert (tmp_path / "sigints").read_text() == "x"
+        jobs.kill(wait_s=0.5)
+        assert jobs.job.proc.poll() == -9
+    finally:
+        if jobs.job.proc.poll() is None:
+            jobs.job.proc.kill()
+    deadline = time.time() + 10
+    while jobs.running and time.time() < deadline:     # its output reader ends just after the process
+        time.sleep(0.05)
+    assert jobs.interrupt() is False
+
+
 def test_upload_names_stay_in_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, want in (("../../etc/x.jsonl", "x.jsonl"), ("..\\..\\y.jsonl", "y.jsonl"), ("my data.jsonl",
@@ -157,11 +191,39 @@ def test_upload_names_stay_in_data(tmp_path, monkeypatch):
                 actions.safe_upload_name(name)
         else:
             assert actions.safe_upload_name(name) == want
-    src = tmp_path / "src.jsonl"
+    cache = tmp_path / "uploads"
+    (cache / "ab12").mkdir(parents=True)
+    src = cache / "ab12" / "src.jsonl"
     src.write_text('{"text": "hi"}\n')
-    p = actions.save_upload(src, "../../../evil.jsonl", Path("data"))
+    p = actions.save_upload(src, "../../../evil.jsonl", cache, Path("data"))
     assert p.resolve() == (tmp_path / "data" / "evil.jsonl").resolve() and p.read_text() == src.read_text()
     assert not (tmp_path.parent / "evil.jsonl").exists()
+
+
+def test_only_uploaded_files_enter_data(tmp_path, monkeypatch):
+    """save_upload copies only a file inside the upload folder: any other path of the machine, a link out of
+    the folder, the folder itself or a folder in it are refused with one line, and data/ is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "uploads"
+    (cache / "ab12").mkdir(parents=True)
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "my secret"}\n')
+    (cache / "ab12" / "link.jsonl").symlink_to(secret)
+    (cache / "ab12" / "dir.jsonl").mkdir()
+    for src, why in ((secret, "was not uploaded through the page"), ("/etc/passwd", "was not uploaded"),
+                     (cache / "ab12" / "link.jsonl", "was not uploaded"), (cache / ".." / "secret.jsonl",
+                     "was not uploaded"), (cache / "ab12" / "missing.jsonl", "was not uploaded"),
+                     (cache, "was not uploaded"), (cache / "ab12" / "dir.jsonl", "is not a file")):
+        with pytest.raises(UserError, match=why) as exc:
+            actions.save_upload(src, Path(src).name if Path(src).name.endswith(".jsonl") else "x.jsonl", cache)
+        assert "\n" not in str(exc.value)
+    assert not (tmp_path / "data").exists() or list((tmp_path / "data").iterdir()) == []
+    good = cache / "ab12" / "mine.jsonl"
+    good.write_text('{"text": "ok"}\n')
+    assert actions.save_upload(good, "mine.jsonl", cache).read_text() == '{"text": "ok"}\n'
+    (tmp_path / "data" / "taken.jsonl").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        actions.save_upload(good, "taken.jsonl", cache)
 
 
 @pytest.mark.parametrize("env,field", [
@@ -177,7 +239,7 @@ def test_error_goes_next_to_its_field(env, field):
     assert actions.error_field(exc.value, TrainConfig.names()) == field
 
 
-def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860"):
+def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860", headers=(), method="GET", kind="http"):
     import asyncio
     sent = []
 
@@ -186,21 +248,62 @@ def _call(app, client=("127.0.0.1", 5000), host=b"127.0.0.1:7860"):
 
     async def receive():
         return {"type": "http.request"}
-    scope = {"type": "http", "client": client, "headers": [(b"host", host)], "path": "/"}
+    scope = {"type": kind, "client": client, "headers": [(b"host", host), *headers], "path": "/", "method": method,
+             "scheme": "http" if kind == "http" else "ws"}
     asyncio.run(app(scope, receive, send))
     return sent
 
 
-def test_guard_refuses_other_hosts():
-    async def ok(scope, receive, send):
+async def _ok(scope, receive, send):
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.accept"})
+    else:
         await send({"type": "http.response.start", "status": 200, "headers": []})
-    local = LocalOnly(ok)
+
+
+def test_guard_refuses_other_hosts():
+    local = LocalOnly(_ok)
     assert _call(local)[0]["status"] == 200
     assert _call(local, host=b"localhost:7860")[0]["status"] == 200
     assert _call(local, client=("::1", 1), host=b"[::1]:7860")[0]["status"] == 200
     assert _call(local, client=("192.168.1.20", 5000))[0]["status"] == 403
     assert _call(local, host=b"evil.example:7860")[0]["status"] == 403      # DNS rebinding
-    assert _call(LocalOnly(ok, allow_remote=True), client=("192.168.1.20", 1), host=b"x:1")[0]["status"] == 200
+    assert _call(LocalOnly(_ok, allow_remote=True), client=("192.168.1.20", 1), host=b"x:1")[0]["status"] == 200
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+def test_guard_refuses_pages_of_other_sites(allow_remote):
+    """A foreign Origin (any method, and websockets), or a foreign Referer on a non-GET request, gets 403 with
+    one line; the page's own origin, and requests without either header, pass."""
+    guard = LocalOnly(_ok, allow_remote=allow_remote)
+
+    def status(headers=(), method="GET", host=b"127.0.0.1:7860"):
+        sent = _call(guard, headers=headers, method=method, host=host)
+        return sent[0]["status"], sent[1]["body"].decode() if len(sent) > 1 else ""
+    same = (b"origin", b"http://127.0.0.1:7860")
+    assert status([same], "POST")[0] == 200
+    assert status([(b"origin", b"http://LOCALHOST:7860")], host=b"localhost:7860")[0] == 200
+    assert status([(b"origin", b"http://[::1]:7860")], host=b"[::1]:7860")[0] == 200
+    assert status([(b"origin", b"http://127.0.0.1")], host=b"127.0.0.1:80")[0] == 200     # default port
+    assert status([(b"referer", b"http://127.0.0.1:7860/?view=api")], "POST")[0] == 200
+    assert status([(b"referer", b"https://evil.example/page")], "GET")[0] == 200          # a link to the page
+    assert status(method="POST")[0] == 200
+    for headers, method in (([(b"origin", b"https://evil.example")], "GET"),
+                            ([(b"origin", b"https://evil.example")], "POST"),
+                            ([(b"origin", b"http://127.0.0.1:8000")], "POST"),              # another port
+                            ([(b"origin", b"http://localhost:7860")], "POST"),              # another name
+                            ([(b"origin", b"null")], "POST"),                               # a sandboxed frame
+                            ([(b"origin", b"http://127.0.0.1:7860@evil.example")], "POST"),
+                            ([(b"referer", b"https://evil.example/x?secret=1")], "POST"),
+                            ([(b"referer", b"https://evil.example/")], "OPTIONS")):
+        code, body = status(headers, method)
+        assert code == 403, (headers, method)
+        assert body.count("\n") == 1 and body.startswith("refused: a page of another site"), body
+        assert "secret" not in body
+    # a websocket from another site is closed before it opens (the server then answers the handshake with 403)
+    ws = _call(guard, headers=[(b"origin", b"https://evil.example")], kind="websocket")
+    assert ws == [{"type": "websocket.close", "code": 1008}]
+    assert _call(guard, headers=[same], kind="websocket")[0]["type"] == "websocket.accept"
 
 
 def test_data_report_matches_stats(tmp_path):
@@ -234,6 +337,39 @@ def test_missing_gradio_says_what_to_install(monkeypatch):
     assert exc.value.fix == 'pip install -e ".[webui]"'
 
 
+@pytest.mark.parametrize("mb", ["0", "-5", "nan", "inf"])
+def test_max_upload_mb_must_be_a_size(mb):
+    from tools import webui
+    with pytest.raises(UserError, match="--max-upload-mb .* is not a size") as exc:
+        webui.main(["--max-upload-mb", mb])
+    assert exc.value.fix == "give the largest upload in MB, e.g. --max-upload-mb 1024"
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    import socket
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        from tools import webui
+        with pytest.raises(UserError, match=f"port {port} is in use") as exc:
+            webui.main(["--port", str(port), "--root", str(tmp_path)])
+    assert exc.value.fix == f"stop it, or pick another port: PORT={port + 1} ./webui.sh"
+    with pytest.raises(UserError, match="--host no.such.host.invalid is not an address of this machine"):
+        webui.main(["--host", "no.such.host.invalid", "--root", str(tmp_path)])
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(UserError, match="data is a file, but the project keeps its data files in a folder data/"):
+        webui.main(["--port", str(_free_port()), "--root", str(tmp_path)])
+
+
+def test_sampling_settings():
+    assert actions.sampling_settings("80", 1, "0.5") == (80, 1.0, 0.5)
+    for bad in (("x", 1, 0.5), (None, 1, 0.5), (0, 1, 0.5), (5, -1, 0.5), (5, 1, 0), (5, 1, 1.5), (5, "nan", 0.5)):
+        with pytest.raises(UserError):
+            actions.sampling_settings(*bad)
+
+
 def test_memory_estimate_shows_grad_cp_autos_plan_on_a_gpu(tmp_path, monkeypatch):
     """The page's memory panel: on the CPU the plain estimate; on a GPU (simulated: 80 GiB free) the plan that
     GRAD_CP=auto will make there, as the trainer's preflight makes it."""
@@ -251,3 +387,350 @@ def test_memory_estimate_shows_grad_cp_autos_plan_on_a_gpu(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     text = actions.memory_estimate(cfg)
     assert "device cuda, WKV op 'triton'" in text and "(GRAD_CP=auto: the top 2 blocks not checkpointed)" in text
+
+
+# ------------------------------------------------------------------------------------------ the running server
+# `python -m tools.webui` in a subprocess, driven through its HTTP API as a script (or a page of another site)
+# would drive it: POST /gradio_api/call/NAME, then the answer's events from GET /gradio_api/call/NAME/EVENT_ID.
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+    pytest.importorskip("gradio", reason="the web page needs gradio (pip install -e \".[webui]\")")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(root / "gradio-uploads")}
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.webui", "--root", str(root), "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("the web page did not start:\n" + (root / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+
+
+def http(url: str, path: str, method: str = "GET", body: bytes | None = None,
+         headers: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def api(url: str, name: str, *data) -> tuple[str, object]:
+    """Call an event handler of the page by its API name: ("complete", outputs) or ("error", the message)."""
+    import json
+    code, text = http(url, f"/gradio_api/call/{name}", "POST", json.dumps({"data": list(data)}).encode(),
+                      {"Content-Type": "application/json"})
+    assert code == 200, text
+    code, text = http(url, f"/gradio_api/call/{name}/{json.loads(text)['event_id']}")
+    event, payload = None, None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: ") and event in ("complete", "error"):
+            payload = json.loads(line[len("data: "):])
+    if event == "error" and isinstance(payload, dict):
+        payload = payload.get("error")
+    return event, payload
+
+
+def multipart(name: str, content: bytes) -> tuple[bytes, dict]:
+    """A body for POST /gradio_api/upload: what the page sends when the user picks a file."""
+    boundary = "----rwkvtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def _wrong_files(root: Path) -> None:
+    """A project full of what a user can get wrong: folders where files belong, junk files, a file as OUTPUT."""
+    from trainer.checkpoint import config_from_sizes, init_model, save_atomic
+    from trainer.data.binidx import write_binidx
+    for d in ("data/dir.jsonl", "model/folder.pth", "output/dir.env"):
+        (root / d).mkdir(parents=True)
+    save_atomic(init_model(config_from_sizes(7, 2, 64)).state_dict(), root / "model" / "tiny.pth")
+    (root / "model" / "junk.pth").write_text("not a model\n")
+    (root / "output" / "rwkv-0.pth").write_text("not a checkpoint\n")
+    (root / "afile").write_text("x")
+    (root / "data" / "bad.idx").write_text("garbage")
+    (root / "data" / "bad.bin").write_text("")
+    (root / "data" / "gone.jsonl").write_text('{"text": "x"}\n')
+    (root / "data" / "badtype.jsonl").write_text('{"text": 1}\n')
+    write_binidx(root / "data" / "good", [[1, 2, 3, 0]] * 8)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The page's server over a project of wrong files (_wrong_files), uploads capped at 0.05 MB."""
+    root = tmp_path_factory.mktemp("server")
+    _wrong_files(root)
+    proc, url = start_server(root, "--max-upload-mb", "0.05")
+    yield url, root
+    proc.send_signal(2)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    text = (root / "server.log").read_text()
+    assert "Traceback" not in text, text[-4000:]          # no request of the tests hit a bug of ours
+
+
+def test_server_copies_only_uploaded_files_into_data(server, tmp_path):
+    """Through the HTTP API: naming a file of this machine (outside Gradio's upload folder, or put in that folder
+    without an upload) is refused with one line and copies nothing; a real upload lands in data/."""
+    url, root = server
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "my secret"}\n')
+    event, msg = api(url, "on_upload", file_data(secret))
+    assert event == "error" and msg.startswith("refused: 'secret.jsonl' was not uploaded through this page"), msg
+    assert "\n" not in msg
+    planted = root / "gradio-uploads" / "0123abcd" / "planted.jsonl"     # in the upload folder, never uploaded
+    planted.parent.mkdir(parents=True)
+    planted.write_text('{"text": "planted"}\n')
+    event, out = api(url, "on_upload", file_data(planted))
+    assert event == "complete" and out[0].startswith("error: 'planted.jsonl' was not uploaded through the page"), out
+    assert not (root / "data" / "secret.jsonl").exists() and not (root / "data" / "planted.jsonl").exists()
+    assert not [p for p in (root / "gradio-uploads").rglob("secret.jsonl")]        # not even copied into the cache
+    # what a browser does: upload, then the upload event names the uploaded file
+    content = b'{"text": "User: hi\\n\\nAssistant: hello"}\n'
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("my data.jsonl", content))
+    assert code == 200, text
+    import json
+    uploaded = json.loads(text)[0]
+    event, out = api(url, "on_upload", file_data(uploaded))
+    assert event == "complete" and out[0] == "✔ uploaded into `data/my_data.jsonl`", out
+    assert out[1]["value"] == "my_data.jsonl"
+    assert (root / "data" / "my_data.jsonl").read_bytes() == content
+    (root / "data" / "my_data.jsonl").unlink()
+
+
+def test_server_caps_upload_size(server):
+    """--max-upload-mb 0.05: Gradio refuses a larger upload (413, one line) and nothing is stored."""
+    url, root = server
+    before = sorted(p.name for p in (root / "gradio-uploads").rglob("*") if p.is_file())
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("big.jsonl", b"x" * (60 * 1024)))
+    assert code == 413 and "maximum allowed size" in text and text.count("\n") <= 1, (code, text)
+    assert sorted(p.name for p in (root / "gradio-uploads").rglob("*") if p.is_file()) == before
+    code, text = http(url, "/gradio_api/upload", "POST", *multipart("small.jsonl", b"x" * (40 * 1024)))
+    assert code == 200, text
+    code, config = http(url, "/config")
+    assert "Upload a .jsonl into data/ (up to 0.05 MB)" in config
+
+
+def test_server_refuses_pages_of_other_sites(server):
+    """A foreign Origin gets 403 and one line on every route the page uses (the page, the queue and its event
+    stream, the call API, uploads, a websocket handshake); a foreign Referer on a POST too. The same origin works."""
+    url, root = server
+    evil = {"Origin": "https://evil.example"}
+    json_type = {"Content-Type": "application/json"}
+    for method, path, body, headers in (
+            ("GET", "/", None, evil),
+            ("GET", "/config", None, evil),
+            ("POST", "/gradio_api/queue/join", b"{}", {**evil, **json_type}),
+            ("GET", "/gradio_api/queue/data?session_hash=x", None, evil),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {**evil, **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {"Origin": "null", **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}', {"Origin": url.replace("127.0.0.1", "localhost"),
+                                                                  **json_type}),
+            ("POST", "/gradio_api/call/on_stop", b'{"data": []}',
+             {"Referer": "https://evil.example/attack.html", **json_type}),
+            ("POST", "/gradio_api/upload", *multipart("x.jsonl", b"{}")[:1], {**evil, **multipart("x.jsonl", b"")[1]}),
+            ("OPTIONS", "/gradio_api/call/on_stop", None, {**evil, "Access-Control-Request-Method": "POST"}),
+            ("GET", "/gradio_api/queue/data", None, {**evil, "Connection": "Upgrade", "Upgrade": "websocket",
+                                                    "Sec-WebSocket-Version": "13",
+                                                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})):
+        code, text = http(url, path, method, body, headers)
+        assert code == 403, (method, path, headers, code, text[:200])
+        assert text.startswith("refused: a page of another site") and text.count("\n") == 1, text
+    code, text = http(url, "/gradio_api/call/on_stop", "POST", b'{"data": []}', {"Origin": url, **json_type})
+    assert code == 200, text
+    assert http(url, "/", headers={"Referer": "https://evil.example/"})[0] == 200       # a link to the page
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def form_values(**overrides) -> list:
+    """The Train form's inputs in their order, as the page sends them: training.sh's defaults, then ``overrides``."""
+    values = {f.name: f.default for f in training_fields()}
+    values.update(overrides)
+    return [values[f.name].split() if f.name == "TRAIN_PARTS" else values[f.name] for f in training_fields()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the trainer process in /proc (Linux)")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_the_server_stops_its_training_job_with_a_save(tmp_path, sig):
+    """SIGTERM or SIGINT (Ctrl+C) to the server: the training job it started gets its Ctrl+C, saves
+    rwkv-interrupted.pth, and is gone before the server exits (exit code 0); the Merge tab then opens at that
+    job's OUTPUT, listing its checkpoints."""
+    import signal
+    make_project(tmp_path, 7, items=[list(range(1, 30)) + [0]] * 64)
+    proc, url = start_server(tmp_path)
+    try:
+        event, out = api(url, "on_start", "job", *form_values(
+            MODEL="tiny.pth", DATA="toy", OUTPUT="out-run", LORA_R="4", LORA_ALPHA="8", CTX_LEN="32",
+            MICRO_BSZ="1", EPOCH_STEPS="64", EPOCH_COUNT="50", PRECISION="fp32", ACCELERATOR="cpu", OP="chunk",
+            GRAD_CP="0", SAMPLE_PROMPT="ab", WARMUP_STEPS="0"))
+        assert event == "complete" and out[0].startswith("Started:"), out
+        trainers = [p for p in _children(proc.pid) if b"tools.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(trainers) == 1
+        csv_path = tmp_path / "out-run" / "loss.csv"
+        deadline = time.time() + 120         # training steps are running: loss.csv has its first block of rows
+        while time.time() < deadline and not (csv_path.is_file() and len(csv_path.read_text().splitlines()) > 1):
+            assert proc.poll() is None and _alive(trainers[0])
+            time.sleep(0.3)
+        assert len(csv_path.read_text().splitlines()) > 1, (tmp_path / "out-run" / "webui-train.log").read_text()
+        event, out = api(url, "on_load_page", "output", *["(none)"] * 6)      # a page opened now
+        assert event == "complete" and out[5]["value"] == "out-run", out[5]     # Merge: the job's OUTPUT
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "server.log").read_text()
+    assert not _alive(trainers[0]), log
+    assert (tmp_path / "out-run" / "rwkv-interrupted.pth").is_file(), log
+    assert "stopped: saved" in (tmp_path / "out-run" / "webui-train.log").read_text()
+    assert "the training job stopped (exit code 130); saved: " in log and "Traceback" not in log, log
+
+
+def test_page_preselects_no_data_and_merge_opens_at_what_was_trained(server):
+    """The Data tab's .jsonl list and the Train form's DATA start empty (the page never picks data for the user;
+    Check then says how to choose it); the Merge tab opens at the OUTPUT of the newest saved config whose folder
+    holds checkpoints, with them listed."""
+    import json
+    url, root = server
+    (root / "data" / "a.jsonl").write_text('{"text": "a"}\n')
+    code, text = http(url, "/config")
+    props = {c["props"].get("elem_id"): c["props"] for c in json.loads(text)["components"] if "props" in c}
+    assert props["data-file"].get("value") is None and props["field-DATA"].get("value") is None
+    assert props["data-file"]["choices"] and props["field-DATA"]["choices"]           # there was data to pick
+    event, out = api(url, "on_check", *form_values(DATA=""))
+    assert event == "complete" and out[0].startswith("error: DATA is empty: no tokenized data is chosen. Fix: "
+                                                     "tokenize a .jsonl on the Data tab"), out[0]
+    names = [f.name for f in training_fields()]
+    assert out[1 + names.index("DATA")]["visible"] is True          # shown under the DATA field
+    (root / "output").mkdir(exist_ok=True)
+    (root / "run-a").mkdir()
+    for tag in ("0", "1", "interrupted"):
+        (root / "run-a" / f"rwkv-{tag}.pth").write_bytes(b"")
+    write_env_file(root / "output" / "a.env", {"OUTPUT": "run-a"})
+    time.sleep(0.05)
+    write_env_file(root / "output" / "b.env", {"OUTPUT": "run-b"})      # newer, but nothing trained there
+    event, out = api(url, "on_load_page", "output", *["(none)"] * 6)
+    assert event == "complete", out
+    assert ["a.jsonl", "a.jsonl"] in out[0]["choices"] and "value" not in out[0]     # listed, not chosen
+    assert out[5]["value"] == "run-a"
+    assert out[6]["choices"] == [["0", "0"], ["1", "1"], ["interrupted", "interrupted"]] and out[6]["value"] == \
+        "interrupted"
+    (root / "data" / "a.jsonl").unlink()
+
+
+def test_trained_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert actions.trained_output() == "output"                          # nothing saved yet
+    assert actions.trained_output("my-run") == "my-run"                  # the last job this server started
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "broken.env").write_text("not a config\n")
+    write_env_file(tmp_path / "output" / "old.env", {"OUTPUT": "old"})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rwkv-3.pth").write_bytes(b"")
+    os.utime(tmp_path / "output" / "old.env", (1, 1))
+    write_env_file(tmp_path / "output" / "new.env", {"OUTPUT": "new"})
+    assert actions.trained_output() == "old"                             # new/ holds no checkpoint
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "rwkv-0.pth").write_bytes(b"")
+    assert actions.trained_output() == "new"
+    assert actions.trained_output("running") == "running"
+
+
+def test_wrong_values_give_one_line_never_a_traceback(server):
+    """Every action of the page, called with what a user can get wrong (missing files, bad names, a folder where a
+    file belongs, a file where a folder belongs, junk files, values that are not numbers): one line that starts
+    with "error:" in the page, and no traceback in the server's log. A value the page never offers (not among a
+    list's choices: a request made by hand) is refused by Gradio before any action runs: one line too."""
+    url, root = server
+    (root / "data" / "gone.jsonl").unlink()            # listed when the page was made, deleted since
+    ok = dict(MODEL="tiny.pth", DATA="good", EPOCH_STEPS="2", MICRO_BSZ="1", CTX_LEN="16", ACCELERATOR="cpu",
+              PRECISION="fp32", OP="chunk")
+    none3 = ["(none)", "(none)", []] * 3            # the three chat columns: model, what goes on it, history
+    cases = [   # (action, its inputs, which output holds the message, the message starts with)
+        ("on_tokenize", ["gone.jsonl", "1", "", False], 0, "error: data/gone.jsonl not found"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False], 0, 'error: data/badtype.jsonl, line 1: "text" is a JSON '
+                                                            'number'),
+        ("on_tokenize", [None, "1", "", False], 0, "error: no .jsonl file chosen"),
+        ("on_tokenize", ["badtype.jsonl", "two", "", False], 0, "error: REPEAT must be a positive whole number"),
+        ("on_show", [None], 0, "error: no tokenized data chosen"),
+        ("on_show", ["bad"], 0, "error: data/bad.idx is not a binidx index file"),
+        ("on_save", ["dir", *form_values(**ok)], 0, "error: output/dir.env is a folder"),
+        ("on_save", ["../x", *form_values(**ok)], 0, "error: config name '../x' is not a plain name"),
+        ("on_check", form_values(**{**ok, "MODEL": "folder.pth"}), 0, "error: MODEL: model/folder.pth not found"),
+        ("on_check", form_values(**{**ok, "MODEL": "junk.pth"}), 0, "error: model/junk.pth "),
+        ("on_check", form_values(**{**ok, "DATA": "../../etc/passwd"}), 0, "error: DATA: "),
+        ("on_check", form_values(**{**ok, "LORA_R": "abc"}), 0, "error: LORA_R='abc' is not a whole number"),
+        ("on_start", ["run", *form_values(**{**ok, "OUTPUT": "afile"})], 0, "error: OUTPUT=afile is a file"),
+        ("on_merge", ["afile", "0", "bf16", False], 0, "error: the folder afile does not exist"),
+        ("on_merge", ["output", "0", "bf16", False], 0, "error: output/rwkv-0.pth "),
+        ("on_merge", ["output", None, "bf16", False], 0, "error: no checkpoint chosen"),
+        ("on_stop", [], 0, "no training job is running."),
+    ]
+    for name, args, at, want in cases:
+        event, out = api(url, name, *args)
+        got = out[at] if event == "complete" else out
+        assert event == "complete" and isinstance(got, str) and got.startswith(want), (name, args[:2], got)
+        assert "\n" not in got and "unexpected error" not in got
+    event, out = api(url, "epochs_update", "afile")                    # a file as OUTPUT: simply no checkpoints
+    assert event == "complete" and out[0]["choices"] == []
+    for name, args in (("on_tokenize", ["dir.jsonl", "1", "", False]), ("on_tokenize", ["../../etc/passwd", "1",
+                       "", False]), ("on_show", ["missing"]), ("on_load", ["dir"]), ("on_load", ["../x"]),
+                       ("on_merge", ["output", "../x", "bf16", False]),
+                       ("on_send", ["hi", 3, 1, 0.5, "/etc/passwd", *none3[1:]]),
+                       ("on_send", ["hi", "abc", 1, 0.5, *none3]), ("on_send", ["hi", 3, 1, 7, *none3]),
+                       ("on_check", form_values(**{**ok, "TRAIN_PARTS": "bogus"})),
+                       ("on_check", form_values(**{**ok})[:3])):
+        event, msg = api(url, name, *args)
+        assert event == "error" and msg.startswith("refused: ") and "\n" not in msg, (name, args[:2], msg)
+    assert http(url, "/download/merge/%00x")[0] == 404
+    assert http(url, "/download/merge/" + "x" * 5000)[0] == 404
+    assert "Traceback" not in (root / "server.log").read_text()

@@ -60,14 +60,15 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui")
     (root / "data").mkdir()
     shutil.copy(ROOT / "data" / "sample.jsonl", root / "data" / "sample.jsonl")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(root / "gradio-uploads")}
     subprocess.run([sys.executable, "-m", "tools.make_model", "--version", "7", "--layers", "2", "--width", "64",
                     "--out", str(root / "model" / "tiny.pth"), "--dtype", "fp32"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     port = _free_port()
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.webui", "--root", str(root), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "tools.webui", "--root", str(root), "--port", str(port),
+                             "--max-upload-mb", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while True:
@@ -170,6 +171,19 @@ def shot(page, name: str) -> None:
 # ------------------------------------------------------------------------------------------ the pages
 def test_data_page(page, server):
     _, root = server
+    assert value_of(page, "#data-file input") == ""                    # no data chosen for the user
+    # too large for --max-upload-mb 1: the page says so, and nothing is stored
+    with page.expect_file_chooser() as chooser:
+        page.click("#data-upload")
+    chooser.value.set_files(files=[{"name": "big.jsonl", "mimeType": "application/octet-stream",
+                                    "buffer": b'{"text": "x"}\n' * 80_000}])
+    toast = page.locator(".toast-body").filter(has_text="maximum allowed size")
+    toast.first.wait_for()
+    assert re.search(r"exceed the maximum allowed size of 1\.0 MB: \"big\.jsonl\"", toast.first.inner_text(), re.I), \
+        toast.first.inner_text()
+    assert "up to 1 MB" in text_of(page, "#data-upload")
+    assert "--max-upload-mb" in text_of(page, "#data-upload-note")
+    assert not (root / "data" / "big.jsonl").exists() and value_of(page, "#data-file input") == ""
     # upload: the file lands in data/ under a plain name
     lines = (root / "data" / "sample.jsonl").read_text().splitlines()[:5]
     with page.expect_file_chooser() as chooser:
@@ -234,6 +248,7 @@ def test_train_start_live_chart_reattach_stop(page, browser, server):
     choose(page, "field-ACCELERATOR", "cpu")
     choose(page, "field-PRECISION", "fp32")
     choose(page, "field-GRAD_CP", "0")
+    set_field(page, "OUTPUT", "runs/e2e")
     page.locator("#config-name textarea").fill("e2e")
     page.click("#check")
     wait_text(page, "#train-message", r"config is valid")
@@ -275,22 +290,33 @@ def test_train_start_live_chart_reattach_stop(page, browser, server):
     page.click("#stop")
     wait_text(page, "#train-message", r"Stopped \(exit code 130\); saved: .*rwkv-interrupted\.pth", 120)
     wait_text(page, "#train-progress", r"Stopped")
-    assert (root / "output" / "rwkv-interrupted.pth").is_file()
-    assert (root / "output" / "rwkv-0.pth").is_file()
+    assert (root / "runs" / "e2e" / "rwkv-interrupted.pth").is_file()
+    assert (root / "runs" / "e2e" / "rwkv-0.pth").is_file()
     wait_text(page, "#train-progress", r"\./training\.sh --config output/e2e\.env")
     no_traceback(page)
     shot(page, "3-train-stopped")
 
 
-def test_merge_page(page, server):
+def test_merge_page(page, browser, server):
     url, root = server
     tab(page, "3 · Merge")
+    assert value_of(page, "#merge-output textarea") == "runs/e2e"          # followed the Train form's OUTPUT
+    other = browser.new_page()                     # a page opened later starts at the OUTPUT that was trained
+    other.goto(url)
+    tab(other, "3 · Merge")
+    wait_text(other, "#merge-output", r"^runs/e2e$")
+    other.locator("#merge-epoch input").click()
+    options = other.locator(f"#{other.locator('#merge-epoch input').get_attribute('aria-controls')}")
+    listed = [t.replace("✓", "").strip() for t in options.get_by_role("option").all_inner_texts()]
+    assert listed[0] == "0" and listed[-1] == "interrupted" and listed == \
+        sorted((p.stem[len("rwkv-"):] for p in (root / "runs" / "e2e").glob("rwkv-[0-9]*.pth")), key=int) + ["interrupted"]
+    other.close()
     page.click("#merge-refresh")
     choose(page, "merge-epoch", "0")
     choose(page, "merge-dtype", "fp32")
     page.click("#merge")
     result = wait_text(page, "#merge-result", r"wrote .*tiny-lora-0\.pth", 120)
-    assert "merged output/rwkv-0.pth (lora" in result and "RWKV-Runner" in result
+    assert "merged runs/e2e/rwkv-0.pth (lora" in result and "RWKV-Runner" in result
     merged = root / "merge" / "tiny-lora-0.pth"
     assert merged.is_file()
     href = page.locator("#merge-download a").first.get_attribute("href")
@@ -308,7 +334,7 @@ def test_chat_page(page, server):
     choose(page, "chat-model-0", "model/tiny.pth")
     choose(page, "chat-addon-0", "(none)")
     choose(page, "chat-model-1", "model/tiny.pth")
-    choose(page, "chat-addon-1", "output/rwkv-0.pth")
+    choose(page, "chat-addon-1", "runs/e2e/rwkv-0.pth")
     choose(page, "chat-model-2", "merge/tiny-lora-0.pth")
     choose(page, "chat-addon-2", "(none)")
     page.locator("#chat-temperature input[type=number]").fill("0")     # greedy: comparable answers

@@ -9,6 +9,7 @@ merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and ch
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import threading
@@ -25,7 +26,7 @@ MERGE_DIR = Path("merge")
 
 # ------------------------------------------------------------------------------------------ data
 def list_jsonl(data_dir: Path = DATA_DIR) -> list[str]:
-    return sorted(p.name for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
+    return sorted(p.name for p in data_dir.glob("*.jsonl") if p.is_file()) if data_dir.is_dir() else []
 
 
 def list_data(data_dir: Path = DATA_DIR) -> list[str]:
@@ -45,15 +46,38 @@ def safe_upload_name(name: str) -> str:
     return base
 
 
-def save_upload(src: str | Path, name: str, data_dir: Path = DATA_DIR) -> Path:
-    """Copy an uploaded file into data/ under a safe name (never outside data/). Returns the new path."""
+def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Path = DATA_DIR) -> Path:
+    """Copy a file the browser uploaded into data/ under a safe name (never outside data/). Returns the new path.
+
+    ``src`` must lie inside ``upload_dir``, the folder the web server stores uploads in (Gradio's upload cache):
+    a request that names any other file of this machine (a direct API call with /etc/x.jsonl or ~/secret.jsonl)
+    is refused, so only what a browser actually sent can enter data/.
+    """
     target = data_dir / safe_upload_name(name)
+    cache = Path(upload_dir).resolve()
+    try:
+        path = Path(src).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        path = None
+    if path is None or cache not in path.parents:
+        raise UserError(f"{Path(str(src)).name!r} was not uploaded through the page: only uploaded files can be "
+                        "copied into data/.", "use the Upload button, or copy the file into data/ yourself")
+    if not path.is_file():
+        raise UserError(f"{path.name!r} is not a file.", "upload a .jsonl file")
     data_dir.mkdir(parents=True, exist_ok=True)
     if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
         raise UserError(f"{name!r} would be stored outside {data_dir}/.", "upload a plain file name")
+    if target.is_dir():
+        raise UserError(f"{target} is a folder.", f"rename the upload, or move the folder {target} away")
     tmp = target.with_name(target.name + ".tmp-upload")
-    shutil.copyfile(src, tmp)
-    tmp.replace(target)
+    try:
+        shutil.copyfile(path, tmp)
+        tmp.replace(target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {target}: {err.strerror or err}.",
+                        f"check that {data_dir}/ is a writable folder with free space") from None
     return target
 
 
@@ -133,9 +157,20 @@ def error_field(err: UserError, names: list[str]) -> str | None:
 def check_config(values: dict[str, str], files: bool = True):
     """TrainConfig.from_env over the form's values, then (``files``) cfg.check_files(). Returns the config."""
     from trainer.config import TrainConfig
-    cfg = TrainConfig.from_env(values)
+    try:
+        cfg = TrainConfig.from_env(values)
+    except UserError as err:
+        if err.message.startswith("DATA is empty"):       # the page starts with no data chosen: say where to get it
+            raise UserError("DATA is empty: no tokenized data is chosen.",
+                            "tokenize a .jsonl on the Data tab (it fills DATA in), or pick one of data/'s "
+                            "tokenized sets in DATA") from None
+        raise
     if files:
         cfg.check_files()
+        out = Path(cfg.OUTPUT)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"OUTPUT={cfg.OUTPUT} is a file, not a folder.",
+                            "set OUTPUT to a folder name (it is made if it does not exist)")
     return cfg
 
 
@@ -166,18 +201,54 @@ def config_name(name: str) -> str:
     return name
 
 
-def config_path(name: str, folder: Path = Path("output")) -> Path:
-    return folder / f"{config_name(name)}.env"
+def config_path(name: str, folder: Path = Path("output"), for_writing: bool = False) -> Path:
+    """output/NAME.env; ``for_writing``: refused where a folder (or output/ itself a file) is in the way."""
+    p = folder / f"{config_name(name)}.env"
+    if for_writing and p.is_dir():
+        raise UserError(f"{p} is a folder, so the config cannot be saved there.", "choose another config name")
+    if for_writing and folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder: configs are saved in {folder}/.",
+                        f"move the file {folder} away")
+    return p
 
 
 def list_configs(folder: Path = Path("output")) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.env")) if folder.is_dir() else []
+    return sorted(p.stem for p in folder.glob("*.env") if p.is_file()) if folder.is_dir() else []
 
 
 # ------------------------------------------------------------------------------------------ merge
 def list_epochs(output_dir: str | Path) -> list[str]:
+    """The checkpoints (epochs) in ``output_dir``; none when it is no readable folder (the page lists, never fails)."""
     from trainer.checkpoint import list_epochs as epochs
-    return epochs(output_dir)
+    try:
+        return epochs(output_dir or "output")
+    except (OSError, ValueError):
+        return []
+
+
+def trained_output(last_job_output: str | None = None, folder: Path = Path("output")) -> str:
+    """The OUTPUT the Merge tab starts with: what the user trained, so that no folder name is typed twice.
+
+    The OUTPUT of the last job this server started if there is one; otherwise that of the newest config in
+    output/ (the page saves one for each run it starts) whose folder holds checkpoints; otherwise "output".
+    """
+    if last_job_output:
+        return last_job_output
+    from trainer.envfile import read_env_file
+    configs = []
+    for p in folder.glob("*.env") if folder.is_dir() else []:
+        try:
+            configs.append((p.stat().st_mtime, p))
+        except OSError:
+            pass
+    for _, p in sorted(configs, reverse=True):
+        try:
+            out = read_env_file(p).get("OUTPUT", "").strip()
+        except (UserError, OSError):
+            continue                          # a file that cannot be read says nothing about what was trained
+        if out and list_epochs(out):
+            return out
+    return "output"
 
 
 def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = False,
@@ -208,9 +279,9 @@ NONE = "(none)"
 
 def model_choices(model_dir: Path = MODEL_DIR, merge_dir: Path = MERGE_DIR) -> list[str]:
     """Models to chat with: base models in model/ and merged models in merge/ (not state files)."""
-    out = sorted(str(p) for p in model_dir.glob("*.pth")) if model_dir.is_dir() else []
+    out = sorted(str(p) for p in model_dir.glob("*.pth") if p.is_file()) if model_dir.is_dir() else []
     if merge_dir.is_dir():
-        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if not _is_state_file(p))
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if not _is_state_file(p) and p.is_file())
     return out
 
 
@@ -221,7 +292,7 @@ def addon_choices(output_dirs: list[str], merge_dir: Path = MERGE_DIR) -> list[s
         for tag in list_epochs(d):
             out.append(str(Path(d) / f"rwkv-{tag}.pth"))
     if merge_dir.is_dir():
-        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if _is_state_file(p))
+        out += sorted(str(p) for p in merge_dir.rglob("*.pth") if _is_state_file(p) and p.is_file())
     return out
 
 
@@ -267,6 +338,19 @@ class ChatModels:
         m.op = ops.resolve("auto", device, m.cfg.version)
         m.requires_grad_(False)
         return m
+
+
+def sampling_settings(max_tokens, temperature, top_p) -> tuple[int, float, float]:
+    """The chat's max tokens, temperature and top-p as numbers, refused with one line when they are not."""
+    try:
+        n, t, p = int(float(max_tokens)), float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise UserError(f"max tokens {max_tokens!r}, temperature {temperature!r}, top-p {top_p!r}: not numbers.",
+                        "use the sliders: max tokens at least 1, temperature 0 or more, top-p in (0, 1]") from None
+    if n < 1 or not t >= 0 or not 0 < p <= 1:
+        raise UserError(f"max tokens {n}, temperature {t}, top-p {p}: out of range.",
+                        "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
+    return n, t, p
 
 
 def chat_prompt(history: list[tuple[str, str]], message: str) -> str:

@@ -1,15 +1,18 @@
 """The web page (Gradio): Data → Train → Merge → Chat, over the project folder the server runs in.
 
-    app = make_app(root, allow_remote=False)     # a FastAPI app: the page at /, merged files at /download/...
-    uvicorn.run(app, host="127.0.0.1", port=7860)
+    app = make_app(allow_remote=False, jobs=jobs, max_upload_mb=1024)   # the page at /, merged files at /download/
+    serve(app, "127.0.0.1", 7860, jobs)     # until Ctrl+C or SIGTERM; a training job it started saves first
 
 The page holds no state of its own: the training job lives in ``webui.jobs.JobManager`` (one per server),
 so a reload or a second tab sees the running job; every button calls a function of ``webui.actions``.
-Requests from other machines are refused unless ``allow_remote`` (tools/webui.py --host warns about it).
+Requests from other machines are refused unless ``allow_remote`` (tools/webui.py --host warns about it), and
+requests made by a page of another site always (webui.guard). Only files the browser uploaded are accepted.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +43,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
 MAX_POINTS = 2000          # points on the loss chart
+MAX_UPLOAD_MB = 1024.0     # the largest upload (webui.sh --max-upload-mb)
+STOP_WAIT_S = 300.0        # on shutdown, how long the server waits for the training job's Ctrl+C save
 CSS = """
 .field-error { color: #b91c1c; font-weight: 600; margin-top: -6px; }
 .field-error p { color: #b91c1c; }
@@ -50,6 +55,12 @@ CSS = """
 def _message(err: Exception) -> str:
     if isinstance(err, UserError):
         return f"error: {err}"
+    if isinstance(err, OSError) and err.filename is not None:
+        # a file or folder of the user's that is missing, a folder where a file belongs (or the reverse), not
+        # allowed, or a full disk: one line that names it, as for any other user error
+        where = str(err.filename) + (f" → {err.filename2}" if err.filename2 is not None else "")
+        return (f"error: {where}: {err.strerror or type(err).__name__}. Fix: check that path (a file where a folder "
+                "belongs or the reverse, its permissions, the free space)")
     traceback.print_exc()      # a bug of ours: the server's terminal gets the traceback, the page one line
     return f"unexpected error (please report it): {type(err).__name__}: {err}"
 
@@ -112,12 +123,39 @@ def _safe(fn: Callable) -> Callable:
     return wrapper
 
 
-def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
+def upload_folder() -> str:
+    """Where Gradio stores what a browser uploads (GRADIO_TEMP_DIR, or gradio/ in the system's temp folder)."""
+    from gradio.utils import get_upload_folder
+    return get_upload_folder()
+
+
+class _Blocks(gr.Blocks):
+    """gr.Blocks whose refusals of a request's values, before any handler runs, are one line for the caller and
+    none in the server's log (Gradio prints them with a traceback): a file that was not uploaded (a request
+    naming a path of this machine), a value that is not among a list's choices, a value of the wrong kind."""
+
+    async def preprocess_data(self, *args, **kwargs):
+        from gradio.exceptions import ComponentProcessingError, Error, InvalidPathError
+        try:
+            return await super().preprocess_data(*args, **kwargs)
+        except InvalidPathError as err:
+            name = re.search(r"Cannot move (.+?) to the gradio cache", str(err))
+            shown = Path(name.group(1)).name if name else "a file"
+            message = f"refused: {shown!r} was not uploaded through this page; only uploaded files are accepted."
+        except Error as err:
+            message = f"refused: {err.message}"
+        except (ComponentProcessingError, ValueError, TypeError) as err:
+            original = (str(err).rsplit("Original error: ", 1)[-1].strip().splitlines() or [type(err).__name__])[0]
+            message = f"refused: a value the page cannot use ({original})"
+        raise gr.Error(" ".join(message.split())[:400], print_exception=False) from None
+
+
+def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 1024) -> gr.Blocks:
     fields: list[Field] = training_fields()
     names = [f.name for f in fields]
     sections = list(dict.fromkeys(f.section for f in fields))
 
-    with gr.Blocks(title="rwkv-peft-simple") as demo:
+    with _Blocks(title="rwkv-peft-simple") as demo:
         gr.Markdown("# rwkv-peft-simple\nTokenize your data, train, merge, chat: the same steps as "
                     "`make_tokenize.sh` → `training.sh` → `merge.sh`, with the same checks.")
         with gr.Tabs():
@@ -125,9 +163,13 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
             with gr.Tab("1 · Data", id="data"):
                 with gr.Row():
                     jsonl = gr.Dropdown(actions.list_jsonl(), label="your .jsonl file in data/", elem_id="data-file",
-                                        value=(actions.list_jsonl() or [None])[0], scale=3)
-                    upload = gr.UploadButton("Upload a .jsonl into data/", file_types=[".jsonl"],
-                                             elem_id="data-upload", scale=1)
+                                        value=None, scale=3)       # nothing chosen until the user picks or uploads
+                    with gr.Column(scale=1, min_width=220):
+                        upload = gr.UploadButton(f"Upload a .jsonl into data/ (up to {max_upload_mb:g} MB)",
+                                                 file_types=[".jsonl"], elem_id="data-upload")
+                        gr.Markdown(f"Larger files: copy them into `data/` yourself, or start the page with "
+                                    f"`./webui.sh --max-upload-mb N` (now {max_upload_mb:g}).",
+                                    elem_id="data-upload-note")
                 with gr.Row():
                     repeat = gr.Textbox("1", label="REPEAT", info="write the data this many times, each copy "
                                         "shuffled", elem_id="data-repeat")
@@ -277,7 +319,7 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
             try:
                 values = values_of(vals)
                 actions.check_config(values, files=False)
-                path = write_env_file(actions.config_path(name), values, note="saved by the web page")
+                path = write_env_file(actions.config_path(name, for_writing=True), values, note="saved by the web page")
             except Exception as err:  # noqa: BLE001
                 return validation(err) + [gr.update()]
             return validation(None, f"✔ saved `{path}`. Run it from the shell: `./training.sh --config {path}`") + \
@@ -289,7 +331,8 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
                 cfg = actions.check_config(values)
                 if jobs.running:
                     raise UserError("a training job is already running.", "press Stop first: one job at a time")
-                path = write_env_file(actions.config_path(name), values, note="started from the web page")
+                path = write_env_file(actions.config_path(name, for_writing=True), values,
+                                      note="started from the web page")
                 jobs.start(path, cfg.OUTPUT, resume=bool(cfg.RESUME))
             except Exception as err:  # noqa: BLE001
                 return validation(err)
@@ -359,17 +402,22 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
 
         def on_show(name):
             try:
-                return list(show_report(Path("data") / name if name else "",
-                                        f"data/{name}.bin + .idx" if name else ""))
+                if not name:
+                    raise UserError("no tokenized data chosen.", "pick one from the list, or tokenize a .jsonl first")
+                return list(show_report(Path("data") / name, f"data/{name}.bin + .idx"))
             except Exception as err:  # noqa: BLE001
                 return [_message(err)] + [gr.update()] * (len(report_outputs) - 1)
 
         def on_upload(file):
             try:
-                if file is None:
+                if not file:
                     return "no file", gr.update()
                 path = file if isinstance(file, str) else getattr(file, "name", str(file))
-                target = actions.save_upload(path, os.path.basename(path))
+                if not uploaded_here(path):
+                    raise UserError(f"{Path(str(path)).name!r} was not uploaded through the page: only uploaded "
+                                    "files can be copied into data/.",
+                                    "use the Upload button, or copy the file into data/ yourself")
+                target = actions.save_upload(path, os.path.basename(path), upload_folder())
             except Exception as err:  # noqa: BLE001
                 return _message(err), gr.update()
             return (f"✔ uploaded into `{target}`", gr.update(choices=actions.list_jsonl(), value=target.name))
@@ -378,6 +426,14 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
                       report_outputs + [tok_log, existing, comps["DATA"]])
         show_btn.click(on_show, existing, report_outputs)
         upload.upload(on_upload, upload, [data_msg, jsonl])
+
+        def uploaded_here(path: str) -> bool:
+            """Whether this server received the file through its upload route (Gradio records each one)."""
+            received = getattr(demo, "upload_file_set", None)
+            if received is None:        # a Gradio without that record: save_upload's folder check alone
+                return True
+            mine = os.path.abspath(path)
+            return any(os.path.abspath(str(f)) == mine for f in list(received))
 
         # ---- merge
         def epochs_update(out_dir):
@@ -398,13 +454,13 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
         m_btn.click(on_merge, [m_out, m_epoch, m_dtype, m_state], [m_text, m_link])
 
         # ---- chat
-        def chat_lists(out_dir):
+        def chat_lists(out_dirs):
             models = actions.model_choices()
-            addons = actions.addon_choices([out_dir or "output", "output"])
+            addons = actions.addon_choices([d for d in out_dirs if d] + ["output"])
             return models, addons
 
-        def on_chat_refresh(out_dir, *current):
-            models, addons = chat_lists(out_dir)
+        def on_chat_refresh(out_dirs, *current):
+            models, addons = chat_lists(out_dirs)
             ups = []
             newest = [a for a in addons if a != actions.NONE and not actions._is_state_file(Path(a))]
             merged = [m for m in models if m.startswith("merge")]
@@ -419,11 +475,17 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
             return ups
 
         def on_send(msg, n_tok, temp, top_p, *cols_state):
-            if not msg or not msg.strip():
+            if not msg or not str(msg).strip():
                 return [gr.update()] * 3 + [gr.update(), "type a message first"]
+            try:
+                n_tok, temp, top_p = actions.sampling_settings(n_tok, temp, top_p)
+            except UserError as err:
+                return [gr.update()] * 3 + [gr.update(), _message(err)]
+            msg = str(msg)
             outs, notes = [], []
             for i in range(3):
-                model, addon, hist = cols_state[3 * i], cols_state[3 * i + 1], list(cols_state[3 * i + 2] or [])
+                model, addon, hist = cols_state[3 * i], cols_state[3 * i + 1], cols_state[3 * i + 2] or []
+                hist = [m for m in hist if isinstance(m, dict)] if isinstance(hist, list) else []
                 if not model or model == actions.NONE:
                     outs.append(hist)
                     continue
@@ -431,8 +493,7 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
                 t0 = time.time()
                 try:
                     m = chat.get(model, addon)
-                    answer = actions.reply(m, pairs, msg, max_tokens=int(n_tok), temperature=float(temp),
-                                           top_p=float(top_p))
+                    answer = actions.reply(m, pairs, msg, max_tokens=n_tok, temperature=temp, top_p=top_p)
                     notes.append(f"model {i + 1}: {time.time() - t0:.1f} s")
                 except Exception as err:  # noqa: BLE001
                     answer = "⚠ " + _message(err)
@@ -449,22 +510,25 @@ def build(jobs: JobManager, chat: actions.ChatModels) -> gr.Blocks:
         chat_sel = [x for mdl, add, _ in cols for x in (mdl, add)]
 
         # ---- on page load (also a reload or a second tab): fresh lists, and the running job if there is one
-        def on_load_page(out_dir, *current):
-            ups = on_chat_refresh(out_dir, *current)
+        # The Merge tab starts at the OUTPUT the user trained (the last job this server started, or the newest
+        # saved config with checkpoints) and then follows the Train form's OUTPUT (typed or loaded from a config).
+        def on_load_page(form_out, *current):
+            merge_out = actions.trained_output(jobs.last_output)
+            ups = on_chat_refresh([merge_out, form_out], *current)
             data_sets = actions.list_data()
             return [gr.update(choices=actions.list_jsonl()), gr.update(choices=data_sets),
                     gr.update(choices=[Path(p).name for p in actions.model_choices()]),
                     gr.update(choices=data_sets), gr.update(choices=actions.list_configs()),
-                    epochs_update(out_dir)] + ups
+                    gr.update(value=merge_out), epochs_update(merge_out)] + ups
 
         demo.load(on_load_page, [comps["OUTPUT"]] + chat_sel,
-                  [jsonl, existing, comps["MODEL"], comps["DATA"], load_dd, m_epoch] + chat_sel)
+                  [jsonl, existing, comps["MODEL"], comps["DATA"], load_dd, m_out, m_epoch] + chat_sel)
         demo.load(on_tick, None, tick_outputs)
         comps["OUTPUT"].change(lambda v: v, comps["OUTPUT"], m_out)
 
-        def tab_refresh(out_dir, *current):
-            return [epochs_update(out_dir)] + on_chat_refresh(out_dir, *current)
-        c_refresh.click(tab_refresh, [comps["OUTPUT"]] + chat_sel, [m_epoch] + chat_sel)
+        def tab_refresh(merge_out, form_out, *current):
+            return [epochs_update(merge_out)] + on_chat_refresh([merge_out, form_out], *current)
+        c_refresh.click(tab_refresh, [m_out, comps["OUTPUT"]] + chat_sel, [m_epoch] + chat_sel)
     return demo
 
 
@@ -495,14 +559,15 @@ def _field_component(f: Field):
     if f.name == "MODEL":
         return gr.Dropdown([Path(p).name for p in actions.model_choices()], value=f.default,
                            allow_custom_value=True, **common)
-    if f.name == "DATA":
-        return gr.Dropdown(actions.list_data(), value=f.default, allow_custom_value=True, **common)
+    if f.name == "DATA":      # empty until the user tokenizes, picks or loads data: never training.sh's example
+        return gr.Dropdown(actions.list_data(), value=None, allow_custom_value=True, **common)
     return gr.Textbox(f.default, lines=2 if f.name == "SAMPLE_PROMPT" else 1, **common)
 
 
 # ---------------------------------------------------------------------------------------- the server
-def make_app(allow_remote: bool = False, jobs: JobManager | None = None):
-    """The whole server: the page at /, merged files at /download/merge/..., guarded by LocalOnly."""
+def make_app(allow_remote: bool = False, jobs: JobManager | None = None, max_upload_mb: float = MAX_UPLOAD_MB):
+    """The whole server: the page at /, merged files at /download/merge/..., guarded by LocalOnly. Gradio refuses
+    an upload larger than ``max_upload_mb`` (the page says so before sending it; a direct request gets 413)."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse
 
@@ -513,12 +578,82 @@ def make_app(allow_remote: bool = False, jobs: JobManager | None = None):
     @api.get("/download/{path:path}")
     def download(path: str):
         root = actions.MERGE_DIR.resolve()
-        p = (Path.cwd() / path).resolve()
-        if root not in p.parents or not p.is_file():
+        try:
+            p = (Path.cwd() / path).resolve()
+            ok = root in p.parents and p.is_file()
+        except (OSError, ValueError):       # a name no file can have (a NUL byte, too long)
+            ok = False
+        if not ok:
             raise HTTPException(404, "only files in merge/ can be downloaded")
         return FileResponse(p, filename=p.name)
 
-    demo = build(jobs, chat)
-    app = gr.mount_gradio_app(api, demo, path="", footer_links=[], ssr_mode=False, css=CSS, show_error=True)
+    if not 0 < max_upload_mb < float("inf"):
+        raise UserError(f"--max-upload-mb {max_upload_mb} is not a size.", "give the largest upload in MB, e.g. 1024")
+    demo = build(jobs, chat, max_upload_mb)
+    app = gr.mount_gradio_app(api, demo, path="", footer_links=[], ssr_mode=False, css=CSS, show_error=True,
+                              max_file_size=max(1, int(max_upload_mb * 2**20)))
+    # Gradio checks that a file named in a request was uploaded (is in its upload folder) before it copies it
+    # into its cache, but only once it counts as launched, which launch() says and mount_gradio_app does not:
+    # without this a request naming /etc/x.jsonl had the file copied into the cache (and on to data/).
+    demo.has_launched = True
     app.state.jobs = jobs
     return LocalOnly(app, allow_remote)
+
+
+def serve(app, host: str, port: int, jobs: JobManager, stop_wait_s: float = STOP_WAIT_S) -> None:
+    """Run the server until Ctrl+C (SIGINT) or SIGTERM. Either one first sends the training job started here its
+    Ctrl+C (SIGINT: it saves rwkv-interrupted.pth), closes the server, waits up to ``stop_wait_s`` for the
+    trainer to finish saving, and only then returns; a trainer still running after that is ended.
+
+    (uvicorn catches both signals, shuts down, then raises the caught signal again under the handlers that were
+    there before it started: SIGTERM's default one would end this process before the job is stopped.)"""
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            jobs.interrupt()            # the trainer starts its save now, while the server closes
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    waiting = [False]
+
+    def noted(sig, frame):             # before uvicorn runs, after it stopped, and while the job saves
+        jobs.interrupt()
+        server.should_exit = True
+        if waiting[0]:
+            try:
+                os.write(2, b"still waiting for the training job to save its checkpoint (kill -9 ends this server "
+                            b"without waiting, and may cut the save short) ...\n")
+            except OSError:
+                pass
+
+    previous = {s: signal.signal(s, noted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        waiting[0] = True
+        try:
+            _stop_job(jobs, stop_wait_s)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _stop_job(jobs: JobManager, wait_s: float) -> None:
+    if not jobs.running:
+        return
+    print(f"stopping the training job: it saves a checkpoint first, as Ctrl+C does (waiting up to {wait_s:.0f} s) "
+          "...", file=sys.stderr, flush=True)
+    try:
+        st = jobs.stop(wait_s=wait_s)
+    except UserError:                   # it ended meanwhile
+        return
+    if st.running:
+        print(f"the training job did not finish saving in {wait_s:.0f} s: ended without its save",
+              file=sys.stderr, flush=True)
+        jobs.kill()
+    else:
+        print(f"the training job stopped (exit code {st.exit_code}); saved: {', '.join(st.saved) or 'nothing'}",
+              file=sys.stderr, flush=True)

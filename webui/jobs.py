@@ -3,7 +3,8 @@
     jobs = JobManager(root)                     # one per server; the job's state lives here, not in the page
     jobs.start(env_file, output_dir, resume)    # python -m tools.train --config ENV_FILE --no-progress
     st = jobs.status()                          # what the page shows: step, loss, tokens/s, time left, losses...
-    jobs.stop()                                 # SIGINT to the trainer, as Ctrl+C, then wait for its save
+    jobs.stop()                                 # SIGINT to the trainer (once), as Ctrl+C, then wait for its save
+    jobs.interrupt()                            # the same SIGINT without waiting (the server's shutdown)
 
 Only one job runs at a time (a second start is refused with a UserError). A reloaded page or a second tab
 calls ``status()`` and sees the same job. The trainer's own files are the source of truth: ``loss.csv``
@@ -172,10 +173,13 @@ class Job:
         return st
 
     def interrupt(self) -> None:
+        """Ctrl+C for the trainer's process group, once: a second SIGINT could cut into the save it starts."""
+        if self.stop_requested:
+            return
         self.stop_requested = True
         try:
             os.killpg(self.proc.pid, signal.SIGINT)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
 
@@ -185,6 +189,7 @@ class JobManager:
     def __init__(self, root: Path | str = "."):
         self.root = Path(root)
         self.job: Job | None = None
+        self.last_output: str | None = None      # OUTPUT of the last job started, as the form gave it
         self._lock = threading.Lock()
 
     def start(self, env_file: Path | str, output_dir: Path | str, resume: bool = False,
@@ -199,8 +204,13 @@ class JobManager:
             cmd = [sys.executable, "-m", "tools.train", "--config", str(env_file), "--no-progress",
                    *(extra_args or [])]
             out = Path(output_dir)
-            self.job = Job(cmd, self.root, env, out if out.is_absolute() else self.root / out, Path(env_file),
-                           resume)
+            try:
+                self.job = Job(cmd, self.root, env, out if out.is_absolute() else self.root / out, Path(env_file),
+                               resume)
+            except OSError as err:          # OUTPUT cannot be made or written, or python cannot be run
+                raise UserError(f"cannot start the trainer: {err.filename or ''}: {err.strerror or err}.",
+                                "check OUTPUT: a folder you can write to") from None
+            self.last_output = str(output_dir)
             return self.job
 
     def status(self) -> Status:
@@ -211,8 +221,16 @@ class JobManager:
     def running(self) -> bool:
         return self.job is not None and self.job.running
 
+    def interrupt(self) -> bool:
+        """Send the running trainer its Ctrl+C (once) without waiting; False when no job runs."""
+        job = self.job
+        if job is None or not job.running:
+            return False
+        job.interrupt()
+        return True
+
     def stop(self, wait_s: float = 120.0) -> Status:
-        """Ctrl+C for the trainer: SIGINT, then wait (up to ``wait_s``) while it saves rwkv-interrupted.pth."""
+        """Ctrl+C for the trainer: SIGINT (once), then wait (up to ``wait_s``) while it saves rwkv-interrupted.pth."""
         job = self.job
         if job is None or not job.running:
             raise UserError("no training job is running.", "start one with Start")
@@ -222,11 +240,19 @@ class JobManager:
             time.sleep(0.2)
         return job.status()
 
-    def kill(self) -> None:
-        """End the trainer without saving (server shutdown after a stop that did not finish)."""
+    def kill(self, wait_s: float = 10.0) -> None:
+        """End the trainer without saving (server shutdown after a stop that did not finish): SIGTERM to its
+        process group, SIGKILL after ``wait_s``."""
         job = self.job
-        if job is not None and job.proc.poll() is None:
+        if job is None or job.proc.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(job.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(job.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                job.proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
                 pass

@@ -224,6 +224,14 @@ def test_only_uploaded_files_enter_data(tmp_path, monkeypatch):
     (tmp_path / "data" / "taken.jsonl").mkdir()
     with pytest.raises(UserError, match="is a folder"):
         actions.save_upload(good, "taken.jsonl", cache)
+    # the same name again: the same bytes are the same file; other bytes go beside it, the user's file is kept
+    assert actions.save_upload(good, "mine.jsonl", cache) == Path("data") / "mine.jsonl"
+    other = cache / "ab12" / "other.jsonl"
+    other.write_text('{"text": "new"}\n')
+    assert actions.save_upload(other, "mine.jsonl", cache) == Path("data") / "mine-2.jsonl"
+    assert (tmp_path / "data" / "mine.jsonl").read_text() == '{"text": "ok"}\n'
+    assert (tmp_path / "data" / "mine-2.jsonl").read_text() == '{"text": "new"}\n'
+    assert not [p for p in (tmp_path / "data").iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("env,field", [

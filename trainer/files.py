@@ -62,7 +62,7 @@ def write_error(err: OSError, path: Path, need: int | None = None) -> UserError:
         room = f"; {human(free)} free there" if free is not None else ""
         needs = f", which needs about {human(need)}" if need else ""
         return UserError(f"cannot write {path.name} in {folder}/: {why}{needs}{room}. The previous files are intact.",
-                         f"free some space on that disk (or choose a folder on another disk) and run it again")
+                         "free some space on that disk (or choose a folder on another disk) and run it again")
     if err.errno in (errno.EROFS,):
         return UserError(f"cannot write {path} : {folder}/ is on a read-only file system.",
                          "choose a folder you can write to")

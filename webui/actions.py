@@ -9,9 +9,7 @@ merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and ch
 """
 from __future__ import annotations
 
-import contextlib
 import re
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -64,21 +62,27 @@ def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Pa
                         "copied into data/.", "use the Upload button, or copy the file into data/ yourself")
     if not path.is_file():
         raise UserError(f"{path.name!r} is not a file.", "upload a .jsonl file")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    from trainer.files import copy_file, make_folder
+    make_folder(data_dir, "data/")
     if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
         raise UserError(f"{name!r} would be stored outside {data_dir}/.", "upload a plain file name")
     if target.is_dir():
         raise UserError(f"{target} is a folder.", f"rename the upload, or move the folder {target} away")
-    tmp = target.with_name(target.name + ".tmp-upload")
-    try:
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"cannot write {target}: {err.strerror or err}.",
-                        f"check that {data_dir}/ is a writable folder with free space") from None
+    n = 1
+    while target.is_file() and not _same_bytes(target, path):   # a different file of that name: kept, and the
+        n += 1                                                   # upload goes beside it as NAME-2.jsonl, ...
+        target = data_dir / f"{safe_upload_name(name)[:-len('.jsonl')]}-{n}.jsonl"
+    if not target.is_file():
+        copy_file(path, target)            # atomic; a full disk is one line and leaves nothing behind
     return target
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    import filecmp
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def tokenize(file: str, repeat: str | int = 1, max_tokens: str | int | None = None, no_eof: bool = False,

@@ -420,7 +420,9 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                 target = actions.save_upload(path, os.path.basename(path), upload_folder())
             except Exception as err:  # noqa: BLE001
                 return _message(err), gr.update()
-            return (f"✔ uploaded into `{target}`", gr.update(choices=actions.list_jsonl(), value=target.name))
+            kept = "" if target.name == actions.safe_upload_name(os.path.basename(path)) else \
+                f" (a different `{actions.safe_upload_name(os.path.basename(path))}` was there already and is kept)"
+            return (f"✔ uploaded into `{target}`{kept}", gr.update(choices=actions.list_jsonl(), value=target.name))
 
         tok_btn.click(on_tokenize, [jsonl, repeat, max_tokens, no_eof],
                       report_outputs + [tok_log, existing, comps["DATA"]])

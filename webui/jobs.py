@@ -58,13 +58,6 @@ class Status:
     command: str = ""
 
 
-def _offset(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 class Job:
     def __init__(self, cmd: list[str], cwd: Path, env: dict, output_dir: Path, env_file: Path, resume: bool):
         self.output_dir = output_dir
@@ -72,8 +65,9 @@ class Job:
         self.csv_path = output_dir / "loss.csv"
         self.samples_path = output_dir / "samples.txt"
         # rows from an earlier run in the same folder are not this job's (unless it resumes that run)
-        self.csv_from = 0 if resume else _offset(self.csv_path)
-        self.samples_from = 0 if resume else _offset(self.samples_path)
+        # a new run starts with no loss.csv (the trainer refuses an OUTPUT holding a run unless OVERWRITE=1, which
+        # removes it), and a resumed run's rows are its own: shown from the start either way
+        self.csv_from = self.samples_from = 0
         self.log_path = output_dir / "webui-train.log"
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self.progress: list[tuple[float, tuple]] = []    # (time received, PROGRESS groups)

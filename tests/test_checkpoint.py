@@ -206,7 +206,7 @@ def test_save_atomic_never_leaves_half_files(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    one_line_error(lambda: save_atomic({"a": torch.ones(3)}, p), "m.pth", "No space left")
+    one_line_error(lambda: save_atomic({"a": torch.ones(3)}, p), "m.pth", "disk is full")
     assert os.listdir(p.parent) == ["m.pth"]
 
 

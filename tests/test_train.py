@@ -460,7 +460,7 @@ def _losses_with_ffn_pieces(tmp_path, monkeypatch, piece, **kw):
     with monkeypatch.context() as m:
         m.setattr(loop, "prepare", recording)
         m.setattr(loop, "FFN_PIECE_TOKENS", piece)
-        cfg = config(EPOCH_STEPS="4", OUTPUT=f"out{piece}", **kw)
+        cfg = config(EPOCH_STEPS="4", OUTPUT=f"out{piece}", OVERWRITE="1", **kw)
         losses = train(cfg, log=lambda *_: None, progress=False).losses
     return losses, seen["piece"]
 

@@ -100,7 +100,7 @@ def test_job_manager_start_one_at_a_time_stop_saves(tmp_path):
     make_project(tmp_path, 7, items=[list(range(1, 30)) + [0]] * 64)
     values = dict(MODEL="tiny.pth", DATA="toy", OUTPUT="output", LORA_R="4", LORA_ALPHA="8", CTX_LEN="32",
                   MICRO_BSZ="1", EPOCH_STEPS="64", EPOCH_COUNT="50", PRECISION="fp32", ACCELERATOR="cpu",
-                  OP="chunk", GRAD_CP="0", SAMPLE_PROMPT="ab", LR_INIT="1e-3", LR_FINAL="1e-3")
+                  OP="chunk", GRAD_CP="0", SAMPLE_PROMPT="ab", LR_INIT="1e-3", LR_FINAL="1e-3", OVERWRITE="1")
     env_file = write_env_file(tmp_path / "output" / "job.env", values)
     (tmp_path / "output" / "loss.csv").write_text("optimizer_step,epoch,loss,lr,tokens_per_s\n999,0,7.0,1,1\n")
     jobs = JobManager(tmp_path)
@@ -115,7 +115,7 @@ def test_job_manager_start_one_at_a_time_stop_saves(tmp_path):
         st = jobs.status()
         assert st.state == "running" and st.running, st.log[-2000:]
         assert st.total == 64 * 50 and 0 < st.step < st.total and st.loss is not None and st.eta_s > 0
-        assert all(step != 999 for step, _ in st.losses)          # an earlier run's rows are not this job's
+        assert all(step != 999 for step, _ in st.losses)          # an earlier run's rows are gone (OVERWRITE=1)
         assert [s for s, _ in st.losses] == sorted({s for s, _ in st.losses})
         st = jobs.stop()
     finally:
@@ -125,7 +125,7 @@ def test_job_manager_start_one_at_a_time_stop_saves(tmp_path):
     assert any(p.endswith("rwkv-interrupted.pth") for p in st.saved)
     assert "Continue with RESUME=1" in st.log
     # every optimizer step the trainer logged is on the chart, with loss.csv's values
-    rows = (tmp_path / "output" / "loss.csv").read_text().splitlines()[2:]
+    rows = (tmp_path / "output" / "loss.csv").read_text().splitlines()[1:]
     assert [(int(r.split(",")[0]), float(r.split(",")[2])) for r in rows] == st.losses
     with pytest.raises(UserError, match="no training job is running"):
         jobs.stop()

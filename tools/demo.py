@@ -29,6 +29,7 @@ DEMO_TRAINING = {                      # the training.sh variables of the demo r
     "LR_INIT": "2e-2", "LR_FINAL": "5e-3", "WARMUP_STEPS": "2",
     "PRECISION": "fp32", "ACCELERATOR": "cpu", "OP": "auto", "GRAD_CP": "0", "SEED": "42",
     "SAMPLE_PROMPT": "User: What is RWKV?\n\nAssistant:",
+    "OVERWRITE": "1",                  # output/demo is the demo's own: each run of the demo replaces the last
 }
 PROMPT = "User: What is RWKV?\n\nAssistant:"
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"4/5  ./merge.sh {last}   (OUTPUT=output/demo MERGE_DIR=merge/demo)")
     res = checkpoint.merge_epoch(last, output_dir=tcfg.OUTPUT, model_dir="model", merge_dir="merge/demo",
-                                 dtype="fp32")
+                                 dtype="fp32", overwrite=True)     # merge/demo is the demo's own
     print(f"merged model: {res.model}")
 
     say("5/5  the merged model in the official rwkv package (what RWKV-Runner and Ai00 load)")

@@ -182,13 +182,13 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from . import resume
 
     cfg.check_files()
-    base_meta = checkpoint.base_metadata(cfg.model_path)
-    data_id = resume.data_identity(cfg.data_prefix)
-    state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
+    base_meta = checkpoint.base_metadata(cfg.model_path)
+    data_id = resume.data_identity(cfg.data_prefix)
+    state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
     memory.trim_thread_stack(device)     # the CUDA driver's idle thread-stack reserve (264 MiB on an H100)

@@ -131,5 +131,8 @@ def read_env_file(path: str | Path) -> dict[str, str]:
             close = [k for k in known if k.replace("_", "") == name.replace("_", "")]
             raise UserError(f"--config {p}: {name} is not a training.sh variable.",
                             f"did you mean {close[0]}?" if close else "see the variables at the top of training.sh")
+        if "\x00" in value:
+            raise UserError(f"--config {p}: the value of {name} holds a NUL character (\\x00).",
+                            f"retype {name} in the file, or save the config again from the web page")
         out[name] = value
     return out

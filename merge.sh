@@ -23,11 +23,17 @@ STATE_MODEL="${STATE_MODEL:-0}" # state tuning: 1 = also write <base>-state-EPOC
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
 if [ $# -ne 1 ]; then
-    echo "usage: ./merge.sh EPOCH   (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))" >&2
+    echo "error: give one EPOCH (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))." \
+         "Fix: ./merge.sh EPOCH, e.g. ./merge.sh 0" >&2
     exit 2
 fi
 EXTRA=()
-[ "$STATE_MODEL" = "1" ] && EXTRA+=(--state-model)
+case "$STATE_MODEL" in
+    1) EXTRA+=(--state-model) ;;
+    0|"") ;;
+    *) echo "error: STATE_MODEL=$STATE_MODEL is not 0 or 1. Fix: STATE_MODEL=1 ./merge.sh EPOCH, or leave it out" >&2
+       exit 2 ;;
+esac
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m tools.merge "$1" --dtype "$DTYPE" --output "$OUTPUT" --merge-dir "$MERGE_DIR" \
     --model-dir model --base "$BASE" "${EXTRA[@]+"${EXTRA[@]}"}"

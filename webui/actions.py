@@ -9,6 +9,7 @@ merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and ch
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import threading
@@ -48,12 +49,27 @@ def safe_upload_name(name: str) -> str:
 def save_upload(src: str | Path, name: str, data_dir: Path = DATA_DIR) -> Path:
     """Copy an uploaded file into data/ under a safe name (never outside data/). Returns the new path."""
     target = data_dir / safe_upload_name(name)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
-        raise UserError(f"{name!r} would be stored outside {data_dir}/.", "upload a plain file name")
-    tmp = target.with_name(target.name + ".tmp-upload")
-    shutil.copyfile(src, tmp)
-    tmp.replace(target)
+    if not src or not Path(src).is_file():
+        raise UserError(f"the uploaded file {name!r} is not there any more ({src}).", "upload it again")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"{data_dir} is a file, not a folder: uploads cannot be stored there.",
+                        f"move the file {data_dir} away so that {data_dir}/ can be the data folder")
+    if target.is_dir():
+        raise UserError(f"{target} is a folder, so the upload cannot be stored under that name.",
+                        "rename the file before uploading it, or move the folder away")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
+            raise UserError(f"{name!r} would be stored outside {data_dir}/.", "upload a plain file name")
+        tmp = target.with_name(target.name + ".tmp-upload")
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot store the upload as {target} ({err.strerror or err}).",
+                        f"check free disk space and that {data_dir}/ is a folder you can write to") from None
     return target
 
 
@@ -287,7 +303,7 @@ def reply(model, history: list[tuple[str, str]], message: str, max_tokens: int =
     """The model's answer to ``message`` after ``history``, cut at the first blank line (end of the turn)."""
     from trainer.data.tokenizer import get_tokenizer
     from trainer.inference import generate
-    if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+    if not (max_tokens >= 1 and 0 <= temperature < math.inf and 0 < top_p <= 1):
         raise UserError(f"max tokens {max_tokens}, temperature {temperature}, top-p {top_p}: out of range.",
                         "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
     tok = get_tokenizer()

@@ -73,7 +73,8 @@ def _load_file(p: Path, what: str) -> Any:
     check_name_lengths(what, p, "give the right path")
     if not p.exists():
         raise UserError(f"{what} {_name(p)} does not exist",
-                        "check the path (MODEL_PATH / --model); models usually live in model/")
+                        "check the path (MODEL in training.sh, --model of the tools); models usually live in model/"
+                        if what == "model file" else f"check the path of the {what}")
     if p.is_dir():
         raise UserError(f"{_name(p)} is a folder, not a {what}", "give the path of the .pth file inside it")
     if p.stat().st_size == 0:
@@ -97,7 +98,8 @@ def _load_file(p: Path, what: str) -> Any:
         if "weights only" in low or "weights_only" in low:
             raise UserError(f"{_name(p)} holds Python objects besides tensors; refusing to load it "
                             "(not a plain RWKV checkpoint)", "use an RWKV .pth state dict") from None
-        if any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat", "unexpected end")):
+        if head.startswith(b"PK") or any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat",
+                                                             "unexpected end")):
             raise UserError(f"{what} {_name(p)} is truncated or corrupt (an incomplete download or "
                             "copy?)", "download or save it again") from None
         raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file",

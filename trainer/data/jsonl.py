@@ -121,9 +121,11 @@ def read_items(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         folder = path.parent
-        found = sorted(p.name for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+        found = sorted(p.name for p in folder.glob("*.jsonl") if p.is_file()) if folder.is_dir() else []
+        above = next((q for q in (folder, *folder.parents) if q.exists()), None)
         where = (f"the .jsonl files in {folder}/ are: {', '.join(found)}" if found
                  else f"there are no .jsonl files in {folder}/" if folder.is_dir()
+                 else f"{above} is a file, not a folder" if above is not None and not above.is_dir()
                  else f"the folder {folder}/ does not exist")
         raise UserError(f"{path} not found ({'a folder, not a file' if path.is_dir() else where}).",
                         f"put your file in {folder}/ and give its name, e.g. {found[0] if found else 'mydata.jsonl'}")

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.errors import UserError, check_name_lengths
 
 DATA_DIR = Path("data")
 MODEL_DIR = Path("model")
@@ -43,6 +43,7 @@ def safe_upload_name(name: str) -> str:
     if not base.lower().endswith(".jsonl") or base.startswith(".") or base in (".jsonl",) or ".." in base:
         raise UserError(f"{name!r} is not a .jsonl file name.",
                         "upload a file named like mydata.jsonl (one JSON object per line)")
+    check_name_lengths("the file", base, "rename the file to a shorter name and upload it again")
     return base
 
 

@@ -20,8 +20,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ $# -lt 1 ]; then
-    echo "usage: ./make_tokenize.sh FILE.jsonl [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S]" >&2
-    echo "the .jsonl files in $HERE/data/:" $(cd "$HERE/data" && ls *.jsonl 2>/dev/null) >&2
+    echo "error: no FILE.jsonl given (the .jsonl files in data/:" $(cd "$HERE/data" 2>/dev/null && ls *.jsonl 2>/dev/null)")." \
+         "Fix: ./make_tokenize.sh FILE.jsonl [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S]" >&2
     exit 2
 fi
 # PYTHON: the interpreter of your environment (override with PYTHON=/path/to/python ./make_tokenize.sh ...)

@@ -25,12 +25,23 @@ OVERWRITE="${OVERWRITE:-0}"     # 1 = replace a file in MERGE_DIR merged from an
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
 if [ $# -ne 1 ]; then
-    echo "usage: ./merge.sh EPOCH   (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))" >&2
+    echo "error: give one EPOCH (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))." \
+         "Fix: ./merge.sh EPOCH, e.g. ./merge.sh 0" >&2
     exit 2
 fi
 EXTRA=()
-[ "$STATE_MODEL" = "1" ] && EXTRA+=(--state-model)
-[ "$OVERWRITE" = "1" ] && EXTRA+=(--overwrite)
+case "$STATE_MODEL" in
+    1) EXTRA+=(--state-model) ;;
+    0|"") ;;
+    *) echo "error: STATE_MODEL=$STATE_MODEL is not 0 or 1. Fix: STATE_MODEL=1 ./merge.sh EPOCH, or leave it out" >&2
+       exit 2 ;;
+esac
+case "$OVERWRITE" in
+    1) EXTRA+=(--overwrite) ;;
+    0|"") ;;
+    *) echo "error: OVERWRITE=$OVERWRITE is not 0 or 1. Fix: OVERWRITE=1 ./merge.sh EPOCH, or leave it out" >&2
+       exit 2 ;;
+esac
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m tools.merge "$1" --dtype "$DTYPE" --output "$OUTPUT" --merge-dir "$MERGE_DIR" \
     --model-dir model --base "$BASE" "${EXTRA[@]+"${EXTRA[@]}"}"

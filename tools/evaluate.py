@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
     args = ap.parse_args(argv)
     if args.items is not None and args.items < 1:
-        raise UserError(f"--items must be at least 1, got {args.items}")
+        raise UserError(f"--items must be at least 1, got {args.items}", "leave --items out to evaluate every item")
     if args.ctx_len is not None and args.ctx_len < 2:
-        raise UserError(f"--ctx-len must be at least 2, got {args.ctx_len}")
+        raise UserError(f"--ctx-len must be at least 2, got {args.ctx_len}", "leave --ctx-len out for whole items")
     if args.adapter and args.state:
         raise UserError("--adapter and --state together: give one of them",
                         "a state-tuning checkpoint works with --adapter; its merged state file with --state")

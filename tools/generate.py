@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from trainer.errors import UserError, run_cli
@@ -28,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     args = ap.parse_args(argv)
-    if args.tokens < 1:
-        raise UserError(f"--tokens must be at least 1, got {args.tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    from trainer.config import MAX_SEED, MAX_WHOLE
+    if not 1 <= args.tokens <= MAX_WHOLE:
+        raise UserError(f"--tokens must be from 1 to {MAX_WHOLE}, got {args.tokens}", "e.g. --tokens 100")
+    if not 0 <= args.temperature < math.inf:
+        raise UserError(f"--temperature must be a number, 0 or more, got {args.temperature}", "e.g. --temperature 1.0")
     if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}", "e.g. --top-p 0.85")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}", "e.g. --seed 0")
 
     from trainer.inference import pick_device, pick_dtype
     from trainer import ops

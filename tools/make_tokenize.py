@@ -11,12 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.data.prepare import DEFAULT_SEED, positive_int, tokenize_jsonl
-from trainer.errors import UserError, run_cli
+from trainer.data.prepare import DEFAULT_SEED, positive_int, seed_int, tokenize_jsonl
+from trainer.errors import UserError, check_name_lengths, run_cli
 
 
 def _resolve(name: str, data_dir: Path) -> Path:
+    check_name_lengths("FILE", name, "rename the file to a shorter name")
+    check_name_lengths("--data-dir", data_dir, "give a folder with a shorter name")
     p = Path(name)
+    if not p.name:
+        raise UserError(f"{name!r} is not a file name.", "give your .jsonl file's name, e.g. "
+                        "./make_tokenize.sh sample.jsonl")
     if len(p.parts) > 1 or p.is_absolute():
         return p
     if not p.suffix and not (data_dir / p).is_file():
@@ -43,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     repeat = positive_int("REPEAT", args.repeat, 1)
     max_tokens = positive_int("MAX_TOKENS", args.max_tokens, None)
-    seed = DEFAULT_SEED
-    if args.seed is not None:
-        try:
-            seed = int(args.seed)
-            if seed < 0:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--seed must be a whole number >= 0, got {args.seed!r}.", "e.g. --seed 1") from None
+    seed = seed_int(args.seed)
     src = _resolve(args.file, Path(args.data_dir))
     tokenize_jsonl(src, repeat=repeat, max_tokens=max_tokens, seed=seed, eof=not args.no_eof, log=print,
                    seed_given=args.seed is not None)

@@ -10,7 +10,7 @@ This is the only module that calls ``torch.load`` / ``torch.save`` on user files
 """
 from __future__ import annotations
 
-import pickle
+import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .errors import UserError, interrupt_deferred
+from .errors import UserError, check_name_lengths, interrupt_deferred
 from .model import RWKV, ModelConfig, init_weights_
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,26 +69,36 @@ def load_checkpoint(path) -> dict[str, Tensor]:
 
 def _load_file(p: Path, what: str) -> Any:
     """torch.load (weights only) with every failure turned into a one-line UserError naming the file."""
+    check_name_lengths(what, p, "give the right path")
     if not p.exists():
         raise UserError(f"{what} {_name(p)} does not exist",
-                        "check the path (MODEL_PATH / --model); models usually live in model/")
+                        "check the path (MODEL in training.sh, --model of the tools); models usually live in model/"
+                        if what == "model file" else f"check the path of the {what}")
     if p.is_dir():
         raise UserError(f"{_name(p)} is a folder, not a {what}", "give the path of the .pth file inside it")
     if p.stat().st_size == 0:
         raise UserError(f"{what} {_name(p)} is empty", "download or save it again")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        raise UserError(f"{what} {_name(p)} cannot be read ({err.strerror or err})",
+                        "check that the file is yours and readable") from None
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):     # zip (torch.save) or a legacy pickle
+        raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file", "give an RWKV .pth model file")
     try:
         return _torch_load(p)
     except UserError:
         raise
     except (zipfile.BadZipFile, EOFError):
         raise UserError(f"{what} {_name(p)} is truncated or corrupt", "download or save it again") from None
-    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
-            KeyError, IndexError, TypeError) as err:
+    except Exception as err:      # any failure to read a user's file (struct.error on a few bytes, ...): not ours
         low = str(err).lower()
         if "weights only" in low or "weights_only" in low:
             raise UserError(f"{_name(p)} holds Python objects besides tensors; refusing to load it "
                             "(not a plain RWKV checkpoint)", "use an RWKV .pth state dict") from None
-        if any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat", "unexpected end")):
+        if head.startswith(b"PK") or any(s in low for s in ("zip", "central directory", "stream", "eof", "truncat",
+                                                             "unexpected end")):
             raise UserError(f"{what} {_name(p)} is truncated or corrupt (an incomplete download or "
                             "copy?)", "download or save it again") from None
         raise UserError(f"{_name(p)} is not a PyTorch checkpoint (.pth) file",
@@ -373,12 +383,10 @@ def _adapter_from_obj(obj: Mapping, p: Path) -> tuple[dict[str, Tensor], dict]:
     import json
     try:
         meta = json.loads(obj[META_KEY])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise UserError(f"{_name(p)}: its {META_KEY} metadata is damaged", "save or copy the checkpoint again") from None
-    if meta.get("format", 0) > ADAPTER_FORMAT:
-        raise UserError(f"{_name(p)} was written by a newer version of this toolkit (format {meta['format']})",
-                        "update rwkv-peft-simple")
     tensors = {k: v for k, v in obj.items() if k != META_KEY}
+    check_adapter_meta(meta, tensors, _name(p))
     return tensors, meta
 
 
@@ -407,6 +415,85 @@ def clear_run(output_dir) -> list[Path]:
             raise UserError(f"OVERWRITE=1: cannot remove {p} ({err.strerror or err}).",
                             "remove it yourself, or set OUTPUT to a new folder") from None
     return removed
+def check_adapter_meta(meta: Any, tensors: Mapping, where: str) -> None:
+    """The one check of an adapter file's metadata (and that its tensors belong to its method), so that merge, resume,
+    the chat add-on and evaluate never meet a wrong type: a file damaged or edited by hand is refused as such."""
+    from .peft import METHODS, get_method
+    from .peft.base import PARTS
+
+    def damaged(what: str) -> UserError:
+        return UserError(f"{where} is damaged or not a checkpoint of this toolkit: {what}",
+                         "use an unmodified output/rwkv-N.pth written by ./training.sh (train again if it was edited)")
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(meta, dict):
+        raise damaged(f"its {META_KEY} metadata is a JSON {_json_kind(meta)}, not an object")
+    fmt = meta.get("format", 0)
+    if not whole(fmt) or fmt < 0:
+        raise damaged(f"its format is {fmt!r}, not a version number")
+    if fmt > ADAPTER_FORMAT:
+        raise UserError(f"{where} was written by a newer version of this toolkit (format {fmt})",
+                        "update rwkv-peft-simple")
+    method = meta.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise damaged(f"it records the method {method!r}, not one of {' | '.join(METHODS)}")
+    settings = meta.get("settings", {})
+    if not isinstance(settings, dict):
+        raise damaged(f"its settings are a JSON {_json_kind(settings)}, not an object")
+    cls = get_method(method)
+    try:
+        cls(settings)                       # each method checks its own settings (types and ranges)
+    except UserError as err:
+        raise damaged(f"its {method} settings {json_text(settings)} are wrong ({err.message.rstrip('.')})") from None
+    parts = meta.get("train_parts", [])
+    if not isinstance(parts, list) or not all(isinstance(x, str) and x in PARTS for x in parts):
+        raise damaged(f"its train_parts {parts!r} are not a list of {' '.join(PARTS)}")
+    quant = meta.get("quant", "none")
+    if quant not in ("none", "int8", "nf4"):
+        raise damaged(f"its quant {quant!r} is not one of none | int8 | nf4")
+    epoch = meta.get("epoch")
+    if epoch is not None and (not whole(epoch) or epoch < 0):
+        raise damaged(f"its epoch {epoch!r} is not an epoch number")
+    if not isinstance(meta.get("complete", True), bool):
+        raise damaged(f"its 'complete' {meta['complete']!r} is not true or false")
+    base = meta.get("base")
+    if not isinstance(base, dict):
+        raise damaged(f"its base model record {base!r} is not an object")
+    name = base.get("name")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise damaged(f"its base model name {name!r} is not a file name")
+    for k in ("version", "n_layer", "n_embd", "head_size", "vocab_size"):
+        v = base.get(k)
+        if (k in ("version", "n_layer", "n_embd") or v is not None) and (not whole(v) or v < 1):
+            raise damaged(f"its base model's {k} is {v!r}, not a positive whole number")
+    if base["version"] not in (5, 6, 7):
+        raise damaged(f"its base model's version is {base['version']}, not 5, 6 or 7")
+    if not isinstance(base.get("fingerprint", ""), str):
+        raise damaged(f"its base model's fingerprint {base['fingerprint']!r} is not a text")
+    bad = next((k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
+    if bad is not None:
+        raise damaged(f"its entry {bad!r} is not a tensor")
+    own = set(cls.SUFFIXES + cls.EXTRA_SUFFIXES)
+    foreign = {s for m in METHODS for s in get_method(m).SUFFIXES + get_method(m).EXTRA_SUFFIXES} - own
+    bad = next((k for k in tensors if k.rsplit(".", 1)[-1] in foreign), None)
+    if bad is not None:
+        raise damaged(f"it records the method {method} but holds {bad}, a tensor of another method")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", type(None): "null", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
+def json_text(value: Any, limit: int = 80) -> str:
+    import json
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def save_train_state(path, state: dict) -> None:
@@ -477,7 +564,7 @@ def state_key(layer: int) -> str:
 def list_epochs(output_dir) -> list[str]:
     """The epochs saved in ``output_dir`` ("0", "1", ..., then "interrupted" if there is one)."""
     d = Path(output_dir)
-    tags = [p.name[len("rwkv-"):-len(".pth")] for p in d.glob("rwkv-*.pth")] if d.is_dir() else []
+    tags = [p.name[len("rwkv-"):-len(".pth")] for p in d.glob("rwkv-*.pth") if p.is_file()] if d.is_dir() else []
     nums = sorted(int(t) for t in tags if t.isdigit())
     return [str(n) for n in nums] + (["interrupted"] if "interrupted" in tags else [])
 
@@ -485,16 +572,29 @@ def list_epochs(output_dir) -> list[str]:
 def checkpoint_path(output_dir, epoch) -> Path:
     """``output_dir/rwkv-EPOCH.pth``; a missing one is refused with the epochs that exist."""
     tag = str(epoch).strip()
-    if not (tag.isdigit() or tag == "interrupted"):
-        raise UserError(f"EPOCH must be an epoch number or 'interrupted', not {tag!r}", "e.g. ./merge.sh 0")
-    tag = str(int(tag)) if tag.isdigit() else tag
+    if not (tag.isascii() and tag.isdigit() or tag == "interrupted"):
+        raise UserError(f"EPOCH must be an epoch number or 'interrupted', not {tag[:40]!r}", "e.g. ./merge.sh 0")
+    tag = (tag.lstrip("0") or "0") if tag.isdigit() else tag
+    check_name_lengths("OUTPUT", output_dir, "set OUTPUT in merge.sh to the folder training wrote to")
+    if len(tag) > 18:
+        have = list_epochs(output_dir)
+        raise UserError(f"EPOCH {tag[:18]}... has {len(tag)} digits: there is no such checkpoint"
+                        + (f" ({output_dir} has epochs {', '.join(have)})" if have else ""),
+                        f"run ./merge.sh {have[-1]}" if have else "e.g. ./merge.sh 0")
     p = Path(output_dir) / f"rwkv-{tag}.pth"
     if p.is_file():
         return p
     have = list_epochs(output_dir)
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"OUTPUT={output_dir} is a file, not the folder of training's checkpoints",
+                        "set OUTPUT in merge.sh to the folder training wrote to (training.sh's OUTPUT)")
     if not Path(output_dir).is_dir():
         raise UserError(f"the folder {output_dir} does not exist, so there is no checkpoint to merge",
                         "run ./training.sh first, or set OUTPUT in merge.sh to the folder training wrote to")
+    if p.is_dir() or p.is_symlink():
+        what = "a folder" if p.is_dir() else f"a link to {os.readlink(p)}, which does not exist"
+        raise UserError(f"{p} is {what}, not a checkpoint" + (f" ({output_dir} has epoch{'s' if len(have) > 1 else ''} "
+                        f"{', '.join(have)})" if have else ""), "give the epoch of a checkpoint file written by ./training.sh")
     if not have:
         raise UserError(f"{output_dir} holds no checkpoint (rwkv-N.pth)",
                         "train first (./training.sh), or set OUTPUT in merge.sh to the folder training wrote to")
@@ -562,7 +662,9 @@ def read_training_checkpoint(path) -> tuple[dict[str, Tensor], dict]:
 def find_base_model(meta: dict, model_dir="model", override=None, where: str = "the checkpoint") -> Path:
     """The base model file: ``override`` (a path, or a name inside ``model_dir``) or the name recorded in ``meta``."""
     d = Path(model_dir)
+    check_name_lengths("the model folder", d, "give the folder of the base models (model/)")
     if override:
+        check_name_lengths("BASE", override, "set BASE in merge.sh to the base model's path, or leave it empty")
         p = Path(override)
         if not p.is_file() and (d / override).is_file():
             p = d / override
@@ -734,6 +836,11 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
     with ``overwrite``."""
     if dtype not in DTYPES:
         raise UserError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}", "set DTYPE=bf16 in merge.sh")
+    check_name_lengths("MERGE_DIR", merge_dir, "set MERGE_DIR in merge.sh to a shorter folder name")
+    above = next((q for q in (Path(merge_dir), *Path(merge_dir).parents) if q.exists()), Path("."))
+    if not above.is_dir():
+        raise UserError(f"MERGE_DIR={merge_dir}: {above} is a file, not a folder, so nothing can be written there",
+                        "set MERGE_DIR in merge.sh to a folder (default merge), or move the file away")
     ckpt = Path(checkpoint)
     tensors, meta = read_training_checkpoint(ckpt)
     method = meta.get("method")
@@ -763,6 +870,10 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
     out_dir = Path(merge_dir)
     res = MergeResult(ckpt, base_path, meta, cfg.version)
     source = str(ckpt.resolve())
+    for name in (f"{stem}-state-{tag}.pth", f"{stem}-state-{tag}-model.pth", f"{stem}-{method}-{tag}.pth"):
+        if (out_dir / name).is_dir():
+            raise UserError(f"{out_dir / name} is a folder, so the merged file cannot be written under that name",
+                            f"move or rename the folder {out_dir / name}")
     if method == "state":
         parts = [k for k in tensors if not k.endswith(STATE_SUFFIX)]
         res.state = out_dir / f"{stem}-state-{tag}.pth"

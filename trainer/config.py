@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UserError
+from .errors import UserError, check_name_lengths
 
 MODES = ("lora", "pissa", "bone", "bat", "state", "full")
 PARTS = ("emb", "head", "time", "ln")
@@ -37,6 +37,12 @@ GRAD_CPS = ("auto", "1", "0")
 NOT_YET_AVAILABLE: dict[str, str] = {}
 STRATEGIES = ("auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
+# Upper bounds of the whole-number settings: far beyond any real run, so that a typo (an extra digit, a value
+# pasted into the wrong variable) is refused with its name instead of failing deep inside NumPy or PyTorch.
+MAX_SEED = 2**63 - 1          # torch seeds are 64-bit; the trainer also seeds SEED + 1 + rank
+MAX_WHOLE = 2**31 - 1         # any other whole number (steps, epochs, ranks, batch sizes, GPUs)
+MAX_CTX = 2**24               # tokens of one sample (CTX_LEN, CHUNK_CTX, INITIAL_CTX_LEN): 16M
+MAX_SVD_NITER = 64            # PiSSA's power iterations (4 is plenty; each one is a pass over every weight)
 
 
 def grad_cp_mode(value: Any) -> str:
@@ -121,7 +127,7 @@ class TrainConfig:
         for f in fields(cls):
             if f.name in overrides:
                 values[f.name] = overrides[f.name]
-            elif f.name in env and (env[f.name].strip() != "" or f.type == "str"):
+            elif env.get(f.name) is not None and (str(env[f.name]).strip() != "" or f.type == "str"):
                 values[f.name] = _convert(f, env[f.name])  # an empty number keeps its default
         cfg = cls(**values)
         cfg.validate()
@@ -165,8 +171,10 @@ class TrainConfig:
             positive(name)
         for name in ("SVD_NITER", "WARMUP_STEPS", "INITIAL_CTX_LEN", "CTX_WARMUP_STEPS", "SEED"):
             positive(name, zero_ok=True)
-        if self.LORA_ALPHA <= 0:
-            raise UserError(f"LORA_ALPHA={self.LORA_ALPHA} must be more than 0.", "a common choice is 2 × LORA_R")
+        self._check_sizes()
+        if not (self.LORA_ALPHA > 0 and math.isfinite(self.LORA_ALPHA)):
+            raise UserError(f"LORA_ALPHA={self.LORA_ALPHA} must be a number more than 0.",
+                            "a common choice is 2 × LORA_R")
         if not 0 <= self.LORA_DROPOUT < 1:
             raise UserError(f"LORA_DROPOUT={self.LORA_DROPOUT} must be at least 0 and below 1.",
                             "use 0 (off) or a small value such as 0.05")
@@ -196,7 +204,38 @@ class TrainConfig:
         if not self.DATA:
             raise UserError("DATA is empty.", "set DATA in training.sh to your data's name in data/ "
                             "(make it with ./make_tokenize.sh FILE.jsonl)")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, str) and "\x00" in v:
+                raise UserError(f"{f.name} holds a NUL character (\\x00), which no file name or setting may hold.",
+                                f"retype {f.name}")
+        for name, example in (("MODEL", "rwkv7-g1-0.1b.pth"), ("DATA", "sample"), ("OUTPUT", "output")):
+            check_name_lengths(name, getattr(self, name), f"set {name} in training.sh to a shorter name")
+            if not Path(getattr(self, name)).name:
+                raise UserError(f"{name}={getattr(self, name)!r} names a folder, not a file name.",
+                                f"set {name} in training.sh to a name, e.g. {name}=\"{example}\"")
+        if self.WANDB and not wandb_installed():
+            raise UserError(f"WANDB={self.WANDB} but the wandb package is not installed.",
+                            "pip install wandb (and run `wandb login` once), or set WANDB=\"\"")
         self._check_not_yet_available()
+
+    def _check_sizes(self) -> None:
+        """Whole numbers beyond any real run (MAX_SEED, MAX_CTX, MAX_SVD_NITER, MAX_WHOLE)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type != "int" or isinstance(v, bool):
+                continue
+            if f.name == "SEED":
+                most, fix = MAX_SEED, "use a smaller seed, e.g. SEED=42"
+            elif f.name in ("CTX_LEN", "CHUNK_CTX", "INITIAL_CTX_LEN"):
+                most, fix = MAX_CTX, (f"use the CTX_LEN make_tokenize.sh suggested (e.g. 1024 to 4096); longer texts "
+                                      f"train with TRAIN_TYPE=infctx, up to {MAX_CTX} tokens")
+            elif f.name == "SVD_NITER":
+                most, fix = MAX_SVD_NITER, "SVD_NITER=4 is plenty"
+            else:
+                most, fix = MAX_WHOLE, f"set {f.name} in training.sh to a smaller number"
+            if v > most:
+                raise UserError(f"{f.name}={v} is too large: at most {most}.", fix)
 
     def _check_not_yet_available(self) -> None:
         """Options whose place is kept but whose code has not landed: refused, never silently ignored."""
@@ -243,35 +282,55 @@ class TrainConfig:
     def check_files(self) -> None:
         """The model and data exist; their sizes fit the settings; OUTPUT can take this run (check_output).
         Raises UserError, reads headers only."""
-        self.check_output()
         mp = self.model_path
+        given = Path(self.MODEL)
+        if given.suffix != ".pth" and given.is_file():
+            raise UserError(f"MODEL={self.MODEL} is a {given.suffix or 'plain'} file, not a model (.pth).",
+                            "set MODEL to the base model's .pth file in model/")
         if not mp.is_file():
             folder = mp.parent if mp.parent.is_dir() else Path("model")
-            have = sorted(x.name for x in folder.glob("*.pth")) if folder.is_dir() else []
-            raise UserError(f"MODEL: {mp} not found. Models in {folder}/: {', '.join(have) or 'none'}.",
+            have = sorted(x.name for x in folder.glob("*.pth") if x.is_file()) if folder.is_dir() else []
+            raise UserError(f"MODEL: {_why_not_a_file(mp)}. Models in {folder}/: {', '.join(have) or 'none'}.",
                             "put the base model .pth in model/ and set MODEL to its file name")
         dp = self.data_prefix
-        missing = [s for s in (".bin", ".idx") if not dp.with_suffix(s).is_file()]
+        missing = [s for s in (".bin", ".idx") if not dp.with_name(dp.name + s).is_file()]
         if missing:
             folder = dp.parent
-            have = sorted(x.stem for x in folder.glob("*.idx")) if folder.is_dir() else []
-            raise UserError(f"DATA: {dp}{'/'.join(missing)} not found. Data in {folder}/: {', '.join(have) or 'none'}.",
+            have = sorted(x.stem for x in folder.glob("*.idx") if x.is_file()) if folder.is_dir() else []
+            above = next((q for q in dp.parents if q.exists()), None)
+            odd = [_why_not_a_file(dp.with_name(dp.name + s)) for s in missing]
+            odd = [w for w in odd if not w.endswith(" not found")]
+            what = (f"{dp} cannot exist: {above} is a file, not a folder" if above is not None and not above.is_dir()
+                    else "; ".join(odd) if odd else f"{dp}{'/'.join(missing)} not found")
+            raise UserError(f"DATA: {what}. Data in {folder}/: {', '.join(have) or 'none'}.",
                             "make it with ./make_tokenize.sh FILE.jsonl and set DATA to FILE's name")
         self._check_data_fits()
+        self.check_output()
+
+    def _check_output(self) -> None:
+        """OUTPUT is a folder, or one can be made there (no file in the way, writable where it can be checked)."""
+        out = self.output_dir
+        if out.is_symlink() and not out.exists():
+            raise UserError(f"OUTPUT={self.OUTPUT} is a link to {os.readlink(out)}, which does not exist.",
+                            "set OUTPUT in training.sh to a folder, or make the folder the link points to")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"OUTPUT={self.OUTPUT} is a file, not a folder: the checkpoints cannot be written there.",
+                            f"set OUTPUT in training.sh to a folder name (e.g. OUTPUT=\"{out.name}-run\"), or move "
+                            "the file away")
+        above = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not above.is_dir():
+            raise UserError(f"OUTPUT={self.OUTPUT} cannot be made: {above} is a file, not a folder.",
+                            "set OUTPUT in training.sh to a folder name such as output/run1")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise UserError(f"OUTPUT={self.OUTPUT}: the folder {above} cannot be written to (permissions).",
+                            f"set OUTPUT to a folder of yours, or give yourself write access (chmod u+w {above})")
 
     def check_output(self) -> None:
         """OUTPUT is (or can become) a folder, and holds no earlier run unless this one continues it (RESUME=1)
         or is told to replace it (OVERWRITE=1). RESUME=1 needs a run there to continue."""
         from .checkpoint import TRAIN_STATE, run_files
+        self._check_output()
         out = self.output_dir
-        bad = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
-        if bad is not None:
-            raise UserError(f"OUTPUT={self.OUTPUT}: {bad} is a file, not a folder.",
-                            "set OUTPUT to a folder (e.g. output/my-run); it is made if missing")
-        have = next(q for q in (out, *out.parents, Path(".")) if q.exists())
-        if not os.access(have, os.W_OK | os.X_OK):
-            raise UserError(f"OUTPUT={self.OUTPUT}: {have} cannot be written (permission denied).",
-                            "set OUTPUT to a folder you can write to")
         found = run_files(out)
         if self.RESUME:
             if not (out / TRAIN_STATE).is_file():
@@ -288,12 +347,28 @@ class TrainConfig:
     def _check_data_fits(self) -> None:
         from .data.dataset import data_facts, items_per_epoch
         facts = data_facts(self.data_prefix)
+        if facts.longest < 2:
+            raise UserError(f"{self.data_prefix} holds {facts.items} items" + (
+                f", none with 2 tokens or more (the longest has {facts.longest}): there is nothing to train on."
+                if facts.items else ", so there is nothing to train on."),
+                "put text in the items of your .jsonl file and run ./make_tokenize.sh on it again")
         per_epoch = items_per_epoch(self.EPOCH_STEPS, self.MICRO_BSZ, self.world_size)
         if self.DATALOAD in ("pad", "only") and per_epoch > facts.items:
-            raise UserError(f"EPOCH_STEPS × MICRO_BSZ{' × GPUs' if self.world_size > 1 else ''} = {per_epoch} "
-                            f"is more than the {facts.items} items in {self.data_prefix}.",
-                            f"lower EPOCH_STEPS to at most {facts.items // (self.MICRO_BSZ * self.world_size)} "
-                            "(see the table make_tokenize.sh printed), or tokenize with a higher REPEAT")
+            gpus = self.world_size
+            per_step = self.MICRO_BSZ * gpus
+            if gpus > facts.items:
+                fix = (f"train on at most {facts.items} GPUs (GPU_COUNT × NODES), or tokenize with a higher "
+                       "REPEAT")
+            elif per_step > facts.items:
+                bsz = facts.items // gpus
+                fix = (f"lower MICRO_BSZ to at most {bsz} (then EPOCH_STEPS to at most "
+                       f"{facts.items // (bsz * gpus)}; see the table make_tokenize.sh printed), or tokenize with a "
+                       "higher REPEAT")
+            else:
+                fix = (f"lower EPOCH_STEPS to at most {facts.items // per_step} (see the table make_tokenize.sh "
+                       "printed), or tokenize with a higher REPEAT")
+            raise UserError(f"EPOCH_STEPS × MICRO_BSZ{' × GPUs' if gpus > 1 else ''} = {per_epoch} "
+                            f"is more than the {facts.items} items in {self.data_prefix}.", fix)
         if self.DATALOAD == "get" and facts.total_tokens < self.CTX_LEN + 1:
             raise UserError(f"DATALOAD=get needs at least CTX_LEN+1 = {self.CTX_LEN + 1} tokens, but "
                             f"{self.data_prefix} has {facts.total_tokens}.",
@@ -342,7 +417,6 @@ def resume_changes(saved: Mapping[str, str], cfg: "TrainConfig") -> tuple[list[s
     for name in TrainConfig.names():
         if name not in saved or name in ("RESUME", "OVERWRITE", "OUTPUT", "MODEL", "DATA"):   # the last two: by
             continue                                                # their contents (resume.py), not their names
-            continue
         old, new = str(saved[name]), now[name]
         if old == new or _same_value(old, new):
             continue
@@ -362,8 +436,32 @@ def _same_value(a: str, b: str) -> bool:
         return False
 
 
+def wandb_installed() -> bool:
+    """Whether ``import wandb`` can work (found, not imported: importing it takes seconds)."""
+    import importlib.util
+    import sys
+    if "wandb" in sys.modules:
+        return sys.modules["wandb"] is not None
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _why_not_a_file(p: Path) -> str:
+    """Why ``p`` is not a readable file, in words: a folder, a broken link, below a file, or not found."""
+    if p.is_dir():
+        return f"{p} is a folder, not a file"
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a link to {os.readlink(p)}, which does not exist"
+    above = next((q for q in p.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{p} cannot exist: {above} is a file, not a folder"
+    return f"{p} not found"
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
-    raw = raw.strip()
+    raw = str(raw).strip()
     kind = f.type
     try:
         if kind == "int":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from trainer.config import TrainConfig
-from trainer.errors import UserError
+from trainer.errors import UserError, check_name_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_SH = ROOT / "training.sh"
@@ -109,8 +109,10 @@ def write_env_file(path: str | Path, values: dict[str, str], note: str = "") -> 
 def read_env_file(path: str | Path) -> dict[str, str]:
     """The ``NAME=value`` assignments of a config file (shell quoting, # comments). Refuses what it cannot read."""
     p = Path(path)
+    check_name_lengths("--config", p, "give the file the web page saved (output/NAME.env)")
     if not p.is_file():
-        raise UserError(f"--config {p}: no such file.", "give the file the web page saved (output/NAME.env)")
+        raise UserError(f"--config {p}: {'a folder, not a file' if p.is_dir() else 'no such file'}.",
+                        "give the file the web page saved (output/NAME.env)")
     try:
         words = shlex.split(p.read_text(encoding="utf-8"), comments=True, posix=True)
     except (ValueError, UnicodeDecodeError) as err:
@@ -129,5 +131,8 @@ def read_env_file(path: str | Path) -> dict[str, str]:
             close = [k for k in known if k.replace("_", "") == name.replace("_", "")]
             raise UserError(f"--config {p}: {name} is not a training.sh variable.",
                             f"did you mean {close[0]}?" if close else "see the variables at the top of training.sh")
+        if "\x00" in value:
+            raise UserError(f"--config {p}: the value of {name} holds a NUL character (\\x00).",
+                            f"retype {name} in the file, or save the config again from the web page")
         out[name] = value
     return out

@@ -27,6 +27,17 @@ def fail(message: str, fix: str | None = None) -> NoReturn:
     raise UserError(message, fix)
 
 
+NAME_MAX = 255      # bytes of one file or folder name on Linux, macOS and Windows file systems
+
+
+def check_name_lengths(what: str, path: str | os.PathLike, fix: str) -> None:
+    """Refuse a path with a name longer than file systems allow (os.stat would fail with 'File name too long')."""
+    for part in os.fspath(path).replace("\\", "/").split("/"):
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise UserError(f"{what}: the name {part[:24]}... is {len(part)} characters long; a file or folder name "
+                            f"can have at most {NAME_MAX} bytes.", fix)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Run an entry point: a UserError becomes one line and exit 2, Ctrl+C exit 130."""
     try:

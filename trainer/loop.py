@@ -510,11 +510,7 @@ class RunFiles:
 def _wandb_run(cfg: TrainConfig):
     if not cfg.WANDB:
         return None
-    try:
-        import wandb
-    except ImportError:
-        raise UserError(f"WANDB={cfg.WANDB} but the wandb package is not installed.",
-                        "pip install wandb (and run `wandb login` once), or set WANDB=\"\"") from None
+    import wandb            # installed: TrainConfig.validate checked it, for the dry run too
     return wandb.init(project=cfg.WANDB, config=cfg.to_env())
 
 

@@ -9,13 +9,14 @@ merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and ch
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.errors import UserError, check_name_lengths
 
 DATA_DIR = Path("data")
 MODEL_DIR = Path("model")
@@ -41,6 +42,7 @@ def safe_upload_name(name: str) -> str:
     if not base.lower().endswith(".jsonl") or base.startswith(".") or base in (".jsonl",) or ".." in base:
         raise UserError(f"{name!r} is not a .jsonl file name.",
                         "upload a file named like mydata.jsonl (one JSON object per line)")
+    check_name_lengths("the file", base, "rename the file to a shorter name and upload it again")
     return base
 
 
@@ -375,7 +377,7 @@ def reply(model, history: list[tuple[str, str]], message: str, max_tokens: int =
     """The model's answer to ``message`` after ``history``, cut at the first blank line (end of the turn)."""
     from trainer.data.tokenizer import get_tokenizer
     from trainer.inference import generate
-    if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+    if not (max_tokens >= 1 and 0 <= temperature < math.inf and 0 < top_p <= 1):
         raise UserError(f"max tokens {max_tokens}, temperature {temperature}, top-p {top_p}: out of range.",
                         "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
     tok = get_tokenizer()

@@ -41,6 +41,9 @@ def paths(prefix: str | Path) -> tuple[Path, Path]:
     p = Path(prefix)
     if p.suffix in (".bin", ".idx"):
         p = p.with_suffix("")
+    if not p.name:
+        raise UserError(f"{str(prefix)!r} names a folder, not tokenized data.",
+                        "give the data's path without its ending, e.g. data/sample for data/sample.bin + .idx")
     return p.with_name(p.name + ".bin"), p.with_name(p.name + ".idx")
 
 

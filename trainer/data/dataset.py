@@ -283,7 +283,7 @@ class ItemDataset(TokenDataset):
         T = self.ctx_len
         get = getattr(self.data, "get", None)  # BinIdx.get reads only the part we use
         item = np.asarray(get(i, 0, T + 1) if get is not None else self.data[i][: T + 1], dtype=np.int64)
-        L = len(item) - 1  # real positions
+        L = max(len(item) - 1, 0)  # real positions (an empty item has none)
         m = self.item_token_mask(i)
         mask = np.ones(max(L, 0), dtype=np.float32) if m is None else m[1: L + 1].astype(np.float32)
         if self.pad:

@@ -91,7 +91,7 @@ def _messages_to_text(messages: object) -> str:
             raise _ItemError(f'message {k} is not an object with "role" and "content"',
                              'write each message as {"role": "user", "content": "..."}')
         role, content = msg["role"], msg["content"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _ItemError(f'message {k} has role {role!r}', "use the roles system, user and assistant")
         if isinstance(content, list):   # OpenAI's parts: [{"type": "text", "text": "..."}]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -121,13 +121,19 @@ def read_items(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         folder = path.parent
-        found = sorted(p.name for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+        found = sorted(p.name for p in folder.glob("*.jsonl") if p.is_file()) if folder.is_dir() else []
+        above = next((q for q in (folder, *folder.parents) if q.exists()), None)
         where = (f"the .jsonl files in {folder}/ are: {', '.join(found)}" if found
                  else f"there are no .jsonl files in {folder}/" if folder.is_dir()
+                 else f"{above} is a file, not a folder" if above is not None and not above.is_dir()
                  else f"the folder {folder}/ does not exist")
         raise UserError(f"{path} not found ({'a folder, not a file' if path.is_dir() else where}).",
                         f"put your file in {folder}/ and give its name, e.g. {found[0] if found else 'mydata.jsonl'}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}).",
+                        f"check that the file is yours and readable (ls -l {path}; chmod u+r {path})") from None
     if raw.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte order mark, as some Windows editors write
         raw = raw[3:]
     texts: list[str] = []
@@ -151,6 +157,9 @@ def read_items(path: str | Path) -> list[str]:
         except RecursionError:
             raise UserError(f"{path}, line {lineno}: JSON nested too deeply.",
                             "write one flat object per line") from None
+        except ValueError as err:       # e.g. a number of more than 4300 digits (Python's limit)
+            raise UserError(f"{path}, line {lineno}: not valid JSON here ({str(err).split(':')[0]}).",
+                            "write numbers with fewer digits, or as strings") from None
         try:
             text = item_to_text(obj)
         except _ItemError as err:

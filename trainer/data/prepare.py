@@ -6,6 +6,7 @@ Used by ``make_tokenize.sh`` (tools/make_tokenize.py parses its arguments) and b
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import MAX_SEED
 from ..errors import UserError
 
 DEFAULT_SEED = 42
+MAX_ITEM_TOKENS = 2**31 - 1     # binidx stores an item's length as int32
+_IDX_BYTES_PER_ITEM = 4 + 8 + 8  # .idx: size (int32), pointer (int64), document index (int64)
+_RAM_BYTES_PER_ITEM = 100        # while writing: order, lengths, the sizes list, index arrays and their copies (counted)
 
 
 @dataclass
@@ -35,7 +40,25 @@ def positive_int(name: str, value: str | int | None, default: int | None) -> int
     if n <= 0:
         raise UserError(f"{name} must be a positive whole number, got {value!r}.",
                         "e.g. ./make_tokenize.sh data.jsonl 2 4096  (REPEAT=2, MAX_TOKENS=4096)")
+    if name == "MAX_TOKENS" and n > MAX_ITEM_TOKENS:
+        raise UserError(f"MAX_TOKENS={n} is more than any item can hold ({MAX_ITEM_TOKENS} tokens, the most a "
+                        "binidx item stores).", "leave MAX_TOKENS out to keep every item, or give a length such "
+                        "as 4096")
     return n
+
+
+def seed_int(value: str | int | None) -> int:
+    """--seed as typed by a user: a whole number from 0 to MAX_SEED, else a UserError."""
+    if value is None:
+        return DEFAULT_SEED
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {str(value)[:40]!r}.",
+                        "e.g. --seed 1")
+    return seed
 
 
 def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, seed: int = DEFAULT_SEED,
@@ -72,6 +95,17 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
             raise UserError(f"every item of {src} is longer than MAX_TOKENS={max_tokens} "
                             f"(the shortest has {int(lengths.min())} tokens); nothing was written.",
                             f"raise MAX_TOKENS to at least {int(lengths.min())}, or leave it out")
+    longest = int(lengths[keep].max())
+    if longest < 2:
+        cut = f" of at most MAX_TOKENS={max_tokens}" if max_tokens is not None and len(keep) < len(lengths) else ""
+        raise UserError(f"every item{cut} of {src} has {'no token' if longest == 0 else 'at most 1 token'} after "
+                        f"tokenizing{' (no end token: --no-eof)' if not eof else ''}: there is nothing to train on; "
+                        "nothing was written.",
+                        "put the training text in the items"
+                        + (", or leave out --no-eof" if not eof else "")
+                        + (", or raise MAX_TOKENS" if cut else ""))
+    bin_path, idx_path = paths(prefix)
+    _check_room(src, bin_path, idx_path, int(lengths[keep].sum()), len(keep), repeat)
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(keep) for _ in range(repeat)])
 
@@ -90,3 +124,42 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
     log("")
     log("\n".join(report_lines(out_lengths)))
     return Tokenized(prefix, out_lengths)
+
+
+def _gb(n: float) -> str:
+    """Bytes in words: 1.23 MB, 4.56 GB, 7,890 TB."""
+    if n >= 1e12:
+        return f"{n / 1e12:,.0f} TB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: int, repeat: int) -> None:
+    """Refuse, before anything is written, output that cannot be written: a folder in the way of NAME.bin / .idx,
+    more bytes than the data folder has free, or more items than memory can index while writing."""
+    for p in (bin_path, idx_path):
+        if p.is_dir():
+            raise UserError(f"{p} is a folder, so the tokenized data cannot be written there; nothing was written.",
+                            f"move or rename the folder {p}, or rename {src.name}")
+    folder = bin_path.parent
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder, so {bin_path.name} cannot be written there.",
+                        "give a .jsonl file inside a folder you can write to")
+    per_copy = 2 * tokens + _IDX_BYTES_PER_ITEM * items
+    need = per_copy * repeat + 34
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and need > free:
+        most = (free - 34) // per_copy
+        raise UserError(f"REPEAT={repeat} would write {_gb(need)} ({repeat} copies of {items} items, {tokens} tokens "
+                        f"each copy, 2 bytes a token), but {folder}/ has only {_gb(free)} free; nothing was written.",
+                        f"lower REPEAT to at most {most}" if most >= 1 else f"free some disk space in {folder}/")
+    from ..memory import host_available
+    ram = host_available()
+    need_ram = _RAM_BYTES_PER_ITEM * items * repeat
+    if ram is not None and need_ram > ram:
+        most = ram // (_RAM_BYTES_PER_ITEM * items)
+        raise UserError(f"REPEAT={repeat} makes {items * repeat} items, whose index needs about {_gb(need_ram)} of "
+                        f"memory while it is written, but only {_gb(ram)} is available; nothing was written.",
+                        f"lower REPEAT to at most {most}" if most >= 1 else "close other programs, or use fewer items")

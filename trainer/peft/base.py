@@ -32,6 +32,7 @@ Those tensors are saved in the adapter and merge puts them in place of the base'
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable
 
@@ -135,6 +136,8 @@ class Method:
     name: str = ""
     # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
     SUFFIXES: tuple[str, ...] = ()
+    # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).
+    EXTRA_SUFFIXES: tuple[str, ...] = ()
 
     def __init__(self, settings: dict | None = None):
         self.settings = dict(settings or {})
@@ -145,10 +148,18 @@ class Method:
         value = self.settings.get(key, default)
         if value is None:
             raise UserError(f"{self.name} needs {var} (setting {key!r}).", f"set {var} in training.sh")
-        if isinstance(value, bool) or int(value) != value or value < minimum:
-            raise UserError(f"{var}={value} must be a whole number of at least {minimum}.",
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not value.is_integer()) or value < minimum):
+            raise UserError(f"{var}={value!r} must be a whole number of at least {minimum}.",
                             f"set {var} to e.g. 64" if minimum >= 1 else f"set {var} to e.g. 4")
         return int(value)
+
+    def _number(self, key: str, var: str, default: float | None = None) -> float:
+        """A setting that must be a finite number (a bool, a string, NaN or infinity is refused)."""
+        value = self.settings.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{var}={value!r} must be a number.", f"set {var} in training.sh")
+        return float(value)
 
     # ---- the interface -------------------------------------------------------------------------
     def apply(self, model: nn.Module, train_parts: Iterable[str] = ()) -> None:

@@ -39,17 +39,22 @@ class LoRA(Method):
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)
         self.r = self._int("r", "LORA_R")
-        alpha = self.settings.get("alpha")
-        if alpha is None or not float(alpha) > 0:
+        alpha = self._number("alpha", "LORA_ALPHA")
+        if not alpha > 0:
             raise UserError(f"LORA_ALPHA={alpha} must be more than 0.", "a common choice is 2 × LORA_R")
-        dropout = float(self.settings.get("dropout", 0.0))
+        dropout = self._number("dropout", "LORA_DROPOUT", 0.0)
         if not 0 <= dropout < 1:
             raise UserError(f"LORA_DROPOUT={dropout} must be at least 0 and below 1.", "use 0 to 0.1")
         self.alpha, self.dropout = float(alpha), dropout
         self.settings = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout}
 
     def _wrap(self, model: nn.Module) -> None:
-        for name, linear in target_linears(model).items():
+        targets = target_linears(model)
+        smallest = min(min(m.in_features, m.out_features) for m in targets.values())
+        if self.r > smallest:     # B A has rank at most the smallest width: a larger r only costs memory
+            raise UserError(f"LORA_R={self.r} is larger than the smallest layer width of this model ({smallest}).",
+                            f"set LORA_R to at most {smallest} (8 to 64 is usual)")
+        for name, linear in targets.items():
             replace_module(model, name, LoraLinear(linear, self.r, self.alpha / self.r, self.dropout))
 
     @staticmethod

@@ -52,6 +52,7 @@ class PissaLinear(AdaptedLinear):
 class PiSSA(Method):
     name = "pissa"
     SUFFIXES = ("lora_A", "lora_B")
+    EXTRA_SUFFIXES = INIT
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)

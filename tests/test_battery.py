@@ -261,6 +261,14 @@ def web(id, fn, setup=nothing, says=(), **kw):
     return Case(id, "web", fn, setup, tuple(says), **kw)
 
 
+def uploaded():
+    """The web server's upload folder (uploads/) holding s.jsonl, as a browser upload leaves it."""
+    def setup(r):
+        (r / "uploads").mkdir(exist_ok=True)
+        shutil.copy(r / "data" / "sample.jsonl", r / "uploads" / "s.jsonl")
+    return setup
+
+
 DAMAGED = "damaged or not a checkpoint of this toolkit"
 LONG = "x" * 300
 
@@ -406,6 +414,15 @@ CASES = [
         ["LORA_RANK is not a training.sh variable"]),
     dry("config-nul-value", ["--config", "c.env"], write("c.env", "MODEL=a\x00b\n"), ["NUL character"]),
     # ---------------------------------------------------------------- training.sh: the real run refuses at start
+    dry("output-holds-a-run", {"OUTPUT": "output"}, says=["OUTPUT=output already holds a training run (rwkv-0.pth)",
+                                                         "RESUME=1", "OVERWRITE=1"]),
+    dry("resume-with-nothing-there", {"RESUME": "1"}, says=["nothing to resume in output/run/"]),
+    dry("resume-and-overwrite", {"RESUME": "1", "OVERWRITE": "1"}, says=["contradict"]),
+    dry("overwrite-word", {"OVERWRITE": "maybe"}, says=["OVERWRITE='maybe'"]),
+    dry("resume-unit-junk", {"RESUME": "1"}, write("output/run/train_state.pth", b"junk"),
+        ["train_state.pth"]),
+    dry("resume-unit-a-folder", {"RESUME": "1"}, folder("output/run/train_state.pth"), ["nothing to resume"]),
+    real("output-holds-a-run", {"OUTPUT": "output"}, says=["already holds a training run"]),
     real("seed-beyond-64-bits", {"SEED": str(2**64)}, says=["SEED="]),
     real("wandb-not-installed", {"WANDB": "p"}, says=["pip install wandb"]),
     real("output-is-a-file", {"OUTPUT": "outf"}, write("outf", "x"), ["OUTPUT=outf is a file"]),
@@ -414,6 +431,8 @@ CASES = [
     real("data-beyond-vocab", {}, toy_data([[300, 1, 0]] * 8), ["token id 300"]),
 
     # ---------------------------------------------------------------- merge.sh: EPOCH
+    mrg("over-another-checkpoints-file", ["0"], write("merge/tiny-lora-0.pth", b"mine"),
+        ["merge/tiny-lora-0.pth exists already", "OVERWRITE=1"]),
     mrg("epoch-negative", ["-1"], says=["EPOCH must be an epoch number", "'-1'"]),
     mrg("epoch-fraction", ["1.5"], says=["'1.5'"]),
     mrg("epoch-word", ["abc"], says=["'abc'"]),
@@ -523,18 +542,21 @@ CASES = [
     web("merge-meta-a-list", lambda: actions.merge("output", "0"), meta_edit(raw="[]"), [DAMAGED]),
     web("merge-merge-dir-a-file", lambda: actions.merge("output", "0"), file_instead_of_folder("merge"),
         ["merge is a file"]),
-    web("upload-gone", lambda: actions.save_upload("/nonexistent/x.jsonl", "x.jsonl"), says=["upload it again"]),
-    web("upload-source-a-folder", lambda: actions.save_upload("model", "x.jsonl"), says=["upload it again"]),
+    web("upload-gone", lambda: actions.save_upload("uploads/gone.jsonl", "x.jsonl", "uploads"), uploaded(),
+        ["upload it again"]),
+    web("upload-not-uploaded", lambda: actions.save_upload("data/sample.jsonl", "x.jsonl", "uploads"), uploaded(),
+        ["was not uploaded through the page"]),
+    web("upload-source-a-folder", lambda: actions.save_upload("uploads/d.jsonl", "x.jsonl", "uploads"),
+        lambda r: (uploaded()(r), folder("uploads/d.jsonl")(r)), ["is not a file"]),
     web("tokenize-name-too-long", lambda: actions.tokenize(LONG + ".jsonl"), says=["at most 255 bytes"]),
-    web("upload-name-too-long", lambda: actions.save_upload("data/sample.jsonl", LONG + ".jsonl"),
-        says=["at most 255 bytes"]),
-    web("upload-not-jsonl", lambda: actions.save_upload("data/sample.jsonl", "notes.txt"),
+    web("upload-name-too-long", lambda: actions.save_upload("uploads/s.jsonl", LONG + ".jsonl", "uploads"),
+        uploaded(), ["at most 255 bytes"]),
+    web("upload-not-jsonl", lambda: actions.save_upload("uploads/s.jsonl", "notes.txt", "uploads"), uploaded(),
         says=["not a .jsonl file name"]),
-    web("upload-data-is-a-file", lambda: actions.save_upload("model/tiny.pth", "x.jsonl"),
-        lambda r: (shutil.copy(r / "data/sample.jsonl", r / "s.jsonl"), file_instead_of_folder("data")(r)),
-        ["data is a file"]),
-    web("upload-name-is-a-folder", lambda: actions.save_upload("data/sample.jsonl", "x.jsonl"),
-        folder("data/x.jsonl"), ["data/x.jsonl is a folder"]),
+    web("upload-data-is-a-file", lambda: actions.save_upload("uploads/s.jsonl", "x.jsonl", "uploads"),
+        lambda r: (uploaded()(r), file_instead_of_folder("data")(r)), ["data is a file"]),
+    web("upload-name-is-a-folder", lambda: actions.save_upload("uploads/s.jsonl", "x.jsonl", "uploads"),
+        lambda r: (uploaded()(r), folder("data/x.jsonl")(r)), ["data/x.jsonl is a folder"]),
     web("chat-no-model", lambda: actions.ChatModels().get(""), says=["no model chosen"]),
     web("chat-model-missing", lambda: actions.ChatModels().get("model/nope.pth"), says=["does not exist"]),
     web("chat-model-a-folder", lambda: actions.ChatModels().get("model"), says=["is a folder"]),
@@ -568,6 +590,7 @@ CASES = [
     Case("epoch-word", "sh-merge", ["abc"], says=("'abc'",)),
     Case("state-model-word", "sh-merge", ["0"], env={"STATE_MODEL": "yes"}, says=("STATE_MODEL=yes",)),
     Case("dtype-unknown", "sh-merge", ["0"], env={"DTYPE": "int8"}, says=("DTYPE='int8'",)),
+    Case("overwrite-word", "sh-merge", ["0"], env={"OVERWRITE": "yes"}, says=("OVERWRITE=yes",)),
     Case("meta-a-list", "sh-merge", ["0"], meta_edit(raw="[]"), (DAMAGED,)),
 ]
 
@@ -655,7 +678,8 @@ def test_the_unchanged_project_passes_every_entry_point(project: Path, capsys):
     for out in ("output", "output-state"):
         code, _, err = run_tool(merge_tool.main, ["0", "--output", out, "--dtype", "fp32"], capsys)
         assert code == 0, err
-    assert sorted(p.name for p in (project / "merge").iterdir()) == ["tiny-lora-0.pth", "tiny-state-0.pth"]
+    assert sorted(p.name for p in (project / "merge").iterdir()) == [".merged-from.json", "tiny-lora-0.pth",
+                                                                      "tiny-state-0.pth"]
     model = actions.ChatModels().get("model/tiny.pth", "output/rwkv-0.pth")
     assert model.cfg.n_embd == 64
 

@@ -10,6 +10,7 @@ merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and ch
 from __future__ import annotations
 
 import math
+import contextlib
 import re
 import threading
 from collections import OrderedDict
@@ -59,6 +60,9 @@ def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Pa
         path = Path(src).resolve(strict=True)
     except (OSError, RuntimeError, ValueError):
         path = None
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            if cache in Path(src).resolve().parents:      # uploaded, and gone since (the cache is cleaned)
+                raise UserError(f"the uploaded file {name!r} is not there any more.", "upload it again")
     if path is None or cache not in path.parents:
         raise UserError(f"{Path(str(src)).name!r} was not uploaded through the page: only uploaded files can be "
                         "copied into data/.", "use the Upload button, or copy the file into data/ yourself")

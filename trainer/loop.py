@@ -390,7 +390,8 @@ class RunFiles:
             if self.write:
                 tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
         save_id = uuid.uuid4().hex if self.write else ""
-        save_id = self.spread.agree(save_id)
+        if self.spread.deepspeed:             # its tag names one folder that every rank writes into
+            save_id = self.spread.agree(save_id)
         tag = f"step-{opt_step}{'' if complete else '-interrupted'}-{save_id[:8]}"
         opt_part = self.spread.save_optimizer(optimizer, self.out, tag, self.write)
         if not self.write:

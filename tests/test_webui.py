@@ -212,7 +212,7 @@ def test_only_uploaded_files_enter_data(tmp_path, monkeypatch):
     (cache / "ab12" / "dir.jsonl").mkdir()
     for src, why in ((secret, "was not uploaded through the page"), ("/etc/passwd", "was not uploaded"),
                      (cache / "ab12" / "link.jsonl", "was not uploaded"), (cache / ".." / "secret.jsonl",
-                     "was not uploaded"), (cache / "ab12" / "missing.jsonl", "was not uploaded"),
+                     "was not uploaded"), (cache / "ab12" / "missing.jsonl", "not there any more"),
                      (cache, "was not uploaded"), (cache / "ab12" / "dir.jsonl", "is not a file")):
         with pytest.raises(UserError, match=why) as exc:
             actions.save_upload(src, Path(src).name if Path(src).name.endswith(".jsonl") else "x.jsonl", cache)
@@ -713,7 +713,7 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
         ("on_show", ["bad"], 0, "error: data/bad.idx is not a binidx index file"),
         ("on_save", ["dir", *form_values(**ok)], 0, "error: output/dir.env is a folder"),
         ("on_save", ["../x", *form_values(**ok)], 0, "error: config name '../x' is not a plain name"),
-        ("on_check", form_values(**{**ok, "MODEL": "folder.pth"}), 0, "error: MODEL: model/folder.pth not found"),
+        ("on_check", form_values(**{**ok, "MODEL": "folder.pth"}), 0, "error: MODEL: model/folder.pth is a folder, not a file"),
         ("on_check", form_values(**{**ok, "MODEL": "junk.pth"}), 0, "error: model/junk.pth "),
         ("on_check", form_values(**{**ok, "DATA": "../../etc/passwd"}), 0, "error: DATA: "),
         ("on_check", form_values(**{**ok, "LORA_R": "abc"}), 0, "error: LORA_R='abc' is not a whole number"),

@@ -701,7 +701,7 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
     url, root = server
     (root / "data" / "gone.jsonl").unlink()            # listed when the page was made, deleted since
     ok = dict(MODEL="tiny.pth", DATA="good", EPOCH_STEPS="2", MICRO_BSZ="1", CTX_LEN="16", ACCELERATOR="cpu",
-              PRECISION="fp32", OP="chunk")
+              PRECISION="fp32", OP="chunk", OUTPUT="output/fresh")
     none3 = ["(none)", "(none)", []] * 3            # the three chat columns: model, what goes on it, history
     cases = [   # (action, its inputs, which output holds the message, the message starts with)
         ("on_tokenize", ["gone.jsonl", "1", "", False], 0, "error: data/gone.jsonl not found"),
@@ -718,7 +718,7 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
         ("on_check", form_values(**{**ok, "DATA": "../../etc/passwd"}), 0, "error: DATA: "),
         ("on_check", form_values(**{**ok, "LORA_R": "abc"}), 0, "error: LORA_R='abc' is not a whole number"),
         ("on_start", ["run", *form_values(**{**ok, "OUTPUT": "afile"})], 0, "error: OUTPUT=afile is a file"),
-        ("on_merge", ["afile", "0", "bf16", False], 0, "error: the folder afile does not exist"),
+        ("on_merge", ["afile", "0", "bf16", False], 0, "error: OUTPUT=afile is a file"),
         ("on_merge", ["output", "0", "bf16", False], 0, "error: output/rwkv-0.pth "),
         ("on_merge", ["output", None, "bf16", False], 0, "error: no checkpoint chosen"),
         ("on_stop", [], 0, "no training job is running."),

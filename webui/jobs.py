@@ -77,8 +77,13 @@ class Job:
         self.started = time.time()
         self.ended: float | None = None
         self.command = " ".join(cmd)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w", encoding="utf-8")
+        from trainer.files import make_folder, write_error
+        make_folder(output_dir, "OUTPUT")
+        try:      # appended: the log of an earlier job in this folder stays (a refused start overwrites nothing)
+            self._log = open(self.log_path, "a", encoding="utf-8")
+            self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}  {self.command}\n")
+        except OSError as err:
+            raise write_error(err, self.log_path) from None
         # its own process group: SIGINT reaches the trainer and any process it starts, as Ctrl+C in a terminal
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
@@ -91,8 +96,14 @@ class Job:
         for raw in self.proc.stdout:
             line = raw.rstrip("\n")
             self.lines.append(line)
-            self._log.write(raw)
-            self._log.flush()
+            if self._log is not None:
+                try:
+                    self._log.write(raw)
+                    self._log.flush()
+                except OSError as err:     # a full disk: the page keeps showing the lines, the file stops
+                    self.lines.append(f"(the web page stopped copying these lines to {self.log_path}: "
+                                      f"{err.strerror or err})")
+                    self._close_log()
             m = PROGRESS.search(line)
             if m:
                 self.progress.append((time.time(), m.groups()))
@@ -103,7 +114,15 @@ class Job:
                 self.error = line[len("error: "):]
         self.proc.wait()
         self.ended = time.time()
-        self._log.close()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            try:
+                log.close()
+            except OSError:
+                pass
 
     @property
     def running(self) -> bool:

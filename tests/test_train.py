@@ -374,6 +374,37 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
         resolve_precision(config(PRECISION="fp16"), torch.device("cpu"))
 
 
+def test_precision_auto_is_bf16_on_a_gpu_with_it_fp16_on_one_without_fp32_on_the_cpu(monkeypatch):
+    from trainer.config import PRECISIONS
+    from trainer.loop import precision_name, resolve_precision
+    assert TrainConfig.from_env(dict(MODEL="m", DATA="d")).PRECISION == "auto" and "auto" in PRECISIONS
+    auto, cuda = config(PRECISION="auto"), torch.device("cuda")
+    assert resolve_precision(auto, torch.device("cpu")) == ("32-true", torch.float32)
+    native = [True]      # is_bf16_supported(including_emulation=True), torch's default, also says yes on a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native[0])
+    assert precision_name(auto, cuda) == "bf16" and resolve_precision(auto, cuda) == ("bf16-mixed", torch.bfloat16)
+    native[0] = False    # a T4: bf16 only emulated -> what PRECISION=fp16 gives (fp16 autocast, fp32 stream)
+    assert precision_name(auto, cuda) == "fp16"
+    assert resolve_precision(auto, cuda) == resolve_precision(config(PRECISION="fp16"), cuda) == ("16-mixed", torch.float16)
+    for p in ("bf16", "fp16", "fp32"):    # set by hand: kept as set
+        assert precision_name(config(PRECISION=p), cuda) == p
+
+
+def test_resume_with_precision_auto_continues_a_run_saved_in_what_it_resolves_to(tmp_path, monkeypatch):
+    """A run saved with PRECISION=fp32 (or auto) on the CPU resumes with PRECISION=auto (fp32 there): not
+    refused, and the same losses as the uninterrupted run; the log says what auto resolved to."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=2)
+    full = train(config(OUTPUT="a", **kw), progress=False, log=lambda *_: None)
+    first = train(config(OUTPUT="b", **kw), progress=False, log=lambda *_: None, max_steps=3)
+    lines = []
+    rest = train(config(OUTPUT="b", RESUME=1, PRECISION="auto", **kw), progress=False, log=lines.append)
+    assert any(line.startswith("PRECISION=auto: fp32 (") for line in lines)
+    assert len(first.losses) == 3 and len(rest.losses) == 5
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("oom_at", [0, 3])
 def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_out(tmp_path, monkeypatch, oom_at):
     """GRAD_CP=auto planned too many blocks without checkpointing: the first out-of-memory error switches to

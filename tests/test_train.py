@@ -275,6 +275,40 @@ def test_dry_run_shows_config_count_and_masked_samples(tmp_path, monkeypatch):
     assert "Dry run only" in text and not (tmp_path / "output").exists()
 
 
+def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """State tuning and PiSSA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
+    training) stops with one line and the fix; LoRA on it is fine; a base with one silent layer trains with
+    a warning that names what cannot learn (the check itself: test_peft)."""
+    from tools import train as train_tool
+    from trainer.errors import UserError, run_cli
+    from trainer.loop import dry_run
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    fresh = checkpoint.init_model(checkpoint.config_from_sizes(7, 2, 128, VOCAB))
+    checkpoint.save_atomic(fresh.state_dict(), "model/fresh.pth")
+    for mode in ("state", "pissa"):
+        with pytest.raises(UserError, match=f"FINETUNE_MODE={mode} cannot learn on fresh.pth: att.output.weight is "
+                                            "zero in every layer; ffn.value.weight is zero in every layer"):
+            dry_run(config(MODEL="fresh.pth", FINETUNE_MODE=mode), log=lambda *_: None)
+    for k, v in config(MODEL="fresh.pth", FINETUNE_MODE="state").to_env().items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_tool.main, ["--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: FINETUNE_MODE=state cannot learn")
+    assert "Fix: fine-tune a trained base model" in err
+    lines = []
+    dry_run(config(MODEL="fresh.pth", FINETUNE_MODE="lora"), log=lines.append)
+    assert not any("cannot learn" in line or line.startswith("warning") for line in lines)
+    sd = dict(checkpoint.load_checkpoint("model/tiny.pth"))
+    sd["blocks.1.att.output.weight"] = torch.zeros_like(sd["blocks.1.att.output.weight"])
+    checkpoint.save_atomic(sd, "model/half.pth")
+    lines = []
+    dry_run(config(MODEL="half.pth", FINETUNE_MODE="state"), log=lines.append)
+    assert ("warning: 1 of the 2 tensors FINETUNE_MODE=state trains get an exactly zero gradient at every step on "
+            "half.pth (att.output.weight is zero in layer 1): blocks.1.att.time_state will stay as they start") in lines
+
+
 def test_evaluate_with_adapter_gives_the_trained_models_loss(tmp_path, monkeypatch, capsys):
     import json
 

@@ -200,6 +200,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from .data.dataset import make_dataset
     from .memory import preflight
     from .peft import get_method
+    from .peft.base import zero_weights
     from .quant import check_quant, is_quantised_key, quantize_model
 
     cfg.check_files()
@@ -212,7 +213,11 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             "(this GPU has bf16)" if precision == "bf16-mixed" else
             f"({torch.cuda.get_device_name(device)} has no bf16 in hardware)"))
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
-    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
+    base_sd = checkpoint.load_checkpoint(cfg.model_path)                 # mmap: cheap
+    sizes = checkpoint.detect_config(base_sd, cfg.model_path)
+    # zero output projections (a freshly initialised model) that this method can never move: check_base below
+    zero = zero_weights(base_sd) if get_method(cfg.FINETUNE_MODE).ZERO_STAYS_ZERO else set()
+    del base_sd
     op = ops.resolve(cfg.OP, device, sizes.version)
     memory.trim_thread_stack(device)     # the CUDA driver's idle thread-stack reserve (264 MiB on an H100)
     est = preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
@@ -255,6 +260,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     if model.cfg.version == 7:               # stored in layer 0 but unused there: nothing to train (and DDP
         for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
             getattr(model.blocks[0].att, name).requires_grad_(False)
+    for line in method.check_base(model, zero, cfg.model_path.name):   # refuses a base it cannot learn on
+        log(line)
     model.op = op
     model.grad_cp = cfg.checkpointing
     # the FFN over pieces of the tokens where a checkpointed block's backward would otherwise hold its

@@ -261,9 +261,10 @@ class Method:
     def dead_tensors(self, model: nn.Module, zero: set[str]) -> list[str]:
         """After ``apply``: the trained tensors of ``model`` (those that require a gradient) that get an exactly
         zero gradient at every step, on a base whose zero adapted linear weights are ``zero`` (``zero_weights``
-        of the base's file). Exact where the zero weights are projections a fresh model zeroes (att.output,
-        ffn.value, RWKV-5/6's ffn.receptance); another zero weight inside a block (a key, say) cuts more
-        paths than this names, so the list is then a part of the dead tensors, never more than them."""
+        of the base's file). Exact where the zero weights are att.output and ffn.value (a fresh model's; its
+        RWKV-5/6 ffn.receptance zeros sit behind a zero ffn.value); another zero weight inside a block (a key,
+        an ffn.receptance alone) cuts more paths than this names, so the list is then a part of the dead
+        tensors, never more than them."""
         if not self.ZERO_STAYS_ZERO or not zero:
             return []
         names = [n for n, p in model.named_parameters() if p.requires_grad]

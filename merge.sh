@@ -2,6 +2,7 @@
 # Step 3 of 3: turn a training checkpoint into a model (or a state file) the RWKV tools run.
 #
 #   ./merge.sh EPOCH          EPOCH: the number of a checkpoint in OUTPUT (rwkv-EPOCH.pth), or "interrupted"
+#                             OUTPUT: the one set in training.sh, so the folder training used is found by itself
 #
 # Everything else is read from the checkpoint itself: the method (lora, pissa, bone, bat, state, full), its
 # settings, TRAIN_PARTS and the base model (looked up in model/ by name, and checked to be the very model
@@ -13,7 +14,8 @@
 set -euo pipefail
 
 DTYPE="${DTYPE:-bf16}"          # bf16 (what released models use) | fp16 | fp32 (exact, twice the size)
-OUTPUT="${OUTPUT:-output}"      # the folder training.sh wrote its checkpoints to (its OUTPUT)
+OUTPUT="${OUTPUT:-}"            # the folder of the checkpoints; empty: the OUTPUT set in training.sh (its line is
+                                # read, the script is not run), else output
 MERGE_DIR="${MERGE_DIR:-merge}" # where the merged model / state file goes
 BASE="${BASE:-}"                # empty: the base model named in the checkpoint, from model/. Set it only if that
                                 # file moved or was renamed (it is still checked to be the same weights)
@@ -24,11 +26,6 @@ OVERWRITE="${OVERWRITE:-0}"     # 1 = replace a file in MERGE_DIR merged from an
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
-if [ $# -ne 1 ]; then
-    echo "error: give one EPOCH (checkpoints in $OUTPUT/: $(cd "$OUTPUT" 2>/dev/null && ls rwkv-*.pth 2>/dev/null | tr '\n' ' '))." \
-         "Fix: ./merge.sh EPOCH, e.g. ./merge.sh 0" >&2
-    exit 2
-fi
 EXTRA=()
 case "$STATE_MODEL" in
     1) EXTRA+=(--state-model) ;;
@@ -42,6 +39,8 @@ case "$OVERWRITE" in
     *) echo "error: OVERWRITE=$OVERWRITE is not 0 or 1. Fix: OVERWRITE=1 ./merge.sh EPOCH, or leave it out" >&2
        exit 2 ;;
 esac
+[ -n "$OUTPUT" ] && EXTRA+=(--output "$OUTPUT")
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m tools.merge "$1" --dtype "$DTYPE" --output "$OUTPUT" --merge-dir "$MERGE_DIR" \
+# no EPOCH: tools.merge says how to call it and lists the checkpoints (exit 2)
+exec "${PYTHON:-python3}" -m tools.merge "$@" --dtype "$DTYPE" --merge-dir "$MERGE_DIR" \
     --model-dir model --base "$BASE" "${EXTRA[@]+"${EXTRA[@]}"}"

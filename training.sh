@@ -45,7 +45,8 @@ CTX_WARMUP_STEPS=0        # ctx warm-up: optimizer steps to grow from INITIAL_CT
 
 # ---------------------------------------------------------------- hardware
 ACCELERATOR="auto"        # auto: the GPU if there is one | cuda | cpu
-PRECISION="bf16"          # bf16 (RTX 30xx and newer) | fp16 (older GPUs) | fp32 (CPU, slow)
+PRECISION="auto"          # auto: bf16 on a GPU that has it (RTX 30xx, A100 and newer), fp16 on older GPUs, fp32 on
+                          #   the CPU (bf16 ran 20x slower on a CPU without AMX / AVX-512 BF16) | bf16 | fp16 | fp32
 OP="auto"                 # WKV kernel: auto picks the fastest that works | triton (ours, RWKV-7) | fla | chunk | torch (slow reference)
 GRAD_CP="auto"            # gradient checkpointing: auto = only as much as needed to fit this GPU (fastest that fits)
                           #   | 1 = every block: least memory, ~30% slower | 0 = none: fastest, most memory

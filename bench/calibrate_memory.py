@@ -185,7 +185,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
     ops._load_builtin()
     if op == "null":
         ops.register("null", _null7, _null6, lambda device: None)
-    wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.PRECISION]
+    wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[memory.precision_of(cfg)]
     amp = wdtype != torch.float32 and not deepspeed
     real_dequant = quant_mod.dequantize_weight
 

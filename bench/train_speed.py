@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-parts", default="", help='TRAIN_PARTS, e.g. "time ln"')
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 10; memfit 3)")
     ap.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; memfit 2)")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--precision", default="bf16", choices=("auto", "bf16", "fp16", "fp32"))
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-alpha", type=float, default=128.0)
     ap.add_argument("--vocab", type=int, default=65536)

@@ -248,8 +248,22 @@ def test_make_model_cli(tmp_path, capsys):
     sd = load_checkpoint(out)
     assert all(v.dtype == torch.bfloat16 for v in sd.values())           # bf16 by default, like releases
     assert detect_config(sd, out) == config_from_sizes(7, 2, 128, 1000)
-    want = init_model(config_from_sizes(7, 2, 128, 1000), seed=3).state_dict()
+    # RWKV-LM's init, but small random output projections (every method learns on it; on zeros state tuning
+    # and PiSSA cannot): --output-gain, 0 for RWKV-LM's exactly
+    from trainer.model import FINETUNE_OUTPUT_GAIN
+    want = init_model(config_from_sizes(7, 2, 128, 1000), seed=3, output_gain=FINETUNE_OUTPUT_GAIN).state_dict()
     assert all(torch.equal(sd[k], want[k].bfloat16()) for k in want)
+    assert sd["blocks.1.att.output.weight"].any() and sd["blocks.1.ffn.value.weight"].any()
+    zero = tmp_path / "zero.pth"
+    make_model.main(["--version", "7", "--layers", "2", "--width", "128", "--out", str(zero), "--vocab", "1000",
+                     "--seed", "3", "--output-gain", "0"])
+    rwkv_lm = init_model(config_from_sizes(7, 2, 128, 1000), seed=3).state_dict()
+    got = load_checkpoint(zero)
+    assert all(torch.equal(got[k], rwkv_lm[k].bfloat16()) for k in rwkv_lm)
+    assert not got["blocks.1.att.output.weight"].any()
+    # with a gain, only the projections RWKV-LM zeroes differ from its init
+    assert {k for k in rwkv_lm if not torch.equal(want[k], rwkv_lm[k])} == {
+        f"blocks.{i}.{n}.weight" for i in range(2) for n in ("att.output", "ffn.value")}
     f32 = tmp_path / "f32.pth"
     make_model.main(["--version", "5", "--layers", "1", "--width", "64", "--out", str(f32), "--dtype", "fp32",
                      "--vocab", "100"])

@@ -125,3 +125,13 @@ def test_quant_on_a_machine_without_gpu_is_refused_before_loading(project, monke
                               "PRECISION": "fp32"})
     with pytest.raises(UserError, match="NVIDIA GPU"):
         prepare(c)      # real.pth is not even a model: the refusal comes before loading it
+
+
+def test_precision_defaults_to_auto_in_the_config_training_sh_and_the_web_form():
+    from trainer.config import PRECISIONS
+    from trainer.envfile import training_fields
+    assert PRECISIONS[0] == "auto" and TrainConfig.PRECISION == "auto"
+    field = next(f for f in training_fields() if f.name == "PRECISION")     # what the web page's form shows
+    assert field.default == "auto" and "fp32 on" in field.help and "the CPU" in field.help
+    for p in PRECISIONS:
+        assert TrainConfig.from_env({"MODEL": "m", "DATA": "d", "PRECISION": p}).PRECISION == p

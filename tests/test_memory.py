@@ -583,6 +583,25 @@ def test_embedding_stays_on_the_cpu_where_frozen_on_one_gpu(changes, on_cpu):
     assert saved == (V * C * 2 if on_cpu else 0)
 
 
+def test_precision_auto_is_estimated_as_the_run_will_use_it(monkeypatch):
+    """PRECISION=auto: on the GPU at hand what the trainer picks (bf16, or fp16 on a GPU without it, whose
+    checkpointed block inputs are fp32: twice the bytes); for a CPU run what a GPU with bf16 would need."""
+    lora = dict(FINETUNE_MODE="lora", CTX_LEN=4096, MICRO_BSZ=8)
+    bf16, fp16 = (estimate(cfg_(**lora, PRECISION=p), B15).terms for p in ("bf16", "fp16"))
+    assert fp16["saved"] == 2 * bf16["saved"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.precision_of(cfg_(PRECISION="auto")) == "bf16"
+    assert estimate(cfg_(**lora, PRECISION="auto"), B15).terms == bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert M.precision_of(cfg_(PRECISION="auto")) == "fp16"                       # a T4: bf16 only emulated
+    assert estimate(cfg_(**lora, PRECISION="auto"), B15).terms == fp16
+    assert estimate(cfg_(**lora, PRECISION="auto", ACCELERATOR="cpu"), B15).terms == bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert estimate(cfg_(**lora, PRECISION="auto"), B15).terms == bf16
+    assert M.precision_of(cfg_(PRECISION="fp32")) == "fp32"
+
+
 def test_allocator_grows_segments_except_on_wsl_or_when_the_user_set_it(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

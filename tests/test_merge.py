@@ -3,6 +3,7 @@ against the `rwkv` pip package (one subprocess for RWKV-5/6, one for RWKV-7); th
 evaluate --state; every refusal; atomic output, dtype and keys."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,55 @@ def test_merge_sh_end_to_end(runs):
     assert all(t.dtype == torch.float16 for t in sd.values())
     p = subprocess.run(["bash", str(root / "merge.sh"), "9"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "epoch 0" in p.stderr, p.stderr
+
+
+def test_merge_sh_takes_the_output_that_training_sh_sets(tmp_path, monkeypatch, capsys):
+    """No OUTPUT given: ./merge.sh 0 takes the checkpoints from training.sh's OUTPUT (its line is read, the
+    script is not run) and merges what merging that folder by name gives; a training.sh OUTPUT without
+    checkpoints while output/ has some is refused with the command that merges those; OUTPUT given wins; no
+    EPOCH lists the checkpoints; an OUTPUT the shell would expand is refused."""
+    from trainer.envfile import merge_output_dir
+    from trainer.errors import UserError
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    train_run("lora", "runs/a")
+    script = (ROOT / "training.sh").read_text()
+
+    def training_sh(output: str) -> None:
+        text, n = re.subn(r"^OUTPUT=\S*", f"OUTPUT={output}", script, flags=re.M)
+        assert n == 1
+        (tmp_path / "training.sh").write_text(text)
+
+    training_sh('"runs/a"')
+    (tmp_path / "merge.sh").write_bytes((ROOT / "merge.sh").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "OUTPUT"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DTYPE="fp32", MERGE_DIR="m-sh")
+    p = subprocess.run(["bash", str(tmp_path / "merge.sh"), "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "checkpoints from runs/a/ (OUTPUT in training.sh)" in p.stdout
+    got = checkpoint.load_checkpoint(tmp_path / "m-sh" / "tiny-lora-0.pth")
+    want = checkpoint.merge_epoch(0, output_dir="runs/a", merge_dir="m-ref", dtype="fp32").model
+    want = checkpoint.load_checkpoint(want)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    assert merge_tool.main([]) == 2                                   # no EPOCH: what there is, and where
+    assert "usage: ./merge.sh EPOCH   (checkpoints in runs/a/, OUTPUT in training.sh: 0)" in capsys.readouterr().err
+    training_sh('"runs/b"  # trained before OUTPUT was changed: the checkpoints are in output/')
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "rwkv-0.pth").write_bytes((tmp_path / "runs" / "a" / "rwkv-0.pth").read_bytes())
+    with pytest.raises(SystemExit) as e:
+        run_cli(merge_tool.main, ["0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert ("error: training.sh has OUTPUT='runs/b', and runs/b holds no checkpoint (rwkv-N.pth), but output/ does "
+            "(epoch 0). Fix: to merge those: OUTPUT=output ./merge.sh 0") in err
+    assert merge_output_dir("runs/a") == (Path("runs/a"), "OUTPUT")   # given on the command line: as given
+    assert merge_tool.main(["0", "--output", "runs/a", "--merge-dir", "m-given", "--dtype", "fp32"]) == 0
+    training_sh('"runs/$NAME"')
+    with pytest.raises(UserError, match=r"OUTPUT='runs/\$NAME', which the shell expands"):
+        merge_output_dir()
+    (tmp_path / "training.sh").unlink()
+    assert merge_output_dir() == (Path("output"), "the default")
 
 
 def _snippets(text: str) -> list[str]:

@@ -3,7 +3,8 @@
 Checks: exactly the expected tensors train (with and without TRAIN_PARTS); at init the adapted model
 gives the base's logits; after a few optimizer steps only the method's tensors changed; merge, loaded
 into a plain model, gives the adapted model's logits (1e-4) and does not modify its inputs; load_adapter
-round trip; the DiSHA divisibility error; the update formulas against explicit loops.
+round trip; the DiSHA divisibility error; the update formulas against explicit loops; which trained
+tensors can never learn on zero output projections (a fresh init), proved by their gradients.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from trainer.checkpoint import config_from_sizes, init_model
 from trainer.errors import UserError
 from trainer.model import RWKV
 from trainer.peft import METHODS, get_method
-from trainer.peft.base import AdaptedLinear
+from trainer.peft.base import AdaptedLinear, zero_weights
 
 VERSIONS = (5, 6, 7)
 N_LAYER, N_EMBD, HEAD, VOCAB = 2, 64, 32, 32
@@ -361,3 +362,122 @@ def test_state_tuning_takes_a_high_learning_rate(version):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.95 * losses[0], losses         # a tiny model's state fits only so much
+
+
+# ------------------------------------------------------------------------------- which tensors can learn
+ZERO_PATTERNS = {   # base linear weights set to zero on the perturbed base (the "fresh" base: RWKV-LM's init)
+    "out0-val1": ("blocks.0.att.output.weight", "blocks.1.ffn.value.weight"),
+    "out1-val0": ("blocks.1.att.output.weight", "blocks.0.ffn.value.weight"),
+    # a zero key too (no init or training makes one): it cuts more paths than dead_tensors names
+    "key0-out1": ("blocks.0.att.key.weight", "blocks.1.att.output.weight"),
+}
+
+
+def _zero_base(version: int, pattern: str) -> dict:
+    if pattern == "fresh":
+        cfg = config_from_sizes(version, N_LAYER, N_EMBD, vocab_size=VOCAB, head_size=HEAD)
+        return init_model(cfg, seed=0).state_dict()
+    sd = base_sd(version)
+    for k in ZERO_PATTERNS[pattern]:
+        sd[k].zero_()
+    return sd
+
+
+def _never_moved(method_name, version, parts, sd, steps=3, same_batch=False):
+    """Train ``steps`` Adam steps as the trainer sets a model up (v7's unused layer-0 v0/v1/v2 frozen);
+    return (the method, the model, the trained tensors whose gradient was exactly zero at every step, the
+    losses). ``same_batch``: every step on the first batch."""
+    torch.manual_seed(0)
+    model = plain_model(version, sd)
+    method = get_method(method_name)(SETTINGS[method_name])
+    method.apply(model, train_parts=parts)
+    if version == 7:
+        for n in ("v0", "v1", "v2"):
+            getattr(model.blocks[0].att, n).requires_grad_(False)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(params.values(), lr=1e-2)
+    moved, losses = set(), []
+    model.train()
+    for i in range(steps):
+        idx = tokens(100 + (0 if same_batch else i), T=9)
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        moved |= {n for n, p in params.items() if p.grad is not None and bool(p.grad.any())}
+        losses.append(loss.item())
+        opt.step()
+    return method, model, set(params) - moved, losses
+
+
+DEAD_CASES = ([(m, v, k) for m in ("state", "pissa") for v in VERSIONS for k in ("fresh", *ZERO_PATTERNS)]
+              + [(m, v, "fresh") for m in ("lora", "bone", "bat", "full") for v in VERSIONS])
+
+
+@pytest.mark.parametrize("method_name,version,pattern", DEAD_CASES)
+def test_dead_tensors_are_exactly_those_whose_gradient_stays_zero(method_name, version, pattern):
+    """On zero output projections (a fresh RWKV-LM init: att.output and ffn.value zero in every layer; or
+    some layers of a trained-like base), with every TRAIN_PARTS: the tensors dead_tensors names are exactly
+    the trained tensors whose gradient is exactly zero at each of 3 optimizer steps (LoRA's inner A needs
+    3: B of att.output moves first). State tuning and PiSSA: those of every silent attention / FFN (RWKV-7:
+    layer 0's v_first tensors live on while a later att.output is not zero), PiSSA's adapters of a zero
+    weight; LoRA, Bone, Bat and full: none. A zero key as well cuts more paths: then a part of them."""
+    sd = _zero_base(version, pattern)
+    zero = zero_weights(sd)
+    method, model, never, _ = _never_moved(method_name, version, ALL_PARTS, sd)
+    dead = set(method.dead_tensors(model, zero))
+    if pattern.startswith("key"):
+        assert dead < never
+    else:
+        assert dead == never
+    if method_name in ("lora", "bone", "bat", "full"):
+        assert not dead
+    if pattern == "fresh" and method.ZERO_STAYS_ZERO:   # all but the embedding, head, ln0 and ln_out
+        assert set(n for n, p in model.named_parameters() if p.requires_grad) - dead == {
+            "emb.weight", "head.weight", "ln_out.weight", "ln_out.bias", "blocks.0.ln0.weight", "blocks.0.ln0.bias"}
+
+
+@pytest.mark.parametrize("method_name", ["state", "pissa"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_state_and_pissa_on_a_fresh_model_learn_nothing_and_are_refused(method_name, version):
+    """Without TRAIN_PARTS, on a fresh init, the loss is the same number at every step (nothing moves); the
+    check refuses it in one line with the fix; LoRA on the same base is not refused."""
+    sd = _zero_base(version, "fresh")
+    method, model, never, losses = _never_moved(method_name, version, (), sd, steps=3, same_batch=True)
+    assert never == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert losses[0] == losses[1] == losses[2]
+    with pytest.raises(UserError) as err:
+        method.check_base(model, zero_weights(sd), "fresh.pth")
+    msg = str(err.value)
+    assert f"FINETUNE_MODE={method_name} cannot learn on fresh.pth" in msg and "zero in every layer" in msg
+    assert "freshly initialised" in msg and "the loss would not move" in msg and "\n" not in msg
+    assert "a trained base model" in err.value.fix and "FINETUNE_MODE=lora" in err.value.fix
+    lora, lora_model, _, lora_losses = _never_moved("lora", version, (), sd, steps=3, same_batch=True)
+    assert lora.check_base(lora_model, zero_weights(sd), "fresh.pth") == [] and lora_losses[2] < lora_losses[0]
+
+
+def test_state_refused_even_where_train_parts_learn_and_warned_where_some_layers_learn():
+    sd = _zero_base(7, "fresh")
+    method, model, _, _ = _never_moved("state", 7, ("emb", "head"), sd, steps=1)
+    with pytest.raises(UserError, match=r"only TRAIN_PARTS' 2 tensors would learn \(emb.weight, head.weight\), "
+                                         r"the method's own would stay as they start"):
+        method.check_base(model, zero_weights(sd), "fresh.pth")
+    sd = _zero_base(7, "out1-val0")                # layer 0's attention learns, layer 1's does not
+    method, model, never, _ = _never_moved("state", 7, (), sd, steps=1)
+    notes = method.check_base(model, zero_weights(sd), "half.pth")
+    assert never == {"blocks.1.att.time_state"}
+    assert notes == ["warning: 1 of the 2 tensors FINETUNE_MODE=state trains get an exactly zero gradient at every "
+                     "step on half.pth (att.output.weight is zero in layer 1; ffn.value.weight is zero in layer 0): "
+                     "blocks.1.att.time_state will stay as they start"]
+    assert get_method("state")({}).check_base(model, set(), "trained.pth") == []
+
+
+def test_zero_weights_finds_only_all_zero_adapted_linears():
+    sd = base_sd(7)
+    sd["blocks.1.att.output.weight"].zero_()
+    sd["blocks.0.ffn.value.weight"].zero_()
+    sd["blocks.0.ffn.value.weight"][-1, -1] = 1e-30      # one value, past the ones read first: not zero
+    sd["blocks.0.att.x_k"].zero_()                         # not a linear weight
+    assert zero_weights(sd) == {"blocks.1.att.output.weight"}
+    fresh = zero_weights(_zero_base(6, "fresh"))         # RWKV-5/6 zero their FFN receptance too
+    assert fresh == {f"blocks.{i}.{n}.weight" for i in range(N_LAYER) for n in ("att.output", "ffn.value",
+                                                                                 "ffn.receptance")}

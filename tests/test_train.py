@@ -275,6 +275,40 @@ def test_dry_run_shows_config_count_and_masked_samples(tmp_path, monkeypatch):
     assert "Dry run only" in text and not (tmp_path / "output").exists()
 
 
+def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """State tuning and PiSSA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
+    training) stops with one line and the fix; LoRA on it is fine; a base with one silent layer trains with
+    a warning that names what cannot learn (the check itself: test_peft)."""
+    from tools import train as train_tool
+    from trainer.errors import UserError, run_cli
+    from trainer.loop import dry_run
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    fresh = checkpoint.init_model(checkpoint.config_from_sizes(7, 2, 128, VOCAB))
+    checkpoint.save_atomic(fresh.state_dict(), "model/fresh.pth")
+    for mode in ("state", "pissa"):
+        with pytest.raises(UserError, match=f"FINETUNE_MODE={mode} cannot learn on fresh.pth: att.output.weight is "
+                                            "zero in every layer; ffn.value.weight is zero in every layer"):
+            dry_run(config(MODEL="fresh.pth", FINETUNE_MODE=mode), log=lambda *_: None)
+    for k, v in config(MODEL="fresh.pth", FINETUNE_MODE="state").to_env().items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_tool.main, ["--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: FINETUNE_MODE=state cannot learn")
+    assert "Fix: fine-tune a trained base model" in err
+    lines = []
+    dry_run(config(MODEL="fresh.pth", FINETUNE_MODE="lora"), log=lines.append)
+    assert not any("cannot learn" in line or line.startswith("warning") for line in lines)
+    sd = dict(checkpoint.load_checkpoint("model/tiny.pth"))
+    sd["blocks.1.att.output.weight"] = torch.zeros_like(sd["blocks.1.att.output.weight"])
+    checkpoint.save_atomic(sd, "model/half.pth")
+    lines = []
+    dry_run(config(MODEL="half.pth", FINETUNE_MODE="state"), log=lines.append)
+    assert ("warning: 1 of the 2 tensors FINETUNE_MODE=state trains get an exactly zero gradient at every step on "
+            "half.pth (att.output.weight is zero in layer 1): blocks.1.att.time_state will stay as they start") in lines
+
+
 def test_evaluate_with_adapter_gives_the_trained_models_loss(tmp_path, monkeypatch, capsys):
     import json
 
@@ -372,6 +406,37 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     assert resolve_precision(config(PRECISION="fp16"), torch.device("cuda")) == ("16-mixed", torch.float16)
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_precision(config(PRECISION="fp16"), torch.device("cpu"))
+
+
+def test_precision_auto_is_bf16_on_a_gpu_with_it_fp16_on_one_without_fp32_on_the_cpu(monkeypatch):
+    from trainer.config import PRECISIONS
+    from trainer.loop import precision_name, resolve_precision
+    assert TrainConfig.from_env(dict(MODEL="m", DATA="d")).PRECISION == "auto" and "auto" in PRECISIONS
+    auto, cuda = config(PRECISION="auto"), torch.device("cuda")
+    assert resolve_precision(auto, torch.device("cpu")) == ("32-true", torch.float32)
+    native = [True]      # is_bf16_supported(including_emulation=True), torch's default, also says yes on a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native[0])
+    assert precision_name(auto, cuda) == "bf16" and resolve_precision(auto, cuda) == ("bf16-mixed", torch.bfloat16)
+    native[0] = False    # a T4: bf16 only emulated -> what PRECISION=fp16 gives (fp16 autocast, fp32 stream)
+    assert precision_name(auto, cuda) == "fp16"
+    assert resolve_precision(auto, cuda) == resolve_precision(config(PRECISION="fp16"), cuda) == ("16-mixed", torch.float16)
+    for p in ("bf16", "fp16", "fp32"):    # set by hand: kept as set
+        assert precision_name(config(PRECISION=p), cuda) == p
+
+
+def test_resume_with_precision_auto_continues_a_run_saved_in_what_it_resolves_to(tmp_path, monkeypatch):
+    """A run saved with PRECISION=fp32 (or auto) on the CPU resumes with PRECISION=auto (fp32 there): not
+    refused, and the same losses as the uninterrupted run; the log says what auto resolved to."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=2)
+    full = train(config(OUTPUT="a", **kw), progress=False, log=lambda *_: None)
+    first = train(config(OUTPUT="b", **kw), progress=False, log=lambda *_: None, max_steps=3)
+    lines = []
+    rest = train(config(OUTPUT="b", RESUME=1, PRECISION="auto", **kw), progress=False, log=lines.append)
+    assert any(line.startswith("PRECISION=auto: fp32 (") for line in lines)
+    assert len(first.losses) == 3 and len(rest.losses) == 5
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("oom_at", [0, 3])

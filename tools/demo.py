@@ -1,6 +1,6 @@
 """./demo.sh: the whole workflow on a tiny model made on the spot, on the CPU, in about a minute.
 
-1. make a tiny random RWKV-7 (model/demo.pth)           -- what tools.make_model does
+1. make a tiny random RWKV-7 (model/demo.pth)           -- what tools.make_model does (every method learns on it)
 2. tokenize data/sample.jsonl (data/sample.bin + .idx)   -- ./make_tokenize.sh sample.jsonl 2
 3. fine-tune it with LoRA (output/demo/)                 -- what ./training.sh does, same config object
 4. merge epoch 2 into the base (merge/demo/)             -- what ./merge.sh does
@@ -27,7 +27,7 @@ DEMO_TRAINING = {                      # the training.sh variables of the demo r
     "CTX_LEN": "192", "DATALOAD": "pad", "LOSS_MASK": "pad",
     "MICRO_BSZ": "8", "EPOCH_STEPS": "11", "EPOCH_COUNT": "3",    # 88 items = 8 x 11: one pass per epoch
     "LR_INIT": "2e-2", "LR_FINAL": "5e-3", "WARMUP_STEPS": "2",
-    "PRECISION": "fp32", "ACCELERATOR": "cpu", "OP": "auto", "GRAD_CP": "0", "SEED": "42",
+    "PRECISION": "auto", "ACCELERATOR": "cpu", "OP": "auto", "GRAD_CP": "0", "SEED": "42",
     "SAMPLE_PROMPT": "User: What is RWKV?\n\nAssistant:",
     "OVERWRITE": "1",                  # output/demo is the demo's own: each run of the demo replaces the last
 }
@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.binidx import BinIdx
     from trainer.inference import evaluate_loss
     from trainer.loop import train
+    from trainer.model import FINETUNE_OUTPUT_GAIN
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     say("1/5  a tiny random RWKV-7: 2 layers, 128 wide, the full 65536-token vocabulary -> model/demo.pth")
     cfg = checkpoint.config_from_sizes(7, 2, 128)
-    checkpoint.save_atomic(checkpoint.init_model(cfg, seed=0).state_dict(), "model/demo.pth")
+    # small random output projections (RWKV-LM starts them at zero): every method learns on this model
+    model = checkpoint.init_model(cfg, seed=0, output_gain=FINETUNE_OUTPUT_GAIN)
+    checkpoint.save_atomic(model.state_dict(), "model/demo.pth")
 
     say("2/5  ./make_tokenize.sh sample.jsonl 2")
     subprocess.run(["bash", "make_tokenize.sh", "sample.jsonl", "2"], check=True)

@@ -2,14 +2,19 @@
 
     python -m tools.make_model --version 7 --layers 2 --width 128 --out model/demo.pth
                                [--vocab 65536] [--head-size 64] [--seed 0] [--dtype bf16|fp16|fp32]
+                               [--output-gain 0.3]
 
 Small ones are for trying the toolkit on a CPU; the rwkv package and RWKV-Runner load the file too.
+RWKV-LM starts every block's output projections (att.output, ffn.value) at zero; on such a model state
+tuning and PiSSA cannot learn (training refuses them). So these get small random ones (--output-gain, the
+demo's); --output-gain 0 gives RWKV-LM's initialisation exactly.
 """
 from __future__ import annotations
 
 import argparse
 
 from trainer.errors import UserError, run_cli
+from trainer.model import FINETUNE_OUTPUT_GAIN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                     help="dtype of the saved weights (bf16 like the released models)")
+    ap.add_argument("--output-gain", type=float, default=FINETUNE_OUTPUT_GAIN,
+                    help="scale of the random att.output / ffn.value weights (default %(default)s: every method "
+                    "learns on the model); 0 = RWKV-LM's zero projections, on which state tuning and PiSSA "
+                    "cannot learn")
     args = ap.parse_args(argv)
 
     from trainer.checkpoint import DTYPES, config_from_sizes, init_model, save_atomic
@@ -31,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".pth"):
         raise UserError(f"--out {args.out} should end with .pth", f"e.g. --out {args.out}.pth")
     cfg = config_from_sizes(args.version, args.layers, args.width, vocab_size=args.vocab, head_size=args.head_size)
-    model = init_model(cfg, seed=args.seed)
+    if not 0 <= args.output_gain <= 10:
+        raise UserError(f"--output-gain {args.output_gain} is outside 0 to 10.",
+                        f"use {FINETUNE_OUTPUT_GAIN} (the default), or 0 for RWKV-LM's zero output projections")
+    model = init_model(cfg, seed=args.seed, output_gain=args.output_gain)
     sd = {k: v.to(DTYPES[args.dtype]).contiguous() for k, v in model.state_dict().items()}
     save_atomic(sd, args.out)
     n = sum(v.numel() for v in sd.values())

@@ -1,9 +1,10 @@
 """Merge a trained checkpoint into its base model: what ./merge.sh runs.
 
-    python -m tools.merge EPOCH [--output output] [--model-dir model] [--merge-dir merge] [--dtype bf16]
+    python -m tools.merge EPOCH [--output FOLDER] [--model-dir model] [--merge-dir merge] [--dtype bf16]
                                 [--base FILE] [--state-model]
 
-EPOCH is a number (output/rwkv-EPOCH.pth) or "interrupted". The method, its settings, TRAIN_PARTS and the
+EPOCH is a number (OUTPUT/rwkv-EPOCH.pth) or "interrupted". Without --output, the checkpoints are taken from
+the OUTPUT that ./training.sh sets (its line is read, the script is not run), else from output/. The method, its settings, TRAIN_PARTS and the
 base model are read from the checkpoint. Writes merge/<base>-<method>-EPOCH.pth (a complete model in the
 official layout), or for state tuning merge/<base>-state-EPOCH.pth (the tuned state alone; with --state-model
 also merge/<base>-state-EPOCH-model.pth, the base model with the state inside), then prints how to use it.
@@ -11,17 +12,19 @@ also merge/<base>-state-EPOCH-model.pth, the base model with the state inside), 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from trainer.checkpoint import merge_usage_text as usage_text  # noqa: F401  (its home is beside the merge)
-from trainer.errors import run_cli
+from trainer.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.merge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("epoch", help="the epoch to merge (output/rwkv-EPOCH.pth), or 'interrupted'")
-    ap.add_argument("--output", default="output", help="the folder training wrote its checkpoints to")
+    ap.add_argument("epoch", nargs="?", help="the epoch to merge (OUTPUT/rwkv-EPOCH.pth), or 'interrupted'")
+    ap.add_argument("--output", default=None, help="the folder training wrote its checkpoints to (default: "
+                    "OUTPUT in ./training.sh, read as text; else output)")
     ap.add_argument("--model-dir", default="model", help="where base models are looked up by name")
     ap.add_argument("--merge-dir", default="merge", help="where the merged files go")
     ap.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32: the dtype of every tensor written")
@@ -32,9 +35,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="replace a file in the merge folder that was merged from another checkpoint")
     args = ap.parse_args(argv)
 
-    from trainer.checkpoint import checkpoint_path, merge_checkpoint
+    from trainer.checkpoint import checkpoint_path, list_epochs, merge_checkpoint
+    from trainer.envfile import merge_output_dir
 
-    path = checkpoint_path(args.output, args.epoch)
+    output, source = merge_output_dir(args.output)
+    if args.epoch is None:
+        have = list_epochs(output)
+        raise UserError(f"give one EPOCH: the checkpoints in {output}/ ({source}) are "
+                        + (", ".join(f"rwkv-{e}.pth" for e in have) or "none") + ".",
+                        f"./merge.sh EPOCH, e.g. ./merge.sh {have[-1] if have else 0}")
+    path = checkpoint_path(output, args.epoch)
     t0 = time.time()
     res = merge_checkpoint(path, args.model_dir, args.merge_dir, args.dtype, args.base or None, args.state_model,
                            overwrite=args.overwrite)
@@ -44,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         when = f"converted from {meta['converted_from']}"
     settings = ", ".join(f"{k}={v}" for k, v in (meta.get("settings") or {}).items())
     parts = " ".join(meta.get("train_parts") or [])
+    if source != "OUTPUT":
+        print(f"checkpoints from {output}/ ({source})")
     print(f"merged {path} ({meta['method']}{' ' + settings if settings else ''}"
           f"{', TRAIN_PARTS ' + parts if parts else ''}; {when}) into {res.base} (RWKV-{res.version}), "
           f"{args.dtype}, in {time.time() - t0:.1f} s")

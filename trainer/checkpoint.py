@@ -325,9 +325,10 @@ def config_from_sizes(version: int, n_layer: int, n_embd: int, vocab_size: int =
     return cfg
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> RWKV:
-    """A new fp32 model on the CPU with RWKV-LM's random initialisation for its version."""
-    return init_weights_(RWKV(cfg), seed)
+def init_model(cfg: ModelConfig, seed: int = 0, output_gain: float = 0.0) -> RWKV:
+    """A new fp32 model on the CPU with RWKV-LM's random initialisation for its version (``output_gain``:
+    see init_weights_)."""
+    return init_weights_(RWKV(cfg), seed, output_gain)
 
 
 # ------------------------------------------------------------------------------------------ training files

@@ -26,7 +26,7 @@ PARTS = ("emb", "head", "time", "ln")
 DATALOADS = ("get", "pad", "only")
 LOSS_MASKS = ("none", "pad", "qa")
 SCHEDULES = ("cos", "wsd", "const")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TRAIN_TYPES = ("normal", "infctx")
 QUANTS = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -94,7 +94,8 @@ class TrainConfig:
     CTX_WARMUP_STEPS: int = _var("infctx warm-up: steps to grow to CTX_LEN", default=0)
     # hardware
     OP: str = _var("WKV kernel: auto | triton | fla | rwkvfla | chunk | torch", default="auto")
-    PRECISION: str = _var("bf16 | fp16 | fp32", default="bf16")
+    PRECISION: str = _var("auto (bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU) | bf16 | fp16 "
+                          "| fp32", default="auto")
     GRAD_CP: str = _var("gradient checkpointing: 1 saves memory, 0 is faster, auto checkpoints only the blocks "
                         "that must be to fit in the GPU's memory", default="auto")
     COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")

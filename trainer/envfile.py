@@ -3,6 +3,7 @@
     fields = training_fields()                    # [Field(name, default, help, section), ...] in training.sh's order
     write_env_file(path, values)                  # NAME='value'   # help    (one line per variable)
     values = read_env_file(path)                  # {NAME: value}; unknown names and odd lines are refused
+    folder, why = merge_output_dir(None)          # ./merge.sh's checkpoints: training.sh's OUTPUT (not run)
 
 A config file is what the web page saves; ``./training.sh --config FILE`` (tools/train.py) puts its values
 over the ones at the top of training.sh, so a run started from the page can be repeated from the shell. The
@@ -136,3 +137,42 @@ def read_env_file(path: str | Path) -> dict[str, str]:
                             f"retype {name} in the file, or save the config again from the web page")
         out[name] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------ merge's OUTPUT
+DEFAULT_OUTPUT = "output"
+
+
+def training_sh_value(name: str, script: str | Path = "training.sh") -> str | None:
+    """``NAME``'s value in a training.sh, read as text (the script is never run); None where the file or the
+    line is missing."""
+    p = Path(script)
+    if not p.is_file():
+        return None
+    values = {n: v for _, n, v, _ in parse_training_sh(p.read_text(encoding="utf-8"))}
+    return values.get(name)
+
+
+def merge_output_dir(given: str | None = None, script: str | Path = "training.sh") -> tuple[Path, str]:
+    """The folder ./merge.sh takes checkpoints from, and where that came from in words: ``given`` (OUTPUT on
+    merge.sh's command line) as it is; else training.sh's OUTPUT, the folder the user's training wrote to;
+    else output/. Refused with the command to use: a training.sh OUTPUT that the shell would expand ($,
+    backquotes: merge does not run the script), and one whose folder holds no checkpoint where output/ does
+    (a run trained before OUTPUT was changed, say)."""
+    from .checkpoint import list_epochs
+    if given:
+        return Path(given), "OUTPUT"
+    value = training_sh_value("OUTPUT", script)
+    if not value:
+        return Path(DEFAULT_OUTPUT), "the default"
+    if any(c in value for c in "$`"):
+        raise UserError(f"training.sh has OUTPUT={value!r}, which the shell expands; merge reads training.sh "
+                        "without running it.", "give the folder itself: OUTPUT=FOLDER ./merge.sh EPOCH")
+    folder, default = Path(value), Path(DEFAULT_OUTPUT)
+    if not list_epochs(folder) and folder.resolve() != default.resolve() and list_epochs(default):
+        have = list_epochs(default)
+        last = have[-2] if have[-1] == "interrupted" and len(have) > 1 else have[-1]
+        raise UserError(f"training.sh has OUTPUT={value!r}, and {folder} holds no checkpoint (rwkv-N.pth), but "
+                        f"{DEFAULT_OUTPUT}/ does (epoch{'s' if len(have) > 1 else ''} {', '.join(have)}).",
+                        f"to merge those: OUTPUT={DEFAULT_OUTPUT} ./merge.sh {last}; or train first (./training.sh)")
+    return folder, "OUTPUT in training.sh"

@@ -59,15 +59,39 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(want)
 
 
+def precision_name(cfg: TrainConfig, device: torch.device) -> str:
+    """PRECISION with auto resolved for ``device``: bf16 on a CUDA GPU that has it in hardware (RTX 30xx,
+    A100 and newer), fp16 on an older CUDA GPU (as PRECISION=fp16: fp16 autocast, fp32 residual stream),
+    fp32 on the CPU (bf16 is fast there only with AMX or AVX-512 BF16; without them a training step ran 20
+    to 25 times slower: README, PRECISION)."""
+    if cfg.PRECISION != "auto":
+        return cfg.PRECISION
+    if device.type == "cuda":
+        return "bf16" if _native_bf16() else "fp16"
+    return "fp32"
+
+
+def _native_bf16() -> bool:
+    """Whether the current CUDA GPU has bf16 in hardware. torch.cuda.is_bf16_supported() also says yes where
+    bf16 is only emulated (a T4, compute capability 7.5), where Triton's bf16 kernels do not build
+    ("'.bf16' requires .target sm_80")."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:                       # a torch without the argument: its answer is the native one
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype]:
-    """Fabric's precision string and the dtype the frozen weights are stored in."""
-    if cfg.PRECISION == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """Fabric's precision string and the dtype the frozen weights are stored in (PRECISION=auto: the
+    precision_name for ``device``)."""
+    chosen = precision_name(cfg, device)
+    if chosen == "bf16":
+        if cfg.PRECISION == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             name = torch.cuda.get_device_name(device)
             raise UserError(f"PRECISION=bf16 but this GPU ({name}) has no bf16 support.",
                             "set PRECISION=fp16 (or fp32) in training.sh")
         return "bf16-mixed", torch.bfloat16
-    if cfg.PRECISION == "fp16":
+    if chosen == "fp16":
         if device.type != "cuda":
             raise UserError("PRECISION=fp16 needs a CUDA GPU.", "on the CPU use PRECISION=fp32 or bf16")
         return "16-mixed", torch.float16
@@ -177,6 +201,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     from .data.dataset import make_dataset
     from .memory import preflight
     from .peft import get_method
+    from .peft.base import zero_weights
     from .quant import check_quant, is_quantised_key, quantize_model
 
     from . import resume
@@ -185,11 +210,20 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
     device = resolve_device(cfg) if device is None else device
     precision, weight_dtype = resolve_precision(cfg, device)
+    if cfg.PRECISION == "auto":
+        log(f"PRECISION=auto: {precision_name(cfg, device)} " + (
+            "(a CPU without bf16 instructions ran bf16 20 times slower: README)" if device.type != "cuda" else
+            "(this GPU has bf16)" if precision == "bf16-mixed" else
+            f"({torch.cuda.get_device_name(device)} has no bf16 in hardware)"))
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
+    base_sd = checkpoint.load_checkpoint(cfg.model_path)                 # mmap: cheap
+    sizes = checkpoint.detect_config(base_sd, cfg.model_path)
+    # zero output projections (a freshly initialised model) that this method can never move: check_base below
+    zero = zero_weights(base_sd) if get_method(cfg.FINETUNE_MODE).ZERO_STAYS_ZERO else set()
+    del base_sd
     base_meta = checkpoint.base_metadata(cfg.model_path)
     data_id = resume.data_identity(cfg.data_prefix)
     state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
-    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)  # mmap: cheap
     op = ops.resolve(cfg.OP, device, sizes.version)
     memory.trim_thread_stack(device)     # the CUDA driver's idle thread-stack reserve (264 MiB on an H100)
     est = preflight(cfg, sizes, device, log, op)   # estimated peak GPU memory; warns with fixes, never stops
@@ -231,6 +265,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     if model.cfg.version == 7:               # stored in layer 0 but unused there: nothing to train (and DDP
         for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
             getattr(model.blocks[0].att, name).requires_grad_(False)
+    for line in method.check_base(model, zero, cfg.model_path.name):   # refuses a base it cannot learn on
+        log(line)
     model.op = op
     model.grad_cp = cfg.checkpointing
     # the FFN over pieces of the tokens where a checkpointed block's backward would otherwise hold its

@@ -11,7 +11,7 @@ THE FORMULA (bytes). B = MICRO_BSZ, T = CTX_LEN (infctx: CHUNK_CTX), L layers, C
 BT = B·T; P = trained elements (the method's tensors + TRAIN_PARTS; full: every weight but v7's unused
 layer-0 v0/v1/v2). Counts come from the official layout (checkpoint.expected_shapes) and the methods' rules.
 
-  weights    frozen base elements × 2 (bf16/fp16; 4 in fp32); the quantised att/ffn linears at their exact
+  weights    frozen base elements × 2 (bf16/fp16; 4 in fp32; PRECISION=auto as precision_of resolves it); the quantised att/ffn linears at their exact
              storage (nf4: 32 code bytes + 4 scale bytes per 64 weights; int8: 1 per weight + 4 per row);
              PiSSA's initial A and B × 2; less the embedding (V·C × 2) where it stays in CPU memory
              (embedding_on_cpu: frozen, one GPU, no DeepSpeed)
@@ -195,6 +195,23 @@ _V7_LAYER0_UNUSED = ("v0", "v1", "v2")
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
+
+
+def precision_of(cfg: Any) -> str:
+    """PRECISION as the run will use it, bf16 | fp16 | fp32. auto: what the GPU at hand gets
+    (loop.precision_name: bf16, or fp16 on a GPU without bf16) where the run goes to a GPU; for a run on
+    the CPU (whose estimate says what a GPU would need) bf16, what a current GPU gets."""
+    value = _get(cfg, "PRECISION", "bf16")
+    if value != "auto":
+        return value
+    try:
+        import torch
+        if _get(cfg, "ACCELERATOR", "auto") != "cpu" and torch.cuda.is_available():
+            from .loop import precision_name
+            return precision_name(cfg, torch.device("cuda"))
+    except Exception:                      # no usable GPU after all: as on the CPU
+        pass
+    return "bf16"
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -431,7 +448,7 @@ def estimate(cfg: Any, sizes: Any, op: str | None = None, plain_top: int = 0, ke
     mode = _get(cfg, "FINETUNE_MODE", "lora")
     family = FAMILY[mode]
     quant = _get(cfg, "QUANT", "none") or "none"
-    precision = _get(cfg, "PRECISION", "bf16")
+    precision = precision_of(cfg)
     wbytes = 4 if precision == "fp32" else 2
     cp = _grad_cp(cfg) != "0"
     infctx = _get(cfg, "TRAIN_TYPE", "normal") == "infctx"
@@ -645,7 +662,7 @@ def host_available(meminfo: str = "/proc/meminfo") -> int | None:
 
 def offload_host_bytes(cfg: Any, sizes: Any) -> float:
     """CPU memory one streamed block's frozen weights take (OFFLOAD_BLOCKS keeps them there)."""
-    return param_table(cfg, sizes).block_streamed * (4 if _get(cfg, "PRECISION", "bf16") == "fp32" else 2)
+    return param_table(cfg, sizes).block_streamed * (4 if precision_of(cfg) == "fp32" else 2)
 
 
 def offload_host_limit(cfg: Any, sizes: Any, available: int | None = None) -> int | None:

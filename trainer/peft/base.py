@@ -29,12 +29,20 @@ TRAIN_PARTS adds, by name rule (so every RWKV version is covered without lists p
         Linear weight and not a norm; the method's own tensors (time_state) are excluded
   ln    every norm weight and bias: ln0, ln1, ln2, ln_out and att.ln_x (``...lnSOMETHING.weight|bias``)
 Those tensors are saved in the adapter and merge puts them in place of the base's.
+
+Whether a method can learn on a given base (``check_base``, called by loop.prepare): a block's attention
+reaches the residual stream only through ``att.output``, its FFN only through ``ffn.value``. A freshly
+initialised RWKV (RWKV-LM's scheme, model.init_weights_) has both at zero, so every block starts as the
+identity. Where such a zero projection stays zero for the whole run (``ZERO_STAYS_ZERO``: state tuning,
+which trains no weight; PiSSA, whose adapter of a zero weight is zero and a saddle point), every tensor
+whose only way to the loss runs through it gets an exactly zero gradient at every step (``dead_tensors``).
+LoRA, Bone, Bat and full fine-tuning move a zero projection from the first step, so nothing is dead there.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +61,52 @@ _PART_RULES = {
     "time": re.compile(r"^blocks\.\d+\.(att|ffn)\.[^.]+$"),
     "ln": re.compile(r"(^|\.)ln[^.]*\.(weight|bias)$"),
 }
+
+
+# RWKV-7: layer 0's value is v_first, which every later layer's attention mixes into its own value, so these
+# tensors of layer 0 reach the loss through every layer's att.output, not only through layer 0's.
+_V_FIRST_RE = re.compile(r"^blocks\.0\.(ln1\.|att\.value\.|att\.x_v$)")
+# A trained tensor's side of a block: its attention (and ln1, the attention's input norm) or its FFN (and ln2).
+_SIDE_RE = re.compile(r"^blocks\.(\d+)\.(att|ffn|ln1|ln2)\.")
+EXITS = {"att": "att.output.weight", "ffn": "ffn.value.weight"}      # where each side joins the residual
+
+
+def all_zero(t: Tensor) -> bool:
+    """Whether ``t`` is exactly zero everywhere; a few values are read first, so a trained weight (memory-
+    mapped from its file) costs next to nothing."""
+    flat = t.reshape(-1)
+    return not bool(flat[:4096].any()) and not bool(flat.any())
+
+
+def zero_weights(sd: Mapping[str, Tensor]) -> set[str]:
+    """The adapted linear weights (``blocks.N.att.output.weight``, ...) of a state dict that are all zero."""
+    return {k for k, v in sd.items() if k.endswith(".weight") and TARGET_RE.match(k[: -len(".weight")])
+            and all_zero(v)}
+
+
+def dead_names(names: Iterable[str], zero: set[str], version: int, n_layer: int,
+               adapters: Iterable[str] = ()) -> list[str]:
+    """Among the trained ``names``, those that get an exactly zero gradient at every step when the base
+    linear weights ``zero`` are zero and stay zero (a method with ZERO_STAYS_ZERO): the tensors of a block's
+    attention (and its ln1) when that layer's att.output is zero, except that RWKV-7's layer-0 tensors that
+    make v_first (ln1, the value projection's, x_v) die only when every layer's att.output is zero; the
+    tensors of a block's FFN (and its ln2) when that layer's ffn.value is zero; and ``adapters`` (the
+    method's own tensors beside a linear weight: ``M.lora_A`` of ``M.weight``) of a zero weight, which start
+    at zero and are a saddle point. The embedding, the head, ln0 and ln_out always learn."""
+    silent = {side: {int(k.split(".")[1]) for k in zero if k.endswith("." + exit_)} for side, exit_ in EXITS.items()}
+    every_att = silent["att"] >= set(range(n_layer))
+    own = set(adapters)
+    dead = []
+    for n in names:
+        m = _SIDE_RE.match(n)
+        if n in own and n.rsplit(".", 1)[0] + ".weight" in zero:
+            dead.append(n)
+        elif m is not None:
+            layer, side = int(m.group(1)), "att" if m.group(2) in ("att", "ln1") else "ffn"
+            v_first = version == 7 and side == "att" and _V_FIRST_RE.match(n) is not None
+            if layer in silent[side] and (every_att or not v_first):
+                dead.append(n)
+    return dead
 
 
 def check_parts(train_parts: Iterable[str]) -> tuple[str, ...]:
@@ -207,6 +261,58 @@ class Method:
 
     def metadata(self) -> dict:
         return dict(self.settings)
+
+    # ---- can it learn on this base? (see the module docstring) -----------------------------------
+    # Whether a base linear weight that is zero stays zero through training, whatever the data. Methods
+    # that train the weight, or an update of it that moves from zero at the first step, leave it False.
+    ZERO_STAYS_ZERO = False
+    # Why the method's own tensors get no gradient behind a zero projection, in words (ZERO_STAYS_ZERO).
+    WHY_NO_GRADIENT = ""
+
+    def dead_tensors(self, model: nn.Module, zero: set[str]) -> list[str]:
+        """After ``apply``: the trained tensors of ``model`` (those that require a gradient) that get an exactly
+        zero gradient at every step, on a base whose zero adapted linear weights are ``zero`` (``zero_weights``
+        of the base's file). Exact where the zero weights are att.output and ffn.value (a fresh model's; its
+        RWKV-5/6 ffn.receptance zeros sit behind a zero ffn.value); another zero weight inside a block (a key,
+        an ffn.receptance alone) cuts more paths than this names, so the list is then a part of the dead
+        tensors, never more than them."""
+        if not self.ZERO_STAYS_ZERO or not zero:
+            return []
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return dead_names(names, zero, model.cfg.version, model.cfg.n_layer, [n for n in names if self._is_own(n)])
+
+    def check_base(self, model: nn.Module, zero: set[str], base_name: str) -> list[str]:
+        """After ``apply``: refuse (UserError) a base on which none of the method's own tensors can learn,
+        since the run would end as it started; return warning lines where only some trained tensors cannot."""
+        dead = self.dead_tensors(model, zero)
+        if not dead:
+            return []
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        own = [n for n in names if self._is_own(n)]
+        n_layer = model.cfg.n_layer
+        exits = []
+        for exit_ in EXITS.values():
+            layers = sorted(int(k.split(".")[1]) for k in zero if k.endswith("." + exit_))
+            if layers:
+                where = "every layer" if len(layers) == n_layer else \
+                    f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+                exits.append(f"{exit_} is zero in {where}")
+        zeros = "; ".join(exits) or f"{len(zero)} adapted weights are zero"
+        untrained = all(f"blocks.{i}.{e}" in zero for i in range(n_layer) for e in EXITS.values())
+        if own and set(own) <= set(dead):
+            alive = [n for n in names if n not in dead]
+            outcome = (f"only TRAIN_PARTS' {len(alive)} tensors would learn ({', '.join(alive[:3])}"
+                       f"{' …' if len(alive) > 3 else ''}), the method's own would stay as they start"
+                       if alive else "the loss would not move")
+            raise UserError(f"FINETUNE_MODE={self.name} cannot learn on {base_name}: {zeros}"
+                            f"{' (an untrained, freshly initialised model)' if untrained else ''}, and "
+                            f"{self.WHY_NO_GRADIENT}: what it trains gets an exactly zero gradient at every "
+                            f"step, so {outcome}.",
+                            "fine-tune a trained base model (a released RWKV .pth), or use FINETUNE_MODE=lora "
+                            "(or bone, bat, full), which learn on this one")
+        return [f"warning: {len(dead)} of the {len(names)} tensors FINETUNE_MODE={self.name} trains get an exactly "
+                f"zero gradient at every step on {base_name} ({zeros}): {', '.join(dead[:4])}"
+                f"{' …' if len(dead) > 4 else ''} will stay as they start"]
 
     @staticmethod
     def merge(base_sd: dict, adapter_sd: dict, settings: dict) -> dict:

@@ -9,6 +9,11 @@ Tensors: ``<linear>.lora_A``, ``<linear>.lora_B`` (trained) and ``<linear>.pissa
 ``<linear>.pissa_init_B`` (A0, B0: non-persistent buffers, saved in the adapter because merge needs them).
 Settings: ``{"r": PISSA_R, "svd_niter": SVD_NITER}``.
 Merge, on the user's ORIGINAL base weights: ``W + B A − B0 A0`` in fp32.
+
+A zero base weight stays zero (ZERO_STAYS_ZERO): its SVD is zero, so A0 = B0 = 0 and the residual is zero;
+with A = B = 0 the gradient of each (dL/dA = Bᵀ G xᵀ, dL/dB = G (A x)ᵀ) is zero, at every step. A freshly
+initialised model's att.output and ffn.value are zero, and every other adapter reaches the loss only
+through them: nothing learns, and loop.prepare refuses such a base (Method.check_base).
 """
 from __future__ import annotations
 
@@ -53,6 +58,10 @@ class PiSSA(Method):
     name = "pissa"
     SUFFIXES = ("lora_A", "lora_B")
     EXTRA_SUFFIXES = INIT
+    ZERO_STAYS_ZERO = True
+    WHY_NO_GRADIENT = ("PiSSA starts the adapter of a zero weight at A = B = 0 (its SVD is zero), where neither "
+                       "gives the other a gradient, and the other adapters reach the loss only through those "
+                       "projections")
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)

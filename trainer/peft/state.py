@@ -7,6 +7,11 @@ zero state is what the base model starts from, so the adapted model equals the b
 Tensors: ``blocks.N.att.time_state``. Settings: none (``{}``). State tuning wants a high learning rate
 (e.g. LR_INIT=1, LR_FINAL=0.01): the state is few numbers and starts at zero.
 Merge: the base state dict plus these keys (a model that starts from the tuned state).
+
+A zero base weight stays zero (ZERO_STAYS_ZERO): no weight trains. The state reaches the loss only through
+its layer's attention output, ``att.output`` (RWKV-7's state feeds the WKV output, never v_first), so on a
+layer whose att.output is zero, as in a freshly initialised model, its gradient is exactly zero at every
+step; loop.prepare refuses such a base (Method.check_base).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ def heads_of(att: nn.Module) -> tuple[int, int]:
 class StateTuning(Method):
     name = "state"
     SUFFIXES = ("time_state",)
+    ZERO_STAYS_ZERO = True
+    WHY_NO_GRADIENT = ("the state reaches the loss only through its layer's att.output, which state tuning never "
+                       "changes")
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)

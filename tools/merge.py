@@ -12,7 +12,6 @@ also merge/<base>-state-EPOCH-model.pth, the base model with the state inside), 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from trainer.checkpoint import merge_usage_text as usage_text  # noqa: F401  (its home is beside the merge)

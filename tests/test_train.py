@@ -679,5 +679,5 @@ def test_gpu_adamw8bit_trains_saves_and_resumes(tmp_path, monkeypatch):
     first = train(config(OUTPUT="c", OPTIMIZER="adamw8bit", **kw), max_steps=5, **quiet)
     rest = train(config(OUTPUT="c", OPTIMIZER="adamw8bit", RESUME=1, **kw), **quiet)
     assert first.interrupted and first.losses + rest.losses == pytest.approx(eight, rel=2e-3)
-    with pytest.raises(UserError, match="OPTIMIZER changed"):
+    with pytest.raises(UserError, match="OPTIMIZER adamw8bit → adamw changed"):
         train(config(OUTPUT="c", RESUME=1, **kw), **quiet)

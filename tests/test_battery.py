@@ -708,7 +708,6 @@ def test_repeat_size_check_counts_bytes(project: Path, capsys, monkeypatch):
     (tokenize_tool, ["sample.jsonl", "--bogus"]),
     (tokenize_tool, ["sample.jsonl", "1", "2", "3"]),
     (train_tool, ["--bogus"]),
-    (merge_tool, []),
     (merge_tool, ["0", "--bogus"]),
 ])
 def test_unknown_arguments_get_argparse_usage(tool, argv, project: Path, capsys):

@@ -17,7 +17,7 @@ from tools import merge as merge_tool
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data.binidx import write_binidx
-from trainer.errors import run_cli
+from trainer.errors import UserError, run_cli
 from trainer.inference import evaluate_loss
 from trainer.loop import train
 
@@ -364,8 +364,10 @@ def test_merge_sh_takes_the_output_that_training_sh_sets(tmp_path, monkeypatch, 
     want = checkpoint.load_checkpoint(want)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
-    assert merge_tool.main([]) == 2                                   # no EPOCH: what there is, and where
-    assert "usage: ./merge.sh EPOCH   (checkpoints in runs/a/, OUTPUT in training.sh: 0)" in capsys.readouterr().err
+    with pytest.raises(UserError) as e:                               # no EPOCH: what there is, and where
+        merge_tool.main([])
+    assert str(e.value) == ("give one EPOCH: the checkpoints in runs/a/ (OUTPUT in training.sh) are rwkv-0.pth. "
+                            "Fix: ./merge.sh EPOCH, e.g. ./merge.sh 0")
     training_sh('"runs/b"  # trained before OUTPUT was changed: the checkpoints are in output/')
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "rwkv-0.pth").write_bytes((tmp_path / "runs" / "a" / "rwkv-0.pth").read_bytes())

@@ -5,7 +5,7 @@ shapes of an RWKV-LM ``.pth`` (``emb.weight``, ``blocks.0.ln0.weight``, ``blocks
 ``model.load_state_dict(official_sd)`` just works and saving ``model.state_dict()`` gives a file the
 ``rwkv`` package loads. Versions differ only in the time-mix and channel-mix classes below.
 
-    model = RWKV(cfg)                             # weights uninitialised: see init_weights_ / checkpoint.py
+    model = RWKV(cfg)                             # weights uninitialised: see init_weights_ / checkpoint/
     logits = model(idx)                           # idx [B,T] long -> [B,T,V]
     logits, state = model.forward_with_state(idx, state)
 

@@ -196,15 +196,10 @@ class Prepared:
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
             rank: int = 0) -> Prepared:
     """Everything before the first step: checks, model, method, data (rank's share). Used by the dry run."""
-    from . import memory, offload, ops
-    from .data.binidx import BinIdx
-    from .data.dataset import make_dataset
+    from . import memory, offload, ops, resume
     from .memory import preflight
     from .peft import get_method
-    from .peft.base import zero_weights
     from .quant import check_quant, is_quantised_key, quantize_model
-
-    from . import resume
 
     cfg.check_files()
     torch.manual_seed(cfg.SEED)          # adapter init (LoRA A, PiSSA's random SVD) follows SEED
@@ -216,12 +211,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
             "(this GPU has bf16)" if precision == "bf16-mixed" else
             f"({torch.cuda.get_device_name(device)} has no bf16 in hardware)"))
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, device)
-    base_sd = checkpoint.load_checkpoint(cfg.model_path)                 # mmap: cheap
-    sizes = checkpoint.detect_config(base_sd, cfg.model_path)
-    # zero output projections (a freshly initialised model) that this method can never move: check_base below
-    zero = zero_weights(base_sd) if get_method(cfg.FINETUNE_MODE).ZERO_STAYS_ZERO else set()
-    del base_sd
-    base_meta = checkpoint.base_metadata(cfg.model_path)
+    sizes, zero, base_meta = _read_base(cfg)
     data_id = resume.data_identity(cfg.data_prefix)
     state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
     op = ops.resolve(cfg.OP, device, sizes.version)
@@ -277,32 +267,56 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     model.plain_top = est.plain_top if est is not None else 0      # GRAD_CP=auto's plan (else 0)
     model.keep_products = est.keep_products if est is not None else 0
     model.act_dtype = activation_dtype(precision)
+    _compile(cfg, device, model, est, log)
+    dataset = _dataset(cfg, model, rank)
+    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est, state, data_id)
+
+
+def _read_base(cfg: TrainConfig) -> tuple:
+    """From the base model's file (memory-mapped, before the model is built): its sizes, the zero output
+    projections this method could never move (the method's check_base refuses or warns, in prepare), and what an
+    adapter records of it."""
+    from .peft import get_method
+    from .peft.base import zero_weights
+    base_sd = checkpoint.load_checkpoint(cfg.model_path)
+    sizes = checkpoint.detect_config(base_sd, cfg.model_path)
+    zero = zero_weights(base_sd) if get_method(cfg.FINETUNE_MODE).ZERO_STAYS_ZERO else set()
+    return sizes, zero, checkpoint.base_metadata(cfg.model_path)
+
+
+def _compile(cfg: TrainConfig, device: torch.device, model, est, log: Callable[[str], None]) -> None:
+    """COMPILE: the blocks compiled, replayed as CUDA graphs where the steps are small and memory allows."""
     compile_on, note = resolve_compile(cfg, device)
     if note:
         log(note)
-    if compile_on:
-        import torch._dynamo as dynamo
-        dynamo.config.suppress_errors = True   # a block that fails to compile runs uncompiled, with a warning
-        graphs = use_cudagraphs(cfg, device, model.cfg.n_embd)
-        if graphs and est is not None and est.tight():
-            graphs = False
-            log("note: not replaying the blocks as CUDA graphs (faster small steps, about 0.2 GiB more): "
-                "memory is close to the limit")
-        elif graphs:
-            log("COMPILE: the blocks' training steps replay as CUDA graphs (small steps: the CPU no longer "
-                "bounds them)")
-        model.compile_blocks(cudagraphs=graphs)
+    if not compile_on:
+        return
+    import torch._dynamo as dynamo
+    dynamo.config.suppress_errors = True   # a block that fails to compile runs uncompiled, with a warning
+    graphs = use_cudagraphs(cfg, device, model.cfg.n_embd)
+    if graphs and est is not None and est.tight():
+        graphs = False
+        log("note: not replaying the blocks as CUDA graphs (faster small steps, about 0.2 GiB more): "
+            "memory is close to the limit")
+    elif graphs:
+        log("COMPILE: the blocks' training steps replay as CUDA graphs (small steps: the CPU no longer "
+            "bounds them)")
+    model.compile_blocks(cudagraphs=graphs)
 
+
+def _dataset(cfg: TrainConfig, model, rank: int):
+    """This process's share of the data, checked against the model's vocabulary."""
+    from .data.binidx import BinIdx
+    from .data.dataset import make_dataset
     data = BinIdx(cfg.data_prefix)
     top = int(data.tokens.max()) if data.total_tokens else 0
     if top >= model.cfg.vocab_size:
         raise UserError(f"{cfg.data_prefix}.bin holds token id {top}, but {cfg.model_path.name} has a vocabulary "
                         f"of {model.cfg.vocab_size}.", "tokenize the data for this model's vocabulary "
                         "(make_tokenize.sh uses the RWKV World tokenizer of 65536 ids)")
-    dataset = make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
-                           micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
-                           loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
-    return Prepared(cfg, device, precision, model, method, dataset, op, base_meta, est, state, data_id)
+    return make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
+                        micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
+                        loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
 
 
 def _offload_count(cfg: TrainConfig, sizes, device: torch.device, est) -> int:

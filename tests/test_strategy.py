@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,8 +93,8 @@ class FakeEngine:
 
     def save_checkpoint(self, d, tag, client_state, save_latest, exclude_frozen_parameters):
         assert exclude_frozen_parameters and not save_latest
-        (checkpoint.Path(d) / tag).mkdir(parents=True, exist_ok=True)
-        (checkpoint.Path(d) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+        (Path(d) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(d) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
         self.saved.append(tag)
 
     def load_checkpoint(self, d, tag, **kw):

@@ -211,9 +211,8 @@ def base_key(key, value):
 
 def fake_disk(free: int):
     def patch(monkeypatch) -> None:
-        from trainer.data import prepare
         usage = namedtuple("usage", "total used free")
-        monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
     return patch
 
 

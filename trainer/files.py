@@ -166,7 +166,7 @@ def _file_mode(p: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path, need: int | None = None, text: bool = False) -> Iterator[IO]:
+def atomic_write(path, need: int | None = None) -> Iterator[IO]:
     """Write ``path`` through a temporary beside it, fsync, rename over ``path``.
 
     Afterwards either the old file or the whole new one is there, never a part; on any error the temporary is
@@ -179,7 +179,7 @@ def atomic_write(path, need: int | None = None, text: bool = False) -> Iterator[
     with interrupt_deferred():
         tmp = temp_path(p)
         try:
-            with open(tmp, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
+            with open(tmp, "wb") as f:
                 os.chmod(tmp, _file_mode(p))
                 yield f
                 f.flush()

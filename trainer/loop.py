@@ -281,7 +281,7 @@ def _read_base(cfg: TrainConfig) -> tuple:
     base_sd = checkpoint.load_checkpoint(cfg.model_path)
     sizes = checkpoint.detect_config(base_sd, cfg.model_path)
     zero = zero_weights(base_sd) if get_method(cfg.FINETUNE_MODE).ZERO_STAYS_ZERO else set()
-    return sizes, zero, checkpoint.base_metadata(cfg.model_path)
+    return sizes, zero, checkpoint.base_metadata(cfg.model_path, base_sd)
 
 
 def _compile(cfg: TrainConfig, device: torch.device, model, est, log: Callable[[str], None]) -> None:

@@ -176,11 +176,7 @@ def check_config(values: dict[str, str], files: bool = True):
                             "tokenized sets in DATA") from None
         raise
     if files:
-        cfg.check_files()
-        out = Path(cfg.OUTPUT)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"OUTPUT={cfg.OUTPUT} is a file, not a folder.",
-                            "set OUTPUT to a folder name (it is made if it does not exist)")
+        cfg.check_files()            # OUTPUT too (TrainConfig.check_output)
     return cfg
 
 
@@ -357,7 +353,7 @@ def sampling_settings(max_tokens, temperature, top_p) -> tuple[int, float, float
     except (TypeError, ValueError):
         raise UserError(f"max tokens {max_tokens!r}, temperature {temperature!r}, top-p {top_p!r}: not numbers.",
                         "use the sliders: max tokens at least 1, temperature 0 or more, top-p in (0, 1]") from None
-    if n < 1 or not t >= 0 or not 0 < p <= 1:
+    if not (n >= 1 and 0 <= t < math.inf and 0 < p <= 1):
         raise UserError(f"max tokens {n}, temperature {t}, top-p {p}: out of range.",
                         "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
     return n, t, p
@@ -381,9 +377,7 @@ def reply(model, history: list[tuple[str, str]], message: str, max_tokens: int =
     """The model's answer to ``message`` after ``history``, cut at the first blank line (end of the turn)."""
     from trainer.data.tokenizer import get_tokenizer
     from trainer.inference import generate
-    if not (max_tokens >= 1 and 0 <= temperature < math.inf and 0 < top_p <= 1):
-        raise UserError(f"max tokens {max_tokens}, temperature {temperature}, top-p {top_p}: out of range.",
-                        "max tokens at least 1, temperature 0 or more, top-p in (0, 1]")
+    max_tokens, temperature, top_p = sampling_settings(max_tokens, temperature, top_p)
     tok = get_tokenizer()
     ids: list[int] = []
 

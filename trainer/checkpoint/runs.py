@@ -37,9 +37,10 @@ def fingerprint(sd: Mapping[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def base_metadata(path) -> dict:
-    """What an adapter records about its base model (read from the file, before any method changes it)."""
-    sd = load_checkpoint(path)
+def base_metadata(path, sd: Mapping[str, Tensor] | None = None) -> dict:
+    """What an adapter records about its base model (read from the file, before any method changes it; ``sd``: the
+    file's tensors when they are loaded already)."""
+    sd = load_checkpoint(path) if sd is None else sd
     cfg = detect_config(sd, path)
     return {"name": Path(path).name, "version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
             "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "fingerprint": fingerprint(sd)}

@@ -6,7 +6,6 @@ Used by ``make_tokenize.sh`` (tools/make_tokenize.py parses its arguments) and b
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +104,7 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
                         + (", or leave out --no-eof" if not eof else "")
                         + (", or raise MAX_TOKENS" if cut else ""))
     bin_path, idx_path = paths(prefix)
-    _check_room(src, bin_path, idx_path, int(lengths[keep].sum()), len(keep), repeat)
+    need = _check_room(src, bin_path, idx_path, int(lengths[keep].sum()), len(keep), repeat)
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(keep) for _ in range(repeat)])
 
@@ -113,7 +112,7 @@ def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, se
         for i in order:
             yield flat[offsets[i]:offsets[i + 1]]
 
-    write_binidx(prefix, items(), need=2 * int(lengths[order].sum()) + 20 * len(order) + 64)
+    write_binidx(prefix, items(), need=need)
     bin_path, idx_path = paths(prefix)
     out_lengths = lengths[order]
     log(f"wrote {bin_path} and {idx_path.name}: {len(order)} items "
@@ -133,9 +132,11 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: int, repeat: int) -> None:
+def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: int, repeat: int) -> int:
     """Refuse, before anything is written, output that cannot be written: a folder in the way of NAME.bin / .idx,
-    more bytes than the data folder has free, or more items than memory can index while writing."""
+    more bytes than the data folder has free, or more items than memory can index while writing. Returns the
+    bytes the two files take."""
+    from ..files import free_bytes
     for p in (bin_path, idx_path):
         if p.is_dir():
             raise UserError(f"{p} is a folder, so the tokenized data cannot be written there; nothing was written.",
@@ -146,10 +147,7 @@ def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: i
                         "give a .jsonl file inside a folder you can write to")
     per_copy = 2 * tokens + _IDX_BYTES_PER_ITEM * items
     need = per_copy * repeat + 34
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
+    free = free_bytes(folder)
     if free is not None and need > free:
         most = (free - 34) // per_copy
         raise UserError(f"REPEAT={repeat} would write {_gb(need)} ({repeat} copies of {items} items, {tokens} tokens "
@@ -163,3 +161,4 @@ def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: i
         raise UserError(f"REPEAT={repeat} makes {items * repeat} items, whose index needs about {_gb(need_ram)} of "
                         f"memory while it is written, but only {_gb(ram)} is available; nothing was written.",
                         f"lower REPEAT to at most {most}" if most >= 1 else "close other programs, or use fewer items")
+    return need

@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import os
 import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,17 +172,18 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer import infctx as infctx_mod
-    from trainer import loop, memory, ops
-    from trainer.config import grad_cp_mode
+    from trainer import loop, ops
     from trainer import quant as quant_mod
-    from trainer.model import RWKV
+    from trainer.model import RWKV, Execution
+    from trainer.plan import nominal
     from trainer.ops import chunk as chunk_mod
     from trainer.peft import get_method
 
     ops._load_builtin()
     if op == "null":
         ops.register("null", _null7, _null6, lambda device: None)
-    wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[memory.precision_of(cfg)]
+    plan = nominal(cfg, sizes, op=op)            # what the trainer would decide on a GPU
+    wdtype = plan.weight_dtype
     amp = wdtype != torch.float32 and not deepspeed
     real_dequant = quant_mod.dequantize_weight
 
@@ -209,14 +207,15 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
         # --- as loop.prepare: the model in the weight dtype, the method, quantisation, fp32 trained tensors
         with torch.device("meta"):
             model = RWKV(sizes)
-        emb_cpu = not deepspeed and memory.embedding_on_cpu(cfg)   # RWKV.keep_embedding_on_cpu: not GPU memory
+        emb_cpu = not deepspeed and plan.emb_on_cpu      # RWKV.keep_embedding_on_cpu: not GPU memory
         for mod in model.modules():
             for n, p in list(mod._parameters.items()):
                 if p is not None:
                     with live.off() if emb_cpu and mod is model.emb else contextlib.nullcontext():
                         mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=wdtype))
                         live.track(mod._parameters[n])
-        method = get_method(cfg.FINETUNE_MODE)(loop.method_settings(cfg))
+        cls = get_method(cfg.FINETUNE_MODE)
+        method = cls(cls.settings_from(cfg))
         method.apply(model, train_parts=cfg.TRAIN_PARTS)
         quant_mod.quantize_model(model, cfg.QUANT)
         for p in model.parameters():
@@ -225,10 +224,8 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
         if sizes.version == 7:
             for name in ("v0", "v1", "v2"):
                 getattr(model.blocks[0].att, name).requires_grad_(False)
-        model.op = op
-        model.grad_cp = grad_cp_mode(cfg.GRAD_CP) != "0"
-        if amp:
-            model.act_dtype = loop.activation_dtype({torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[wdtype])
+        model.set_execution(Execution(op=op, grad_cp=plan.checkpointing,       # the FFN whole
+                                      act_dtype=plan.act_dtype if amp else None))
         model.train()
         res.load_peak = live.peak
         # --- as loop.train
@@ -259,14 +256,15 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
     return res
 
 
-def sim_config(**kw) -> SimpleNamespace:
-    """A TrainConfig-like namespace with the trainer's defaults, for simulate() and estimate()."""
-    base = dict(FINETUNE_MODE="lora", LORA_R=64, LORA_ALPHA=128.0, LORA_DROPOUT=0.0, PISSA_R=64, SVD_NITER=4,
-                DISHA_R=64, TRAIN_PARTS=(), CTX_LEN=512, MICRO_BSZ=1, MINI_BSZ=1, TRAIN_TYPE="normal",
-                CHUNK_CTX=512, OP="auto", PRECISION="bf16", GRAD_CP=True, QUANT="none", STRATEGY="auto",
-                GPU_COUNT=1, NODES=1, COMPILE="0")          # the simulation runs the blocks eagerly
+def sim_config(**kw):
+    """A TrainConfig with the trainer's defaults and ``kw``, for simulate() and the estimate."""
+    import dataclasses
+
+    from trainer.config import TrainConfig, grad_cp_mode
+    base = dict(PRECISION="bf16", GRAD_CP="1", COMPILE="0", OFFLOAD_BLOCKS="0")   # the simulation runs eagerly
     base.update(kw)
-    return SimpleNamespace(**base)
+    base["GRAD_CP"] = grad_cp_mode(base["GRAD_CP"])
+    return dataclasses.replace(TrainConfig(), **base)
 
 
 # ============================================================================ estimate vs simulation
@@ -306,13 +304,13 @@ def sim_case(case: tuple):
 
 def compare_simulated(grid: str = "small", log=print) -> list[float]:
     """Estimate vs simulation for every case of a grid; returns the relative errors (estimate/sim - 1)."""
-    from trainer.memory import estimate
+    from trainer.plan import nominal
     errors = []
     log(f"{'case':<58} {'sim GiB':>8} {'est GiB':>8} {'error':>7}  peak at")
     for case in SIM_GRIDS[grid]:
         cfg, sizes, op = sim_case(case)
         sim = simulate(cfg, sizes, op=op).peak
-        est = estimate(cfg, sizes, op=op)
+        est = nominal(cfg, sizes, op=op).estimate
         err = est.peak_allocated / sim - 1
         errors.append(err)
         v, layers, width, vocab, method, parts, ctx, bsz, cp, quant, chunk, _ = case
@@ -352,7 +350,7 @@ H100_DEFAULT_STACK = 132 * 2048 * 1024    # the driver's default 1 KiB for each 
 
 
 def _stack_kept(row: dict) -> int:
-    """The CUDA thread-stack reserve a row's process kept (trainer/memory.trim_thread_stack): as recorded,
+    """The CUDA thread-stack reserve a row's process kept (trainer/device.trim_thread_stack): as recorded,
     or, for rows measured before session 12, when the trainer did not give it back yet, an H100's default
     (those rows are all H100 rows; the A/B rows of session 12 measured it as the difference in use)."""
     if "cuda_stack_kept_bytes" in row:
@@ -367,14 +365,14 @@ def _stack_kept(row: dict) -> int:
 def compare_rows(rows: list[dict]) -> list[Compared]:
     """Estimate every row (its own settings and the op it ran) and pair it with its measurement."""
     import train_speed
-    from trainer.memory import estimate
+    from trainer.plan import nominal
     out = []
     for r in rows:
         cfg, sizes = train_speed.row_config(r), train_speed.row_sizes(r)
         # rows measured before session 12 had the embedding on the GPU, before session 13 the FFN whole
-        est = estimate(cfg, sizes, op=r.get("op_resolved") or r.get("op"), emb_on_cpu=bool(r.get("emb_on_cpu")),
-                       plain_top=int(r.get("plain_top") or 0),
-                       keep_products=int(r.get("keep_products") or 0), ffn_pieces=int(r.get("ffn_pieces") or 1))
+        est = nominal(cfg, sizes, op=r.get("op_resolved") or r.get("op"),
+                      tiers=(int(r.get("plain_top") or 0), int(r.get("keep_products") or 0)),
+                      emb_on_cpu=bool(r.get("emb_on_cpu")), ffn_pieces=int(r.get("ffn_pieces") or 1)).estimate
         alloc = max(r.get("peak_alloc_bytes") or 0, r.get("load_alloc_bytes") or 0)
         used = max(r.get("peak_used_bytes") or 0, r.get("load_used_bytes") or 0) or None
         if used is not None and r.get("used_baseline_bytes") is not None:

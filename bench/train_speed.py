@@ -30,7 +30,7 @@ Printed per row:
   used GiB       the GPU's used memory as nvidia-smi shows it (pynvml if installed, else
                  torch.cuda.mem_get_info total - free), sampled every 5 ms, its maximum; base = before the
                  row's process touched the GPU
-  est GiB        trainer.memory.estimate for the same settings (total = nvidia-smi-like, alloc)
+  est GiB        the estimate of the plan the trainer ran (trainer/plan.py, memory.estimate) (total = nvidia-smi-like, alloc)
   MFU / HFU      tokens/s × FLOPs per token / peak; peak = a measured 8192³ bf16 matmul (once per
                  run, printed; --peak-tflops overrides)
 
@@ -54,9 +54,9 @@ commit, GPU, torch, package versions) and to calibrate trainer/memory.py (bench/
 On a CPU it runs too (use --size tiny); GPU columns are then empty. TRAIN_SPEED_PROFILE=N (GPU) prints the
 torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the measured steps only;
 with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
-trainer's choice of CUDA graphs (loop.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
-CUDA driver's default thread-stack reserve in place (memory.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
-the frozen embedding on the GPU (memory.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
+plan's choice of CUDA graphs (plan.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
+CUDA driver's default thread-stack reserve in place (device.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
+the frozen embedding on the GPU (plan.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
 (RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
 pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
 TRAIN_SPEED_STACK_LOG=1 records which Triton kernels grew the CUDA driver's thread-stack limit, and when
@@ -220,7 +220,7 @@ def flops_per_token(cfg, sizes, plain_top: int = 0, keep_products: int = 0) -> d
     """Model and hardware FLOPs per token (see the module docstring) from trainer.memory's parameter table;
     ``plain_top`` blocks of a checkpointed run are not recomputed, ``keep_products`` recompute their WKV but
     no product (GRAD_CP=auto)."""
-    from trainer.memory import param_table
+    from trainer.counts import param_table
     t = param_table(cfg, sizes)
     k = 9 if sizes.version == 7 else 5
     W = sizes.n_layer * k * sizes.n_embd * sizes.head_size
@@ -315,7 +315,7 @@ class _Sampler(threading.Thread):
             time.sleep(0.005)
 
 
-def _log_stack_growth(memory, steps: dict) -> list[dict]:
+def _log_stack_growth(gpu, steps: dict) -> list[dict]:
     """TRAIN_SPEED_STACK_LOG=1: which Triton kernel launch grows the CUDA driver's per-thread stack limit.
     Reads the limit (one driver call) before and after every Triton launch; a growth seen after a launch is
     that kernel's (with its local memory per thread, cuFuncGetAttribute), one seen before it happened since
@@ -323,9 +323,9 @@ def _log_stack_growth(memory, steps: dict) -> list[dict]:
     import ctypes
 
     from triton import knobs
-    lib = memory._libcuda()
+    lib = gpu._libcuda()
     seen: list[dict] = []
-    last = [memory.thread_stack_limit(lib)]
+    last = [gpu.thread_stack_limit(lib)]
 
     def local_bytes(function) -> int | None:
         value = ctypes.c_int(0)
@@ -336,7 +336,7 @@ def _log_stack_growth(memory, steps: dict) -> list[dict]:
         return value.value if ok else None
 
     def check(meta, where: str) -> None:
-        now = memory.thread_stack_limit(lib)
+        now = gpu.thread_stack_limit(lib)
         if now == last[0]:
             return
         if now is not None and last[0] is not None and now > last[0] and len(seen) < 40:
@@ -368,40 +368,45 @@ def run_row(spec: dict) -> dict:
     env = row_env(spec, spec["model_path"], spec["data_prefix"], spec["output"], spec["steps"], spec["warmup"],
                   spec["precision"], spec["lora_r"], spec["lora_alpha"])
     cfg = TrainConfig.from_env(env)
-    if (spec.get("stream") or "auto") == "fp32":      # A/B: the fp32 residual stream the trainer had before
-        loop.activation_dtype = lambda precision: None if precision == "32-true" else torch.float32
     sizes = row_sizes(spec)
-    from trainer import memory
+    from trainer import device as gpu
+    from trainer import plan as planning
+    from trainer.model import ffn_pieces
     planned: dict = {}
-    plan, forced = memory.plan_checkpointing, _forced_plan(spec)
+    resolve, forced = planning.resolve, _forced_plan(spec)
+    graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the plan's choice (A/B)
 
-    def planning(cfg_, sizes_, free, op=None):       # what GRAD_CP=auto chose (or the forced plan)
-        est_ = (plan(cfg_, sizes_, free, op) if forced is None
-                else memory.estimate(cfg_, sizes_, op, plain_top=forced[0], keep_products=forced[1]))
-        planned["plain_top"] = est_.plain_top
-        planned["keep_products"] = est_.keep_products
-        return est_
-    memory.plan_checkpointing = planning
-    graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the trainer's choice (A/B)
-    if graphs_env in ("0", "1"):
-        loop.use_cudagraphs = lambda *a, **k: graphs_env == "1"
-    trim = memory.trim_thread_stack
+    def resolving(cfg_, sizes_, machine, **kw):       # the trainer's plan, with this row's A/B changes
+        p = resolve(cfg_, sizes_, machine, tiers=forced, **kw)
+        changes: dict = {}
+        if (spec.get("stream") or "auto") == "fp32":      # A/B: the fp32 residual stream the trainer had before
+            changes["act_dtype"] = None if p.fabric_precision == "32-true" else torch.float32
+        if graphs_env in ("0", "1"):
+            changes["cudagraphs"] = p.compiled and graphs_env == "1"
+        if os.environ.get("TRAIN_SPEED_EMB") == "gpu":    # A/B: the embedding on the GPU, as before session 12
+            changes["emb_on_cpu"] = False
+        if os.environ.get("TRAIN_SPEED_FFN_PIECE"):       # A/B: the FFN's pieces of at least N tokens (0: whole)
+            n = int(os.environ["TRAIN_SPEED_FFN_PIECE"])
+            changes.update(ffn_piece_tokens=n, ffn_pieces=ffn_pieces(math.prod(p.batch), n))
+        p = p.but(**changes) if changes else p
+        planned["plan"] = p
+        return p
+    planning.resolve = resolving
+    trim = gpu.trim_thread_stack
     phase_steps: dict = {"n": 0}      # optimizer steps begun (counting_lr below)
 
     def trimming(device):           # TRAIN_SPEED_CUDA_STACK=keep: the driver's default stack reserve (A/B)
         freed = 0 if os.environ.get("TRAIN_SPEED_CUDA_STACK") == "keep" else trim(device)
-        if "cuda_stack_freed_bytes" in out:          # after an optimizer step (memory.trim_grown_stack)
+        if "cuda_stack_freed_bytes" in out:          # after an optimizer step (device.trim_grown_stack)
             out.setdefault("cuda_stack_regrown_freed", []).append([phase_steps["n"], freed])
             return freed
         out["cuda_stack_freed_bytes"] = freed
-        out["cuda_stack_kept_bytes"] = 0 if freed or used is None else memory.thread_stack_bytes(device)
-        if used is not None:        # the bare context, as preflight finds it
+        out["cuda_stack_kept_bytes"] = 0 if freed or used is None else gpu.thread_stack_bytes(device)
+        if used is not None:        # the bare context, as the plan's probe finds it
             torch.cuda.synchronize()
             out["context_used_bytes"] = used.read() - out["used_baseline_bytes"]
         return freed
-    memory.trim_thread_stack = trimming
-    if os.environ.get("TRAIN_SPEED_EMB") == "gpu":    # A/B: the embedding on the GPU, as before session 12
-        memory.embedding_on_cpu = lambda cfg_: False
+    gpu.trim_thread_stack = trimming
     rows: list[tuple] = []
     phase: dict = {}
     sampler = _Sampler(used) if used is not None else None
@@ -414,10 +419,7 @@ def run_row(spec: dict) -> dict:
             self.lock = None
             phase["op"] = prep.op
             out["emb_on_cpu"] = prep.model.emb.weight.device.type == "cpu" and cuda
-            if os.environ.get("TRAIN_SPEED_FFN_PIECE"):     # A/B: the FFN's pieces of at least N tokens (0: whole)
-                prep.model.ffn_piece_tokens = int(os.environ["TRAIN_SPEED_FFN_PIECE"])
-            from trainer.model import ffn_pieces
-            out["ffn_pieces"] = ffn_pieces(math.prod(memory.micro_step(cfg)), prep.model.ffn_piece_tokens)
+            out["ffn_pieces"] = ffn_pieces(math.prod(prep.plan.batch), prep.model.ffn_piece_tokens)
             if cuda:
                 torch.cuda.synchronize()
                 phase["load_alloc"] = torch.cuda.max_memory_allocated()
@@ -469,7 +471,7 @@ def run_row(spec: dict) -> dict:
                 sampler.phase = "steady"
         return lr_before(*args, **kwargs)
     loop.learning_rate = counting_lr
-    stack_log = (_log_stack_growth(memory, phase_steps) if cuda and os.environ.get("TRAIN_SPEED_STACK_LOG")
+    stack_log = (_log_stack_growth(gpu, phase_steps) if cuda and os.environ.get("TRAIN_SPEED_STACK_LOG")
                  else None)
     snapshot = os.environ.get("TRAIN_SPEED_MEMORY_SNAPSHOT") if cuda else None   # =FILE: the allocator's history
     if snapshot:
@@ -523,7 +525,7 @@ def run_row(spec: dict) -> dict:
         out["load_used_bytes"] = sampler.peak["load"] or None
         out["steady_used_bytes"] = sampler.peak["steady"] or None
         out["used_source"] = used.source
-        out["cuda_stack_limit_end"] = memory.thread_stack_limit()   # what the driver grew it back to
+        out["cuda_stack_limit_end"] = gpu.thread_stack_limit()   # what the driver grew it back to
         if stack_log is not None:
             out["cuda_stack_growth"] = stack_log
     out["trainer_said"] = [ln for ln in logs if ln.startswith(("Estimated peak", "WARNING", "  - ", "QUANT=",
@@ -543,19 +545,18 @@ def run_row(spec: dict) -> dict:
     elif out["status"] == "ok":
         out["status"] = "error"
         out["error"] = f"only {len(rows)} steps recorded (warm-up {spec['warmup']})"
-    try:
-        from trainer.memory import estimate
-        est = estimate(cfg, sizes, op=phase.get("op") or cfg.OP, plain_top=planned.get("plain_top", 0),
-                       keep_products=planned.get("keep_products", 0), emb_on_cpu=bool(out.get("emb_on_cpu")))
-        out["plain_top"] = planned.get("plain_top", 0)
-        out["keep_products"] = planned.get("keep_products", 0)
+    plan = planned.get("plan")
+    if plan is not None and plan.estimate is not None:     # the plan the trainer ran, and its estimate
+        est = plan.estimate
+        out["plain_top"] = plan.plain_top
+        out["keep_products"] = plan.keep_products
         out["est_total_bytes"] = int(est.total)
         out["est_alloc_bytes"] = int(est.peak_allocated)
         out["est_peak_at"] = est.peak_at
         out["est_terms"] = {k: int(v) for k, v in est.terms.items()}
-    except Exception as err:                          # the estimate must never cost a measurement
-        out["est_error"] = f"{type(err).__name__}: {err}"[:200]
-    fl = flops_per_token(cfg, sizes, planned.get("plain_top", 0), planned.get("keep_products", 0))
+    elif plan is not None:
+        out["est_error"] = plan.estimate_error
+    fl = flops_per_token(cfg, sizes, out.get("plain_top", 0), out.get("keep_products", 0))
     out["flops_per_token_model"] = fl["model"]
     out["flops_per_token_hw"] = fl["hardware"]
     from trainer.memory import param_table

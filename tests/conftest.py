@@ -15,10 +15,10 @@ def one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def cpu_memory_not_read(monkeypatch):
-    """What OFFLOAD_BLOCKS may keep in CPU memory depends on the machine's free memory (memory.host_available):
+    """What OFFLOAD_BLOCKS may keep in CPU memory depends on the machine's free memory (device.host_available):
     unknown in the tests, so that plans and suggestions are the same everywhere (test_offload sets it)."""
-    from trainer import memory
-    monkeypatch.setattr(memory, "host_available", lambda *a, **k: None)
+    from trainer import device
+    monkeypatch.setattr(device, "host_available", lambda *a, **k: None)
 
 
 @pytest.fixture

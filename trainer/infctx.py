@@ -90,7 +90,7 @@ def infctx_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, mask: Tens
     chunk boundaries. The result and its gradients equal ``masked_loss(model(input_ids), targets, mask)``
     up to floating-point summation order: sum over chunks of masked CE sums / total mask count.
 
-    ``autocast_ctx``: a context manager (e.g. ``torch.autocast(...)``, ``loop.autocast_for(prep)``) the
+    ``autocast_ctx``: a context manager (e.g. ``torch.autocast(...)``, ``prep.plan.autocast()``) the
     forward pass runs in; the recompute runs under the same autocast state (checkpoint restores it).
     ``block_cp``: None keeps ``model.grad_cp``; True/False forces block checkpointing inside the chunks.
     ``trim``: skip the trailing positions after the last non-zero mask entry of the batch (padding):

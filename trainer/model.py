@@ -201,7 +201,6 @@ class TimeMix7(_TimeMix):
 
 
 # ------------------------------------------------------------------------------------ channel mixing
-FFN_PIECE_TOKENS = 4096   # the trainer's RWKV.ffn_piece_tokens under gradient checkpointing
 FFN_MAX_PIECES = 4        # 1.5B LoRA, ctx 4096 x 8, GRAD_CP=1 on an H100: 4 pieces 2.6 GiB less at 1 % slower;
                           # 16 pieces no less memory, 4 % slower (bench/RESULTS.md, session 13)
 
@@ -335,6 +334,22 @@ def _plain(blk: nn.Module, *args):
     return blk(*args)
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How the model runs, handed over in one call (RWKV.set_execution; the trainer's from plan.RunPlan):
+    ``op`` the WKV kernel (trainer.ops); ``grad_cp`` gradient checkpointing of the blocks, but the ``plain_top``
+    top ones (they keep their activations) and, below those, ``keep_products`` blocks that keep their matrix
+    products' outputs and recompute only the rest (compiled, traced op); ``ffn_piece_tokens``: the FFN over
+    pieces of at least this many tokens (0: whole); ``act_dtype``: the residual stream's dtype under autocast
+    (None, or no autocast: the embedding's)."""
+    op: str = "torch"
+    grad_cp: bool = False
+    plain_top: int = 0
+    keep_products: int = 0
+    ffn_piece_tokens: int = 0
+    act_dtype: torch.dtype | None = None
+
+
 class RWKV(nn.Module):
     """The language model. ``op`` picks the WKV kernel (trainer.ops); ``grad_cp`` checkpoints blocks."""
 
@@ -345,16 +360,7 @@ class RWKV(nn.Module):
         if cfg.n_embd % cfg.head_size:
             raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
         self.cfg = cfg
-        self.op = "torch"
-        self.grad_cp = False
-        self.plain_top = 0                # with grad_cp: this many top blocks keep their activations instead
-                                          # (GRAD_CP=auto, where the GPU has room: memory.plan_checkpointing)
-        self.keep_products = 0            # with grad_cp: this many blocks below those keep their matrix
-                                          # products' outputs and recompute only the rest (compiled, traced op)
-        # dtype of the residual stream between the blocks (and of what gradient checkpointing keeps per
-        # block) under autocast; None, or no autocast: the embedding's. The trainer sets bf16 for bf16
-        # autocast, as RWKV-LM trains, and fp32 for fp16 autocast.
-        self.act_dtype: torch.dtype | None = None
+        self.set_execution(Execution())  # how it runs (trainer/plan.py's RunPlan.execution for training)
         self._compiled_cp = None          # set by compile_blocks
         self._compiled_kp = None          # set by compile_blocks: the blocks that keep their products
         self._compiled_train = None       # set by compile_blocks(cudagraphs=True): training without checkpoints
@@ -365,10 +371,22 @@ class RWKV(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
+    def set_execution(self, ex: "Execution") -> None:
+        """Take the execution options ``ex`` (Execution) in one call: the trainer's plan hands them over once, and
+        again with every block checkpointed after an out-of-memory error."""
+        self.op, self.grad_cp, self.plain_top, self.keep_products = ex.op, ex.grad_cp, ex.plain_top, ex.keep_products
+        self.act_dtype = ex.act_dtype
+        if hasattr(self, "blocks"):          # (built after the first call, with the FFN's default: whole)
+            self.ffn_piece_tokens = ex.ffn_piece_tokens
+
+    @property
+    def execution(self) -> "Execution":
+        return Execution(self.op, self.grad_cp, self.plain_top, self.keep_products, self.ffn_piece_tokens,
+                         self.act_dtype)
+
     @property
     def ffn_piece_tokens(self) -> int:
-        """The FFN runs over the B·T tokens in pieces of at least this many (ffn_pieces; 0: whole). The
-        trainer sets FFN_PIECE_TOKENS under gradient checkpointing."""
+        """The FFN runs over the B·T tokens in pieces of at least this many (ffn_pieces; 0: whole)."""
         return self.blocks[0].ffn.piece_tokens
 
     @ffn_piece_tokens.setter
@@ -379,7 +397,7 @@ class RWKV(nn.Module):
     def keep_embedding_on_cpu(self) -> None:
         """Keep the (frozen) embedding in pinned CPU memory, the rest where it is: each forward looks its
         tokens up there and copies only their rows to the GPU (B·T·C values instead of the whole V·C table:
-        0.25 GiB of GPU memory less for a 1.5B model). For one GPU without DeepSpeed (memory.embedding_on_cpu)."""
+        0.25 GiB of GPU memory less for a 1.5B model). For one GPU without DeepSpeed (plan.embedding_on_cpu)."""
         w = self.emb.weight
         if w.requires_grad:
             raise ValueError("only a frozen embedding can stay on the CPU")

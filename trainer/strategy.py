@@ -30,15 +30,12 @@ import importlib.util
 import platform
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint import DS_DIR  # noqa: F401  (OUTPUT/deepspeed/<tag>/)
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
 
 GRAD_CLIP = 1.0
 ADAM_BETAS = (0.9, 0.99)
@@ -62,7 +59,7 @@ def running_on_wsl() -> bool:
     return "microsoft" in platform.uname().release.lower()
 
 
-def strategy_problems(cfg: "TrainConfig", wsl: bool | None = None) -> list[tuple[str, str]]:
+def strategy_problems(cfg: Any, wsl: bool | None = None) -> list[tuple[str, str]]:
     """(message, fix) for each STRATEGY rule the settings break; the device-independent ones.
     (infctx's own rule on stage 3 lives in trainer/infctx.py beside its code.)"""
     out: list[tuple[str, str]] = []
@@ -95,7 +92,7 @@ def strategy_problems(cfg: "TrainConfig", wsl: bool | None = None) -> list[tuple
     return out
 
 
-def check_strategy(cfg: "TrainConfig") -> None:
+def check_strategy(cfg: Any) -> None:
     problems = strategy_problems(cfg)
     if problems:
         raise UserError(*problems[0])
@@ -117,7 +114,7 @@ def deepspeed_reason() -> str | None:
     return None
 
 
-def deepspeed_config(cfg: "TrainConfig") -> dict:
+def deepspeed_config(cfg: Any) -> dict:
     """The DeepSpeed config for STRATEGY (Fabric adds the bf16/fp16 block from PRECISION)."""
     stage = deepspeed_stage(cfg.STRATEGY)
     assert stage is not None
@@ -142,7 +139,7 @@ def deepspeed_config(cfg: "TrainConfig") -> dict:
 class Spread:
     """One GPU, DDP, or DeepSpeed: the few places where the training loop differs between them."""
 
-    def __init__(self, cfg: "TrainConfig"):
+    def __init__(self, cfg: Any):
         self.cfg = cfg
         self.stage = deepspeed_stage(cfg.STRATEGY)
         self.deepspeed = self.stage is not None

@@ -180,22 +180,26 @@ def check_config(values: dict[str, str], files: bool = True):
     return cfg
 
 
-def memory_estimate(cfg) -> str:
-    """What ./training.sh --dry-run prints as the memory estimate, from the model file's header."""
-    from trainer import checkpoint, ops
-    from trainer.loop import resolve_device
-    from trainer.memory import estimate, gpu_free_before, plan_checkpointing
+def run_plan(cfg):
+    """The plan the trainer would make for ``cfg`` on this machine (trainer/plan.py: the same Machine probe and
+    resolve as loop.prepare), from the model file's header."""
+    from trainer import checkpoint
+    from trainer.plan import Machine, device_for, resolve
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(cfg.model_path), cfg.model_path)
-    device = resolve_device(cfg)
-    op = ops.resolve(cfg.OP, device, sizes.version)
-    where = "" if device.type == "cuda" else " (this machine trains on the CPU: what a GPU would need)"
-    # on a GPU, GRAD_CP=auto's plan for its free memory, as the trainer will make it
-    est = plan_checkpointing(cfg, sizes, gpu_free_before(device), op) if device.type == "cuda" else \
-        estimate(cfg, sizes, op)
-    return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}; "
-            f"device {device}, WKV op '{op}'. Estimated peak GPU memory{where}, term by term "
-            "(trainer/memory.py, as ./training.sh --dry-run prints it):\n"
-            + est.table())
+    return resolve(cfg, sizes, Machine.probe(device_for(cfg)))
+
+
+def memory_estimate(cfg) -> str:
+    """What ./training.sh --dry-run prints of the plan and its memory estimate."""
+    from trainer.advice import report
+    plan = run_plan(cfg)
+    sizes = plan.sizes
+    where = "" if plan.machine.type == "cuda" else " (this machine trains on the CPU: what a GPU would need)"
+    table = plan.estimate.table() if plan.estimate is not None else ""
+    return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}.\n"
+            "The plan (trainer/plan.py, as ./training.sh --dry-run prints it):\n"
+            + "\n".join(f"  {line}" for line in plan.describe() + report(plan))
+            + f"\nEstimated peak GPU memory{where}, term by term:\n" + table)
 
 
 def config_name(name: str) -> str:

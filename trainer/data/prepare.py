@@ -153,7 +153,7 @@ def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: i
         raise UserError(f"REPEAT={repeat} would write {_gb(need)} ({repeat} copies of {items} items, {tokens} tokens "
                         f"each copy, 2 bytes a token), but {folder}/ has only {_gb(free)} free; nothing was written.",
                         f"lower REPEAT to at most {most}" if most >= 1 else f"free some disk space in {folder}/")
-    from ..memory import host_available
+    from ..device import host_available
     ram = host_available()
     need_ram = _RAM_BYTES_PER_ITEM * items * repeat
     if ram is not None and need_ram > ram:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -184,10 +185,21 @@ def shape_error(key: str, got: tuple, want: tuple) -> UserError:
                      "merge with the base model the adapter was trained on")
 
 
+@dataclass(frozen=True)
+class LinearCounts:
+    """What a method adds to one adapted linear, in elements (trainer/counts.py sums them)."""
+    trained: int                    # its trained elements
+    pieces: tuple[int, ...]         # the sizes of its trained tensors (adamw8bit keeps small ones in fp32)
+    matmul: int                     # elements multiplied with every token
+    buffers: int = 0                # untrained elements it keeps (PiSSA's initial A and B)
+    rebuild_flops: int = 0          # FLOPs to rebuild its ΔW once per forward pass (Bat)
+
+
 class Method:
     """One fine-tuning method. Subclasses set ``name`` and override the hooks marked below."""
 
     name: str = ""
+    TITLE: str = ""          # the method in words ("LoRA", "full fine-tuning")
     # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
     SUFFIXES: tuple[str, ...] = ()
     # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).
@@ -196,6 +208,39 @@ class Method:
     def __init__(self, settings: dict | None = None):
         self.settings = dict(settings or {})
         self.train_parts: tuple[str, ...] = ()
+
+    @classmethod
+    def settings_from(cls, cfg) -> dict:
+        """The method's settings from a TrainConfig (its own variables: LORA_R, PISSA_R, ...)."""
+        return {}
+
+    # ---- what the run's plan and the memory estimate need to know (trainer/plan.py, memory.py) ---------
+    # Which row of memory.ACT (the activations a block keeps per token) the method's blocks follow:
+    # frozen (nothing adapted) | low_rank (x·A·B beside each linear) | block (a blockwise update added) |
+    # block_rebuilt (ΔW rebuilt from the weight every step) | full (every weight trains)
+    ACT_FAMILY = "frozen"
+    TRAINS_BASE = False          # every base weight trains (full fine-tuning)
+    NEEDS_BASE_ON_GPU = ""       # what of its set-up needs the base weights on the GPU in bf16 ("PiSSA's SVD"):
+                                 # quantised weights are then not streamed from the file one at a time
+    KEPT_PER_ADAPTED = 0.0       # bytes a block keeps per adapted weight beside ACT (Bat: W's blocks and ΔW)
+    REBUILD_WORK = 0.0           # bytes per weight of the largest adapted layer while its ΔW is rebuilt (Bat)
+    LEANER = None                # a method that trains far fewer numbers, offered when memory runs short
+
+    def linear_counts(self, out_f: int, in_f: int) -> "LinearCounts | None":
+        """What the method adds to one adapted [out_f, in_f] linear (None: it adapts no linear)."""
+        return None
+
+    def extra_trained(self, sizes) -> list[int]:
+        """Sizes (elements) of trained tensors the method adds outside the linears (state tuning's states)."""
+        return []
+
+    def act_per_linear(self) -> float:
+        """Bytes per token each adapted linear keeps beyond its ACT_FAMILY's row (LoRA at a rank other than 64)."""
+        return 0.0
+
+    def random_in_forward(self) -> bool:
+        """Whether its forward pass draws random numbers (LoRA's dropout): not replayed as CUDA graphs."""
+        return False
 
     # ---- helpers for settings ------------------------------------------------------------------
     def _int(self, key: str, var: str, minimum: int = 1, default: int | None = None) -> int:

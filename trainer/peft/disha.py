@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import AdaptedLinear, Method, base_weight_of, merge_rest, need, replace_module, target_linears
+from .base import (AdaptedLinear, LinearCounts, Method, base_weight_of, merge_rest, need, replace_module,
+                   target_linears)
 
 
 def bone_delta(d: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -73,6 +74,10 @@ class _DiSHA(Method):
         self.r = self._int("r", "DISHA_R")
         self.settings = {"r": self.r}
 
+    @classmethod
+    def settings_from(cls, cfg) -> dict:
+        return {"r": cfg.DISHA_R}
+
     R_DIM = 0            # where the block size r can be read from a saved .disha tensor
 
     def _wrap(self, model: nn.Module) -> None:
@@ -107,8 +112,14 @@ def check_block_size(r: int, widths: list[int]) -> None:
 
 
 class Bone(_DiSHA):
+    TITLE = "Bone"
     name = "bone"
     LINEAR = BoneLinear
+    ACT_FAMILY = "block"
+
+    def linear_counts(self, out_f: int, in_f: int) -> LinearCounts:
+        own = self.r * out_f
+        return LinearCounts(own, (own,), own)
 
     @staticmethod
     def _fits(w: Tensor, d: Tensor, r: int) -> tuple[bool, str]:
@@ -121,9 +132,17 @@ class Bone(_DiSHA):
 
 
 class Bat(_DiSHA):
+    TITLE = "Bat"
     name = "bat"
     LINEAR = BatLinear
     R_DIM = -1
+    ACT_FAMILY = "block_rebuilt"
+    KEPT_PER_ADAPTED = 4.2       # bf16 blocks of W and the bf16 ΔW, per adapted weight (simulated: memory.py)
+    REBUILD_WORK = 8.6           # per weight of the largest layer while its ΔW is rebuilt
+
+    def linear_counts(self, out_f: int, in_f: int) -> LinearCounts:
+        own = in_f * self.r
+        return LinearCounts(own, (own,), in_f * out_f, rebuild_flops=2 * out_f * in_f * self.r)
 
     @staticmethod
     def _fits(w: Tensor, d: Tensor, r: int) -> tuple[bool, str]:

@@ -11,11 +11,16 @@ from .base import Method, merge_rest
 
 
 class Full(Method):
+    TITLE = "full fine-tuning"
     name = "full"
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)
         self.settings = {}
+
+    ACT_FAMILY = "full"
+    TRAINS_BASE = True
+    LEANER = "lora"
 
     def trainable_names(self, model: nn.Module) -> list[str]:
         return [n for n, _ in model.named_parameters()]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import (AdaptedLinear, Method, base_weight_of, merge_rest, need, replace_module, shape_error,
+from .base import (AdaptedLinear, LinearCounts, Method, base_weight_of, merge_rest, need, replace_module, shape_error,
                    target_linears)
 
 
@@ -33,6 +33,7 @@ class LoraLinear(AdaptedLinear):
 
 
 class LoRA(Method):
+    TITLE = "LoRA"
     name = "lora"
     SUFFIXES = ("lora_A", "lora_B")
 
@@ -47,6 +48,22 @@ class LoRA(Method):
             raise UserError(f"LORA_DROPOUT={dropout} must be at least 0 and below 1.", "use 0 to 0.1")
         self.alpha, self.dropout = float(alpha), dropout
         self.settings = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout}
+
+    ACT_FAMILY = "low_rank"
+
+    @classmethod
+    def settings_from(cls, cfg) -> dict:
+        return {"r": cfg.LORA_R, "alpha": cfg.LORA_ALPHA, "dropout": cfg.LORA_DROPOUT}
+
+    def linear_counts(self, out_f: int, in_f: int) -> LinearCounts:
+        own = self.r * (in_f + out_f)
+        return LinearCounts(own, (self.r * in_f, self.r * out_f), own)
+
+    def act_per_linear(self) -> float:
+        return 2.0 * (self.r - 64)          # memory.ACT's low_rank row was measured at r = 64: B·T·r bf16 twice
+
+    def random_in_forward(self) -> bool:
+        return self.dropout > 0
 
     def _wrap(self, model: nn.Module) -> None:
         targets = target_linears(model)

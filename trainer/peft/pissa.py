@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import (AdaptedLinear, Method, base_weight_of, merge_rest, need, replace_module, shape_error,
+from .base import (AdaptedLinear, LinearCounts, Method, base_weight_of, merge_rest, need, replace_module, shape_error,
                    target_linears)
 
 INIT = ("pissa_init_A", "pissa_init_B")
@@ -55,6 +55,7 @@ class PissaLinear(AdaptedLinear):
 
 
 class PiSSA(Method):
+    TITLE = "PiSSA"
     name = "pissa"
     SUFFIXES = ("lora_A", "lora_B")
     EXTRA_SUFFIXES = INIT
@@ -68,6 +69,20 @@ class PiSSA(Method):
         self.r = self._int("r", "PISSA_R")
         self.niter = self._int("svd_niter", "SVD_NITER", minimum=0, default=4)
         self.settings = {"r": self.r, "svd_niter": self.niter}
+
+    ACT_FAMILY = "low_rank"
+    NEEDS_BASE_ON_GPU = "PiSSA's SVD"       # the SVD of each weight, on the GPU
+
+    @classmethod
+    def settings_from(cls, cfg) -> dict:
+        return {"r": cfg.PISSA_R, "svd_niter": cfg.SVD_NITER}
+
+    def linear_counts(self, out_f: int, in_f: int) -> LinearCounts:
+        own = self.r * (in_f + out_f)
+        return LinearCounts(own, (self.r * in_f, self.r * out_f), own, buffers=own)
+
+    def act_per_linear(self) -> float:
+        return 2.0 * (self.r - 64)
 
     def _wrap(self, model: nn.Module) -> None:
         targets = target_linears(model)

@@ -41,6 +41,7 @@ def heads_of(att: nn.Module) -> tuple[int, int]:
 
 
 class StateTuning(Method):
+    TITLE = "state tuning"
     name = "state"
     SUFFIXES = ("time_state",)
     ZERO_STAYS_ZERO = True
@@ -50,6 +51,9 @@ class StateTuning(Method):
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)
         self.settings = {}
+
+    def extra_trained(self, sizes) -> list[int]:
+        return [sizes.n_head * sizes.head_size ** 2] * sizes.n_layer      # one [H, N, N] state per layer
 
     def _wrap(self, model: nn.Module) -> None:
         atts = [m for n, m in model.named_modules() if ATT_RE.match(n)]

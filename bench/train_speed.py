@@ -377,7 +377,9 @@ def run_row(spec: dict) -> dict:
     graphs_env = os.environ.get("TRAIN_SPEED_CUDAGRAPHS")       # 0 / 1: force the plan's choice (A/B)
 
     def resolving(cfg_, sizes_, machine, **kw):       # the trainer's plan, with this row's A/B changes
-        p = resolve(cfg_, sizes_, machine, tiers=forced, **kw)
+        if forced is not None:
+            kw["tiers"] = forced
+        p = resolve(cfg_, sizes_, machine, **kw)
         changes: dict = {}
         if (spec.get("stream") or "auto") == "fp32":      # A/B: the fp32 residual stream the trainer had before
             changes["act_dtype"] = None if p.fabric_precision == "32-true" else torch.float32
@@ -559,7 +561,7 @@ def run_row(spec: dict) -> dict:
     fl = flops_per_token(cfg, sizes, out.get("plain_top", 0), out.get("keep_products", 0))
     out["flops_per_token_model"] = fl["model"]
     out["flops_per_token_hw"] = fl["hardware"]
-    from trainer.memory import param_table
+    from trainer.counts import param_table
     table = param_table(cfg, sizes)
     out["params_total"], out["params_trained"] = table.total, table.trained
     peak = spec.get("peak_tflops")

@@ -218,8 +218,8 @@ def fake_disk(free: int):
 
 def fake_memory(available: int):
     def patch(monkeypatch) -> None:
-        from trainer import memory
-        monkeypatch.setattr(memory, "host_available", lambda *a, **k: available)
+        from trainer import device
+        monkeypatch.setattr(device, "host_available", lambda *a, **k: available)
     return patch
 
 

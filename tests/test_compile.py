@@ -16,13 +16,15 @@ import torch
 from trainer.checkpoint import config_from_sizes
 from trainer.config import TrainConfig
 from trainer.errors import UserError
-from trainer.loop import resolve_compile
 from trainer.model import RWKV, init_weights_
 from trainer.peft import get_method
+from trainer.plan import Machine, compile_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 VOCAB = 300
+GPU = Machine(device="cuda", capability=(9, 0), triton=True)          # a GPU with everything installed
+CPU = Machine(device="cpu", name="cpu", capability=(0, 0), bf16=False, native_bf16=False, cxx=False, probed=True)
 
 
 def tiny(version=7, layers=3, width=128, mode="lora", op="chunk", seed=1, device="cpu"):
@@ -289,32 +291,30 @@ def _cfg(**kw):
 def test_compile_setting_is_checked_and_resolved(monkeypatch):
     with pytest.raises(UserError, match="COMPILE='yes' is not one of: auto | 1 | 0"):
         _cfg(COMPILE="yes")
-    cpu = torch.device("cpu")
-    assert resolve_compile(_cfg(), cpu) == (False, None)                 # auto: eager on the CPU
-    assert resolve_compile(_cfg(COMPILE="0"), cpu) == (False, None)
-    if importlib.util.find_spec("triton") is not None:                   # auto with QUANT too (session 8)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        on, note = resolve_compile(_cfg(QUANT="nf4"), torch.device("cuda"))
-        assert on and "torch.compile" in note
+    cpu = Machine.probe("cpu", memory_too=False)                        # this machine's CPU, as the trainer sees it
+    assert compile_choice(_cfg(), cpu) == (False, None)                 # auto: eager on the CPU
+    assert compile_choice(_cfg(COMPILE="0"), cpu) == (False, None)
+    on, note = compile_choice(_cfg(QUANT="nf4"), GPU)                   # auto with QUANT too (session 8)
+    assert on and "torch.compile" in note
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
-    on, note = resolve_compile(_cfg(COMPILE="1"), cpu)
+    on, note = compile_choice(_cfg(COMPILE="1"), Machine.probe("cpu", memory_too=False))
     assert on and "torch.compile" in note
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler") as err:
-        resolve_compile(_cfg(COMPILE="1"), cpu)
+        compile_choice(_cfg(COMPILE="1"), Machine.probe("cpu", memory_too=False))
     assert "COMPILE=0" in err.value.fix
 
 
-def test_compile_auto_without_triton_on_a_gpu_says_so(failing_import):
-    failing_import("triton", ImportError("no triton"))
-    on, note = resolve_compile(_cfg(), torch.device("cuda"))
+def test_compile_auto_without_triton_on_a_gpu_says_so():
+    no_triton = Machine(device="cuda", triton=False)                    # a GPU where triton is not installed
+    on, note = compile_choice(_cfg(), no_triton)
     assert not on and "pip install triton" in note
     with pytest.raises(UserError, match="needs Triton"):
-        resolve_compile(_cfg(COMPILE="1"), torch.device("cuda"))
+        compile_choice(_cfg(COMPILE="1"), no_triton)
 
 
 def test_the_trainer_compiles_when_asked(tmp_path, monkeypatch):
-    """loop.prepare calls compile_blocks exactly when resolve_compile says so."""
+    """loop.prepare calls compile_blocks exactly when plan.compile_choice says so."""
     from test_train import config, make_project
     from trainer import loop
     monkeypatch.chdir(tmp_path)
@@ -330,13 +330,17 @@ def test_the_trainer_compiles_when_asked(tmp_path, monkeypatch):
 
 
 def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
-    """loop.use_cudagraphs: one CUDA GPU, fixed shapes, not infctx; never on the CPU."""
+    """plan.use_cudagraphs: one CUDA GPU, fixed shapes, not infctx; never on the CPU."""
     from test_train import config
-    from trainer.loop import use_cudagraphs
-    gpu, C = torch.device("cuda"), 2048
+    from trainer.plan import use_cudagraphs as plan_graphs
+
+    def use_cudagraphs(cfg, machine, n_embd):       # with the method the plan builds from cfg
+        cls = get_method(cfg.FINETUNE_MODE)
+        return plan_graphs(cfg, machine, n_embd, cls(cls.settings_from(cfg)))
+    gpu, C = GPU, 2048
     assert use_cudagraphs(config(), gpu, C)
     assert use_cudagraphs(config(GRAD_CP="1", FINETUNE_MODE="full", CTX_LEN="1024", MICRO_BSZ="2"), gpu, C)
-    assert not use_cudagraphs(config(), torch.device("cpu"), C)
+    assert not use_cudagraphs(config(), CPU, C)
     for kw in (dict(GPU_COUNT="2"), dict(NODES="2"), dict(STRATEGY="deepspeed_stage_1"),
                dict(DATALOAD="only", MICRO_BSZ="1"), dict(TRAIN_TYPE="infctx", CTX_LEN="64", CHUNK_CTX="32"),
                dict(INITIAL_CTX_LEN="16", CTX_WARMUP_STEPS="10"),
@@ -347,20 +351,32 @@ def test_cuda_graphs_only_where_the_shapes_and_the_process_allow():
 
 
 def test_no_cuda_graphs_when_memory_is_tight(tmp_path, monkeypatch):
-    """prepare: where preflight finds the estimate within 15 % of the free memory, the blocks compile without
-    CUDA graphs (their pool is about 0.2 GiB), and the log says why."""
+    """prepare: where the plan finds the estimate within 15 % of the free memory, the blocks compile without
+    CUDA graphs (their pool is about 0.2 GiB), and the log says why. (No GPU here: the plan's CUDA-graph choice
+    and estimate are those of a GPU with that much free memory, the rest this machine's, where the model is
+    built.)"""
+    import dataclasses
+
     from test_train import config, make_project
     from trainer import loop
+    from trainer import plan as planning
     from trainer.memory import Estimate
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     calls = []
     monkeypatch.setattr(RWKV, "compile_blocks", lambda self, **kw: calls.append(kw))
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd: True)
+    monkeypatch.setattr(planning, "use_cudagraphs", lambda cfg, machine, n_embd, method: True)
+    monkeypatch.setattr("trainer.memory.estimate",
+                        lambda plan, sizes: Estimate({}, 1e9, 0.0, 1e9, 1e9, "backward pass", free=plan.free))
+    real = planning.resolve
     for free, graphs in ((10e9, True), (1.1e9, False)):
-        est = Estimate({}, 1e9, 0.0, 1e9, 1e9, "backward pass", free=free)
-        monkeypatch.setattr("trainer.memory.preflight", lambda *a, est=est, **k: est)
+        def on_a_gpu(cfg, sizes, machine, free=free, **kw):
+            gpu = real(cfg, sizes, dataclasses.replace(GPU, free=free), **kw)
+            here = real(cfg, sizes, machine, **kw)
+            return dataclasses.replace(here, cudagraphs=gpu.cudagraphs, graphs_note=gpu.graphs_note,
+                                       estimate=gpu.estimate)
+        monkeypatch.setattr(planning, "resolve", on_a_gpu)
         logs = []
         loop.prepare(config(COMPILE="1"), log=logs.append)
         assert calls[-1] == {"cudagraphs": graphs}
@@ -409,14 +425,15 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(1)
     make_project(tmp_path, 7, items=[list(rng.integers(1, 200, size=40)) + [0] for _ in range(16)])
+    from trainer import plan as planning
     if grad_cp == "auto":    # the plan: 1 of the 2 blocks without checkpointing (the GPU would take both)
-        from trainer import memory
-        monkeypatch.setattr(memory, "plan_checkpointing",
-                            lambda cfg, sizes, free, op=None: memory.estimate(cfg, sizes, op, plain_top=1))
+        real = planning.resolve
+        monkeypatch.setattr(planning, "resolve", lambda cfg, sizes, machine, op=None, tiers=None:
+                            real(cfg, sizes, machine, op=op, tiers=(1, 0)))
     results = []
     for graphs in (False, True):
         torch._dynamo.reset()
-        monkeypatch.setattr(loop, "use_cudagraphs", lambda cfg, device, n_embd, g=graphs: g)
+        monkeypatch.setattr(planning, "use_cudagraphs", lambda cfg, machine, n_embd, method, g=graphs: g)
         cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", COMPILE="1", GRAD_CP=grad_cp, QUANT=quant,
                      MICRO_BSZ="2", EPOCH_STEPS="6", CTX_LEN="32", OUTPUT=f"out{int(graphs)}", LR_INIT="1e-3",
                      LR_FINAL="1e-3")

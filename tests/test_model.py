@@ -343,7 +343,7 @@ def test_residual_stream_keeps_act_dtype_under_autocast(version):
     """RWKV.act_dtype sets the dtype every block receives and returns (what gradient checkpointing keeps),
     although the norms return fp32 under autocast; bf16 stays close to the fp32 model, and the trainer
     picks bf16 for bf16 autocast, fp32 for fp16 (overflow), nothing for fp32."""
-    from trainer.loop import activation_dtype
+    from trainer.plan import activation_dtype
     model = random_model(version, 3, 128, 256, seed=13)
     idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -4,6 +4,7 @@ copy stream and its events, compiled blocks, the whole trainer)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -146,12 +147,14 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
     """The whole trainer (loading those blocks into CPU memory, the method on them, training, saving, the
     sample at the end) with 3 of 6 blocks streamed gives the losses of the run without, step by step; also
     with infctx (each chunk recomputed in the backward pass, the state's gradient carried). On the CPU only
-    through the count (a number is refused off a GPU): what streaming changes is the same."""
+    through the count (a number is refused off a GPU; the plan's count is forced here): what streaming
+    changes is the same."""
     from trainer import loop
+    from trainer import plan as planning
     seen = _streaming_project(tmp_path, monkeypatch)
     runs = []
     for n in (0, 3):
-        monkeypatch.setattr(loop, "_offload_count", lambda cfg, sizes, device, est, n=n: n)
+        monkeypatch.setattr(planning, "_offload_number", lambda cfg, sizes, machine, precision, n=n: n)
         logs = []
         runs.append(loop.train(_train_cfg(FINETUNE_MODE=mode, OUTPUT=f"out{n}", **extra), log=logs.append,
                                progress=False).losses)
@@ -162,71 +165,97 @@ def test_trainer_with_streamed_blocks_trains_as_without(tmp_path, monkeypatch, m
     assert len(runs[0]) == 4 and runs[1] == pytest.approx(runs[0], rel=1e-6, abs=1e-7)
 
 
+def _sizes(cfg):
+    from trainer.checkpoint import detect_config, load_checkpoint
+    return detect_config(load_checkpoint(cfg.model_path), cfg.model_path)
+
+
+def _gpu(**kw):
+    """A GPU as Machine.probe finds it (probed: the settings are checked against it, and refused with the fix)."""
+    from trainer.plan import Machine
+    return Machine(probed=True, **kw)
+
+
 def test_a_number_is_refused_off_a_gpu_and_beyond_the_models_blocks(tmp_path, monkeypatch):
-    from trainer import loop
+    """plan.resolve on the machine at hand (a probed one) refuses what cannot run, and takes OFFLOAD_BLOCKS=auto's
+    count from its search (OFFLOAD_BLOCKS: the plan's blocks are what loop.prepare streams)."""
+    from trainer import memory
+    from trainer import plan as planning
+    from trainer.plan import Machine, resolve
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, 7)
-    sizes = type("S", (), {"n_layer": 6})()
     cfg = _train_cfg(OFFLOAD_BLOCKS=3)
+    sizes = _sizes(cfg)
+    assert sizes.n_layer == 6
     with pytest.raises(UserError, match="this run is on the cpu"):
-        loop._offload_count(cfg, sizes, torch.device("cpu"), None)
-    assert loop._offload_count(cfg, sizes, torch.device("cuda"), None) == 3
+        resolve(cfg, sizes, Machine.probe(torch.device("cpu")))
+    assert resolve(cfg, sizes, _gpu(), op="chunk").offload == 3     # (op given: a CPU build checks no GPU op)
     with pytest.raises(UserError, match="at most 5"):
-        loop._offload_count(_train_cfg(OFFLOAD_BLOCKS=6), sizes, torch.device("cuda"), None)
+        resolve(_train_cfg(OFFLOAD_BLOCKS=6), sizes, _gpu(), op="chunk")
     auto = _train_cfg(OFFLOAD_BLOCKS="auto")
-    planned = type("E", (), {"offload": 4})()
-    assert loop._offload_count(auto, sizes, torch.device("cuda"), planned) == 4
-    assert loop._offload_count(auto, sizes, torch.device("cpu"), planned) == 0
-    assert loop._offload_count(auto, sizes, torch.device("cuda"), None) == 0
+    # the plan's auto choice (its search forced to 4 blocks, as the old test handed in an estimate planning 4)
+    monkeypatch.setattr(planning, "_search_offload", lambda plan: dataclasses.replace(plan, offload=4))
+    assert resolve(auto, sizes, _gpu(free=80 * 2**30), op="chunk").offload == 4
+    assert resolve(auto, sizes, Machine.probe(torch.device("cpu"))).offload == 0
+    # no plan of the memory (free memory not read, or the estimate failed: estimate None): nothing streamed
+    assert resolve(auto, sizes, _gpu(), op="chunk").offload == 0
+
+    def broken(plan, sizes):
+        raise RuntimeError("a bug in the estimate")
+    monkeypatch.setattr(memory, "estimate", broken)
+    plan = resolve(auto, sizes, _gpu(free=80 * 2**30), op="chunk")
+    assert plan.estimate is None and plan.offload == 0
 
 
 def test_streamed_weights_must_fit_in_the_cpu_memory_available(tmp_path, monkeypatch):
     """A number whose blocks would not fit in HOST_FRACTION of MemAvailable is refused with the most that
     fit; auto streams only as many (none where fewer than three fit: two slots stay on the GPU)."""
-    from trainer import loop, memory
-    from trainer.checkpoint import detect_config, load_checkpoint
+    from trainer import advice, memory
+    from trainer import device as gpu
+    from trainer import plan as planning
+    from trainer.plan import nominal, resolve
     monkeypatch.setattr(offload, "STREAM_MIN_NUMEL", 1024)       # the tiny model's matrices
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, 7, n_layer=8)
     cfg = _train_cfg(OFFLOAD_BLOCKS=6, PRECISION="bf16")
-    sizes = detect_config(load_checkpoint(cfg.model_path), cfg.model_path)
-    per = memory.offload_host_bytes(cfg, sizes)
+    sizes = _sizes(cfg)
+    per = planning.offload_host_bytes(cfg, sizes, "bf16")
     model = random_model(7, 8, 64, vocab_size=97, seed=3)
     get_method("lora")({"r": 4, "alpha": 8, "dropout": 0.0}).apply(model)
     assert per == 2 * sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(memory, "host_available", lambda: int(6 * per / memory.HOST_FRACTION) + 1)
-    assert loop._offload_count(cfg, sizes, cuda, None) == 6
-    monkeypatch.setattr(memory, "host_available", lambda: int(4.5 * per / memory.HOST_FRACTION))
+    HF = planning.HOST_FRACTION
+    # the CPU memory available is what Machine.probe read (device.host_available) when the run started
+    assert resolve(cfg, sizes, _gpu(host=int(6 * per / HF) + 1), op="chunk").offload == 6
     with pytest.raises(UserError) as e:
-        loop._offload_count(cfg, sizes, cuda, None)
+        resolve(cfg, sizes, _gpu(host=int(4.5 * per / HF)), op="chunk")
     assert "OFFLOAD_BLOCKS=6 keeps" in e.value.message and "OFFLOAD_BLOCKS=4 fits there" in e.value.message
     assert "at most 4" in e.value.fix and ".wslconfig" in e.value.fix
     with pytest.raises(UserError, match="OFFLOAD_BLOCKS=2 fits"):
-        monkeypatch.setattr(memory, "host_available", lambda: int(2.5 * per / memory.HOST_FRACTION))
-        loop._offload_count(cfg, sizes, cuda, None)
-    # auto: preflight's plan streams no more than fit there (none where fewer than three would)
+        resolve(cfg, sizes, _gpu(host=int(2.5 * per / HF)), op="chunk")
+    # auto: the plan streams no more than fit there (none where fewer than three would)
     auto = _train_cfg(OFFLOAD_BLOCKS="auto", PRECISION="bf16")
-    assert memory.offload_host_limit(auto, sizes, int(4.5 * per / memory.HOST_FRACTION)) == 4
-    resident = memory.estimate(auto, sizes, "fla")
+    assert planning.offload_host_limit(auto, sizes, "bf16", int(4.5 * per / HF)) == 4
+    resident = nominal(auto, sizes, op="fla").estimate
     tight = resident.total - 3.5 * per          # fits with six blocks streamed (two stay in the slots)
-    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla").offload == 6
-    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=4).offload == 4
-    assert memory.plan_offload(auto, sizes, tight / memory.FIT_FRACTION, resident, "fla", host_limit=2) is resident
+    free = tight / memory.FIT_FRACTION
+    assert resolve(auto, sizes, _gpu(free=free), op="fla").offload == 6
+    assert resolve(auto, sizes, _gpu(free=free, host=int(4.5 * per / HF)), op="fla").offload == 4   # 4 fit there
+    kept = resolve(auto, sizes, _gpu(free=free, host=int(2.5 * per / HF)), op="fla")                # 2 fit there
+    assert kept.offload == 0 and kept.estimate.terms == resident.terms      # the plan without streaming
     # the pre-flight's suggestions offer no more than fit either
     zero = _train_cfg(OFFLOAD_BLOCKS=0, PRECISION="bf16")
-    offers = lambda: sorted(c[0]["OFFLOAD_BLOCKS"] for c in memory._candidates(zero, sizes)  # noqa: E731
+    offers = lambda: sorted(c[0]["OFFLOAD_BLOCKS"] for c in advice._candidates(nominal(zero, sizes))  # noqa: E731
                             if "OFFLOAD_BLOCKS" in c[0])
-    monkeypatch.setattr(memory, "host_available", lambda: int(4.5 * per / memory.HOST_FRACTION))
+    monkeypatch.setattr(gpu, "host_available", lambda: int(4.5 * per / HF))
     assert offers() == [4]
-    monkeypatch.setattr(memory, "host_available", lambda: None)
+    monkeypatch.setattr(gpu, "host_available", lambda: None)
     assert offers() == [4, 7]
     # MemAvailable as Linux (and WSL2's VM) reports it
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
     monkeypatch.undo()
-    assert memory.host_available(str(meminfo)) == 20000000 * 1024
-    assert memory.host_available(str(tmp_path / "none")) is None
+    assert gpu.host_available(str(meminfo)) == 20000000 * 1024
+    assert gpu.host_available(str(tmp_path / "none")) is None
 
 
 @pytest.mark.gpu

@@ -398,30 +398,36 @@ def test_wandb_missing_says_how_to_install(tmp_path, monkeypatch):
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     from trainer.errors import UserError
-    from trainer.loop import resolve_precision
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    from trainer.plan import Machine
+    from trainer.plan import precision_of as resolve_precision
+    t4 = Machine(device="cuda", name="Tesla T4", capability=(7, 5), bf16=False, native_bf16=False)
+    cpu = Machine(device="cpu", name="cpu", capability=(0, 0), bf16=False, native_bf16=False, probed=True)
     with pytest.raises(UserError, match=r"PRECISION=bf16 but this GPU \(Tesla T4\) has no bf16 support.*fp16"):
-        resolve_precision(config(PRECISION="bf16"), torch.device("cuda"))
-    assert resolve_precision(config(PRECISION="fp16"), torch.device("cuda")) == ("16-mixed", torch.float16)
+        resolve_precision(config(PRECISION="bf16"), t4)
+    assert resolve_precision(config(PRECISION="fp16"), t4) == ("16-mixed", torch.float16)
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        resolve_precision(config(PRECISION="fp16"), torch.device("cpu"))
+        resolve_precision(config(PRECISION="fp16"), cpu)
 
 
 def test_precision_auto_is_bf16_on_a_gpu_with_it_fp16_on_one_without_fp32_on_the_cpu(monkeypatch):
     from trainer.config import PRECISIONS
-    from trainer.loop import precision_name, resolve_precision
+    from trainer.plan import Machine, _native_bf16, precision_name
+    from trainer.plan import precision_of as resolve_precision
     assert TrainConfig.from_env(dict(MODEL="m", DATA="d")).PRECISION == "auto" and "auto" in PRECISIONS
-    auto, cuda = config(PRECISION="auto"), torch.device("cuda")
-    assert resolve_precision(auto, torch.device("cpu")) == ("32-true", torch.float32)
+    auto = config(PRECISION="auto")
+    cpu = Machine(device="cpu", name="cpu", capability=(0, 0), bf16=False, native_bf16=False, probed=True)
+    assert resolve_precision(auto, cpu) == ("32-true", torch.float32)
+
+    def cuda():          # the GPU as Machine.probe reads its bf16 support
+        return Machine(device="cuda", bf16=torch.cuda.is_bf16_supported(), native_bf16=_native_bf16())
     native = [True]      # is_bf16_supported(including_emulation=True), torch's default, also says yes on a T4
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native[0])
-    assert precision_name(auto, cuda) == "bf16" and resolve_precision(auto, cuda) == ("bf16-mixed", torch.bfloat16)
+    assert precision_name(auto, cuda()) == "bf16" and resolve_precision(auto, cuda()) == ("bf16-mixed", torch.bfloat16)
     native[0] = False    # a T4: bf16 only emulated -> what PRECISION=fp16 gives (fp16 autocast, fp32 stream)
-    assert precision_name(auto, cuda) == "fp16"
-    assert resolve_precision(auto, cuda) == resolve_precision(config(PRECISION="fp16"), cuda) == ("16-mixed", torch.float16)
+    assert precision_name(auto, cuda()) == "fp16"
+    assert resolve_precision(auto, cuda()) == resolve_precision(config(PRECISION="fp16"), cuda()) == ("16-mixed", torch.float16)
     for p in ("bf16", "fp16", "fp32"):    # set by hand: kept as set
-        assert precision_name(config(PRECISION=p), cuda) == p
+        assert precision_name(config(PRECISION=p), cuda()) == p
 
 
 def test_resume_with_precision_auto_continues_a_run_saved_in_what_it_resolves_to(tmp_path, monkeypatch):
@@ -444,14 +450,14 @@ def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_o
     """GRAD_CP=auto planned too many blocks without checkpointing: the first out-of-memory error switches to
     checkpointing every block and redoes the optimizer step's micro-batches (gradient accumulation: 2), and
     the run's losses are those of GRAD_CP=1 (dropout off: both deterministic)."""
-    from trainer import loop
-    from trainer.memory import Estimate
+    from trainer import plan as planning
     from trainer.model import RWKV
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     ref = train(config(GRAD_CP="1", MINI_BSZ="2", OUTPUT="ref"), progress=False, log=lambda *_: None).losses
-    est = Estimate({}, 1e9, 0.0, 1e9, 1e9, "backward pass", plain_top=1)
-    monkeypatch.setattr("trainer.memory.preflight", lambda *a, **k: est)
+    top = [1]            # GRAD_CP=auto's plan: the top block not checkpointed
+    real = planning.resolve
+    monkeypatch.setattr(planning, "resolve", lambda *a, **k: real(*a, **k).but(plain_top=top[0]))
     calls, seen = [0], []
     real = RWKV.forward
 
@@ -472,7 +478,7 @@ def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_o
     assert len(seen) == 4 + 1 + (oom_at % 2)
     # without the plan (GRAD_CP=1) the same error stops the run (saved, and told: the test below)
     from trainer.errors import UserError
-    est.plain_top, calls[0] = 0, oom_at
+    top[0], calls[0] = 0, oom_at
     with pytest.raises(UserError, match="out of GPU memory"):
         train(config(GRAD_CP="auto", MINI_BSZ="2", OUTPUT="o2"), progress=False, log=lambda *_: None)
 
@@ -482,8 +488,8 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     last optimizer step) and stops with a UserError naming the step, the file, and changes of settings
     that the estimate fits in 85 % of what it had estimated; RESUME=1 then continues from there."""
     from trainer.errors import UserError
-    from trainer.memory import estimate
     from trainer.model import RWKV
+    from trainer.plan import nominal
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     calls = [0]
@@ -503,7 +509,7 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     assert "(epoch 0, step 2)" in e.message and "RESUME=1" in e.message
     assert e.fix.startswith("one of: ") and ("GRAD_CP=auto" in e.fix or "MICRO_BSZ=1" in e.fix), e.fix
     sizes = checkpoint.detect_config(checkpoint.load_checkpoint(tmp_path / "model" / "tiny.pth"))
-    budget = 0.85 * estimate(cfg, sizes).total / 2**30          # what the run had estimated, less 15 %
+    budget = 0.85 * nominal(cfg, sizes).estimate.total / 2**30   # what the run had estimated, less 15 %
     for line in e.fix.removeprefix("one of: ").split("; or "):
         assert float(re.search(r"~([0-9.]+) GiB", line).group(1)) <= budget + 0.05, (line, budget)
     tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-interrupted.pth")
@@ -515,6 +521,7 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
 
 def _losses_with_ffn_pieces(tmp_path, monkeypatch, piece, **kw):
     from trainer import loop
+    from trainer import plan as planning
     seen = {}
     prepare = loop.prepare
 
@@ -524,7 +531,7 @@ def _losses_with_ffn_pieces(tmp_path, monkeypatch, piece, **kw):
         return prep
     with monkeypatch.context() as m:
         m.setattr(loop, "prepare", recording)
-        m.setattr(loop, "FFN_PIECE_TOKENS", piece)
+        m.setattr(planning, "FFN_PIECE_TOKENS", piece)
         cfg = config(EPOCH_STEPS="4", OUTPUT=f"out{piece}", OVERWRITE="1", **kw)
         losses = train(cfg, log=lambda *_: None, progress=False).losses
     return losses, seen["piece"]
@@ -533,7 +540,7 @@ def _losses_with_ffn_pieces(tmp_path, monkeypatch, piece, **kw):
 def test_trainer_runs_the_ffn_in_pieces_under_checkpointing(tmp_path, monkeypatch):
     """loop.prepare sets model.ffn_piece_tokens = FFN_PIECE_TOKENS under gradient checkpointing (0 without);
     with pieces (64 tokens a step, pieces of 16) the losses are the whole FFN's, step by step."""
-    from trainer.model import FFN_PIECE_TOKENS
+    from trainer.plan import FFN_PIECE_TOKENS, nominal
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     whole, p0 = _losses_with_ffn_pieces(tmp_path, monkeypatch, 0, GRAD_CP="1")
@@ -541,8 +548,9 @@ def test_trainer_runs_the_ffn_in_pieces_under_checkpointing(tmp_path, monkeypatc
     assert (p0, p1) == (0, 16) and len(whole) == 4
     assert pieces == pytest.approx(whole, rel=1e-5, abs=1e-6)
     assert _losses_with_ffn_pieces(tmp_path, monkeypatch, 16, GRAD_CP="0")[1] == 0
-    from trainer import loop
-    assert loop.FFN_PIECE_TOKENS == FFN_PIECE_TOKENS
+    # the constant patched above is the one the trainer's plan hands the model (plan.FFN_PIECE_TOKENS)
+    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(tmp_path / "model" / "tiny.pth"))
+    assert nominal(config(GRAD_CP="1"), sizes).execution.ffn_piece_tokens == FFN_PIECE_TOKENS
 
 
 @pytest.mark.gpu
@@ -565,15 +573,17 @@ def test_gpu_ffn_in_pieces_changes_no_step(tmp_path, monkeypatch, mode):
 @pytest.mark.parametrize("mode,quant", [("lora", "none"), ("state", "none"), ("lora", "nf4")])
 def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
     """On a GPU the trainer keeps the frozen embedding in CPU memory and gives the CUDA driver's thread-stack
-    reserve back (memory.embedding_on_cpu, memory.trim_thread_stack): the same losses, step by step, as with
+    reserve back (plan.embedding_on_cpu, device.trim_thread_stack): the same losses, step by step, as with
     the embedding on the GPU and the driver's default stack; after set-up the stack limit is below the
     default (the driver grows it from 0 only as far as a kernel needs) and the embedding is on the CPU."""
     if quant != "none":
         pytest.importorskip("bitsandbytes", reason="QUANT on a GPU needs bitsandbytes")
     import ctypes
 
-    from trainer import loop, memory
-    lib = memory._libcuda()
+    from trainer import device as gpu
+    from trainer import loop
+    from trainer import plan as planning
+    lib = gpu._libcuda()
     assert lib is not None
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
@@ -583,30 +593,30 @@ def test_gpu_memory_savings_change_no_step(tmp_path, monkeypatch, mode, quant):
     def recording(*args, **kwargs):
         prep = prepare(*args, **kwargs)
         seen["emb"] = prep.model.emb.weight.device.type
-        seen["stack"] = memory.thread_stack_limit(lib)
+        seen["stack"] = gpu.thread_stack_limit(lib)
         return prep
     monkeypatch.setattr(loop, "prepare", recording)
     results = []
     for saving in (False, True):
         torch.cuda.synchronize()
-        assert lib.cuCtxSetLimit(memory.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(memory.DEFAULT_THREAD_STACK)) == 0
+        assert lib.cuCtxSetLimit(gpu.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(gpu.DEFAULT_THREAD_STACK)) == 0
         with monkeypatch.context() as m:
             if not saving:
-                m.setattr(memory, "embedding_on_cpu", lambda cfg: False)
-                m.setattr(memory, "trim_thread_stack", lambda device: 0)
+                m.setattr(planning, "embedding_on_cpu", lambda cfg, method: False)
+                m.setattr(gpu, "trim_thread_stack", lambda device: 0)
             cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", FINETUNE_MODE=mode, QUANT=quant,
                          GRAD_CP="1", EPOCH_STEPS="4", OUTPUT=f"out{int(saving)}")
             results.append(train(cfg, log=lambda *_: None, progress=False).losses)
         assert seen["emb"] == ("cpu" if saving else "cuda")
-        assert (seen["stack"] < memory.DEFAULT_THREAD_STACK) == saving
+        assert (seen["stack"] < gpu.DEFAULT_THREAD_STACK) == saving
     assert len(results[0]) == 4
     assert results[1] == pytest.approx(results[0], rel=1e-6, abs=1e-6)
 
 
 def test_trainer_looks_for_a_grown_thread_stack_after_every_optimizer_step(tmp_path, monkeypatch):
-    """loop.train calls memory.trim_grown_stack once per optimizer step (2 micro-batches of 1 a step here),
+    """loop.train calls device.trim_grown_stack once per optimizer step (2 micro-batches of 1 a step here),
     with the count of trims left that the previous call returned."""
-    from trainer import memory
+    from trainer import device as gpu
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     calls = []
@@ -614,9 +624,9 @@ def test_trainer_looks_for_a_grown_thread_stack_after_every_optimizer_step(tmp_p
     def recording(device, trims_left):
         calls.append(trims_left)
         return trims_left - 1
-    monkeypatch.setattr(memory, "trim_grown_stack", recording)
+    monkeypatch.setattr(gpu, "trim_grown_stack", recording)
     train(config(EPOCH_STEPS="6", MICRO_BSZ="1", MINI_BSZ="2"), log=lambda *_: None, progress=False)
-    assert calls == [memory.GROWN_STACK_TRIMS - i for i in range(3)]
+    assert calls == [gpu.GROWN_STACK_TRIMS - i for i in range(3)]
 
 
 @pytest.mark.gpu
@@ -627,8 +637,9 @@ def test_gpu_a_stack_grown_during_a_step_is_given_back_after_it(tmp_path, monkey
     losses as a run where nothing grew it)."""
     import ctypes
 
-    from trainer import loop, memory
-    lib = memory._libcuda()
+    from trainer import device as gpu
+    from trainer import loop
+    lib = gpu._libcuda()
     assert lib is not None
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
@@ -636,10 +647,10 @@ def test_gpu_a_stack_grown_during_a_step_is_given_back_after_it(tmp_path, monkey
     seen = []
 
     def growing(opt_step, *args, **kwargs):        # just before the optimizer step: "a kernel grew it"
-        seen.append(memory.thread_stack_limit(lib))
+        seen.append(gpu.thread_stack_limit(lib))
         if opt_step == 0 and grow:
             torch.cuda.synchronize()
-            assert lib.cuCtxSetLimit(memory.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(10640)) == 0
+            assert lib.cuCtxSetLimit(gpu.CU_LIMIT_STACK_SIZE, ctypes.c_size_t(10640)) == 0
         return lr_of_step(opt_step, *args, **kwargs)
     monkeypatch.setattr(loop, "learning_rate", growing)
     results = []
@@ -648,8 +659,8 @@ def test_gpu_a_stack_grown_during_a_step_is_given_back_after_it(tmp_path, monkey
         cfg = config(ACCELERATOR="cuda", OP="triton", PRECISION="bf16", FINETUNE_MODE="lora", GRAD_CP="1",
                      EPOCH_STEPS="3", OUTPUT=f"out{int(grow)}")
         results.append(train(cfg, log=lambda *_: None, progress=False).losses)
-        assert len(seen) == 3 and all(v < memory.DEFAULT_THREAD_STACK for v in seen[1:])
-    assert memory.thread_stack_limit(lib) < memory.DEFAULT_THREAD_STACK
+        assert len(seen) == 3 and all(v < gpu.DEFAULT_THREAD_STACK for v in seen[1:])
+    assert gpu.thread_stack_limit(lib) < gpu.DEFAULT_THREAD_STACK
     assert results[1] == pytest.approx(results[0], rel=1e-6, abs=1e-6)
 
 

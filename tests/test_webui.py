@@ -382,19 +382,21 @@ def test_memory_estimate_shows_grad_cp_autos_plan_on_a_gpu(tmp_path, monkeypatch
     """The page's memory panel: on the CPU the plain estimate; on a GPU (simulated: 80 GiB free) the plan that
     GRAD_CP=auto will make there, as the trainer's preflight makes it."""
     import torch
-    from trainer import loop, ops
+    from trainer import ops, plan
     from trainer.checkpoint import config_from_sizes, init_model, save_atomic
     path = tmp_path / "m.pth"
     save_atomic(init_model(config_from_sizes(7, 2, 128)).state_dict(), path)
     cfg = TrainConfig.from_env(dict(MODEL=str(path), DATA="d", GRAD_CP="auto", OP="chunk"))
     text = actions.memory_estimate(cfg)
     assert "allocated" in text and "GRAD_CP=auto" not in text
-    monkeypatch.setattr(loop, "resolve_device", lambda cfg: torch.device("cuda"))
+    from trainer.plan import Machine
+    monkeypatch.setattr(plan, "device_for", lambda cfg: torch.device("cuda"))
     monkeypatch.setattr(ops, "resolve", lambda op, device, version: "triton")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(Machine, "probe", classmethod(lambda cls, device, memory_too=True: Machine(
+        device="cuda", free=80 * 2**30, probed=True)))
     text = actions.memory_estimate(cfg)
-    assert "device cuda, WKV op 'triton'" in text and "(GRAD_CP=auto: the top 2 blocks not checkpointed)" in text
+    assert "device cuda (a GPU), precision" in text and "WKV op 'triton'" in text
+    assert "GRAD_CP=auto: 0 of 2 blocks checkpointed, the top 2 keep their activations" in text
 
 
 # ------------------------------------------------------------------------------------------ the running server

@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_env()
     print(host_report(), flush=True)
     if args.dry_run:
-        prep = dry_run(cfg)
-        from trainer.memory import estimate
-        est = prep.estimate if prep.estimate is not None else estimate(
-            cfg, prep.model.cfg, prep.op if prep.device.type == "cuda" else None)
-        print("Estimated GPU memory, term by term (trainer/memory.py):\n" + est.table())
+        dry_run(cfg)                   # the plan and its memory estimate, term by term, among the rest
         return 0
     result = train(cfg, max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
     return 130 if result.interrupted and args.max_steps is None else 0

@@ -167,6 +167,8 @@ def report(plan: RunPlan) -> list[str]:
         return [f"Estimated peak GPU memory for these settings: {est.total / GiB:.1f} GiB (not checked: this run is "
                 f"on the {plan.machine.type})"]
     free = plan.free
+    if free is None:                  # its free memory was not looked at: nothing to compare with
+        return [f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (the GPU's free memory was not read)"]
     lines = [f"Estimated peak GPU memory: {est.total / GiB:.1f} GiB (GPU has {free / GiB:.1f} GiB free)"]
     if plan.offload and cfg.OFFLOAD_BLOCKS == "auto":
         lines.append(f"OFFLOAD_BLOCKS=auto: {plan.offload} of {L} blocks keep their frozen weights in CPU memory and "

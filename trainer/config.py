@@ -21,22 +21,12 @@ from typing import Any, Mapping
 
 from .errors import UserError, check_name_lengths
 
-MODES = ("lora", "pissa", "bone", "bat", "state", "full")
-PARTS = ("emb", "head", "time", "ln")
-DATALOADS = ("get", "pad", "only")
-LOSS_MASKS = ("none", "pad", "qa")
-SCHEDULES = ("cos", "wsd", "const")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-TRAIN_TYPES = ("normal", "infctx")
-QUANTS = ("none", "int8", "nf4")
-OPTIMIZERS = ("adamw", "adamw8bit")
-COMPILES = ("auto", "1", "0")
-GRAD_CPS = ("auto", "1", "0")
+from .choices import (COMPILES, DATALOADS, GRAD_CPS, LOSS_MASKS, OPTIMIZERS, PARTS, PRECISIONS,  # noqa: F401
+                      QUANTS, SCHEDULES, STRATEGIES, TRAIN_TYPES)
+from .choices import METHODS as MODES
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
 NOT_YET_AVAILABLE: dict[str, str] = {}
-STRATEGIES = ("auto", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-              "deepspeed_stage_3", "deepspeed_stage_3_offload")
 # Upper bounds of the whole-number settings: far beyond any real run, so that a typo (an extra digit, a value
 # pasted into the wrong variable) is refused with its name instead of failing deep inside NumPy or PyTorch.
 MAX_SEED = 2**63 - 1          # torch seeds are 64-bit; the trainer also seeds SEED + 1 + rank

@@ -206,7 +206,7 @@ def dry_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
     for line in prep.plan.describe():
         log(f"  {line}")
     if prep.estimate is not None:
-        log("Estimated peak GPU memory, term by term" + ("" if prep.device.type == "cuda" else
+        log("The memory estimate, term by term" + ("" if prep.device.type == "cuda" else
                                                         " (this run is on the CPU: what a GPU would need)") + ":")
         log(prep.estimate.table())
     log(f"Trainable: {train:,} parameters ({100 * train / total:.3f}% of {total:,})")

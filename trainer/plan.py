@@ -334,8 +334,11 @@ class RunPlan:
 
     def but(self, **changes: Any) -> "RunPlan":
         """This plan with ``changes`` (checkpoint tiers clamped to what can be), estimated again."""
+        from .offload import why_not
         p = dataclasses.replace(self, **changes)
-        L, on = p.sizes.n_layer, p.checkpointing and not p.offload
+        L = p.sizes.n_layer
+        p = dataclasses.replace(p, offload=0 if why_not(p.cfg) else min(max(int(p.offload), 0), L - 1))
+        on = p.checkpointing and not p.offload
         plain = min(max(int(p.plain_top), 0), L) if on else 0
         kp = min(max(int(p.keep_products), 0), L - plain) if on and p.keeps_products() else 0
         p = dataclasses.replace(p, plain_top=plain, keep_products=kp)
@@ -458,7 +461,8 @@ def resolve(cfg: Any, sizes: Any, machine: Machine, *, op: str | None = None,
         world=cfg.GPU_COUNT * cfg.NODES, ds_stage=deepspeed_stage(cfg.STRATEGY) or 0,
         ds_offload=is_offload(cfg.STRATEGY), grow_segments=machine.grow_segments, free=machine.free)
     if not cuda:      # a CPU run: its estimate says what these settings would need on a GPU
-        gpu = resolve(cfg, sizes, Machine.nominal(), op=None if machine.probed else op, tiers=tiers)
+        gpu = resolve(cfg, sizes, dataclasses.replace(Machine.nominal(), grow_segments=machine.grow_segments),
+                      op=None if machine.probed else op, tiers=tiers)
         return dataclasses.replace(plan, estimate=gpu.estimate, estimate_error=gpu.estimate_error)
     try:
         plan = plan.but(plain_top=tiers[0], keep_products=tiers[1]) if tiers else plan.but()

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .choices import QUANT_TYPES as QUANTS  # the quantised types (not "none")
 from .errors import UserError
 from .peft.base import TARGET_RE, AdaptedLinear
 
-QUANTS = ("int8", "nf4")
 NF4_BLOCK = 64
 
 # The 16 NF4 levels of bitsandbytes (``bitsandbytes.functional.get_4bit_type("nf4")``; quantiles of N(0, 1)).

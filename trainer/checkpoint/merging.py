@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ..choices import METHODS
 from ..errors import UserError, check_name_lengths, interrupt_deferred
 from ..model import RWKV, ModelConfig
 
@@ -28,7 +29,7 @@ from .runs import META_KEY, _adapter_from_obj, check_base
 # [value, key] already (put the tensor into state[3i+1] as it is; it ignores time_state keys in v7 models);
 # web-rwkv (Ai00, RWKV-Runner's WebGPU mode) reads v5/v6/v7 state files with one and the same code.
 STATE_SUFFIX = ".att.time_state"
-MERGE_METHODS_WITH_MODEL = ("lora", "pissa", "bone", "bat", "full")
+MERGE_METHODS_WITH_MODEL = tuple(m for m in METHODS if m != "state")   # state files are used beside the model
 
 
 def state_key(layer: int) -> str:

@@ -102,6 +102,7 @@ def clear_run(output_dir) -> list[Path]:
 def check_adapter_meta(meta: Any, tensors: Mapping, where: str) -> None:
     """The one check of an adapter file's metadata (and that its tensors belong to its method), so that merge, resume,
     the chat add-on and evaluate never meet a wrong type: a file damaged or edited by hand is refused as such."""
+    from ..choices import QUANTS
     from ..peft import METHODS, get_method
     from ..peft.base import PARTS
 
@@ -135,8 +136,8 @@ def check_adapter_meta(meta: Any, tensors: Mapping, where: str) -> None:
     if not isinstance(parts, list) or not all(isinstance(x, str) and x in PARTS for x in parts):
         raise damaged(f"its train_parts {parts!r} are not a list of {' '.join(PARTS)}")
     quant = meta.get("quant", "none")
-    if quant not in ("none", "int8", "nf4"):
-        raise damaged(f"its quant {quant!r} is not one of none | int8 | nf4")
+    if quant not in QUANTS:
+        raise damaged(f"its quant {quant!r} is not one of {' | '.join(QUANTS)}")
     epoch = meta.get("epoch")
     if epoch is not None and (not whole(epoch) or epoch < 0):
         raise damaged(f"its epoch {epoch!r} is not an epoch number")

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from trainer.choices import DATALOADS as MODES
 from trainer.data.masks import LOSS_MASKS, qa_token_mask, token_bytes_table
 from trainer.errors import UserError
 
-MODES = ("get", "pad", "only")
 END_TOKEN = 0
 
 

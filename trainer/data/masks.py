@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-LOSS_MASKS = ("none", "pad", "qa")
+from ..choices import LOSS_MASKS  # noqa: F401  (re-exported: data.dataset reads it here)
 
 #: A turn marker at the start of the text or of a line.
 MARKER_RE = re.compile(r"(?m)^(System|User|Assistant):")

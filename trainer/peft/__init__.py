@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import PARTS, AdaptedLinear, Method
 
-METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
+from ..choices import METHODS
 
 
 def get_method(name: str) -> type[Method]:

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..choices import PARTS
 from ..errors import UserError
 
-PARTS = ("emb", "head", "time", "ln")
 
 # Module names (relative to the model) of the linear layers that LoRA / PiSSA / DiSHA adapt.
 TARGET_RE = re.compile(r"^blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance))$")

@@ -422,10 +422,10 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
         pytest.importorskip("bitsandbytes", reason="QUANT on a GPU needs bitsandbytes")
     from test_train import config, make_project
     from trainer import loop
+    from trainer import plan as planning
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(1)
     make_project(tmp_path, 7, items=[list(rng.integers(1, 200, size=40)) + [0] for _ in range(16)])
-    from trainer import plan as planning
     if grad_cp == "auto":    # the plan: 1 of the 2 blocks without checkpointing (the GPU would take both)
         real = planning.resolve
         monkeypatch.setattr(planning, "resolve", lambda cfg, sizes, machine, op=None, tiers=None:

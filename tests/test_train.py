@@ -456,8 +456,8 @@ def test_grad_cp_auto_falls_back_to_checkpointing_every_block_when_memory_runs_o
     make_project(tmp_path, 7)
     ref = train(config(GRAD_CP="1", MINI_BSZ="2", OUTPUT="ref"), progress=False, log=lambda *_: None).losses
     top = [1]            # GRAD_CP=auto's plan: the top block not checkpointed
-    real = planning.resolve
-    monkeypatch.setattr(planning, "resolve", lambda *a, **k: real(*a, **k).but(plain_top=top[0]))
+    planned = planning.resolve
+    monkeypatch.setattr(planning, "resolve", lambda *a, **k: planned(*a, **k).but(plain_top=top[0]))
     calls, seen = [0], []
     real = RWKV.forward
 
@@ -487,13 +487,20 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     """Running out of GPU memory (simulated on the CPU) is the settings' fault: the run saves like Ctrl+C (the
     last optimizer step) and stops with a UserError naming the step, the file, and changes of settings
     that the estimate fits in 85 % of what it had estimated; RESUME=1 then continues from there."""
+    from trainer import loop
     from trainer.errors import UserError
     from trainer.model import RWKV
-    from trainer.plan import nominal
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, 7)
     calls = [0]
     real = RWKV.forward
+    planned, prepare = {}, loop.prepare
+
+    def recording(*args, **kwargs):   # the run's plan, whose estimate the error's suggestions keep under
+        prep = prepare(*args, **kwargs)
+        planned["plan"] = prep.plan
+        return prep
+    monkeypatch.setattr(loop, "prepare", recording)
 
     def forward(self, *a, **k):
         calls[0] += 1
@@ -508,8 +515,7 @@ def test_out_of_gpu_memory_saves_and_says_what_would_fit(tmp_path, monkeypatch):
     assert "out of GPU memory at epoch 0, step 3" in e.message and "rwkv-interrupted.pth" in e.message
     assert "(epoch 0, step 2)" in e.message and "RESUME=1" in e.message
     assert e.fix.startswith("one of: ") and ("GRAD_CP=auto" in e.fix or "MICRO_BSZ=1" in e.fix), e.fix
-    sizes = checkpoint.detect_config(checkpoint.load_checkpoint(tmp_path / "model" / "tiny.pth"))
-    budget = 0.85 * nominal(cfg, sizes).estimate.total / 2**30   # what the run had estimated, less 15 %
+    budget = 0.85 * planned["plan"].estimate.total / 2**30      # what the run had estimated, less 15 %
     for line in e.fix.removeprefix("one of: ").split("; or "):
         assert float(re.search(r"~([0-9.]+) GiB", line).group(1)) <= budget + 0.05, (line, budget)
     tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-interrupted.pth")

@@ -87,7 +87,8 @@ if str(ROOT) not in sys.path:
 GiB = 2 ** 30
 SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "1.6B": (24, 2048),
          "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096)}
-BASE_METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
+from trainer.choices import METHODS as BASE_METHODS  # noqa: E402
+from trainer.choices import OPTIMIZERS, QUANT_TYPES  # noqa: E402
 ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts", "stream")
 
 
@@ -107,7 +108,7 @@ def parse_method(method: str) -> tuple[str, str]:
     if method == "qlora":
         return "lora", "nf4"
     base, _, quant = method.partition("+")
-    if base not in BASE_METHODS or quant not in ("", "int8", "nf4"):
+    if base not in BASE_METHODS or (quant and quant not in QUANT_TYPES):
         raise SystemExit(f"--method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally +int8 or +nf4")
     return base, quant or "none"
 
@@ -717,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-alpha", type=float, default=128.0)
     ap.add_argument("--vocab", type=int, default=65536)
-    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="OPTIMIZER")
+    ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="OPTIMIZER")
     ap.add_argument("--offload", type=int, default=0, help="OFFLOAD_BLOCKS (default 0: none)")
     ap.add_argument("--grid", default=None, help="peft-table | anchors | mfu | memfit (replaces the list options)")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")

@@ -196,8 +196,9 @@ def memory_estimate(cfg) -> str:
     sizes = plan.sizes
     where = "" if plan.machine.type == "cuda" else " (this machine trains on the CPU: what a GPU would need)"
     table = plan.estimate.table() if plan.estimate is not None else ""
-    return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}.\n"
-            "The plan (trainer/plan.py, as ./training.sh --dry-run prints it):\n"
+    return (f"RWKV-{sizes.version}, {sizes.n_layer} layers × {sizes.n_embd} wide, vocabulary {sizes.vocab_size}; "
+            f"device {plan.device}, WKV op '{plan.op}'.\nThe plan (trainer/plan.py, as ./training.sh --dry-run "
+            "prints it):\n"
             + "\n".join(f"  {line}" for line in plan.describe() + report(plan))
             + f"\nEstimated peak GPU memory{where}, term by term:\n" + table)
 

@@ -1,15 +1,13 @@
 """The training loop: one validated TrainConfig in, checkpoints in OUTPUT out.
 
-Built on Lightning Fabric (Lightning 2.x), which gives devices, precision and several GPUs (DDP; DeepSpeed
-strategies are not built yet and are refused by the config), while the loop itself stays here, short and
-explicit, so that resume is exact and Ctrl+C always saves first.
+    prep = prepare(cfg)     # checks, the run's plan (trainer/plan.py), the model as the plan places it, the data
+    train(cfg)              # _setup, then _micro_step for each micro-batch (_commit_step at an optimizer step,
+                            # _redo_checkpointing_every_block after an out-of-memory error GRAD_CP=auto caused),
+                            # _end_of_epoch, and _save_interrupted on Ctrl+C or out of GPU memory
 
-Files written to OUTPUT:
-  rwkv-E.pth           the trained tensors after epoch E, with metadata (checkpoint.save_adapter)
-  rwkv-interrupted.pth the same, written when Ctrl+C stops a run mid-epoch
-  train_state.pth      optimizer, position and RNG of the newest save: what RESUME=1 continues from
-  loss.csv, loss.png   the loss of every optimizer step, and its plot (redrawn at each save)
-  samples.txt          the text generated from SAMPLE_PROMPT at each save
+Built on Lightning Fabric (Lightning 2.x), which gives devices, precision and several GPUs (DDP and DeepSpeed:
+strategy.Spread), while the loop itself stays here, short and explicit, so that resume is exact and Ctrl+C always
+saves first. Every decision of how the run executes is the plan's; what it writes to OUTPUT is runfiles.py's.
 """
 from __future__ import annotations
 
@@ -24,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from . import plan as planning
 from .config import TrainConfig
 from .errors import UserError, interrupt_deferred
-from . import plan as planning
 from .plan import RunPlan
 from .runfiles import RunFiles
 from .schedule import learning_rate

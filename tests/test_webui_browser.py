@@ -212,6 +212,22 @@ def test_data_page(page, server):
     page.wait_for_function("document.querySelectorAll('#data-hist svg .mark-rect path').length >= 5")
     shot(page, "1-data")
 
+    # a CSV whose text is in a column of another name: refused with the fields it has, then COLUMN names it
+    with page.expect_file_chooser() as chooser:
+        page.click("#data-upload")
+    chooser.value.set_files(files=[{"name": "notes.csv", "mimeType": "text/csv",
+                                    "buffer": "id,body\n1,héllo wörld 你好\n2,\"a, b\"\n".encode()}])
+    wait_text(page, "#data-message", r"uploaded into data/notes\.csv")
+    assert value_of(page, "#data-file input") == "notes.csv"
+    page.locator("#data-repeat textarea").fill("1")
+    page.click("#tokenize")
+    wait_text(page, "#data-message", r'error: data/notes.csv, line 1: the header has "id", "body" but no "text"')
+    page.locator("#data-column textarea").fill("body")
+    page.click("#tokenize")
+    wait_text(page, "#data-message", r"wrote data/notes.bin and data/notes.idx")
+    wait_text(page, "#data-stats", r"items: 2")
+    no_traceback(page)
+
 
 def test_train_form_shows_config_errors_next_to_the_field(page, server):
     tab(page, "2 · Train")

@@ -241,7 +241,7 @@ def _csv_texts(path: Path, column: str | None, log: Log) -> Iterator[str]:
         if twice:
             raise UserError(f'{path}, line 1: the header names the column "{twice[0]}" twice.',
                             "give every column its own name")
-        shape, _ = _pick(header, column, f"the header of {path}")
+        shape, _ = _pick(header, column, f"{path}, line 1: the header")
         line = reader.line_num + 1
         for cells in reader:
             start, line = line, reader.line_num + 1

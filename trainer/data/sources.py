@@ -230,7 +230,7 @@ def _document_texts(path: Path, column: str | None, log: Log) -> Iterator[str]:
 
 def _csv_texts(path: Path, column: str | None, log: Log) -> Iterator[str]:
     csv.field_size_limit(2**31 - 1)          # a whole document may sit in one cell (the default is 128 KiB)
-    reader = csv.reader(io.StringIO(_decode(path, _read_bytes(path)), newline=""))
+    reader = csv.reader(io.StringIO(_decode(path, _read_bytes(path)), newline=""), strict=True)
     fix = ('one item per row, one cell per column, cells with commas, quotes or newlines in double quotes '
            '("a, b"), a quote inside them doubled ("")')
     try:

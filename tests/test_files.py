@@ -170,13 +170,13 @@ def test_tokenize_and_merge_on_a_full_disk(tmp_path, small_disk):
 
 
 def test_tokenize_sweeps_a_killed_writers_temporaries(tmp_path):
-    from trainer.data.prepare import tokenize_jsonl
+    from trainer.data.prepare import tokenize_data
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     (tmp_path / "sample.jsonl").write_bytes((ROOT / "data" / "sample.jsonl").read_bytes())
     left = tmp_path / f".sample.bin.{dead}.0123abcd.tmp"
     left.write_bytes(b"\0" * 1000)
     said = []
-    tokenize_jsonl(tmp_path / "sample.jsonl", log=said.append)
+    tokenize_data(tmp_path / "sample.jsonl", log=said.append)
     assert not left.exists() and any(left.name in s and "killed" in s for s in said)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.bin", "sample.idx", "sample.jsonl"]

@@ -12,7 +12,7 @@ import pytest
 from tools import make_tokenize
 from trainer.data import stats
 from trainer.data.binidx import BinIdx
-from trainer.data.jsonl import read_items
+from trainer.data.sources import read_items
 from trainer.data.tokenizer import get_tokenizer
 from trainer.errors import run_cli
 
@@ -126,7 +126,7 @@ BAD_LINES = [
     (b'{"text": "ok"}\n\n{"txt": "x"}\n', 'line 3: the object has "txt" but no "text"'),
     (b'{"text": 5}\n', 'line 1: "text" is a JSON number, not a string'),
     (b'{"text": ["a"]}\n', '"text" is a JSON array'),
-    (b'["just", "a list"]\n', "line 1: the line is a JSON list, not an object"),
+    (b'["just", "a list"]\n', "line 1: the item is a JSON list, not an object"),
     (b'{"text": "ok \xff\xfe"}\n', "line 1, column 14: invalid UTF-8 byte 0xff"),
     (b'{"text": "caf\xc3\xa9"}\n{"text": "\xe4\xb8"}\n', "line 2, column 11: invalid UTF-8"),
     (b'{"text": "half an emoji \\ud83d"}\n', "unpaired surrogate"),
@@ -154,8 +154,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, content, me
     (["d.jsonl", "1", "0"], "MAX_TOKENS must be a positive whole number"),
     (["d.jsonl", "1", "many"], "MAX_TOKENS must be a positive"),
     (["d.jsonl", "--seed", "x"], "--seed must be"),
-    (["nothere.jsonl"], "nothere.jsonl not found (the .jsonl files in"),
-    (["d.txt"], "not a .jsonl file"),
+    (["nothere.jsonl"], "nothere.jsonl not found (the data files in"),
+    (["d.docx"], "d.docx not found"),
 ])
 def test_bad_arguments(data, capsys, args, message):
     code, _, err = run(capsys, *args, "--data-dir", data)

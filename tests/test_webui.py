@@ -185,7 +185,8 @@ def test_upload_names_stay_in_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, want in (("../../etc/x.jsonl", "x.jsonl"), ("..\\..\\y.jsonl", "y.jsonl"), ("my data.jsonl",
                        "my_data.jsonl"), ("/abs/z.JSONL", "z.JSONL"), ("a/..jsonl", None), (".jsonl", None),
-                       (".hidden.jsonl", None), ("x.txt", None), ("x.jsonl/..", None), ("", None)):
+                       (".hidden.jsonl", None), ("x.docx", None), ("x.txt", "x.txt"), ("a b.Parquet", "a_b.Parquet"),
+                       (".csv", None), ("x.jsonl/..", None), ("", None)):
         if want is None:
             with pytest.raises(UserError):
                 actions.safe_upload_name(name)
@@ -546,7 +547,7 @@ def test_server_caps_upload_size(server):
     code, text = http(url, "/gradio_api/upload", "POST", *multipart("small.jsonl", b"x" * (40 * 1024)))
     assert code == 200, text
     code, config = http(url, "/config")
-    assert "Upload a .jsonl into data/ (up to 0.05 MB)" in config
+    assert "Upload a data file into data/ (up to 0.05 MB)" in config
 
 
 def test_server_refuses_pages_of_other_sites(server):
@@ -658,7 +659,7 @@ def test_page_preselects_no_data_and_merge_opens_at_what_was_trained(server):
     assert props["data-file"]["choices"] and props["field-DATA"]["choices"]           # there was data to pick
     event, out = api(url, "on_check", *form_values(DATA=""))
     assert event == "complete" and out[0].startswith("error: DATA is empty: no tokenized data is chosen. Fix: "
-                                                     "tokenize a .jsonl on the Data tab"), out[0]
+                                                     "tokenize your data on the Data tab"), out[0]
     names = [f.name for f in training_fields()]
     assert out[1 + names.index("DATA")]["visible"] is True          # shown under the DATA field
     (root / "output").mkdir(exist_ok=True)
@@ -671,6 +672,7 @@ def test_page_preselects_no_data_and_merge_opens_at_what_was_trained(server):
     event, out = api(url, "on_load_page", "output", *["(none)"] * 6)
     assert event == "complete", out
     assert ["a.jsonl", "a.jsonl"] in out[0]["choices"] and "value" not in out[0]     # listed, not chosen
+    assert ["dir.jsonl/", "dir.jsonl"] in out[0]["choices"]                           # a folder is data too
     assert out[5]["value"] == "run-a"
     assert out[6]["choices"] == [["0", "0"], ["1", "1"], ["interrupted", "interrupted"]] and out[6]["value"] == \
         "interrupted"
@@ -706,11 +708,14 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
               PRECISION="fp32", OP="chunk", OUTPUT="output/fresh")
     none3 = ["(none)", "(none)", []] * 3            # the three chat columns: model, what goes on it, history
     cases = [   # (action, its inputs, which output holds the message, the message starts with)
-        ("on_tokenize", ["gone.jsonl", "1", "", False], 0, "error: data/gone.jsonl not found"),
-        ("on_tokenize", ["badtype.jsonl", "1", "", False], 0, 'error: data/badtype.jsonl, line 1: "text" is a JSON '
-                                                            'number'),
-        ("on_tokenize", [None, "1", "", False], 0, "error: no .jsonl file chosen"),
-        ("on_tokenize", ["badtype.jsonl", "two", "", False], 0, "error: REPEAT must be a positive whole number"),
+        ("on_tokenize", ["gone.jsonl", "1", "", False, ""], 0, "error: data/gone.jsonl not found"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, ""], 0, 'error: data/badtype.jsonl, line 1: "text" is a '
+                                                                'JSON number'),
+        ("on_tokenize", [None, "1", "", False, ""], 0, "error: no data file chosen"),
+        ("on_tokenize", ["badtype.jsonl", "two", "", False, ""], 0, "error: REPEAT must be a positive whole number"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, "body"], 0, 'error: data/badtype.jsonl, line 1: the '
+                                                                    'object has no field "body" (COLUMN=body)'),
+        ("on_tokenize", ["dir.jsonl", "1", "", False, ""], 0, "error: data/dir.jsonl is a folder with no data files"),
         ("on_show", [None], 0, "error: no tokenized data chosen"),
         ("on_show", ["bad"], 0, "error: data/bad.idx is not a binidx index file"),
         ("on_save", ["dir", *form_values(**ok)], 0, "error: output/dir.env is a folder"),
@@ -732,8 +737,8 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
         assert "\n" not in got and "unexpected error" not in got
     event, out = api(url, "epochs_update", "afile")                    # a file as OUTPUT: simply no checkpoints
     assert event == "complete" and out[0]["choices"] == []
-    for name, args in (("on_tokenize", ["dir.jsonl", "1", "", False]), ("on_tokenize", ["../../etc/passwd", "1",
-                       "", False]), ("on_show", ["missing"]), ("on_load", ["dir"]), ("on_load", ["../x"]),
+    for name, args in (("on_tokenize", ["../../etc/passwd", "1", "", False, ""]), ("on_show", ["missing"]),
+                       ("on_load", ["dir"]), ("on_load", ["../x"]),
                        ("on_merge", ["output", "../x", "bf16", False]),
                        ("on_send", ["hi", 3, 1, 0.5, "/etc/passwd", *none3[1:]]),
                        ("on_send", ["hi", "abc", 1, 0.5, *none3]), ("on_send", ["hi", 3, 1, 7, *none3]),

@@ -194,6 +194,22 @@ def test_data_page(page, server):
     assert (root / "data" / "my_upload.jsonl").read_text().splitlines() == lines
     assert value_of(page, "#data-file input") == "my_upload.jsonl"
 
+    # a CSV whose text is in a column of another name: refused with the fields it has, then COLUMN names it
+    with page.expect_file_chooser() as chooser:
+        page.click("#data-upload")
+    chooser.value.set_files(files=[{"name": "notes.csv", "mimeType": "text/csv",
+                                    "buffer": "id,body\n1,héllo wörld 你好\n2,\"a, b\"\n".encode()}])
+    wait_text(page, "#data-message", r"uploaded into data/notes\.csv")
+    assert value_of(page, "#data-file input") == "notes.csv"
+    page.click("#tokenize")
+    wait_text(page, "#data-message", r'error: data/notes.csv, line 1: the header has "id", "body" but no "text"')
+    page.locator("#data-column textarea").fill("body")
+    page.click("#tokenize")
+    wait_text(page, "#data-message", r"wrote data/notes.bin and data/notes.idx")
+    wait_text(page, "#data-stats", r"items: 2")
+    page.locator("#data-column textarea").fill("")                  # back to the shapes for the next file
+    no_traceback(page)
+
     choose(page, "data-file", "sample.jsonl")
     page.locator("#data-repeat textarea").fill("two")               # a bad value: make_tokenize's own message
     page.click("#tokenize")

@@ -342,7 +342,7 @@ class TrainConfig:
             raise UserError(f"{self.data_prefix} holds {facts.items} items" + (
                 f", none with 2 tokens or more (the longest has {facts.longest}): there is nothing to train on."
                 if facts.items else ", so there is nothing to train on."),
-                "put text in the items of your .jsonl file and run ./make_tokenize.sh on it again")
+                "put text in the items of your data and run ./make_tokenize.sh on it again")
         per_epoch = items_per_epoch(self.EPOCH_STEPS, self.MICRO_BSZ, self.world_size)
         if self.DATALOAD in ("pad", "only") and per_epoch > facts.items:
             gpus = self.world_size

@@ -2,7 +2,7 @@
 
 Every function works in the project folder (the current directory, as the shell scripts do) and raises
 ``UserError`` for anything the user can fix; the page shows its message. Nothing here re-implements a rule:
-tokenizing is trainer.data.prepare's ``tokenize_jsonl`` (what make_tokenize.sh runs), the statistics are
+tokenizing is trainer.data.prepare's ``tokenize_data`` (what make_tokenize.sh runs), the statistics are
 trainer.data.stats, the config is TrainConfig with its validation, the memory estimate is trainer.memory,
 merging is trainer.checkpoint's ``merge_epoch`` and ``merge_usage_text``, and chat is trainer.inference's
 ``generate``. Nothing here imports tools/.
@@ -25,8 +25,15 @@ MERGE_DIR = Path("merge")
 
 
 # ------------------------------------------------------------------------------------------ data
-def list_jsonl(data_dir: Path = DATA_DIR) -> list[str]:
-    return sorted(p.name for p in data_dir.glob("*.jsonl") if p.is_file()) if data_dir.is_dir() else []
+def list_sources(data_dir: Path = DATA_DIR) -> list[tuple[str, str]]:
+    """What the Data tab offers to tokenize: (label, name) of every data file and folder in data/ (a folder's label
+    ends in "/"), files first."""
+    from trainer.data.sources import ENDINGS
+    if not data_dir.is_dir():
+        return []
+    entries = sorted(p for p in data_dir.iterdir() if not p.name.startswith("."))
+    return [(p.name, p.name) for p in entries if p.is_file() and p.suffix.lower() in ENDINGS] + \
+        [(p.name + "/", p.name) for p in entries if p.is_dir()]
 
 
 def list_data(data_dir: Path = DATA_DIR) -> list[str]:
@@ -37,14 +44,28 @@ def list_data(data_dir: Path = DATA_DIR) -> list[str]:
 
 
 def safe_upload_name(name: str) -> str:
-    """The file name an upload is stored under in data/: its last path part, plain characters, .jsonl."""
+    """The file name an upload is stored under in data/: its last path part, plain characters, a data ending."""
+    from trainer.data.sources import ENDINGS, ENDINGS_TEXT
     base = re.split(r"[\\/]", str(name))[-1].strip()
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base)
-    if not base.lower().endswith(".jsonl") or base.startswith(".") or base in (".jsonl",) or ".." in base:
-        raise UserError(f"{name!r} is not a .jsonl file name.",
-                        "upload a file named like mydata.jsonl (one JSON object per line)")
+    stem, dot, ending = base.rpartition(".")
+    if not dot or "." + ending.lower() not in ENDINGS or not stem or base.startswith(".") or ".." in base:
+        raise UserError(f"{name!r} is not the name of a data file.",
+                        f"upload a {ENDINGS_TEXT} file, named like mydata.jsonl")
     check_name_lengths("the file", base, "rename the file to a shorter name and upload it again")
     return base
+
+
+def data_entry(name: str, data_dir: Path = DATA_DIR) -> Path:
+    """The data file or folder of data/ that the Data tab's list names (its last path part: never outside data/)."""
+    from trainer.data.sources import ENDINGS, ENDINGS_TEXT
+    base = re.split(r"[\\/]", str(name).strip().rstrip("/\\"))[-1]
+    check_name_lengths("the file", base, "rename the file to a shorter name")
+    path = data_dir / base
+    if not base or base.startswith(".") or not (path.is_dir() or path.suffix.lower() in ENDINGS):
+        raise UserError(f"{name!r} is not a data file or folder in {data_dir}/.",
+                        f"pick one from the list: a {ENDINGS_TEXT} file, or a folder of them")
+    return path
 
 
 def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Path = DATA_DIR) -> Path:
@@ -67,7 +88,7 @@ def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Pa
         raise UserError(f"{Path(str(src)).name!r} was not uploaded through the page: only uploaded files can be "
                         "copied into data/.", "use the Upload button, or copy the file into data/ yourself")
     if not path.is_file():
-        raise UserError(f"{path.name!r} is not a file.", "upload a .jsonl file")
+        raise UserError(f"{path.name!r} is not a file.", "upload a data file (a folder: copy it into data/ yourself)")
     from trainer.files import copy_file, make_folder
     make_folder(data_dir, "data/")
     if target.resolve().parent != data_dir.resolve():        # belt and braces: the name has no folder
@@ -77,7 +98,8 @@ def save_upload(src: str | Path, name: str, upload_dir: str | Path, data_dir: Pa
     n = 1
     while target.is_file() and not _same_bytes(target, path):   # a different file of that name: kept, and the
         n += 1                                                   # upload goes beside it as NAME-2.jsonl, ...
-        target = data_dir / f"{safe_upload_name(name)[:-len('.jsonl')]}-{n}.jsonl"
+        stem, ending = safe_upload_name(name).rsplit(".", 1)
+        target = data_dir / f"{stem}-{n}.{ending}"
     if not target.is_file():
         copy_file(path, target)            # atomic; a full disk is one line and leaves nothing behind
     return target
@@ -92,16 +114,17 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def tokenize(file: str, repeat: str | int = 1, max_tokens: str | int | None = None, no_eof: bool = False,
-             data_dir: Path = DATA_DIR) -> tuple[str, Path]:
-    """./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data prefix)."""
-    from trainer.data.prepare import positive_int, tokenize_jsonl
+             column: str | None = None, data_dir: Path = DATA_DIR) -> tuple[str, Path]:
+    """COLUMN=... ./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data prefix)."""
+    from trainer.data.prepare import column_name, positive_int, tokenize_data
     if not file:
-        raise UserError("no .jsonl file chosen.", "pick one from data/ or upload one")
-    file = safe_upload_name(file)             # a name in data/, nothing else
+        raise UserError("no data file chosen.", "pick one from data/ or upload one")
+    src = data_entry(file, data_dir)          # a file or folder in data/, nothing else
     n_repeat = positive_int("REPEAT", str(repeat).strip() or "1", 1)
     n_max = None if max_tokens in (None, "", 0, "0") else positive_int("MAX_TOKENS", str(max_tokens).strip(), None)
     lines: list[str] = []
-    result = tokenize_jsonl(data_dir / file, repeat=n_repeat, max_tokens=n_max, eof=not no_eof, log=lines.append)
+    result = tokenize_data(src, repeat=n_repeat, max_tokens=n_max, eof=not no_eof, log=lines.append,
+                           column=column_name(column))
     return "\n".join(lines) + "\n", result.prefix
 
 
@@ -128,7 +151,7 @@ def data_report(prefix: str | Path, n_samples: int = 2, max_bsz: int = 128) -> D
     data = BinIdx(prefix)
     lengths = np.asarray(data.sizes, dtype=np.int64)
     if lengths.size == 0:
-        raise UserError(f"{prefix} holds no items.", "tokenize a .jsonl file with at least one item")
+        raise UserError(f"{prefix} holds no items.", "tokenize a data file with at least one item")
     s = summary(lengths)
     ctx, why = suggest_ctx_len(lengths)
     hist = []
@@ -172,7 +195,7 @@ def check_config(values: dict[str, str], files: bool = True):
     except UserError as err:
         if err.message.startswith("DATA is empty"):       # the page starts with no data chosen: say where to get it
             raise UserError("DATA is empty: no tokenized data is chosen.",
-                            "tokenize a .jsonl on the Data tab (it fills DATA in), or pick one of data/'s "
+                            "tokenize your data on the Data tab (it fills DATA in), or pick one of data/'s "
                             "tokenized sets in DATA") from None
         raise
     if files:

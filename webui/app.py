@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402  (a gradio dependency)
 
 from trainer.config import COMPILES, DATALOADS, GRAD_CPS, LOSS_MASKS, MODES, OPTIMIZERS, PARTS, PRECISIONS, QUANTS, \
     SCHEDULES, STRATEGIES, TRAIN_TYPES  # noqa: E402
+from trainer.data.sources import ENDINGS  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 from . import actions  # noqa: E402
@@ -162,19 +163,22 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             # ---------------------------------------------------------------------------- data
             with gr.Tab("1 · Data", id="data"):
                 with gr.Row():
-                    jsonl = gr.Dropdown(actions.list_jsonl(), label="your .jsonl file in data/", elem_id="data-file",
+                    data_file = gr.Dropdown(actions.list_sources(), label="your data in data/: a file (.jsonl, .json, "
+                                        ".csv, .parquet, .arrow, .txt, .md) or a folder", elem_id="data-file",
                                         value=None, scale=3)       # nothing chosen until the user picks or uploads
                     with gr.Column(scale=1, min_width=220):
-                        upload = gr.UploadButton(f"Upload a .jsonl into data/ (up to {max_upload_mb:g} MB)",
-                                                 file_types=[".jsonl"], elem_id="data-upload")
-                        gr.Markdown(f"Larger files: copy them into `data/` yourself, or start the page with "
-                                    f"`./webui.sh --max-upload-mb N` (now {max_upload_mb:g}).",
+                        upload = gr.UploadButton(f"Upload a data file into data/ (up to {max_upload_mb:g} MB)",
+                                                 file_types=list(ENDINGS), elem_id="data-upload")
+                        gr.Markdown(f"Folders and larger files: copy them into `data/` yourself, or start the page "
+                                    f"with `./webui.sh --max-upload-mb N` (now {max_upload_mb:g}).",
                                     elem_id="data-upload-note")
                 with gr.Row():
                     repeat = gr.Textbox("1", label="REPEAT", info="write the data this many times, each copy "
                                         "shuffled", elem_id="data-repeat")
                     max_tokens = gr.Textbox("", label="MAX_TOKENS", info="drop items longer than this many "
                                             "tokens; empty = keep all", elem_id="data-max-tokens")
+                    column = gr.Textbox("", label="COLUMN", info="the field holding the text, if not text, "
+                                        "messages, conversations or instruction+output", elem_id="data-column")
                     no_eof = gr.Checkbox(False, label="--no-eof", info="do not end items with token 0 (keep it "
                                          "off unless you know why)")
                 tok_btn = gr.Button("Tokenize (./make_tokenize.sh)", variant="primary", elem_id="tokenize")
@@ -388,9 +392,9 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
 
         report_outputs = [data_msg, stats, hist, batch, sample0, sample1]
 
-        def on_tokenize(file, rep, mx, eof):
+        def on_tokenize(file, rep, mx, eof, col):
             try:
-                text, prefix = actions.tokenize(file, rep, mx, eof)
+                text, prefix = actions.tokenize(file, rep, mx, eof, col)
                 out = show_report(prefix, f"✔ wrote `{prefix}.bin` and `{prefix}.idx`: set DATA=`{prefix.name}` "
                                           "on the Train page (done for you).")
             except Exception as err:  # noqa: BLE001
@@ -403,7 +407,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
         def on_show(name):
             try:
                 if not name:
-                    raise UserError("no tokenized data chosen.", "pick one from the list, or tokenize a .jsonl first")
+                    raise UserError("no tokenized data chosen.", "pick one from the list, or tokenize your data first")
                 return list(show_report(Path("data") / name, f"data/{name}.bin + .idx"))
             except Exception as err:  # noqa: BLE001
                 return [_message(err)] + [gr.update()] * (len(report_outputs) - 1)
@@ -422,12 +426,12 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                 return _message(err), gr.update()
             kept = "" if target.name == actions.safe_upload_name(os.path.basename(path)) else \
                 f" (a different `{actions.safe_upload_name(os.path.basename(path))}` was there already and is kept)"
-            return (f"✔ uploaded into `{target}`{kept}", gr.update(choices=actions.list_jsonl(), value=target.name))
+            return (f"✔ uploaded into `{target}`{kept}", gr.update(choices=actions.list_sources(), value=target.name))
 
-        tok_btn.click(on_tokenize, [jsonl, repeat, max_tokens, no_eof],
+        tok_btn.click(on_tokenize, [data_file, repeat, max_tokens, no_eof, column],
                       report_outputs + [tok_log, existing, comps["DATA"]])
         show_btn.click(on_show, existing, report_outputs)
-        upload.upload(on_upload, upload, [data_msg, jsonl])
+        upload.upload(on_upload, upload, [data_msg, data_file])
 
         def uploaded_here(path: str) -> bool:
             """Whether this server received the file through its upload route (Gradio records each one)."""
@@ -518,13 +522,13 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             merge_out = actions.trained_output(jobs.last_output)
             ups = on_chat_refresh([merge_out, form_out], *current)
             data_sets = actions.list_data()
-            return [gr.update(choices=actions.list_jsonl()), gr.update(choices=data_sets),
+            return [gr.update(choices=actions.list_sources()), gr.update(choices=data_sets),
                     gr.update(choices=[Path(p).name for p in actions.model_choices()]),
                     gr.update(choices=data_sets), gr.update(choices=actions.list_configs()),
                     gr.update(value=merge_out), epochs_update(merge_out)] + ups
 
         demo.load(on_load_page, [comps["OUTPUT"]] + chat_sel,
-                  [jsonl, existing, comps["MODEL"], comps["DATA"], load_dd, m_out, m_epoch] + chat_sel)
+                  [data_file, existing, comps["MODEL"], comps["DATA"], load_dd, m_out, m_epoch] + chat_sel)
         demo.load(on_tick, None, tick_outputs)
         comps["OUTPUT"].change(lambda v: v, comps["OUTPUT"], m_out)
 

@@ -133,7 +133,7 @@ class BinIdx:
 
     def __init__(self, prefix: str | Path):
         self.bin_path, self.idx_path = paths(prefix)
-        fix = "run ./make_tokenize.sh on your .jsonl file again to rebuild both files"
+        fix = "run ./make_tokenize.sh on your data again to rebuild both files"
         for p in (self.idx_path, self.bin_path):
             if not p.is_file():
                 other = self.bin_path if p == self.idx_path else self.idx_path

@@ -1,6 +1,8 @@
-"""Step 1's work: a .jsonl file to binidx (.bin + .idx) beside it, repeated and shuffled, with a report.
+"""Step 1's work: a data file or folder to binidx (.bin + .idx) beside it, repeated and shuffled, with a report.
 
-    result = tokenize_jsonl(src, repeat=4, max_tokens=None, seed=42, eof=True, log=print)
+    result = tokenize_data(src, repeat=4, max_tokens=None, seed=42, eof=True, log=print, column=None)
+
+What ``src`` may be is trainer/data/sources.py's; the item shapes are trainer/data/shapes.py's.
 
 Used by ``make_tokenize.sh`` (tools/make_tokenize.py parses its arguments) and by the web page.
 """
@@ -60,26 +62,37 @@ def seed_int(value: str | int | None) -> int:
     return seed
 
 
-def tokenize_jsonl(src: Path, repeat: int = 1, max_tokens: int | None = None, seed: int = DEFAULT_SEED,
-                   eof: bool = True, log: Callable[[str], None] = print, seed_given: bool = True) -> Tokenized:
+def column_name(value: str | None) -> str | None:
+    """COLUMN as typed (--column, the web page's field): the field's name without spaces at its ends, or None
+    (empty: the item's shape says where the text is)."""
+    return (value or "").strip() or None
+
+
+def output_prefix(src: Path) -> Path:
+    """Where the tokenized data of ``src`` goes: beside it, data/NAME.jsonl or the folder data/NAME -> data/NAME."""
+    src = Path(src)
+    return src.parent / src.name if src.is_dir() else src.with_suffix("")
+
+
+def tokenize_data(src: Path, repeat: int = 1, max_tokens: int | None = None, seed: int = DEFAULT_SEED,
+                  eof: bool = True, log: Callable[[str], None] = print, seed_given: bool = True,
+                  column: str | None = None) -> Tokenized:
     from .binidx import paths, write_binidx
-    from .jsonl import read_items
+    from .sources import read_source
     from .stats import report_lines
     from .tokenizer import get_tokenizer
 
     src = Path(src)
-    if src.suffix != ".jsonl":
-        raise UserError(f"{src} is not a .jsonl file.",
-                        "give the name of a .jsonl file (one JSON object per line, e.g. sample.jsonl); "
-                        "if yours is one under another name, rename it to end in .jsonl")
-    prefix = src.with_suffix("")
+    prefix = output_prefix(src)
     from ..files import sweep_temps
     for p in sweep_temps(prefix.parent):
         log(f"removed {p.name}, a temporary file left by a tokenizer that was killed while writing")
     t0 = time.perf_counter()
-    texts = read_items(src)
-    n_bytes = src.stat().st_size
-    log(f"read {len(texts)} items from {src} ({n_bytes / 1e6:.2f} MB)")
+    source = read_source(src, column=column, log=log)
+    texts, n_files, n_bytes = source.texts, source.files, source.n_bytes
+    del source
+    files = f"{n_files} file{'s' * (n_files != 1)}, " if src.is_dir() else ""
+    log(f"read {len(texts)} items from {src}{'/' if src.is_dir() else ''} ({files}{n_bytes / 1e6:.2f} MB)")
     tok = get_tokenizer()
     flat, offsets = tok.encode_flat(texts, eof=eof, progress=None)
     del texts
@@ -144,7 +157,7 @@ def _check_room(src: Path, bin_path: Path, idx_path: Path, tokens: int, items: i
     folder = bin_path.parent
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder, so {bin_path.name} cannot be written there.",
-                        "give a .jsonl file inside a folder you can write to")
+                        "give a data file inside a folder you can write to")
     per_copy = 2 * tokens + _IDX_BYTES_PER_ITEM * items
     need = per_copy * repeat + 34
     free = free_bytes(folder)

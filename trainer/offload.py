@@ -195,23 +195,21 @@ def setup(model: nn.Module, blocks: list[int], device: torch.device,
 
 
 def why_not(cfg: Any) -> str | None:
-    """Why these settings cannot stream blocks (None: they can). Trained weights (full fine-tuning),
-    quantised ones, DeepSpeed's own placement, several GPUs (not tried yet) and GRAD_CP=0's kept
+    """Why these settings (a TrainConfig) cannot stream blocks (None: they can). Trained weights (full
+    fine-tuning), quantised ones, DeepSpeed's own placement, several GPUs (not tried yet) and GRAD_CP=0's kept
     activations are not supported; a CPU run has nowhere to stream from."""
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731  (the calibration's namespaces)
-    quant, strategy = get("QUANT", "none") or "none", str(get("STRATEGY", "auto"))
-    if get("FINETUNE_MODE", "lora") == "full":
+    if cfg.FINETUNE_MODE == "full":
         return "FINETUNE_MODE=full trains the weights themselves"
-    if quant != "none":
-        return f"QUANT={quant} already stores the frozen weights quantised on the GPU"
-    if strategy.startswith("deepspeed"):
-        return f"STRATEGY={strategy} places the weights itself (its _offload strategies move them)"
-    world = int(get("GPU_COUNT", 1)) * int(get("NODES", 1))
+    if cfg.QUANT != "none":
+        return f"QUANT={cfg.QUANT} already stores the frozen weights quantised on the GPU"
+    if cfg.STRATEGY.startswith("deepspeed"):
+        return f"STRATEGY={cfg.STRATEGY} places the weights itself (its _offload strategies move them)"
+    world = cfg.GPU_COUNT * cfg.NODES
     if world > 1:
         return f"{world} GPUs: streaming has been tested on one GPU only (each process would stream its own copy)"
-    if str(get("GRAD_CP", "1")) in ("0", "False"):
+    if str(cfg.GRAD_CP) in ("0", "False"):
         return "GRAD_CP=0 keeps every block's activations, which cost far more than the weights"
-    if get("ACCELERATOR", "auto") == "cpu":
+    if cfg.ACCELERATOR == "cpu":
         return "ACCELERATOR=cpu: the weights are in CPU memory already"
     return None
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import UserError
 from .memory import FIT_FRACTION, GiB, Estimate
-from .plan import HOST_FRACTION, RunPlan, offload_host_limit, resolve
+from . import device
+from .plan import HOST_FRACTION, RunPlan, checkpoints_every_block, offload_host_limit, resolve
 
 # Rough slowdowns, only to rank the suggestions (cheapest first); a combination costs their product. Where the
 # measured ones were measured: bench/RESULTS.md.
@@ -49,10 +50,9 @@ def _candidates(plan: RunPlan) -> list[tuple[dict, str, float]]:
     """Single changes of settings: (settings, what it costs in words, rough slowdown)."""
     from .offload import why_not
     cfg, sizes = plan.cfg, plan.sizes
-    every_block = cfg.TRAIN_TYPE == "infctx" or cfg.STRATEGY.startswith("deepspeed")
     out: list[tuple[dict, str, float]] = []
     if cfg.GRAD_CP == "0":
-        if every_block:                          # GRAD_CP=auto would checkpoint every block there too
+        if checkpoints_every_block(cfg):         # GRAD_CP=auto would checkpoint every block there too
             out.append(({"GRAD_CP": 1}, "about 30% slower, same results", COST_GRAD_CP))
         else:                                    # the estimate shown is its least (every block checkpointed)
             out.append(({"GRAD_CP": "auto"}, "checkpoints only the blocks that do not fit, and uses the rest "
@@ -80,7 +80,7 @@ def _candidates(plan: RunPlan) -> list[tuple[dict, str, float]]:
             c //= 2
     L = sizes.n_layer
     if not why_not(cfg) and cfg.OFFLOAD_BLOCKS != "auto":
-        host = plan.machine.host if plan.machine.probed else _host_available()
+        host = plan.machine.host if plan.machine.probed else device.host_available()
         most = offload_host_limit(cfg, sizes, plan.precision, host)        # no more than the CPU memory holds
         for k in sorted({min(k, L - 1 if most is None else most) for k in (L // 4, L // 2, L - 1)} - {0, 1, 2}):
             out.append(({"OFFLOAD_BLOCKS": k}, f"{k} of {L} blocks' frozen weights in CPU memory, copied in as "
@@ -92,11 +92,6 @@ def _candidates(plan: RunPlan) -> list[tuple[dict, str, float]]:
         out.append(({"FINETUNE_MODE": leaner}, f"{get_method(leaner).TITLE} trains far fewer numbers than "
                      f"{plan.method.TITLE}", COST_METHOD))
     return out
-
-
-def _host_available() -> int | None:
-    from .device import host_available
-    return host_available()
 
 
 def _kind(settings: dict) -> frozenset:
@@ -180,7 +175,7 @@ def report(plan: RunPlan) -> list[str]:
         said = "GRAD_CP=auto: " + plan.tiers()
         if not (plan.plain_top or plan.keep_products):
             said += (" (infctx and DeepSpeed checkpoint every block)"
-                     if cfg.TRAIN_TYPE == "infctx" or cfg.STRATEGY.startswith("deepspeed") else " (no room to leave any out)")
+                     if checkpoints_every_block(cfg) else " (no room to leave any out)")
         lines.append(said)
     if est.total > free:
         lines.append("WARNING: these settings will probably run out of GPU memory (the estimate can be off by "

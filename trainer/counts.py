@@ -72,14 +72,16 @@ def _quantised_bytes(quant: str, shape: tuple[int, ...]) -> int:
     return n + 4 * shape[0]
 
 
-def param_table(cfg: Any, sizes: Any) -> ParamTable:
-    """Count what the trainer's ``prepare`` would hold for ``cfg`` on a model of ``sizes``."""
+def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
+    """Count what the trainer's ``prepare`` would hold for ``cfg`` on a model of ``sizes`` (``method``: cfg's
+    fine-tuning method, built from its settings when not given)."""
     from .offload import STREAM_MIN_NUMEL
     from .peft import get_method
     from .peft.base import part_names
     from .strategy import BNB_MIN_8BIT
-    cls = get_method(cfg.FINETUNE_MODE)
-    method = cls(cls.settings_from(cfg))
+    if method is None:
+        cls = get_method(cfg.FINETUNE_MODE)
+        method = cls(cls.settings_from(cfg))
     quant = cfg.QUANT
     shapes = _shapes(_sizes_key(sizes))
     part_set = set(part_names([k for k, _, _ in shapes], tuple(cfg.TRAIN_PARTS)))

@@ -286,14 +286,12 @@ def estimate(plan: Any, sizes: Any) -> Estimate:
     """The peak GPU memory of the run ``plan`` (a plan.RunPlan) describes on a model of ``sizes``, per GPU."""
     from .counts import param_table
     from .head_loss import chunk_tokens
-    from .peft import get_method
-    cls = get_method(plan.cfg.FINETUNE_MODE)
-    method = cls(cls.settings_from(plan.cfg))
+    method = plan.method
     L, C, V = sizes.n_layer, sizes.n_embd, sizes.vocab_size
     wbytes = 4 if plan.precision == "fp32" else 2
     B, T = plan.batch
     BT = B * T
-    t = param_table(plan.cfg, sizes)
+    t = param_table(plan.cfg, sizes, method)
     P = t.trained
     notes: list[str] = []
     r = _resident(plan, sizes, t, wbytes, notes)

@@ -382,7 +382,7 @@ def _search_tiers(plan: RunPlan) -> RunPlan:
     checkpointed when nothing more fits, and always with TRAIN_TYPE=infctx or DeepSpeed (their own memory
     plans), with blocks streamed, or GRAD_CP 0/1."""
     budget = FIT_FRACTION * plan.free
-    if (plan.grad_cp != "auto" or _checkpoints_every_block(plan.cfg) or plan.estimate.total > budget
+    if (plan.grad_cp != "auto" or checkpoints_every_block(plan.cfg) or plan.estimate.total > budget
             or plan.offload):
         return plan
     L = plan.sizes.n_layer
@@ -406,7 +406,7 @@ def _search_tiers(plan: RunPlan) -> RunPlan:
     return plan.but(plain_top=choice[0], keep_products=choice[1])
 
 
-def _checkpoints_every_block(cfg: Any) -> bool:
+def checkpoints_every_block(cfg: Any) -> bool:
     """infctx and DeepSpeed keep their own memory plans: GRAD_CP=auto checkpoints every block there."""
     return cfg.TRAIN_TYPE == "infctx" or cfg.STRATEGY.startswith("deepspeed")
 

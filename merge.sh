@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step 3 of 3: turn a training checkpoint into a model (or a state file) the RWKV tools run.
 #
-#   ./merge.sh EPOCH          EPOCH: the number of a checkpoint in OUTPUT (rwkv-EPOCH.pth), or "interrupted"
+#   ./merge.sh EPOCH          EPOCH: the number of a checkpoint in OUTPUT (rwkv-EPOCH.pth), "interrupted", or
+#                             "best" (rwkv-best.pth: the lowest validation loss, when training had VALID_DATA/_FRACTION)
 #                             OUTPUT: the one set in training.sh, so the folder training used is found by itself
 #
 # Everything else is read from the checkpoint itself: the method (lora, pissa, bone, bat, state, full), its

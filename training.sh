@@ -25,6 +25,12 @@ TRAIN_PARTS=""            # also train: any of "emb head time ln"; empty = only 
 CTX_LEN=512               # tokens per sample: make_tokenize.sh suggests one; state tuning likes it short (512)
 DATALOAD="pad"            # pad: each item from its start, padded (any MICRO_BSZ) | only: one item per step | get: random windows
 LOSS_MASK="pad"           # pad: ignore padding | qa: train only on the Assistant's answers | none
+VALID_DATA=""             # validation data, never trained on: a name in data/, e.g. "sample.valid" (make_tokenize.sh
+                          #   FILE --valid 0.05 writes it); its loss goes to loss.csv, loss.png and the log | empty: none
+VALID_FRACTION=0          # or hold this share of DATA's items out for validation, e.g. 0.05 (chosen by SEED) | 0: none
+VALID_EVERY=0             # validate every N optimizer steps (and after the last) | 0: at every save. The best is kept
+                          #   as OUTPUT/rwkv-best.pth (./merge.sh best)
+EARLY_STOP=0              # stop after N validations in a row without a better loss (saved as on Ctrl+C) | 0: never
 
 # ---------------------------------------------------------------- schedule
 MICRO_BSZ=1               # samples per step per GPU: raise it while memory allows (see make_tokenize's table)

@@ -3,7 +3,7 @@
     python -m tools.merge EPOCH [--output FOLDER] [--model-dir model] [--merge-dir merge] [--dtype bf16]
                                 [--base FILE] [--state-model]
 
-EPOCH is a number (OUTPUT/rwkv-EPOCH.pth) or "interrupted". Without --output, the checkpoints are taken from
+EPOCH is a number (OUTPUT/rwkv-EPOCH.pth), "interrupted" or "best" (the lowest validation loss). Without --output, the checkpoints are taken from
 the OUTPUT that ./training.sh sets (its line is read, the script is not run), else from output/. The method, its settings, TRAIN_PARTS and the
 base model are read from the checkpoint. Writes merge/<base>-<method>-EPOCH.pth (a complete model in the
 official layout), or for state tuning merge/<base>-state-EPOCH.pth (the tuned state alone; with --state-model
@@ -21,7 +21,7 @@ from trainer.errors import UserError, run_cli
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.merge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("epoch", nargs="?", help="the epoch to merge (OUTPUT/rwkv-EPOCH.pth), or 'interrupted'")
+    ap.add_argument("epoch", nargs="?", help="the epoch to merge (OUTPUT/rwkv-EPOCH.pth), 'interrupted' or 'best'")
     ap.add_argument("--output", default=None, help="the folder training wrote its checkpoints to (default: "
                     "OUTPUT in ./training.sh, read as text; else output)")
     ap.add_argument("--model-dir", default="model", help="where base models are looked up by name")
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                            overwrite=args.overwrite)
     meta = res.meta
     when = "interrupted mid-epoch" if meta.get("complete") is False else f"after epoch {meta.get('epoch')}"
+    if isinstance(meta.get("valid_loss"), (int, float)):
+        when = f"the best validation loss, {meta['valid_loss']:.4f} after optimizer step {meta.get('optimizer_steps')}"
     if meta.get("converted_from"):
         when = f"converted from {meta['converted_from']}"
     settings = ", ".join(f"{k}={v}" for k, v in (meta.get("settings") or {}).items())

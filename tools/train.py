@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(cfg)                   # the plan and its memory estimate, term by term, among the rest
         return 0
     result = train(cfg, max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
-    return 130 if result.interrupted and args.max_steps is None else 0
+    return 130 if result.interrupted and not result.stopped_early and args.max_steps is None else 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,13 @@ class TrainConfig:
     CTX_LEN: int = _var("tokens per training sample", default=512)
     DATALOAD: str = _var("get | pad | only", default="pad")
     LOSS_MASK: str = _var("none | pad | qa", default="pad")
+    VALID_DATA: str = _var("validation data: a binidx name in data/ (e.g. NAME.valid from make_tokenize.sh --valid); "
+                           "empty = none", default="")
+    VALID_FRACTION: float = _var("hold this share of DATA's items out for validation (0 = none); the choice follows "
+                                 "SEED", default=0.0)
+    VALID_EVERY: int = _var("validate every N optimizer steps (and after the last); 0 = at every save", default=0)
+    EARLY_STOP: int = _var("stop (saving as on Ctrl+C) after N validations without a better loss; 0 = never",
+                           default=0)
     # schedule
     MICRO_BSZ: int = _var("samples per GPU per step", default=1)
     MINI_BSZ: int = _var("gradient accumulation: micro-batches per optimizer step", default=1)
@@ -160,8 +167,10 @@ class TrainConfig:
         for name in ("LORA_R", "PISSA_R", "DISHA_R", "CTX_LEN", "MICRO_BSZ", "MINI_BSZ", "EPOCH_COUNT",
                      "EPOCH_STEPS", "EPOCH_SAVE", "GPU_COUNT", "NODES", "CHUNK_CTX"):
             positive(name)
-        for name in ("SVD_NITER", "WARMUP_STEPS", "INITIAL_CTX_LEN", "CTX_WARMUP_STEPS", "SEED"):
+        for name in ("SVD_NITER", "WARMUP_STEPS", "INITIAL_CTX_LEN", "CTX_WARMUP_STEPS", "SEED", "VALID_EVERY",
+                     "EARLY_STOP"):
             positive(name, zero_ok=True)
+        self._check_validation()
         self._check_sizes()
         if not (self.LORA_ALPHA > 0 and math.isfinite(self.LORA_ALPHA)):
             raise UserError(f"LORA_ALPHA={self.LORA_ALPHA} must be a number more than 0.",
@@ -210,6 +219,26 @@ class TrainConfig:
                             "pip install wandb (and run `wandb login` once), or set WANDB=\"\"")
         self._check_not_yet_available()
 
+    def _check_validation(self) -> None:
+        """VALID_DATA or VALID_FRACTION, and what needs one of them."""
+        f = self.VALID_FRACTION
+        if not (0 <= f < 1):
+            raise UserError(f"VALID_FRACTION={f} must be at least 0 and less than 1.",
+                            "hold out a small share, e.g. VALID_FRACTION=0.05, or 0 for no validation set")
+        if f > 0 and self.VALID_DATA:
+            raise UserError(f"VALID_DATA={self.VALID_DATA} and VALID_FRACTION={f} both give a validation set.",
+                            "set one of them: VALID_DATA=\"\" to hold items out of DATA, or VALID_FRACTION=0")
+        if self.VALID_DATA and self.VALID_DATA == self.DATA:
+            raise UserError(f"VALID_DATA={self.VALID_DATA} is the training data: its loss says nothing about "
+                            "items the model has not seen.", "use held-out data (make_tokenize.sh --valid 0.05 "
+                            "writes NAME.valid), or VALID_FRACTION=0.05")
+        if not self.has_validation:
+            for name in ("VALID_EVERY", "EARLY_STOP"):
+                if getattr(self, name):
+                    raise UserError(f"{name}={getattr(self, name)} needs a validation set, and there is none.",
+                                    "set VALID_DATA (e.g. NAME.valid from make_tokenize.sh --valid 0.05) or "
+                                    f"VALID_FRACTION=0.05, or {name}=0")
+
     def _check_sizes(self) -> None:
         """Whole numbers beyond any real run (MAX_SEED, MAX_CTX, MAX_SVD_NITER, MAX_WHOLE)."""
         for f in fields(self):
@@ -255,12 +284,18 @@ class TrainConfig:
 
     @property
     def data_prefix(self) -> Path:
-        p = Path(self.DATA)
-        if p.suffix in (".bin", ".idx", ".jsonl"):
-            p = p.with_suffix("")
-        if p.parent == Path("."):
-            p = Path("data") / p
-        return p
+        return _data_path(self.DATA)
+
+    @property
+    def valid_prefix(self) -> Path | None:
+        """VALID_DATA's binidx prefix (looked up in data/ as DATA is), or None."""
+        if not self.VALID_DATA:
+            return None
+        return _data_path(self.VALID_DATA)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.VALID_DATA) or self.VALID_FRACTION > 0
 
     @property
     def output_dir(self) -> Path:
@@ -283,18 +318,10 @@ class TrainConfig:
             have = sorted(x.name for x in folder.glob("*.pth") if x.is_file()) if folder.is_dir() else []
             raise UserError(f"MODEL: {_why_not_a_file(mp)}. Models in {folder}/: {', '.join(have) or 'none'}.",
                             "put the base model .pth in model/ and set MODEL to its file name")
-        dp = self.data_prefix
-        missing = [s for s in (".bin", ".idx") if not dp.with_name(dp.name + s).is_file()]
-        if missing:
-            folder = dp.parent
-            have = sorted(x.stem for x in folder.glob("*.idx") if x.is_file()) if folder.is_dir() else []
-            above = next((q for q in dp.parents if q.exists()), None)
-            odd = [_why_not_a_file(dp.with_name(dp.name + s)) for s in missing]
-            odd = [w for w in odd if not w.endswith(" not found")]
-            what = (f"{dp} cannot exist: {above} is a file, not a folder" if above is not None and not above.is_dir()
-                    else "; ".join(odd) if odd else f"{dp}{'/'.join(missing)} not found")
-            raise UserError(f"DATA: {what}. Data in {folder}/: {', '.join(have) or 'none'}.",
-                            "make it with ./make_tokenize.sh FILE.jsonl and set DATA to FILE's name")
+        _check_binidx("DATA", self.data_prefix, "make it with ./make_tokenize.sh FILE.jsonl and set DATA to FILE's name")
+        if self.VALID_DATA:
+            _check_binidx("VALID_DATA", self.valid_prefix, "make it with ./make_tokenize.sh FILE --valid 0.05 (it "
+                          "writes NAME.valid) or from a held-out file, or use VALID_FRACTION")
         self._check_data_fits()
         self.check_output()
 
@@ -337,7 +364,13 @@ class TrainConfig:
 
     def _check_data_fits(self) -> None:
         from .data.dataset import data_facts, items_per_epoch
-        facts = data_facts(self.data_prefix)
+        from .validate import check_valid_data, split_data
+        train, valid = split_data(self)            # VALID_FRACTION: the items left for training
+        if valid is not None:
+            check_valid_data(valid, str(self.valid_prefix) if self.VALID_DATA
+                             else f"(VALID_FRACTION={self.VALID_FRACTION} of {self.data_prefix})")
+        facts = data_facts(train)
+        held = f" left for training (VALID_FRACTION={self.VALID_FRACTION} held out)" if self.VALID_FRACTION else ""
         if facts.longest < 2:
             raise UserError(f"{self.data_prefix} holds {facts.items} items" + (
                 f", none with 2 tokens or more (the longest has {facts.longest}): there is nothing to train on."
@@ -359,7 +392,7 @@ class TrainConfig:
                 fix = (f"lower EPOCH_STEPS to at most {facts.items // per_step} (see the table make_tokenize.sh "
                        "printed), or tokenize with a higher REPEAT")
             raise UserError(f"EPOCH_STEPS × MICRO_BSZ{' × GPUs' if gpus > 1 else ''} = {per_epoch} "
-                            f"is more than the {facts.items} items in {self.data_prefix}.", fix)
+                            f"is more than the {facts.items} items in {self.data_prefix}{held}.", fix)
         if self.DATALOAD == "get" and facts.total_tokens < self.CTX_LEN + 1:
             raise UserError(f"DATALOAD=get needs at least CTX_LEN+1 = {self.CTX_LEN + 1} tokens, but "
                             f"{self.data_prefix} has {facts.total_tokens}.",
@@ -396,6 +429,10 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "ACCELERATOR": "the saved state loads on any device",
     "WANDB": "logging only",
     "SAMPLE_PROMPT": "the sample at each save only",
+    "VALID_DATA": "the validation from now on (the best loss so far was measured on the earlier set: it starts "
+                  "afresh)",
+    "VALID_EVERY": "when the validation runs",
+    "EARLY_STOP": "when the run stops",
 }
 
 
@@ -437,6 +474,31 @@ def wandb_installed() -> bool:
         return importlib.util.find_spec("wandb") is not None
     except (ImportError, ValueError):
         return False
+
+
+def _check_binidx(var: str, dp: Path, fix: str) -> None:
+    """``dp``.bin and .idx are files; else one line naming what is there instead, and the data that exists."""
+    missing = [s for s in (".bin", ".idx") if not dp.with_name(dp.name + s).is_file()]
+    if not missing:
+        return
+    folder = dp.parent
+    have = sorted(x.stem for x in folder.glob("*.idx") if x.is_file()) if folder.is_dir() else []
+    above = next((q for q in dp.parents if q.exists()), None)
+    odd = [_why_not_a_file(dp.with_name(dp.name + s)) for s in missing]
+    odd = [w for w in odd if not w.endswith(" not found")]
+    what = (f"{dp} cannot exist: {above} is a file, not a folder" if above is not None and not above.is_dir()
+            else "; ".join(odd) if odd else f"{dp}{'/'.join(missing)} not found")
+    raise UserError(f"{var}: {what}. Data in {folder}/: {', '.join(have) or 'none'}.", fix)
+
+
+def _data_path(name: str) -> Path:
+    """A binidx named in training.sh (DATA, VALID_DATA): its prefix, looked up in data/ when it is a bare name."""
+    p = Path(name)
+    if p.suffix in (".bin", ".idx", ".jsonl"):
+        p = p.with_suffix("")
+    if p.parent == Path("."):
+        p = Path("data") / p
+    return p
 
 
 def _why_not_a_file(p: Path) -> str:

@@ -24,35 +24,40 @@ WORLD_VOCAB_DEFINED = 65530   # ids 0..65529 exist in the RWKV World tokenizer; 
 
 
 @torch.no_grad()
-def evaluate_loss(model: RWKV, docs: Iterable[Sequence[int] | np.ndarray], ctx_len: int | None = None,
+def evaluate_loss(model: RWKV, docs: Iterable, ctx_len: int | None = None,
                   chunk_len: int = 1024, progress: Callable[[int, int], None] | None = None) -> dict:
     """Mean next-token cross-entropy over ``docs``, each cut to its first ``ctx_len`` tokens.
 
     Every document starts from the model's initial state (zero, or its tuned ``time_state``) and every
-    token after the first is predicted, the end-of-document token included. Long documents are fed in
-    pieces of ``chunk_len`` with the state carried over (the same result as all at once).
-    ``progress(docs_done, tokens_done)`` is called after each document.
+    token after the first is predicted, the end-of-document token included. A document may also be a pair
+    ``(tokens, mask)``: then only the targets (tokens[1:]) whose mask is non-zero count (a training run's
+    LOSS_MASK, validate.masked_items). Long documents are fed in pieces of ``chunk_len`` with the state carried
+    over (the same result as all at once). ``progress(docs_done, tokens_done)`` is called after each document.
     """
     device = model.device
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     was_training = model.training
     model.eval()
     try:
         for n_doc, doc in enumerate(docs, 1):
+            doc, mask = doc if isinstance(doc, tuple) else (doc, None)
             ids = torch.as_tensor(np.asarray(doc, dtype=np.int64)[:ctx_len], device=device)
             if ids.numel() >= 2:
                 state = None
                 inputs, targets = ids[:-1], ids[1:]
+                weight = (torch.ones(targets.numel(), dtype=torch.float64) if mask is None else
+                          torch.as_tensor(np.asarray(mask, dtype=np.float64)[:targets.numel()]))
                 for s in range(0, inputs.numel(), chunk_len):
                     logits, state = model.forward_with_state(inputs[None, s:s + chunk_len], state)
-                    total += F.cross_entropy(logits[0].float(), targets[s:s + chunk_len], reduction="sum").item()
-                count += targets.numel()
+                    ce = F.cross_entropy(logits[0].float(), targets[s:s + chunk_len], reduction="none")
+                    total += float((ce.double().cpu() * weight[s:s + chunk_len]).sum())
+                count += float(weight.sum())
             if progress:
-                progress(n_doc, count)
+                progress(n_doc, int(count))
     finally:
         model.train(was_training)
     loss = total / count if count else float("nan")
-    return {"loss": loss, "tokens": count, "ppl": math.exp(loss) if count and loss < 700 else float("inf")}
+    return {"loss": loss, "tokens": int(count), "ppl": math.exp(loss) if count and loss < 700 else float("inf")}
 
 
 def sample_logits(logits: Tensor, temperature: float = 1.0, top_p: float = 0.85,

@@ -29,6 +29,9 @@ from .plan import RunPlan
 from .runfiles import RunFiles
 from .schedule import learning_rate
 
+from . import validate
+from .validate import EarlyStop, Record, Validation, split_data
+
 from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread  # noqa: F401  (re-exported)
 
 
@@ -37,6 +40,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)     # one per optimizer step, this run only
     saved: list[Path] = field(default_factory=list)
     interrupted: bool = False
+    stopped_early: bool = False       # EARLY_STOP ended the run (saved as on Ctrl+C)
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, loss), this run only
     global_step: int = 0
 
 
@@ -49,6 +54,7 @@ class Prepared:
     method: object
     dataset: object
     base_meta: dict
+    valid: object = None              # the validation items (validate.split_data), or None
     resume: dict | None = None        # RESUME=1: the saved unit it continues (resume.load), checked
     data_identity: dict | None = None  # what a resume checks the data against (resume.data_identity)
 
@@ -92,8 +98,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
         log(line)
     model, method = _build(cfg, plan, zero, log)
     _compile(plan, model, log)
-    dataset = _dataset(cfg, model, rank)
-    return Prepared(cfg, plan, model, method, dataset, base_meta, state, data_id)
+    train_data, valid = split_data(cfg)     # VALID_FRACTION: the held-out items leave the training data
+    dataset = _dataset(cfg, model, rank, train_data)
+    return Prepared(cfg, plan, model, method, dataset, base_meta, valid, state, data_id)
 
 
 def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None]) -> tuple:
@@ -166,16 +173,19 @@ def _compile(plan: RunPlan, model, log: Callable[[str], None]) -> None:
     model.compile_blocks(cudagraphs=plan.cudagraphs)
 
 
-def _dataset(cfg: TrainConfig, model, rank: int):
-    """This process's share of the data, checked against the model's vocabulary."""
+def _dataset(cfg: TrainConfig, model, rank: int, data):
+    """This process's share of the training items ``data``, the files checked against the model's vocabulary."""
     from .data.binidx import BinIdx
     from .data.dataset import make_dataset
-    data = BinIdx(cfg.data_prefix)
-    top = int(data.tokens.max()) if data.total_tokens else 0
-    if top >= model.cfg.vocab_size:
-        raise UserError(f"{cfg.data_prefix}.bin holds token id {top}, but {cfg.model_path.name} has a vocabulary "
-                        f"of {model.cfg.vocab_size}.", "tokenize the data for this model's vocabulary "
-                        "(make_tokenize.sh uses the RWKV World tokenizer of 65536 ids)")
+    for prefix in (cfg.data_prefix, cfg.valid_prefix):
+        if prefix is None:
+            continue
+        whole = BinIdx(prefix)
+        top = int(whole.tokens.max()) if whole.total_tokens else 0
+        if top >= model.cfg.vocab_size:
+            raise UserError(f"{prefix}.bin holds token id {top}, but {cfg.model_path.name} has a vocabulary "
+                            f"of {model.cfg.vocab_size}.", "tokenize the data for this model's vocabulary "
+                            "(make_tokenize.sh uses the RWKV World tokenizer of 65536 ids)")
     return make_dataset(cfg.DATALOAD, data, ctx_len=cfg.CTX_LEN,
                         micro_bsz=cfg.MICRO_BSZ, epoch_steps=cfg.EPOCH_STEPS, seed=cfg.SEED,
                         loss_mask=cfg.LOSS_MASK, world_size=cfg.world_size, rank=rank)
@@ -275,6 +285,9 @@ class _Run:
     wandb: object
     result: TrainResult
     total_opt_steps: int
+    check: Validation | None = None   # the validation pass (VALID_DATA / VALID_FRACTION), or None
+    record: Record = field(default_factory=Record)     # the best validation loss so far (EARLY_STOP counts here)
+    postfix: dict = field(default_factory=dict)        # what the progress bar shows after the bar
 
     def forward_backward(self, x, y, m, boundary: bool):
         if self.prep.model.cudagraphs:     # CUDA graphs: this step's replays may reuse the last's memory
@@ -316,8 +329,8 @@ def _commit_step(run: _Run, pos: _Position) -> None:
         pos.t_last, pos.tokens = now, 0
         loss = pos.loss_acc
         run.result.losses.append(loss)
-        pos.rows.append((pos.opt_step, pos.epoch, f"{loss:.6f}", f"{lr:.3e}", f"{tps:.1f}"))
-        run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        pos.rows.append([pos.opt_step, pos.epoch, f"{loss:.6f}", f"{lr:.3e}", f"{tps:.1f}", ""])
+        _show(run, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         if run.wandb is not None:
             run.wandb.log({"loss": loss, "lr": lr, "tokens_per_s": tps, "epoch": pos.epoch}, step=pos.opt_step)
         every = max(1, run.total_opt_steps // 20)     # plain log lines when there is no progress bar
@@ -329,8 +342,47 @@ def _commit_step(run: _Run, pos: _Position) -> None:
         pos.loss_acc = 0.0
         pos.group = []
         pos.committed = (pos.epoch, pos.step + 1, pos.micro_step, torch.get_rng_state())
-        if len(pos.rows) >= 10:
-            run.files.append_losses(pos.rows)
+    if run.check is not None and validate.due(cfg, pos.opt_step, run.total_opt_steps,
+                                              pos.step + 1 == cfg.EPOCH_STEPS, pos.epoch):
+        _validate(run, pos)
+    if len(pos.rows) >= 10:
+        run.files.append_losses(pos.rows)
+
+
+def _show(run: _Run, **values: str) -> None:
+    """The progress bar's figures: the step's loss, lr and speed, and the last validation loss."""
+    if run.result.valid_losses:
+        values["valid"] = f"{run.result.valid_losses[-1][1]:.4f}"
+    run.postfix = values
+    run.bar.set_postfix(values)
+
+
+def _validate(run: _Run, pos: _Position) -> None:
+    """The validation loss after this optimizer step: into its loss.csv row, the log, the progress bar and wandb;
+    a new best is saved as rwkv-best.pth; EARLY_STOP validations without one stop the run (saved as on Ctrl+C)."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    reduce = None
+    if run.fabric.world_size > 1:
+        reduce = lambda t: run.fabric.all_reduce(t, reduce_op="sum")    # noqa: E731
+    loss, tokens = run.check.loss(run.module, run.prep.device, reduce)
+    pos.rows[-1][5] = f"{loss:.6f}"
+    run.result.valid_losses.append((pos.opt_step, loss))
+    _show(run, **run.postfix)
+    if run.wandb is not None:
+        run.wandb.log({"valid_loss": loss}, step=pos.opt_step)
+    best = run.record.add(loss, pos.opt_step)
+    if best:
+        path = run.files.save_best(epoch=pos.epoch, opt_step=pos.opt_step, valid_loss=loss,
+                                   complete=pos.step + 1 == cfg.EPOCH_STEPS, optimizer=run.optimizer)
+        how = f"the best so far: saved {path}"
+    else:
+        how = (f"not better than {run.record.best:.4f} (optimizer step {run.record.best_step}, {validate.BEST})"
+               + (f"; {run.record.since} of EARLY_STOP={cfg.EARLY_STOP}" if cfg.EARLY_STOP else ""))
+    line = (f"validation after optimizer step {pos.opt_step}: loss {loss:.4f} over {tokens:,} tokens "
+            f"({time.perf_counter() - t0:.1f} s), {how}")
+    run.bar.write(line) if run.progress else run.log(line)
+    if cfg.EARLY_STOP and run.record.since >= cfg.EARLY_STOP:
+        raise EarlyStop
 
 
 def _micro_step(run: _Run, pos: _Position, warmup_ctx: bool, chunk_multiple: int) -> None:
@@ -372,7 +424,8 @@ def _end_of_epoch(run: _Run, pos: _Position, main: bool) -> None:
     if (pos.epoch + 1) % cfg.EPOCH_SAVE == 0 or pos.epoch + 1 == cfg.EPOCH_COUNT:
         with interrupt_deferred(what="the checkpoint being written"):   # then it stops and saves
             path = files.save(epoch=pos.epoch, step_in_epoch=cfg.EPOCH_STEPS, opt_step=pos.opt_step,
-                              micro_step=pos.micro_step, optimizer=run.optimizer, complete=True)
+                              micro_step=pos.micro_step, optimizer=run.optimizer, complete=True,
+                              valid=run.record.state())
             run.result.saved.append(path)
             if main:
                 run.bar.write(f"saved {path}")
@@ -396,12 +449,20 @@ def _save_interrupted(run: _Run, pos: _Position, stop: BaseException) -> None:
     _release_gpu_memory(run.optimizer)
     with interrupt_deferred(reraise=False):   # another Ctrl+C: this is already the save it asks for
         path = run.files.save(epoch=c_epoch, step_in_epoch=c_step, opt_step=pos.opt_step, micro_step=c_micro,
-                              optimizer=run.optimizer, complete=False, rng=c_rng)
+                              optimizer=run.optimizer, complete=False, rng=c_rng, valid=run.record.state())
     run.files.plot()
     run.result.saved.append(path)
     run.result.interrupted = True
     if oom:
         raise out_of_memory(run.prep.plan, pos.epoch, pos.step, path, c_epoch, c_step) from None
+    if isinstance(stop, EarlyStop):
+        run.result.stopped_early = True
+        r = run.record
+        run.log(f"\nEARLY_STOP={run.cfg.EARLY_STOP}: the validation loss has not improved on {r.best:.4f} (optimizer "
+                f"step {r.best_step}) for {r.since} validations, so training stops. The best checkpoint is "
+                f"{run.files.out / validate.BEST}; the last is {path} (epoch {c_epoch}, step {c_step}; RESUME=1 "
+                "would continue it).")
+        return
     run.log(f"\nstopped: saved {path} (epoch {c_epoch}, step {c_step}). Continue with RESUME=1.")
 
 
@@ -462,6 +523,16 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
                disable=not progress, unit="step", dynamic_ncols=True)
     run = _Run(cfg, prep, fabric, spread, module, optimizer, files, bar, log, progress, wandb,
                TrainResult(global_step=pos.opt_step), total_opt_steps)
+    if prep.valid is not None:
+        run.check = Validation(prep.valid, cfg.CTX_LEN, cfg.LOSS_MASK, cfg.MICRO_BSZ, fixed_len=prep.plan.compiled,
+                               rank=fabric.global_rank, world=fabric.world_size)
+        if state is not None and state["config"].get("VALID_DATA", "") == cfg.VALID_DATA:
+            run.record = Record.restored(state.get("valid"))
+        log(f"validation: {len(prep.valid)} items of {cfg.VALID_DATA or f'{cfg.DATA} (VALID_FRACTION={cfg.VALID_FRACTION})'}"
+            f", {'every ' + str(cfg.VALID_EVERY) + ' optimizer steps' if cfg.VALID_EVERY else 'at every save'}"
+            + (f", best so far {run.record.best:.4f} (optimizer step {run.record.best_step})"
+               if run.record.best_step >= 0 else "")
+            + (f"; EARLY_STOP after {cfg.EARLY_STOP} without a better loss" if cfg.EARLY_STOP else ""))
     return run, pos, main
 
 

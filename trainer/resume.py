@@ -39,11 +39,13 @@ def data_identity(prefix: Path) -> dict:
 
 
 def unit(*, save_id: str, adapter: str, tensors: dict, meta: dict, epoch: int, step_in_epoch: int, opt_step: int,
-         micro_step: int, optimizer_part: dict, rng: torch.Tensor, config: dict, data: dict | None) -> dict:
-    """The contents of train_state.pth (see the module's comment)."""
+         micro_step: int, optimizer_part: dict, rng: torch.Tensor, config: dict, data: dict | None,
+         valid: dict | None = None) -> dict:
+    """The contents of train_state.pth (see the module's comment); ``valid``: the best validation loss so far
+    (validate.Record.state), so that EARLY_STOP goes on counting after RESUME=1."""
     return {"format": UNIT_FORMAT, "save_id": save_id, "adapter": adapter, "tensors": tensors, "meta": meta,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "opt_step": opt_step, "micro_step": micro_step,
-            **optimizer_part, "rng": rng, "config": config, "data": data}
+            **optimizer_part, "rng": rng, "config": config, "data": data, "valid": valid}
 
 
 _FIELDS = {"adapter": str, "epoch": int, "step_in_epoch": int, "opt_step": int, "micro_step": int,

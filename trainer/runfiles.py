@@ -15,6 +15,7 @@ from .errors import interrupt_deferred
 from .strategy import Spread
 
 SAMPLE_TOKENS = 64
+LOSS_COLUMNS = ("optimizer_step", "epoch", "loss", "lr", "tokens_per_s", "valid_loss")   # loss.csv's header
 
 
 class RunFiles:
@@ -49,8 +50,26 @@ class RunFiles:
     def adapter_path(self, epoch: int | None) -> Path:
         return self.out / ("rwkv-interrupted.pth" if epoch is None else f"rwkv-{epoch}.pth")
 
+    def _trained(self) -> dict:
+        """The trained tensors in fp32 on the CPU (on the first rank; {} on the others). Every rank takes part:
+        DeepSpeed gathers the fp32 master weights collectively."""
+        prep = self.prep
+        with self.spread.master_weights(prep.model):
+            if self.write:
+                return {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
+        return {}
+
+    def _meta(self, *, epoch: int, complete: bool, opt_step: int, save_id: str) -> dict:
+        """What an adapter file records: the method, its base, where in the run, the whole config."""
+        prep = self.prep
+        return {"method": prep.cfg.FINETUNE_MODE, "settings": prep.method.metadata(),
+                "train_parts": list(prep.cfg.TRAIN_PARTS), "quant": prep.cfg.QUANT, "base": prep.base_meta,
+                "epoch": epoch, "complete": complete, "optimizer_steps": opt_step, "save_id": save_id,
+                "config": prep.cfg.to_env()}
+
     def save(self, *, epoch: int, step_in_epoch: int, opt_step: int, micro_step: int,
-             optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None) -> Path:
+             optimizer: torch.optim.Optimizer, complete: bool, rng: torch.Tensor | None = None,
+             valid: dict | None = None) -> Path:
         """Write the adapter, then train_state.pth: the unit a resume continues (resume.py says what it holds and
         why this order). The callers hold Ctrl+C back meanwhile (interrupt_deferred)."""
         import uuid
@@ -58,12 +77,7 @@ class RunFiles:
         from . import resume
         prep = self.prep
         path = self.adapter_path(epoch if complete else None)
-        # every rank takes part: DeepSpeed gathers the fp32 master weights and writes its optimizer
-        # partitions collectively; only the first rank writes our files
-        tensors = {}
-        with self.spread.master_weights(prep.model):
-            if self.write:
-                tensors = {k: v.detach().float().cpu() for k, v in prep.method.adapter_state_dict(prep.model).items()}
+        tensors = self._trained()
         save_id = uuid.uuid4().hex if self.write else ""
         if self.spread.deepspeed:             # its tag names one folder that every rank writes into
             save_id = self.spread.agree(save_id)
@@ -71,26 +85,29 @@ class RunFiles:
         opt_part = self.spread.save_optimizer(optimizer, self.out, tag, self.write)
         if not self.write:
             return path
-        config = prep.cfg.to_env()
-        meta = {
-            "method": prep.cfg.FINETUNE_MODE,
-            "settings": prep.method.metadata(),
-            "train_parts": list(prep.cfg.TRAIN_PARTS),
-            "quant": prep.cfg.QUANT,
-            "base": prep.base_meta,
-            "epoch": epoch,
-            "complete": complete,
-            "optimizer_steps": opt_step,
-            "save_id": save_id,
-            "config": config,
-        }
+        meta = self._meta(epoch=epoch, complete=complete, opt_step=opt_step, save_id=save_id)
         checkpoint.save_adapter(path, tensors, meta)
         checkpoint.save_train_state(self.out / checkpoint.TRAIN_STATE, resume.unit(
             save_id=save_id, adapter=path.name, tensors=tensors, meta=meta,
             epoch=epoch if not complete else epoch + 1, step_in_epoch=step_in_epoch if not complete else 0,
             opt_step=opt_step, micro_step=micro_step, optimizer_part=opt_part,
-            rng=torch.get_rng_state() if rng is None else rng, config=config, data=prep.data_identity))
+            rng=torch.get_rng_state() if rng is None else rng, config=meta["config"], data=prep.data_identity,
+            valid=valid))
         self.spread.forget_old(self.out, keep=tag)
+        return path
+
+    def save_best(self, *, epoch: int, opt_step: int, valid_loss: float, complete: bool,
+                  optimizer: torch.optim.Optimizer) -> Path:
+        """rwkv-best.pth: the adapter of the best validation loss so far (the adapter alone: merge.sh best, the
+        chat and tools.evaluate read it; a resume continues train_state.pth). Ctrl+C waits for it."""
+        from .validate import BEST
+        path = self.out / BEST
+        with interrupt_deferred(what=f"{BEST} being written"):
+            tensors = self._trained()
+            if self.write:
+                meta = self._meta(epoch=epoch, complete=complete, opt_step=opt_step, save_id="")
+                meta["valid_loss"] = valid_loss
+                checkpoint.save_adapter(path, tensors, meta)
         return path
 
     def append_losses(self, rows: list[tuple]) -> None:
@@ -104,7 +121,7 @@ class RunFiles:
                 buf = io.StringIO()
                 w = csv.writer(buf)
                 if not self.csv_path.exists():
-                    w.writerow(["optimizer_step", "epoch", "loss", "lr", "tokens_per_s"])
+                    w.writerow(LOSS_COLUMNS)
                 w.writerows(rows)
                 append_text(self.csv_path, buf.getvalue())
             rows.clear()
@@ -121,6 +138,8 @@ class RunFiles:
         keep = [ln for i, ln in enumerate(lines) if i == 0 or not ln.split(",", 1)[0].isdigit()
                 or int(ln.split(",", 1)[0]) <= opt_step]
         keep = [ln for ln in keep if ln.endswith("\n")]           # a half row of an old version
+        if keep and keep[0].rstrip("\r\n") == ",".join(LOSS_COLUMNS[:-1]):   # written before valid_loss: the
+            keep = [",".join(LOSS_COLUMNS) + "\n"] + [ln[:-1] + ",\n" for ln in keep[1:]]   # column, empty
         if keep != lines:
             write_bytes(self.csv_path, "".join(keep))
 
@@ -130,11 +149,13 @@ class RunFiles:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        steps, losses = [], []
+        steps, losses, valid = [], [], []
         with open(self.csv_path) as fh:
             for row in csv.DictReader(fh):
                 steps.append(int(row["optimizer_step"]))
                 losses.append(float(row["loss"]))
+                if row.get("valid_loss"):
+                    valid.append((steps[-1], float(row["valid_loss"])))
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         ax.plot(steps, losses, lw=1, alpha=0.5, label="loss")
         if len(losses) >= 10:
@@ -142,6 +163,8 @@ class RunFiles:
             smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
                       for i in range(len(losses))]
             ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
+        if valid:
+            ax.plot(*zip(*valid), lw=2, marker="o", ms=4, label="validation loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.set_title(f"{self.prep.cfg.FINETUNE_MODE} on {self.prep.cfg.DATA}")

@@ -37,18 +37,19 @@ def state_key(layer: int) -> str:
 
 
 def list_epochs(output_dir) -> list[str]:
-    """The epochs saved in ``output_dir`` ("0", "1", ..., then "interrupted" if there is one)."""
+    """The epochs saved in ``output_dir`` ("0", "1", ..., then "interrupted" and "best" where there are such)."""
     d = Path(output_dir)
     tags = [p.name[len("rwkv-"):-len(".pth")] for p in d.glob("rwkv-*.pth") if p.is_file()] if d.is_dir() else []
     nums = sorted(int(t) for t in tags if t.isdigit())
-    return [str(n) for n in nums] + (["interrupted"] if "interrupted" in tags else [])
+    return [str(n) for n in nums] + [t for t in ("interrupted", "best") if t in tags]
 
 
 def checkpoint_path(output_dir, epoch) -> Path:
     """``output_dir/rwkv-EPOCH.pth``; a missing one is refused with the epochs that exist."""
     tag = str(epoch).strip()
-    if not (tag.isascii() and tag.isdigit() or tag == "interrupted"):
-        raise UserError(f"EPOCH must be an epoch number or 'interrupted', not {tag[:40]!r}", "e.g. ./merge.sh 0")
+    if not (tag.isascii() and tag.isdigit() or tag in ("interrupted", "best")):
+        raise UserError(f"EPOCH must be an epoch number, 'interrupted' or 'best', not {tag[:40]!r}",
+                        "e.g. ./merge.sh 0")
     tag = (tag.lstrip("0") or "0") if tag.isdigit() else tag
     check_name_lengths("OUTPUT", output_dir, "set OUTPUT in merge.sh to the folder training wrote to")
     if len(tag) > 18:

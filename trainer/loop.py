@@ -365,6 +365,7 @@ def _validate(run: _Run, pos: _Position) -> None:
     if run.fabric.world_size > 1:
         reduce = lambda t: run.fabric.all_reduce(t, reduce_op="sum")    # noqa: E731
     loss, tokens = run.check.loss(run.module, run.prep.device, reduce)
+    took = time.perf_counter() - t0
     pos.rows[-1][5] = f"{loss:.6f}"
     run.result.valid_losses.append((pos.opt_step, loss))
     _show(run, **run.postfix)
@@ -379,7 +380,7 @@ def _validate(run: _Run, pos: _Position) -> None:
         how = (f"not better than {run.record.best:.4f} (optimizer step {run.record.best_step}, {validate.BEST})"
                + (f"; {run.record.since} of EARLY_STOP={cfg.EARLY_STOP}" if cfg.EARLY_STOP else ""))
     line = (f"validation after optimizer step {pos.opt_step}: loss {loss:.4f} over {tokens:,} tokens "
-            f"({time.perf_counter() - t0:.1f} s), {how}")
+            f"({took:.2f} s), {how}")
     run.bar.write(line) if run.progress else run.log(line)
     if cfg.EARLY_STOP and run.record.since >= cfg.EARLY_STOP:
         raise EarlyStop

@@ -55,7 +55,7 @@ def test_valid_data_loss_equals_evaluate_of_the_saved_checkpoint(tmp_path, monke
     _, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-best.pth")
     assert meta["optimizer_steps"] == best and meta["valid_loss"] == pytest.approx(valid[best])
     text = "\n".join(lines)
-    assert "validation: 6 items of held, at every save" in text
+    assert "validation: 6 items of held, 113 targets at CTX_LEN 24, at every save" in text
     assert f"validation after optimizer step 4: loss {valid[4]:.4f}" in text
 
 
@@ -260,3 +260,53 @@ def test_gpu_validation_with_streamed_blocks(tmp_path, monkeypatch):
                     progress=False, log=lambda *_: None)
         got[n] = [v for _, v in res.valid_losses]
     assert len(got[0]) == 2 and got[1] == pytest.approx(got[0], rel=1e-3)
+
+
+def test_two_processes_validate_as_one(tmp_path):
+    """DDP (2 processes, gloo, on the CPU): each validates its share of the items (5: one process gets a blank
+    row) and the all-reduce gives the one-process loss."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+    items = [list(range(5 + i, 45 + i)) + [0] for i in range(8)]
+    make_project(tmp_path, 7, items=items)
+    write_binidx(tmp_path / "data" / "held", _items(5, 7))
+    common = dict(EPOCH_STEPS=2, EPOCH_COUNT=2, CTX_LEN=24, ACCELERATOR="cpu", VALID_DATA="held")
+
+    def run(out, **kw):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               **config(OUTPUT=out, **common, **kw).to_env()}
+        p = subprocess.run([sys.executable, "-m", "tools.train", "--no-progress"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        return [float(r["valid_loss"]) for r in _rows(tmp_path / out) if r["valid_loss"]]
+
+    one = run("one", MICRO_BSZ=4)
+    two = run("two", MICRO_BSZ=2, GPU_COUNT=2)
+    assert len(one) == len(two) == 2
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_wandb_gets_the_validation_loss(tmp_path, monkeypatch):
+    import sys
+    import types
+    logged = []
+
+    class Run:
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, config: Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    write_binidx(tmp_path / "data" / "held", _items(3, 9))
+    res = train(config(VALID_DATA="held", VALID_EVERY=2, WANDB="proj"), progress=False, log=lambda *_: None)
+    assert [(s, d["valid_loss"]) for s, d in logged if "valid_loss" in d] == res.valid_losses
+    assert [s for s, _ in res.valid_losses] == [2, 4]

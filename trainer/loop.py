@@ -218,6 +218,8 @@ def dry_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
                                                         " (this run is on the CPU: what a GPU would need)") + ":")
         log(prep.estimate.table())
     log(f"Trainable: {train:,} parameters ({100 * train / total:.3f}% of {total:,})")
+    if prep.valid is not None:
+        log(validate.describe(cfg, prep.valid).capitalize())
     prep.dataset.set_epoch(0)
     tok = get_tokenizer()
     for j in range(min(2, len(prep.dataset))):
@@ -529,11 +531,8 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
                                rank=fabric.global_rank, world=fabric.world_size)
         if state is not None and state["config"].get("VALID_DATA", "") == cfg.VALID_DATA:
             run.record = Record.restored(state.get("valid"))
-        log(f"validation: {len(prep.valid)} items of {cfg.VALID_DATA or f'{cfg.DATA} (VALID_FRACTION={cfg.VALID_FRACTION})'}"
-            f", {'every ' + str(cfg.VALID_EVERY) + ' optimizer steps' if cfg.VALID_EVERY else 'at every save'}"
-            + (f", best so far {run.record.best:.4f} (optimizer step {run.record.best_step})"
-               if run.record.best_step >= 0 else "")
-            + (f"; EARLY_STOP after {cfg.EARLY_STOP} without a better loss" if cfg.EARLY_STOP else ""))
+        log(validate.describe(cfg, prep.valid) + (f"; best so far {run.record.best:.4f} (optimizer step "
+                                                    f"{run.record.best_step})" if run.record.best_step >= 0 else ""))
     return run, pos, main
 
 

@@ -65,6 +65,16 @@ def check_valid_data(valid, name: str) -> None:
                         "writes them), or use VALID_FRACTION")
 
 
+def describe(cfg, valid) -> str:
+    """One line: what is validated, and when."""
+    sizes = np.minimum(np.asarray(valid.sizes, dtype=np.int64), cfg.CTX_LEN + 1)
+    where = cfg.VALID_DATA or f"{cfg.DATA} (VALID_FRACTION={cfg.VALID_FRACTION}, never trained on)"
+    return (f"validation: {len(sizes)} items of {where}, {int(np.maximum(sizes - 1, 0).sum()):,} targets at "
+            f"CTX_LEN {cfg.CTX_LEN}, " + (f"every {cfg.VALID_EVERY} optimizer steps and after the last"
+                                           if cfg.VALID_EVERY else "at every save")
+            + (f"; EARLY_STOP after {cfg.EARLY_STOP} without a better loss" if cfg.EARLY_STOP else ""))
+
+
 # --------------------------------------------------------------------------- the items as samples
 def _in_order(data, ctx_len: int, loss_mask: str, pad: bool = True):
     """A dataset whose sample j is item j of ``data`` from its start, cut to ctx_len + 1 tokens (``pad``: padded to

@@ -96,7 +96,7 @@ def valid_fraction(value: str | float | None, name: str = "VALID_FRACTION") -> f
         try:
             number = float(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
-            raise UserError(f"{_label(name, value)} is not a number; it is the share of the items held out for "
+            raise UserError(f"{setting(name, value)} is not a number; it is the share of the items held out for "
                             "validation, more than 0 and less than 1.", _example(name)) from None
     return _check_fraction(number, name, value)
 
@@ -104,12 +104,15 @@ def valid_fraction(value: str | float | None, name: str = "VALID_FRACTION") -> f
 def _check_fraction(fraction: float, name: str, shown=None) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
             or not 0 < float(fraction) < 1:
-        raise UserError(f"{_label(name, fraction if shown is None else shown)} must be more than 0 and less than 1 "
+        raise UserError(f"{setting(name, fraction if shown is None else shown)} must be more than 0 and less than 1 "
                         "(the share of the items held out for validation).", _example(name))
     return float(fraction)
 
 
-def _label(name: str, value) -> str:
+def setting(name: str, value) -> str:
+    """How the setting looks as typed: ``--valid 0.05`` for an option, ``VALID_FRACTION=0.05`` for a variable."""
+    if isinstance(value, float):
+        value = f"{value:g}"
     text = str(value).strip()[:40]
     return f"{name} {text}" if name.startswith("-") else f"{name}={text}"
 
@@ -132,14 +135,14 @@ def held_out(keys: np.ndarray, fraction: float, seed: int, name: str = "VALID_FR
     distinct, inverse = np.unique(np.asarray(keys), return_inverse=True)
     n = len(distinct)
     if n < 2:
-        raise UserError(f"{_label(name, fraction)} holds items out for validation, but the data has "
+        raise UserError(f"{setting(name, fraction)} holds items out for validation, but the data has "
                         f"{'no item' if n == 0 else 'only 1 distinct item'} (copies of an item count once): "
                         "none can be held out with one left to train on.",
                         f"add more items to the data, or {_leave_out(name)}")
     k = max(1, round(fraction * n))
     if k >= n:
         most = math.floor((n - 1) / n * 100) / 100
-        raise UserError(f"{_label(name, fraction)} would hold out {k} of the {n} distinct items (round({fraction:g} "
+        raise UserError(f"{setting(name, fraction)} would hold out {k} of the {n} distinct items (round({fraction:g} "
                         f"x {n})), leaving none to train on.",
                         f"lower {name} to at most {most:g}, add more items, or {_leave_out(name)}")
     rng = np.random.default_rng([int(seed) % 2**64, _SALT])

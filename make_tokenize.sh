@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 of 3: turn your training data into tokens.
 #
-#   ./make_tokenize.sh FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME]
+#   ./make_tokenize.sh FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME] [--valid F]
 #
 # FILE         your data, in the data/ folder next to this script: a file, or a folder of files.
 #              The result is data/FILE.bin + data/FILE.idx beside it (give their path, without the
@@ -27,6 +27,7 @@
 # --no-eof     do not end each item with token 0 (the end-of-document token). Keep it unless you
 #              know why: the model learns from it where an answer stops.
 # --seed S     the shuffle seed (default 42); the same seed gives the same files.
+# --valid F    hold this share of the items out for validation (see VALID_FRACTION below).
 #
 # Afterwards it prints what training.sh needs: item and token counts, lengths, a suggested CTX_LEN,
 # and a table of MICRO_BSZ / EPOCH_STEPS that make one epoch cover every item exactly once.
@@ -38,12 +39,20 @@ set -euo pipefail
 #              (or --column content, which wins over this variable).
 COLUMN="${COLUMN:-}"
 
+# VALID_FRACTION  the share of the items held out for a validation loss, e.g. VALID_FRACTION=0.05 (5 %).
+#              They are chosen by the seed before REPEAT, copies of one item together, and written once each
+#              to data/FILE.valid.bin + .idx, never into data/FILE.bin; put VALID_DATA="FILE.valid" in
+#              training.sh. Empty: nothing held out. For one run: VALID_FRACTION=0.05 ./make_tokenize.sh x.jsonl
+#              (or --valid 0.05, which wins over this variable).
+VALID_FRACTION="${VALID_FRACTION:-}"
+
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ $# -lt 1 ]; then
     echo "error: no FILE given (the data in data/:" $(cd "$HERE/data" 2>/dev/null && ls -d -- *.jsonl *.json *.csv *.parquet *.arrow *.txt *.md 2>/dev/null)")." \
-         "Fix: ./make_tokenize.sh FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME]" >&2
+         "Fix: ./make_tokenize.sh FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME] [--valid F]" >&2
     exit 2
 fi
 # PYTHON: the interpreter of your environment (override with PYTHON=/path/to/python ./make_tokenize.sh ...)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m tools.make_tokenize ${COLUMN:+--column "$COLUMN"} "$@" --data-dir "$HERE/data"
+exec "${PYTHON:-python3}" -m tools.make_tokenize ${COLUMN:+--column "$COLUMN"} \
+    ${VALID_FRACTION:+--valid "$VALID_FRACTION"} "$@" --data-dir "$HERE/data"

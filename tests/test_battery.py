@@ -357,6 +357,13 @@ CASES = [
     tok("seed-beyond-64-bits", ["sample.jsonl", "--seed", str(2**64)], says=["--seed must be"]),
     tok("seed-word", ["sample.jsonl", "--seed", "x"], says=["--seed must be"]),
     tok("seed-5000-digits", ["sample.jsonl", "--seed", "9" * 5000], says=["--seed must be"]),
+    tok("valid-zero", ["sample.jsonl", "--valid", "0"], says=["--valid 0 must be more than 0 and less than 1"]),
+    tok("valid-word", ["sample.jsonl", "--valid", "some"], says=["--valid some is not a number"]),
+    tok("valid-all", ["sample.jsonl", "--valid", "0.999"], says=["would hold out 44 of the 44 distinct items"]),
+    tok("valid-one-item", ["one.jsonl", "--valid", "0.5"], jsonl("data/one.jsonl", {"text": "hi"}),
+        ["only 1 distinct item"]),
+    tok("valid-bin-is-a-folder", ["sample.jsonl", "--valid", "0.1"], folder("data/sample.valid.bin"),
+        ["data/sample.valid.bin is a folder"]),
 
     # ---------------------------------------------------------------- training.sh --dry-run: numbers
     dry("seed-beyond-64-bits", {"SEED": str(2**64)}, says=["SEED=", "at most 9223372036854775807"]),

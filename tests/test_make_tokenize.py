@@ -14,7 +14,7 @@ from trainer.data import stats
 from trainer.data.binidx import BinIdx
 from trainer.data.sources import read_items
 from trainer.data.tokenizer import get_tokenizer
-from trainer.errors import run_cli
+from trainer.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,3 +214,179 @@ def test_shell_script(tmp_path):
                        env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(BinIdx(tmp_path / "t")) == 6
+
+
+# ------------------------------------------------------------------------------------------ --valid
+@pytest.fixture
+def dup_data(tmp_path):
+    """20 distinct items, 5 of them twice (25 lines)."""
+    texts = [f"User: question {i}\n\nAssistant: answer {i} " + "more " * (i % 4) for i in range(20)]
+    texts += texts[3:8]
+    write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    return tmp_path
+
+
+def listing(folder):
+    return sorted(p for p in os.listdir(folder))
+
+
+def four(folder):
+    return {n: (folder / n).read_bytes() for n in ("d.bin", "d.idx", "d.valid.bin", "d.valid.idx")}
+
+
+def test_valid_holds_out_contents_never_trained(dup_data, capsys):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+    from trainer.data.tokenizer import vocab_file
+    code, out, err = run(capsys, "d.jsonl", 3, "--valid", "0.2", "--data-dir", dup_data)
+    assert code == 0, err
+    valid, train = items_of(dup_data / "d.valid"), items_of(dup_data / "d")
+    assert len({tuple(x) for x in valid}) == 4                           # round(0.2 x 20 distinct) contents
+    assert len(valid) == 6 and len(train) == 3 * 19                      # 2 of the 4 are lines written twice
+    assert not {tuple(x) for x in valid} & {tuple(x) for x in train}     # no copy of a held-out item trains
+    copies = [train[k * 19:(k + 1) * 19] for k in range(3)]              # REPEAT copies of the rest, each shuffled
+    assert sorted(copies[0]) == sorted(copies[1]) == sorted(copies[2]) and copies[0] != copies[1]
+    trie = TRIE_TOKENIZER(str(vocab_file()))                             # the rwkv package's ids, each + token 0
+    texts = [json.loads(line)["text"] for line in (dup_data / "d.jsonl").read_text("utf-8").splitlines()]
+    assert sorted(valid + copies[0]) == sorted(trie.encode(t) + [0] for t in texts)
+    assert 'VALID_DATA="d.valid"' in out and "held out 6 of the 25 items" in out
+    assert "items:   57" in out and "the statistics below are of the training items only" in out
+    before = four(dup_data)
+    assert run(capsys, "d.jsonl", 3, "--valid", "0.2", "--data-dir", dup_data)[0] == 0
+    assert four(dup_data) == before                                      # same seed: the same four files
+    assert run(capsys, "d.jsonl", 3, "--valid", "0.2", "--seed", "5", "--data-dir", dup_data)[0] == 0
+    assert items_of(dup_data / "d.valid") != valid
+
+
+def test_valid_without_repeat_and_with_max_tokens(data, capsys):
+    tok = get_tokenizer()
+    lengths = np.array([len(tok.encode(t)) + 1 for t in read_items(data / "d.jsonl")])
+    limit = int(np.median(lengths))
+    kept = int((lengths <= limit).sum())
+    code, out, _ = run(capsys, "d.jsonl", 1, limit, "--valid", "0.25", "--data-dir", data)
+    held = max(1, round(0.25 * kept))                                    # the items of d are all different
+    assert code == 0 and len(items_of(data / "d.valid")) == held and len(items_of(data / "d")) == kept - held
+    assert max(map(len, items_of(data / "d.valid"))) <= limit            # MAX_TOKENS drops first
+
+
+def test_without_valid_an_old_valid_pair_is_named_not_deleted(dup_data, capsys):
+    assert run(capsys, "d.jsonl", "--valid", "0.1", "--data-dir", dup_data)[0] == 0
+    old = {n: (dup_data / n).read_bytes() for n in ("d.valid.bin", "d.valid.idx")}
+    code, out, _ = run(capsys, "d.jsonl", "--data-dir", dup_data)
+    assert code == 0 and len(items_of(dup_data / "d")) == 25
+    warning = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "d.valid.bin is from an earlier run" in warning[0]
+    assert "may now be in the training data" in warning[0] and "Fix: delete" in warning[0]
+    assert "--valid 0.05" in warning[0]
+    assert {n: (dup_data / n).read_bytes() for n in old} == old
+    (dup_data / "d.valid.bin").unlink()
+    (dup_data / "d.valid.idx").unlink()
+    assert "warning" not in run(capsys, "d.jsonl", "--data-dir", dup_data)[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["d.jsonl", "--valid", "0"], "--valid 0 must be more than 0 and less than 1"),
+    (["d.jsonl", "--valid", "1"], "--valid 1 must be more than 0 and less than 1"),
+    (["d.jsonl", "--valid", "-0.1"], "--valid -0.1 must be more than 0 and less than 1"),
+    (["d.jsonl", "--valid", "abc"], "--valid abc is not a number"),
+    (["one.jsonl", "--valid", "0.5"], "--valid 0.5 holds items out for validation, but the data has only 1 distinct"),
+    (["same.jsonl", "--valid", "0.5"], "only 1 distinct item (copies of an item count once)"),
+    (["two.jsonl", "--valid", "0.9"], "--valid 0.9 would hold out 2 of the 2 distinct items"),
+])
+def test_bad_valid_one_line_nothing_written(data, capsys, args, message):
+    write_jsonl(data / "one.jsonl", [{"text": "just one"}])
+    write_jsonl(data / "same.jsonl", [{"text": "again"}] * 3)
+    write_jsonl(data / "two.jsonl", [{"text": "one"}, {"text": "two"}])
+    files = listing(data)
+    code, out, err = run(capsys, *args, "--data-dir", data)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1 and "Fix: " in err
+    assert "Traceback" not in err and listing(data) == files
+
+
+def test_room_counts_the_held_out_items_too(tmp_path, monkeypatch):
+    from trainer import files
+    from trainer.data.prepare import _check_room
+    # 100 items of 50 tokens, REPEAT=2: 2 x (2 x 5000 + 20 x 100) + 34 = 24034 bytes; 10 held out: 1234 more
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 24034 + 1000)
+    src = tmp_path / "d.jsonl"
+    assert _check_room(src, tmp_path / "d", 5000, 100, 2) == 24034
+    with pytest.raises(UserError) as exc:
+        _check_room(src, tmp_path / "d", 5000, 100, 2, 500, 10)
+    assert "(2 copies of 100 items, 5000 tokens each copy, 2 bytes a token and the 10 held-out items once)" \
+        in exc.value.message and exc.value.fix == "lower REPEAT to at most 1"
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 24034 + 1234)
+    assert _check_room(src, tmp_path / "d", 5000, 100, 2, 500, 10) == 25268
+    (tmp_path / "d.valid.idx").mkdir()
+    with pytest.raises(UserError, match=r"d\.valid\.idx is a folder"):
+        _check_room(src, tmp_path / "d", 5000, 100, 2, 500, 10)
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_in_the_second_write_leaves_all_four_files(dup_data, capsys, monkeypatch, exc):
+    from trainer.data import binidx
+    assert run(capsys, "d.jsonl", 2, "--valid", "0.2", "--data-dir", dup_data)[0] == 0
+    before, files = four(dup_data), listing(dup_data)
+    real, calls = binidx._write_tokens, []
+
+    def second_fails(f, items, sizes):
+        calls.append(1)
+        if len(calls) < 2:
+            return real(f, items, sizes)
+
+        def some():
+            for n, item in enumerate(items):
+                if n == 3:
+                    raise exc
+                yield item
+        return real(f, some(), sizes)
+
+    monkeypatch.setattr(binidx, "_write_tokens", second_fails)
+    code, out, err = run(capsys, "d.jsonl", 3, "--valid", "0.3", "--seed", "9", "--data-dir", dup_data)
+    assert len(calls) == 2                                             # the valid pair was written, then the train
+    if isinstance(exc, OSError):
+        assert code == 2 and err.startswith("error: cannot write d.bin in ") and "disk is full" in err
+        assert err.count("\n") == 1
+    else:
+        assert code == 130
+    assert four(dup_data) == before and listing(dup_data) == files     # no temporaries, nothing changed
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_crash_between_the_moves_never_leaves_a_mismatched_pair(dup_data, capsys, monkeypatch, fail_at):
+    assert run(capsys, "d.jsonl", "--valid", "0.2", "--data-dir", dup_data)[0] == 0
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) == fail_at:
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run(capsys, "d.jsonl", 2, "--valid", "0.3", "--seed", "9", "--data-dir", dup_data)
+    monkeypatch.setattr(os, "replace", real)
+    assert code == 2 and err.startswith("error: cannot write ") and err.count("\n") == 1
+    # moves: valid .bin, train .bin, valid .idx, train .idx, after both old .idx were removed
+    assert [Path(p).name for p in calls] == ["d.valid.bin", "d.bin", "d.valid.idx", "d.idx"][:fail_at]
+    assert not (dup_data / "d.idx").exists()                           # the training data is refused, not stale
+    assert (dup_data / "d.valid.idx").exists() == (fail_at == 4)
+    if fail_at == 4:
+        assert len(items_of(dup_data / "d.valid")) >= 6                  # the new held-out pair, whole
+    assert not [n for n in listing(dup_data) if n.endswith(".tmp")]
+
+
+def test_shell_script_valid_fraction(tmp_path):
+    script = REPO / "make_tokenize.sh"
+    write_jsonl(tmp_path / "t.jsonl", [{"text": f"User: hi {i}\n\nAssistant: hello"} for i in range(4)])
+    env = dict(os.environ, PYTHON=sys.executable, VALID_FRACTION="0.25")
+    r = subprocess.run([str(script), str(tmp_path / "t.jsonl"), "2"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (len(BinIdx(tmp_path / "t.valid")), len(BinIdx(tmp_path / "t"))) == (1, 6)
+    env["VALID_FRACTION"] = "abc"                                      # --valid on the command line wins
+    r = subprocess.run([str(script), str(tmp_path / "t.jsonl"), "--valid", "0.5"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (len(BinIdx(tmp_path / "t.valid")), len(BinIdx(tmp_path / "t"))) == (2, 2)
+    r = subprocess.run([str(script), str(tmp_path / "t.jsonl")], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --valid abc is not a number")

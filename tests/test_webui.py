@@ -333,6 +333,27 @@ def test_data_report_matches_stats(tmp_path):
     assert f"max {s.max}" in rep.summary and "suggested CTX_LEN" in rep.summary
 
 
+def test_tokenize_action_holds_out_valid_fraction(tmp_path):
+    from trainer.data.binidx import BinIdx
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.jsonl").write_text("".join(f'{{"text": "User: q{i}\\n\\nAssistant: a{i}"}}\n' for i in range(10)))
+    text, prefix = actions.tokenize("x.jsonl", "2", "", False, "", " 0.2 ", data_dir=data)
+    assert prefix == data / "x" and 'VALID_DATA="x.valid"' in text and "VALID_FRACTION=0.2" in text
+    held, train = BinIdx(data / "x.valid"), BinIdx(data / "x")
+    assert (len(held), len(train)) == (2, 16)                            # round(0.2 x 10), the other 8 twice
+    assert not {tuple(held[i]) for i in range(2)} & {tuple(train[i]) for i in range(16)}
+    files = sorted(os.listdir(data))
+    for value, says in (("abc", "VALID_FRACTION=abc is not a number"), ("0", "VALID_FRACTION=0 must be more than 0"),
+                        ("0.99", "VALID_FRACTION=0.99 would hold out 10 of the 10 distinct items")):
+        with pytest.raises(UserError, match=says) as exc:
+            actions.tokenize("x.jsonl", "1", "", False, "", value, data_dir=data)
+        assert "VALID_FRACTION" in exc.value.fix
+    assert sorted(os.listdir(data)) == files
+    text, _ = actions.tokenize("x.jsonl", "1", "", False, "", "", data_dir=data)      # empty: none held out
+    assert len(BinIdx(data / "x")) == 10 and "warning: " in text and "VALID_FRACTION=0.05" in text
+
+
 def test_chat_prompt_and_pairs():
     assert actions.chat_prompt([("hi", "hello\n\nthere")], "how are you?") == \
         "User: hi\n\nAssistant: hello\nthere\n\nUser: how are you?\n\nAssistant:"
@@ -708,14 +729,16 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
               PRECISION="fp32", OP="chunk", OUTPUT="output/fresh")
     none3 = ["(none)", "(none)", []] * 3            # the three chat columns: model, what goes on it, history
     cases = [   # (action, its inputs, which output holds the message, the message starts with)
-        ("on_tokenize", ["gone.jsonl", "1", "", False, ""], 0, "error: data/gone.jsonl not found"),
-        ("on_tokenize", ["badtype.jsonl", "1", "", False, ""], 0, 'error: data/badtype.jsonl, line 1: "text" is a '
+        ("on_tokenize", ["gone.jsonl", "1", "", False, "", ""], 0, "error: data/gone.jsonl not found"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, "", ""], 0, 'error: data/badtype.jsonl, line 1: "text" is a '
                                                                 'JSON number'),
-        ("on_tokenize", [None, "1", "", False, ""], 0, "error: no data file chosen"),
-        ("on_tokenize", ["badtype.jsonl", "two", "", False, ""], 0, "error: REPEAT must be a positive whole number"),
-        ("on_tokenize", ["badtype.jsonl", "1", "", False, "body"], 0, 'error: data/badtype.jsonl, line 1: the '
+        ("on_tokenize", [None, "1", "", False, "", ""], 0, "error: no data file chosen"),
+        ("on_tokenize", ["badtype.jsonl", "two", "", False, "", ""], 0, "error: REPEAT must be a positive whole number"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, "body", ""], 0, 'error: data/badtype.jsonl, line 1: the '
                                                                     'object has no field "body" (COLUMN=body)'),
-        ("on_tokenize", ["dir.jsonl", "1", "", False, ""], 0, "error: data/dir.jsonl is a folder with no data files"),
+        ("on_tokenize", ["dir.jsonl", "1", "", False, "", ""], 0, "error: data/dir.jsonl is a folder with no data files"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, "", "abc"], 0, "error: VALID_FRACTION=abc is not a number"),
+        ("on_tokenize", ["badtype.jsonl", "1", "", False, "", "1"], 0, "error: VALID_FRACTION=1 must be more than 0"),
         ("on_show", [None], 0, "error: no tokenized data chosen"),
         ("on_show", ["bad"], 0, "error: data/bad.idx is not a binidx index file"),
         ("on_save", ["dir", *form_values(**ok)], 0, "error: output/dir.env is a folder"),
@@ -737,7 +760,7 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
         assert "\n" not in got and "unexpected error" not in got
     event, out = api(url, "epochs_update", "afile")                    # a file as OUTPUT: simply no checkpoints
     assert event == "complete" and out[0]["choices"] == []
-    for name, args in (("on_tokenize", ["../../etc/passwd", "1", "", False, ""]), ("on_show", ["missing"]),
+    for name, args in (("on_tokenize", ["../../etc/passwd", "1", "", False, "", ""]), ("on_show", ["missing"]),
                        ("on_load", ["dir"]), ("on_load", ["../x"]),
                        ("on_merge", ["output", "../x", "bf16", False]),
                        ("on_send", ["hi", 3, 1, 0.5, "/etc/passwd", *none3[1:]]),

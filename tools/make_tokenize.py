@@ -1,11 +1,13 @@
 """Step 1: turn your data (data/FILE.jsonl, .json, .csv, .parquet, .arrow, .txt, .md, or a folder of them, or a
 ``datasets`` save_to_disk folder) into data/FILE.bin + data/FILE.idx for training.
 
-    python -m tools.make_tokenize FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME] [--data-dir DIR]
+    python -m tools.make_tokenize FILE [REPEAT] [MAX_TOKENS] [--no-eof] [--seed S] [--column NAME] [--valid F]
+                                  [--data-dir DIR]
 
 A bare FILE name is looked up in the data folder (``data/`` in the current folder, or --data-dir); a
 name with a folder in it is used as given. A name without an ending that is not there is tried with each
-data ending (.jsonl first). The output goes beside the input.
+data ending (.jsonl first). The output goes beside the input. With --valid F that share of the distinct items is
+held out, before REPEAT, into FILE.valid.bin + FILE.valid.idx (each item once), for training.sh's VALID_DATA.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from trainer.data.prepare import DEFAULT_SEED, column_name, positive_int, seed_int, tokenize_data
 from trainer.data.sources import ENDINGS
+from trainer.data.split import valid_fraction
 from trainer.errors import UserError, check_name_lengths, run_cli
 
 
@@ -46,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--column", default=None, metavar="NAME",
                     help="the field that holds the text, when it is not text, messages, conversations or "
                          "instruction+output (make_tokenize.sh: COLUMN=NAME)")
+    ap.add_argument("--valid", default=None, metavar="F",
+                    help="hold this share of the items out for validation (e.g. 0.05), written once to "
+                         "FILE.valid.bin + .idx and never into FILE.bin (make_tokenize.sh: VALID_FRACTION=F)")
     ap.add_argument("--data-dir", default="data",
                     help="where bare file names are looked up (default: data/ in the current folder, as for "
                          "training and merging; make_tokenize.sh passes its own data/)")
@@ -58,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = positive_int("MAX_TOKENS", args.max_tokens, None)
     seed = seed_int(args.seed)
     column = column_name(args.column)
+    valid = valid_fraction(args.valid, "--valid")
     src = _resolve(args.file, Path(args.data_dir))
     tokenize_data(src, repeat=repeat, max_tokens=max_tokens, seed=seed, eof=not args.no_eof, log=print,
-                  seed_given=args.seed is not None, column=column)
+                  seed_given=args.seed is not None, column=column, valid=valid, valid_name="--valid")
     return 0
 
 

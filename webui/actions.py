@@ -114,17 +114,21 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def tokenize(file: str, repeat: str | int = 1, max_tokens: str | int | None = None, no_eof: bool = False,
-             column: str | None = None, data_dir: Path = DATA_DIR) -> tuple[str, Path]:
-    """COLUMN=... ./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data prefix)."""
+             column: str | None = None, valid: str | float | None = None,
+             data_dir: Path = DATA_DIR) -> tuple[str, Path]:
+    """COLUMN=... VALID_FRACTION=... ./make_tokenize.sh FILE REPEAT [MAX_TOKENS]: returns (its printed report, the data
+    prefix). With VALID_FRACTION the held-out items go to data/NAME.valid.bin + .idx."""
     from trainer.data.prepare import column_name, positive_int, tokenize_data
+    from trainer.data.split import valid_fraction
     if not file:
         raise UserError("no data file chosen.", "pick one from data/ or upload one")
     src = data_entry(file, data_dir)          # a file or folder in data/, nothing else
     n_repeat = positive_int("REPEAT", str(repeat).strip() or "1", 1)
     n_max = None if max_tokens in (None, "", 0, "0") else positive_int("MAX_TOKENS", str(max_tokens).strip(), None)
+    share = valid_fraction(valid, "VALID_FRACTION")
     lines: list[str] = []
     result = tokenize_data(src, repeat=n_repeat, max_tokens=n_max, eof=not no_eof, log=lines.append,
-                           column=column_name(column))
+                           column=column_name(column), valid=share, valid_name="VALID_FRACTION")
     return "\n".join(lines) + "\n", result.prefix
 
 

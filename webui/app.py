@@ -179,6 +179,8 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                                             "tokens; empty = keep all", elem_id="data-max-tokens")
                     column = gr.Textbox("", label="COLUMN", info="the field holding the text, if not text, "
                                         "messages, conversations or instruction+output", elem_id="data-column")
+                    valid = gr.Textbox("", label="VALID_FRACTION", info="share of the items held out for "
+                                       "validation, written to NAME.valid; empty: none", elem_id="data-valid")
                     no_eof = gr.Checkbox(False, label="--no-eof", info="do not end items with token 0 (keep it "
                                          "off unless you know why)")
                 tok_btn = gr.Button("Tokenize (./make_tokenize.sh)", variant="primary", elem_id="tokenize")
@@ -392,11 +394,12 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
 
         report_outputs = [data_msg, stats, hist, batch, sample0, sample1]
 
-        def on_tokenize(file, rep, mx, eof, col):
+        def on_tokenize(file, rep, mx, eof, col, val=""):
             try:
-                text, prefix = actions.tokenize(file, rep, mx, eof, col)
+                text, prefix = actions.tokenize(file, rep, mx, eof, col, val)
+                held = f" The held-out items: `{prefix}.valid` (VALID_DATA)." if (val or "").strip() else ""
                 out = show_report(prefix, f"✔ wrote `{prefix}.bin` and `{prefix}.idx`: set DATA=`{prefix.name}` "
-                                          "on the Train page (done for you).")
+                                          f"on the Train page (done for you).{held}")
             except Exception as err:  # noqa: BLE001
                 return [_message(err)] + [gr.update()] * (len(report_outputs) - 1) + \
                     [gr.update(), gr.update(), gr.update()]
@@ -428,7 +431,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                 f" (a different `{actions.safe_upload_name(os.path.basename(path))}` was there already and is kept)"
             return (f"✔ uploaded into `{target}`{kept}", gr.update(choices=actions.list_sources(), value=target.name))
 
-        tok_btn.click(on_tokenize, [data_file, repeat, max_tokens, no_eof, column],
+        tok_btn.click(on_tokenize, [data_file, repeat, max_tokens, no_eof, column, valid],
                       report_outputs + [tok_log, existing, comps["DATA"]])
         show_btn.click(on_show, existing, report_outputs)
         upload.upload(on_upload, upload, [data_msg, data_file])

@@ -14,6 +14,7 @@
     int64[d] document index  [0, 1, ..., n]
 
     write_binidx("data/chat", items)     # atomic: both files appear together or not at all
+    write_binidx_set([("data/chat.valid", held), ("data/chat", rest)])   # several pairs: all or none
     ds = BinIdx("data/chat")             # len(ds), ds[i] (np.ndarray), ds.sizes, ds.tokens (memmap)
 """
 from __future__ import annotations
@@ -56,28 +57,55 @@ def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]
     ``.bin`` without ``.idx`` (refused by the reader), never a mismatched pair. A full disk is one line
     (``need``: the bytes both files take, for that message; else what was written until then).
     """
-    from ..files import make_folder, os_error_in, temp_path, write_error
-    bin_path, idx_path = paths(prefix)
-    make_folder(bin_path.parent)
-    bin_tmp, idx_tmp = temp_path(bin_path), temp_path(idx_path)
-    sizes: list[int] = []
-    target = bin_path
+    write_binidx_set([(prefix, items)], need=need)
+
+
+def write_binidx_set(pairs: Sequence[tuple[str | Path, Iterable[Sequence[int] | np.ndarray]]],
+                     need: int | None = None) -> None:
+    """Write several binidx pairs, ``[(prefix, items), ...]``, as one change: all of them or none.
+
+    Every pair is written to temporaries first (in the order given); only when all are complete do they
+    move into place (``_commit``), with Ctrl+C held back meanwhile. On any error or Ctrl+C before that,
+    every temporary is removed and the files already there are left as they were. ``need``: the bytes
+    all pairs take together, for the one-line message of a full disk.
+    """
+    staged: list[_Staged] = []
     try:
-        with open(bin_tmp, "wb") as f:
-            buf: list[np.ndarray] = []
-            buffered = 0
-            for item in items:
-                arr = _as_uint16(item, len(sizes))
-                sizes.append(arr.size)
-                buf.append(arr)
-                buffered += arr.size
-                if buffered * 2 >= _WRITE_BUFFER:
-                    f.write(np.concatenate(buf).tobytes())
-                    buf, buffered = [], 0
-            if buf:
-                f.write(np.concatenate(buf).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        for prefix, items in pairs:
+            staged.append(_stage(prefix, items, need))
+        _commit(staged)
+    finally:
+        for s in staged:
+            s.discard()
+
+
+class _Staged:
+    """One pair written under temporary names beside its final ones, waiting for ``_commit``."""
+
+    def __init__(self, prefix: str | Path):
+        from ..files import temp_path
+        self.bin_path, self.idx_path = paths(prefix)
+        self.bin_tmp, self.idx_tmp = temp_path(self.bin_path), temp_path(self.idx_path)
+
+    def discard(self) -> None:
+        """Remove what is still under a temporary name (nothing, once committed)."""
+        for tmp in (self.bin_tmp, self.idx_tmp):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _stage(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray], need: int | None) -> _Staged:
+    """Write ``items`` to the temporaries of ``prefix``'s pair; nothing under the final names changes."""
+    from ..files import make_folder, os_error_in, write_error
+    staged = _Staged(prefix)
+    make_folder(staged.bin_path.parent)
+    sizes: list[int] = []
+    target = staged.bin_path
+    try:
+        with open(staged.bin_tmp, "wb") as f:
+            _write_tokens(f, items, sizes)
         size_arr = np.asarray(sizes, dtype=np.int64)
         if size_arr.size and size_arr.max() > np.iinfo(np.int32).max:
             raise ValueError("an item has more than 2**31 - 1 tokens, which binidx cannot store")
@@ -85,27 +113,68 @@ def write_binidx(prefix: str | Path, items: Iterable[Sequence[int] | np.ndarray]
         if len(sizes) > 1:
             np.cumsum(size_arr[:-1] * 2, out=pointers[1:])
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
-        target = idx_path
-        with open(idx_tmp, "wb") as f:
+        target = staged.idx_path
+        with open(staged.idx_tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, CODE_UINT16, len(sizes), len(doc_idx)))
             f.write(size_arr.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(doc_idx.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
-        if idx_path.exists():
-            idx_path.unlink()
-        os.replace(bin_tmp, bin_path)
-        os.replace(idx_tmp, idx_path)
-    except OSError as err:
-        need = need or 2 * int(sum(sizes)) + 20 * len(sizes) + 64
-        raise write_error(os_error_in(err) or err, target, need) from None
-    finally:
-        for tmp in (bin_tmp, idx_tmp):
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+    except BaseException as err:
+        staged.discard()
+        if isinstance(err, OSError):
+            need = need or 2 * int(sum(sizes)) + 20 * len(sizes) + 64
+            raise write_error(os_error_in(err) or err, target, need) from None
+        raise
+    return staged
+
+
+def _write_tokens(f, items: Iterable[Sequence[int] | np.ndarray], sizes: list[int]) -> None:
+    """The tokens of ``items`` into the open file ``f``, in buffered blocks; each item's length onto ``sizes``."""
+    buf: list[np.ndarray] = []
+    buffered = 0
+    for item in items:
+        arr = _as_uint16(item, len(sizes))
+        sizes.append(arr.size)
+        buf.append(arr)
+        buffered += arr.size
+        if buffered * 2 >= _WRITE_BUFFER:
+            f.write(np.concatenate(buf).tobytes())
+            buf, buffered = [], 0
+    if buf:
+        f.write(np.concatenate(buf).tobytes())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _commit(staged: Sequence[_Staged]) -> None:
+    """Move staged pairs into place, Ctrl+C held back until all have moved.
+
+    Every old ``.idx`` of them goes first, then every ``.bin`` moves in, then every ``.idx``, the last
+    pair's last: a crash part way leaves the pairs not yet done without an ``.idx`` (the reader refuses
+    them), never a ``.bin`` beside an ``.idx`` it does not belong to, and never the last pair readable
+    beside an old one of the others.
+    """
+    from ..errors import interrupt_deferred
+    from ..files import fsync_dir, write_error
+    with interrupt_deferred(what="the tokenized data"):
+        target = staged[0].idx_path if staged else None
+        try:
+            for s in staged:
+                target = s.idx_path
+                if s.idx_path.exists():
+                    s.idx_path.unlink()
+            for s in staged:
+                target = s.bin_path
+                os.replace(s.bin_tmp, s.bin_path)
+            for s in staged:
+                target = s.idx_path
+                os.replace(s.idx_tmp, s.idx_path)
+        except OSError as err:
+            raise write_error(err, target) from None
+        for folder in {s.bin_path.parent for s in staged}:
+            fsync_dir(folder)
 
 
 def _as_uint16(item: Sequence[int] | np.ndarray, i: int) -> np.ndarray:

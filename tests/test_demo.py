@@ -17,6 +17,9 @@ def test_demo_runs_the_whole_workflow():
     assert "Traceback" not in text
     base, tuned = map(float, re.search(r"base ([\d.]+) -> with the adapter ([\d.]+)", text).groups())
     assert base > 10 and tuned < base - 3, text[-2000:]
+    valid = [float(v) for v in re.findall(r"([\d.]+) \(step \d+\)", text.split("validation loss, on texts")[1])]
+    assert len(valid) == 3 and valid[-1] < base - 1.5, text[-2000:]   # the held-out texts: it learned the words
+    assert (ROOT / "output" / "demo" / "rwkv-best.pth").is_file()
     assert (ROOT / "merge" / "demo" / "demo-lora-2.pth").is_file()
     assert "Loading merge/demo/demo-lora-2" in text          # the official rwkv package loaded it
     assert "'User: What is RWKV?\\n\\nAssistant:" in text

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--valid-every", type=int, default=4)
     ap.add_argument("--grad-cp", default="auto")
     ap.add_argument("--model-dir", default="/tmp/models")
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--json", default=None, help="also append the record to this .jsonl file")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -46,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop import train
 
     layers, width = ts.parse_size(args.size)
-    model = ts.ensure_model(7, layers, width, 65536, Path(args.model_dir), timeout=1800)
+    model = ts.ensure_model(7, layers, width, args.vocab, Path(args.model_dir), timeout=1800)
     work = Path(tempfile.mkdtemp(prefix="valid_cost_"))
     rng = np.random.default_rng(0)
-    write_binidx(work / "train", [rng.integers(1, 65535, size=args.ctx + 1) for _ in range(args.steps * args.bsz)])
-    write_binidx(work / "valid", [rng.integers(1, 65535, size=args.ctx + 1) for _ in range(args.items)])
+    top = min(args.vocab, 65535)
+    write_binidx(work / "train", [rng.integers(1, top, size=args.ctx + 1) for _ in range(args.steps * args.bsz)])
+    write_binidx(work / "valid", [rng.integers(1, top, size=args.ctx + 1) for _ in range(args.items)])
     env = ts.row_env(dict(method="lora", ctx=args.ctx, bsz=args.bsz, grad_cp=args.grad_cp, train_parts="ln"),
                      str(model), str(work / "train"), str(work / "out"), args.steps - 1, 0)
     env.update(DATALOAD="pad", EPOCH_STEPS=str(args.steps), VALID_DATA=str(work / "valid"),
@@ -80,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         "said": [ln for ln in logs if ln.startswith(("validation", "Estimated", "GRAD_CP"))][:6],
     }
     print(json.dumps(out))
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(out) + "\n")
     return 0
 
 

@@ -144,3 +144,16 @@ def test_out_of_memory_is_a_row_status(tmp_path, monkeypatch):
     res = train_speed.run_row(spec)
     assert res["status"] == "OOM" and "Tried to allocate" in res["error"]
     assert "OOM" in train_speed.format_row(spec, res)
+
+
+def test_valid_cost_on_the_cpu(tmp_path):
+    """bench/valid_cost.py: the trainer with VALID_DATA, each validation's time and tokens read from its log."""
+    out = tmp_path / "v.jsonl"
+    cmd = [sys.executable, "bench/valid_cost.py", "--size", "2x64", "--vocab", "512", "--ctx", "32", "--items", "6",
+           "--steps", "4", "--valid-every", "2", "--model-dir", str(tmp_path), "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [v["step"] for v in r["validations"]] == [2, 4] and r["device"] == "cpu"
+    assert all(v["tokens"] == 6 * 32 and v["seconds"] > 0 for v in r["validations"])
+    assert r["valid_s_steady"] == r["validations"][1]["seconds"] and r["valid_in_train_steps"] > 0

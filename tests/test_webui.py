@@ -16,6 +16,7 @@ from webui import actions
 from trainer.envfile import parse_training_sh, read_env_file, training_fields, write_env_file
 from webui.guard import LocalOnly
 from webui.jobs import Job, JobManager
+from webui.progress import loss_frame, progress_markdown
 
 from test_train import make_project
 
@@ -145,6 +146,93 @@ def test_job_losses_skip_a_row_still_being_written(tmp_path):
     with open(csv_path, "a") as fh:
         fh.write("31,1e-3,12\n")
     assert job.losses() == [(1, 2.5), (2, 2.4), (3, 2.31)]
+    while job.running:             # its output reader ends just after the process
+        time.sleep(0.05)
+    st = job.status()              # a loss.csv of a run before valid_loss (5 columns): no validation line
+    assert st.state == "finished" and st.losses == [(1, 2.5), (2, 2.4), (3, 2.31)] and st.valid_losses == []
+    assert "validation" not in progress_markdown(st)
+    assert list(loss_frame(st).dropna()["series"]) == ["training"] * 3
+
+
+def _early_stopped_run(root: Path) -> list[str]:
+    """A real run that EARLY_STOP=3 ends (validation losses 3.0, 2.0, 2.5, 2.1, 2.2 after steps 1..5, set by the
+    test): its log lines; OUTPUT (output/) holds its loss.csv, rwkv-best.pth and rwkv-interrupted.pth."""
+    from trainer import validate
+    from trainer.data.binidx import write_binidx
+    from trainer.loop import train
+    from test_train import config
+    make_project(root, 7)
+    write_binidx(root / "data" / "held", [[1, 2, 3, 0], [4, 5, 6, 7, 8, 0]])
+    losses = iter([3.0, 2.0, 2.5, 2.1, 2.2])
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validate.Validation, "loss", lambda self, *a: (next(losses), 10))
+        res = train(config(VALID_DATA="held", VALID_EVERY=1, EARLY_STOP=3, EPOCH_STEPS=4, EPOCH_COUNT=3),
+                    progress=False, log=lines.append)
+    assert res.stopped_early
+    return "\n".join(lines).splitlines()
+
+
+def test_job_status_shows_validation_losses_and_early_stop(tmp_path, monkeypatch):
+    """The files and log lines of a run that EARLY_STOP ended, replayed as a job's output: the validation losses
+    come from loss.csv's valid_loss column and, past its last complete row, from the log; rwkv-best.pth is listed
+    once among the saved files; the page says why the run stopped and shows both lines on the chart."""
+    monkeypatch.chdir(tmp_path)
+    lines = _early_stopped_run(tmp_path)
+    out = tmp_path / "output"
+    (tmp_path / "replay.txt").write_text("\n".join(lines) + "\n")
+    replay = [sys.executable, "-c", "import sys; sys.stdout.write(open('replay.txt').read())"]
+    job = Job(replay, tmp_path, dict(os.environ), out, out / "job.env", resume=False)
+    while job.running:
+        time.sleep(0.05)
+    st = job.status()
+    assert st.valid_losses == [(1, 3.0), (2, 2.0), (3, 2.5), (4, 2.1), (5, 2.2)]
+    assert [s for s, _ in st.losses] == [1, 2, 3, 4, 5]
+    assert (st.state, st.exit_code, st.early_stop, st.best) == ("stopped_early", 0, 3, "output/rwkv-best.pth")
+    assert st.saved == ["output/rwkv-best.pth", "output/rwkv-interrupted.pth"]
+    text = progress_markdown(st)
+    assert text.startswith("**Stopped early: no better validation loss for 3 validations; best: "
+                           "`output/rwkv-best.pth`**"), text
+    assert "validation loss **2.2000** (optimizer step 5) · best so far **2.0000** (optimizer step 2)" in text
+    frame = loss_frame(st).dropna()
+    assert list(frame[frame.series == "validation"].itertuples(index=False, name=None)) == \
+        [(1, 3.0, "validation"), (2, 2.0, "validation"), (3, 2.5, "validation"), (4, 2.1, "validation"),
+         (5, 2.2, "validation")]
+    # loss.csv written up to step 3, row 4 half written: steps 4 and 5 come from the log (printed to 4 decimals)
+    csv_lines = (out / "loss.csv").read_text().splitlines(keepends=True)
+    assert csv_lines[0] == "optimizer_step,epoch,loss,lr,tokens_per_s,valid_loss\n"
+    (out / "loss.csv").write_text("".join(csv_lines[:4]) + csv_lines[4][:6])
+    assert job.curves()[1] == [(1, 3.0), (2, 2.0), (3, 2.5), (4, 2.1), (5, 2.2)]
+    assert job.curves()[0][:3] == job.status().losses[:3]
+
+
+def test_loss_frame_has_a_training_and_a_validation_line():
+    """Long form (step, loss, series), as the chart gets it: typed even when empty, and both lines named in every
+    frame (the chart takes its lines from its first data) by a row without a loss; a long run's training line is
+    thinned to about MAX_POINTS (its first and last steps kept), the validation line never."""
+    import math
+    from gradio import LinePlot
+    from webui.progress import MAX_POINTS
+    from webui.jobs import Status
+    plot = LinePlot(x="step", y="loss", color="series")
+    for st in (Status(), Status(state="running", losses=[(3, 2.0)])):
+        frame = loss_frame(st)
+        assert [str(t) for t in frame.dtypes[["step", "loss"]]] == ["int64", "float64"]
+        assert plot.postprocess(frame).datatypes == {"step": "quantitative", "loss": "quantitative",
+                                                     "series": "nominal"}
+        head = list(frame.head(2).itertuples(index=False, name=None))
+        assert [(s, n) for s, _, n in head] == [(st.losses[0][0] if st.losses else 0, "training"),
+                                                (st.losses[0][0] if st.losses else 0, "validation")]
+        assert all(math.isnan(v) for _, v, _ in head) and frame.loss.isna().sum() == 2
+    st = Status(state="running", losses=[(i, 5.0 - i / 1000) for i in range(1, 4002)],
+                valid_losses=[(i, 4.0 - i / 2000) for i in range(10, 4002, 10)])
+    frame = loss_frame(st).dropna()
+    train_rows = frame[frame.series == "training"]
+    valid_rows = frame[frame.series == "validation"]
+    assert len(train_rows) <= MAX_POINTS + 1 and list(train_rows.step)[-1] == 4001 and list(train_rows.step)[0] == 1
+    assert list(valid_rows.step) == list(range(10, 4002, 10)) and list(valid_rows.loss) == [v for _, v in
+                                                                                            st.valid_losses]
+    assert list(frame.series) == ["training"] * len(train_rows) + ["validation"] * len(valid_rows)
 
 
 def test_job_gets_one_ctrl_c_and_kill_ends_it(tmp_path):
@@ -510,6 +598,7 @@ def _wrong_files(root: Path) -> None:
     (root / "data" / "bad.bin").write_text("")
     (root / "data" / "gone.jsonl").write_text('{"text": "x"}\n')
     (root / "data" / "badtype.jsonl").write_text('{"text": 1}\n')
+    (root / "data" / "ten.jsonl").write_text("".join(f'{{"text": "item {i}"}}\n' for i in range(10)))   # good
     write_binidx(root / "data" / "good", [[1, 2, 3, 0]] * 8)
 
 
@@ -698,6 +787,59 @@ def test_page_preselects_no_data_and_merge_opens_at_what_was_trained(server):
     assert out[6]["choices"] == [["0", "0"], ["1", "1"], ["interrupted", "interrupted"]] and out[6]["value"] == \
         "interrupted"
     (root / "data" / "a.jsonl").unlink()
+
+
+def test_validation_fields_and_their_errors(server):
+    """VALID_DATA, VALID_FRACTION, VALID_EVERY and EARLY_STOP are on the form (the data section, training.sh's
+    defaults); VALID_DATA offers data/'s tokenized sets after "(none)" (its empty value, chosen); Check shows a
+    wrong validation setting as its one line, under its field."""
+    import json
+    url, root = server
+    fields = {f.name: f for f in training_fields()}
+    for name, default in (("VALID_DATA", ""), ("VALID_FRACTION", "0"), ("VALID_EVERY", "0"), ("EARLY_STOP", "0")):
+        assert (fields[name].section, fields[name].default) == ("data", default) and fields[name].help, name
+    code, text = http(url, "/config")
+    props = {c["props"].get("elem_id"): c["props"] for c in json.loads(text)["components"] if "props" in c}
+    assert props["field-VALID_DATA"]["choices"][0] == ["(none)", ""] and props["field-VALID_DATA"]["value"] == ""
+    assert ["good", "good"] in props["field-VALID_DATA"]["choices"]
+    for name in ("VALID_FRACTION", "VALID_EVERY", "EARLY_STOP"):
+        assert props[f"field-{name}"]["value"] == "0"
+    # the Data page holding items out fills VALID_DATA in (and lists the new sets); without, it is left as it is
+    try:
+        event, out = api(url, "on_tokenize", "ten.jsonl", "1", "", False, "", "0.2")
+        assert event == "complete" and "set VALID_DATA=`ten.valid` (done for you)" in out[0], out
+        assert out[9]["value"] == "ten.valid" and ["ten.valid", "ten.valid"] in out[9]["choices"]
+        assert out[8]["value"] == "ten" and out[9]["choices"][0] == ["(none)", ""]
+        event, out = api(url, "on_tokenize", "ten.jsonl", "1", "", False, "", "")
+        assert event == "complete" and "VALID_DATA" not in out[0] and "value" not in out[9], out[0]
+    finally:
+        for f in ("ten.bin", "ten.idx", "ten.valid.bin", "ten.valid.idx"):
+            (root / "data" / f).unlink(missing_ok=True)
+    event, out = api(url, "on_load_page", "output", *["(none)"] * 6)
+    assert event == "complete" and out[-1]["choices"][0] == ["(none)", ""] and ["good", "good"] in out[-1]["choices"]
+    ok = dict(MODEL="tiny.pth", DATA="good", EPOCH_STEPS="2", MICRO_BSZ="1", CTX_LEN="16", ACCELERATOR="cpu",
+              PRECISION="fp32", OP="chunk", OUTPUT="output/fresh")
+    names = [f.name for f in training_fields()]
+    for wrong, field, want in (
+            (dict(VALID_FRACTION="1"), "VALID_FRACTION", "error: VALID_FRACTION=1.0 must be at least 0 and less than "
+             "1. Fix: hold out a small share, e.g. VALID_FRACTION=0.05, or 0 for no validation set"),
+            (dict(EARLY_STOP="2"), "EARLY_STOP", "error: EARLY_STOP=2 needs a validation set, and there is none. "
+             "Fix: set VALID_DATA"),
+            (dict(VALID_DATA="good"), "VALID_DATA", "error: VALID_DATA=good is the training data"),
+            (dict(VALID_DATA="missing"), "VALID_DATA", "error: VALID_DATA: data/missing"),
+            (dict(VALID_FRACTION="0.25"), "VALID_FRACTION", "error: VALID_FRACTION=0.25 holds items out for "
+             "validation, but the data has only 1 distinct item")):          # good: 8 copies of one item
+        event, out = api(url, "on_check", *form_values(**{**ok, **wrong}))
+        assert event == "complete" and out[0].startswith(want) and "\n" not in out[0], (wrong, out[0])
+        assert out[1 + names.index(field)]["visible"] is True, (wrong, out[0])
+    from trainer.data.binidx import write_binidx
+    write_binidx(root / "data" / "held", [[4, 5, 6, 0], [7, 8, 0]])
+    try:
+        event, out = api(url, "on_check", *form_values(**{**ok, "VALID_DATA": "held", "EARLY_STOP": "2"}))
+        assert event == "complete" and out[0].startswith("✔ the config is valid"), out[0]
+    finally:
+        for ending in (".bin", ".idx"):
+            (root / "data" / f"held{ending}").unlink()
 
 
 def test_trained_output(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The web page end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), on the CPU
-with a tiny model: tokenize the sample, bad form values, start training, watch the loss chart grow, a second
-tab, Stop (= Ctrl+C: rwkv-interrupted.pth), merge and download, chat with base / adapter / merged side by side.
+with a tiny model: tokenize the sample, bad form values, start training, watch the loss chart grow (with its
+validation line), a second tab, Stop (= Ctrl+C: rwkv-interrupted.pth), merge and download, chat with base /
+adapter / merged side by side.
 A screenshot of each page goes to tests/screenshots/ (git-ignored).
 
 Run only these:  python3 -m pytest -m browser      They skip, saying why, without gradio, playwright or
@@ -258,8 +259,9 @@ def test_train_start_live_chart_reattach_stop(page, browser, server):
     url, root = server
     choose(page, "field-MODEL", "tiny.pth")
     for name, value in (("LORA_R", "8"), ("LORA_ALPHA", "16"), ("CTX_LEN", "128"), ("MICRO_BSZ", "1"),
-                        ("EPOCH_STEPS", "20"), ("EPOCH_COUNT", "100"), ("WARMUP_STEPS", "0")):
+                        ("EPOCH_STEPS", "20"), ("EPOCH_COUNT", "100"), ("WARMUP_STEPS", "0"), ("VALID_EVERY", "5")):
         set_field(page, name, value)
+    choose(page, "field-VALID_DATA", "notes")           # the CSV tokenized on the Data page: a validation set
     page.get_by_text("hardware", exact=True).click()                  # a closed section: open it
     choose(page, "field-ACCELERATOR", "cpu")
     choose(page, "field-PRECISION", "fp32")
@@ -290,7 +292,12 @@ def test_train_start_live_chart_reattach_stop(page, browser, server):
     assert n_later >= first + 20, later
     assert re.search(r"optimizer step \*?\*?\d+/2000", later) or "optimizer step" in later, later
     assert re.search(r"tokens/s · time left \d+:\d\d", later), later
-    page.wait_for_function("document.querySelectorAll('#loss-plot svg .mark-line path').length >= 1")
+    # the validation loss: a second line once there are two validations, and the status says the last and best
+    wait_text(page, "#train-progress", r"validation loss [\d.]+ \(optimizer step \d+\) · best so far [\d.]+ "
+              r"\(optimizer step \d+\) · ([2-9]|\d\d+) validations", 60)
+    page.wait_for_function("document.querySelectorAll('#loss-plot svg .mark-line path').length >= 2")
+    labels = page.evaluate("Array.from(document.querySelectorAll('#loss-plot svg text')).map(t => t.textContent)")
+    assert "training" in labels and "validation" in labels, labels          # the legend names both lines
     wait_text(page, "#train-samples", r"=== epoch 0\n", 60)              # the sample written at the first save
     shot(page, "3-train-running")
 
@@ -307,7 +314,8 @@ def test_train_start_live_chart_reattach_stop(page, browser, server):
     wait_text(page, "#train-message", r"Stopped \(exit code 130\); saved: .*rwkv-interrupted\.pth", 120)
     wait_text(page, "#train-progress", r"Stopped")
     assert (root / "runs" / "e2e" / "rwkv-interrupted.pth").is_file()
-    assert (root / "runs" / "e2e" / "rwkv-0.pth").is_file()
+    assert (root / "runs" / "e2e" / "rwkv-0.pth").is_file() and (root / "runs" / "e2e" / "rwkv-best.pth").is_file()
+    wait_text(page, "#train-progress", r"saved: .*runs/e2e/rwkv-best\.pth")
     wait_text(page, "#train-progress", r"\./training\.sh --config output/e2e\.env")
     no_traceback(page)
     shot(page, "3-train-stopped")
@@ -324,8 +332,8 @@ def test_merge_page(page, browser, server):
     other.locator("#merge-epoch input").click()
     options = other.locator(f"#{other.locator('#merge-epoch input').get_attribute('aria-controls')}")
     listed = [t.replace("✓", "").strip() for t in options.get_by_role("option").all_inner_texts()]
-    assert listed[0] == "0" and listed[-1] == "interrupted" and listed == \
-        sorted((p.stem[len("rwkv-"):] for p in (root / "runs" / "e2e").glob("rwkv-[0-9]*.pth")), key=int) + ["interrupted"]
+    epochs = sorted((p.stem[len("rwkv-"):] for p in (root / "runs" / "e2e").glob("rwkv-[0-9]*.pth")), key=int)
+    assert listed[0] == "0" and listed == epochs + ["interrupted", "best"]
     other.close()
     page.click("#merge-refresh")
     choose(page, "merge-epoch", "0")

@@ -34,6 +34,7 @@ from . import actions  # noqa: E402
 from .guard import LocalOnly  # noqa: E402
 from trainer.envfile import Field, read_env_file, training_fields, write_env_file  # noqa: E402
 from .jobs import JobManager, Status  # noqa: E402
+from .progress import SERIES_COLORS, loss_frame, progress_markdown  # noqa: E402
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "FINETUNE_MODE": MODES, "DATALOAD": DATALOADS, "LOSS_MASK": LOSS_MASKS, "LR_SCHEDULE": SCHEDULES,
@@ -43,7 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"),
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
-MAX_POINTS = 2000          # points on the loss chart
+NO_VALID_DATA = "(none)"   # VALID_DATA's empty value in its list
 MAX_UPLOAD_MB = 1024.0     # the largest upload (webui.sh --max-upload-mb)
 STOP_WAIT_S = 300.0        # on shutdown, how long the server waits for the training job's Ctrl+C save
 CSS = """
@@ -64,51 +65,6 @@ def _message(err: Exception) -> str:
                 "belongs or the reverse, its permissions, the free space)")
     traceback.print_exc()      # a bug of ours: the server's terminal gets the traceback, the page one line
     return f"unexpected error (please report it): {type(err).__name__}: {err}"
-
-
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def progress_markdown(st: Status) -> str:
-    if st.state == "idle":
-        return "No training job yet. Fill in the form and press **Start training**."
-    pct = f" ({100 * st.step / st.total:.0f}%)" if st.total else ""
-    head = {"starting": "Starting (loading the model and the data)", "running": "Training",
-            "stopping": "Stopping: saving a checkpoint, as Ctrl+C does", "finished": "Finished",
-            "stopped": "Stopped", "failed": "Failed"}[st.state]
-    lines = [f"**{head}**", ""]
-    if st.total or st.step:
-        lines.append(f"epoch {st.epoch} · optimizer step **{st.step}/{st.total}**{pct} · loss "
-                     f"**{st.loss:.4f}** · {st.tokens_per_s or 0:,.0f} tokens/s · time left "
-                     f"{_fmt_time(st.eta_s) if st.running else '0:00'} · elapsed {_fmt_time(st.elapsed_s)}"
-                     if st.loss is not None else f"elapsed {_fmt_time(st.elapsed_s)}")
-    else:
-        lines.append(f"elapsed {_fmt_time(st.elapsed_s)}")
-    lines.append(f"\nloss chart: {len(st.losses)} points · output `{st.output_dir}` · config `{st.env_file}`")
-    if st.saved:
-        lines.append("\nsaved: " + ", ".join(f"`{p}`" for p in st.saved))
-    if st.error:
-        lines.append(f"\n**error: {st.error}**")
-    elif st.state == "failed":
-        lines.append(f"\n**the trainer ended with exit code {st.exit_code}: see its output below**")
-    if not st.running and st.state != "idle":
-        lines.append(f"\nRepeat this run from the shell: `./training.sh --config {st.env_file}`")
-    return "\n".join(lines)
-
-
-def loss_frame(st: Status) -> pd.DataFrame:
-    # typed even when empty: the chart keeps the axis types of its first data (object columns would be nominal).
-    # A long run is thinned to about MAX_POINTS (every k-th step, the newest always kept): the page polls each second.
-    rows = st.losses
-    if len(rows) > MAX_POINTS:
-        k = -(-len(rows) // MAX_POINTS)
-        rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
-    return pd.DataFrame({"step": pd.Series([s for s, _ in rows], dtype="int64"),
-                         "loss": pd.Series([v for _, v in rows], dtype="float64")})
 
 
 def _safe(fn: Callable) -> Callable:
@@ -237,7 +193,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                 with gr.Accordion("memory estimate", open=False):
                     mem = gr.Textbox(show_label=False, lines=12, elem_id="memory", interactive=False)
                 progress = gr.Markdown(progress_markdown(Status()), elem_id="train-progress")
-                loss_plot = gr.LinePlot(None, x="step", y="loss",
+                loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", color_map=SERIES_COLORS,
                                         title="loss per optimizer step", elem_id="loss-plot", height=300)
                 samples = gr.Textbox(label="samples generated at each save (samples.txt)", lines=6,
                                      elem_id="train-samples", interactive=False)
@@ -397,15 +353,16 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
         def on_tokenize(file, rep, mx, eof, col, val=""):
             try:
                 text, prefix = actions.tokenize(file, rep, mx, eof, col, val)
-                held = f" The held-out items: `{prefix}.valid` (VALID_DATA)." if (val or "").strip() else ""
+                held = f" The held-out items: `{prefix}.valid`: set VALID_DATA=`{prefix.name}.valid` (done for " \
+                    "you)." if (val or "").strip() else ""
                 out = show_report(prefix, f"✔ wrote `{prefix}.bin` and `{prefix}.idx`: set DATA=`{prefix.name}` "
                                           f"on the Train page (done for you).{held}")
             except Exception as err:  # noqa: BLE001
-                return [_message(err)] + [gr.update()] * (len(report_outputs) - 1) + \
-                    [gr.update(), gr.update(), gr.update()]
+                return [_message(err)] + [gr.update()] * (len(report_outputs) - 1) + [gr.update()] * 4
             data_sets = actions.list_data()
             return list(out) + [text, gr.update(choices=data_sets, value=prefix.name),
-                                gr.update(choices=data_sets, value=prefix.name)]
+                                gr.update(choices=data_sets, value=prefix.name),
+                                valid_data_update(data_sets, f"{prefix.name}.valid" if held else None)]
 
         def on_show(name):
             try:
@@ -432,7 +389,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             return (f"✔ uploaded into `{target}`{kept}", gr.update(choices=actions.list_sources(), value=target.name))
 
         tok_btn.click(on_tokenize, [data_file, repeat, max_tokens, no_eof, column, valid],
-                      report_outputs + [tok_log, existing, comps["DATA"]])
+                      report_outputs + [tok_log, existing, comps["DATA"], comps["VALID_DATA"]])
         show_btn.click(on_show, existing, report_outputs)
         upload.upload(on_upload, upload, [data_msg, data_file])
 
@@ -528,10 +485,12 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             return [gr.update(choices=actions.list_sources()), gr.update(choices=data_sets),
                     gr.update(choices=[Path(p).name for p in actions.model_choices()]),
                     gr.update(choices=data_sets), gr.update(choices=actions.list_configs()),
-                    gr.update(value=merge_out), epochs_update(merge_out)] + ups
+                    gr.update(value=merge_out), epochs_update(merge_out)] + ups + \
+                [valid_data_update(data_sets)]
 
         demo.load(on_load_page, [comps["OUTPUT"]] + chat_sel,
-                  [data_file, existing, comps["MODEL"], comps["DATA"], load_dd, m_out, m_epoch] + chat_sel)
+                  [data_file, existing, comps["MODEL"], comps["DATA"], load_dd, m_out, m_epoch] + chat_sel +
+                  [comps["VALID_DATA"]])
         demo.load(on_tick, None, tick_outputs)
         comps["OUTPUT"].change(lambda v: v, comps["OUTPUT"], m_out)
 
@@ -558,6 +517,17 @@ def _pairs(history: list) -> list[tuple[str, str]]:
     return pairs
 
 
+def valid_choices(data_sets: list[str]) -> list[tuple[str, str]]:
+    """VALID_DATA's choices: none (the empty value: no validation set, or VALID_FRACTION's), then data/'s sets."""
+    return [(NO_VALID_DATA, "")] + [(d, d) for d in data_sets]
+
+
+def valid_data_update(data_sets: list[str], value: str | None = None):
+    """VALID_DATA's list after data/ changed; ``value``: the held-out set the Data tab just wrote, chosen."""
+    return gr.update(choices=valid_choices(data_sets)) if value is None else \
+        gr.update(choices=valid_choices(data_sets), value=value)
+
+
 def _field_component(f: Field):
     common = dict(label=f.name, info=f.help, elem_id=f"field-{f.name}")
     if f.name in CHOICES:
@@ -570,6 +540,8 @@ def _field_component(f: Field):
                            allow_custom_value=True, **common)
     if f.name == "DATA":      # empty until the user tokenizes, picks or loads data: never training.sh's example
         return gr.Dropdown(actions.list_data(), value=None, allow_custom_value=True, **common)
+    if f.name == "VALID_DATA":
+        return gr.Dropdown(valid_choices(actions.list_data()), value=f.default, allow_custom_value=True, **common)
     return gr.Textbox(f.default, lines=2 if f.name == "SAMPLE_PROMPT" else 1, **common)
 
 

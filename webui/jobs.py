@@ -11,6 +11,9 @@ calls ``status()`` and sees the same job. The trainer's own files are the source
 (every optimizer step, written in blocks of 10), ``samples.txt`` (one sample per save) and its log lines
 (``--no-progress``: one line per ~5% of the run or every 15 s). Rows of ``loss.csv`` and ``samples.txt``
 written before the job started (an earlier run in the same OUTPUT) are not shown unless it resumes.
+With a validation set, ``loss.csv``'s 6th column (valid_loss; files of older runs have 5) holds the validation
+loss on the steps after which one ran, and the log says each as it comes ("validation after optimizer step N:
+loss X ..."), and why the run stopped when EARLY_STOP ended it.
 """
 from __future__ import annotations
 
@@ -33,12 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = re.compile(r"epoch (\d+) step (\d+)/(\d+)\s+optimizer step (\d+)/(\d+)\s+loss (\S+)\s+lr (\S+)\s+"
                       r"([\d,.]+) tokens/s")
 SAVED = re.compile(r"^(?:saved|stopped: saved) (\S+\.pth)")
+VALIDATION = re.compile(r"^validation after optimizer step (\d+): loss (\S+) over .*?(?:saved (.+\.pth))?$")
+EARLY_STOP = re.compile(r"^EARLY_STOP=\d+: .* for (\d+) validations.*? The best checkpoint is (.+?\.pth); "
+                        r"the last is (.+?\.pth) \(")
 LOG_LINES = 400
 
 
 @dataclass
 class Status:
-    state: str = "idle"              # idle | starting | running | stopping | finished | stopped | failed
+    state: str = "idle"    # idle | starting | running | stopping | finished | stopped | stopped_early | failed
     running: bool = False
     step: int = 0                    # optimizer steps done
     total: int = 0                   # optimizer steps in the run
@@ -48,6 +54,9 @@ class Status:
     eta_s: float | None = None
     elapsed_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, loss) for the chart
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, validation loss)
+    early_stop: int = 0              # EARLY_STOP ended the run: this many validations without a better loss
+    best: str = ""                   # rwkv-best.pth, once the trainer saved one
     samples: str = ""
     saved: list[str] = field(default_factory=list)
     log: str = ""
@@ -71,6 +80,9 @@ class Job:
         self.log_path = output_dir / "webui-train.log"
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self.progress: list[tuple[float, tuple]] = []    # (time received, PROGRESS groups)
+        self.validations: list[tuple[int, float]] = []    # (optimizer step, loss) of the log's VALIDATION lines
+        self.early_stop = 0                                 # validations without a better loss (EARLY_STOP line)
+        self.best = ""
         self.saved: list[str] = []
         self.error = ""
         self.stop_requested = False
@@ -110,11 +122,33 @@ class Job:
             m = SAVED.search(line.strip())
             if m:
                 self.saved.append(m.group(1))
+            self._read_validation(line.strip())
             if line.startswith("error: "):
                 self.error = line[len("error: "):]
         self.proc.wait()
         self.ended = time.time()
         self._close_log()
+
+    def _read_validation(self, line: str) -> None:
+        """A validation line (its loss; rwkv-best.pth when it saved one), or EARLY_STOP's line (it saved the last
+        state as rwkv-interrupted.pth, and names the best)."""
+        m = VALIDATION.match(line)
+        if m:
+            self.validations.append((int(m.group(1)), float(m.group(2))))
+            if m.group(3):
+                self._saved_once(m.group(3))
+                self.best = m.group(3)
+            return
+        m = EARLY_STOP.match(line)
+        if m:
+            self.early_stop = int(m.group(1))
+            self.best = m.group(2)
+            self._saved_once(m.group(3))
+
+    def _saved_once(self, path: str) -> None:
+        """rwkv-best.pth is written again at every better loss: listed once, where it was first saved."""
+        if path not in self.saved:
+            self.saved.append(path)
 
     def _close_log(self) -> None:
         log, self._log = self._log, None
@@ -128,8 +162,11 @@ class Job:
     def running(self) -> bool:
         return self.proc.poll() is None or self._reader.is_alive()
 
-    def losses(self) -> list[tuple[int, float]]:
+    def _csv_rows(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """loss.csv's complete rows: (optimizer step, loss), and (optimizer step, valid_loss) where that column
+        (the 6th; a file of an older run has 5) holds a value."""
         rows: list[tuple[int, float]] = []
+        valid: list[tuple[int, float]] = []
         try:
             with open(self.csv_path, encoding="utf-8") as fh:
                 head = fh.readline()
@@ -139,15 +176,28 @@ class Job:
                 for row in csv.reader(io.StringIO(text)):
                     if len(row) >= 3 and row[0].isdigit():
                         rows.append((int(row[0]), float(row[2])))
+                        if len(row) >= 6 and row[5].strip():
+                            valid.append((int(row[0]), float(row[5])))
         except (OSError, ValueError):
             pass
-        last = rows[-1][0] if rows else -1
-        for _, g in self.progress:          # log lines newer than the last block written to loss.csv
+        return rows, valid
+
+    def curves(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """The chart's training and validation losses: loss.csv's, then those of the log's lines about the steps
+        after its last row (the trainer writes it in blocks of 10 rows)."""
+        rows, valid = self._csv_rows()
+        in_csv = rows[-1][0] if rows else -1
+        last = in_csv
+        for _, g in self.progress:
             step = int(g[3])
             if step > last:
                 rows.append((step, float(g[5])))
                 last = step
-        return rows
+        valid += [(step, loss) for step, loss in self.validations if step > in_csv]
+        return rows, valid
+
+    def losses(self) -> list[tuple[int, float]]:
+        return self.curves()[0]
 
     def samples(self) -> str:
         try:
@@ -162,15 +212,18 @@ class Job:
         code = None if running else self.proc.returncode
         if running:
             state = "stopping" if self.stop_requested else ("running" if self.progress else "starting")
+        elif code == 0 and self.early_stop:         # EARLY_STOP ended it (a Stop pressed meanwhile came too late)
+            state = "stopped_early"
         elif self.stop_requested or code == 130:
             state = "stopped"
         else:
             state = "finished" if code == 0 else "failed"
         now = self.ended if self.ended and not running else time.time()
+        losses, valid = self.curves()
         st = Status(state=state, running=running, exit_code=code, error=self.error, elapsed_s=now - self.started,
-                    losses=self.losses(), samples=self.samples(), saved=list(self.saved),
-                    log="\n".join(self.lines), output_dir=str(self.output_dir), env_file=str(self.env_file),
-                    command=self.command)
+                    losses=losses, valid_losses=valid, early_stop=self.early_stop, best=self.best,
+                    samples=self.samples(), saved=list(self.saved), log="\n".join(self.lines),
+                    output_dir=str(self.output_dir), env_file=str(self.env_file), command=self.command)
         if self.progress:
             t_last, g = self.progress[-1]
             st.epoch, st.step, st.total = int(g[0]), int(g[3]), int(g[4])

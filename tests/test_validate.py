@@ -169,6 +169,10 @@ def test_wrong_files_are_one_line(tmp_path, monkeypatch):
         config(VALID_DATA="empty").check_files()
     with pytest.raises(UserError, match="is more than the 7 items in data/toy left for training"):
         config(VALID_FRACTION=0.1, EPOCH_STEPS=4, MICRO_BSZ=2).check_files()
+    write_binidx(tmp_path / "data" / "same", [[5, 6, 0]] * 4)
+    with pytest.raises(UserError, match="only 1 distinct item") as err:
+        config(DATA="same", VALID_FRACTION=0.5, EPOCH_STEPS=1).check_files()
+    assert err.value.fix == "add more items to the data, or set VALID_FRACTION=0"
     write_binidx(tmp_path / "data" / "big", [[7, 300, 0]])
     with pytest.raises(UserError, match="data/big.bin holds token id 300, but tiny.pth has a vocabulary of 256"):
         train(config(VALID_DATA="big"), progress=False, log=lambda *_: None)

@@ -38,7 +38,7 @@ def _held_out(prefix: str, stamp: tuple, fraction: float, seed: int) -> tuple[np
     time, so that a file tokenized again is split again)."""
     from .data.binidx import BinIdx
     from .data.split import content_keys, held_out
-    return held_out(content_keys(BinIdx(prefix)), fraction, seed, name="VALID_FRACTION")
+    return held_out(content_keys(BinIdx(prefix)), fraction, seed, name="VALID_FRACTION", off="set VALID_FRACTION=0")
 
 
 def split_data(cfg) -> tuple:

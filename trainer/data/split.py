@@ -126,11 +126,13 @@ def _leave_out(name: str) -> str:
     return f"leave out {name}" if name.startswith("-") else f"leave {name} empty"
 
 
-def held_out(keys: np.ndarray, fraction: float, seed: int, name: str = "VALID_FRACTION"
+def held_out(keys: np.ndarray, fraction: float, seed: int, name: str = "VALID_FRACTION", off: str | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """(train, valid): sorted int64 positions into ``keys``. Items with equal keys go to the same side; valid holds
     ``max(1, round(fraction * distinct))`` distinct contents, picked by a permutation of the distinct keys (in
-    sorted order) seeded with ``seed`` and this module's salt. ``name`` is the setting the messages name."""
+    sorted order) seeded with ``seed`` and this module's salt. ``name`` is the setting the messages name, ``off``
+    how to switch it off there (default: leave it out / empty; training.sh's VALID_FRACTION=0)."""
+    off = off or _leave_out(name)
     fraction = _check_fraction(fraction, name)
     distinct, inverse = np.unique(np.asarray(keys), return_inverse=True)
     n = len(distinct)
@@ -138,13 +140,13 @@ def held_out(keys: np.ndarray, fraction: float, seed: int, name: str = "VALID_FR
         raise UserError(f"{setting(name, fraction)} holds items out for validation, but the data has "
                         f"{'no item' if n == 0 else 'only 1 distinct item'} (copies of an item count once): "
                         "none can be held out with one left to train on.",
-                        f"add more items to the data, or {_leave_out(name)}")
+                        f"add more items to the data, or {off}")
     k = max(1, round(fraction * n))
     if k >= n:
         most = math.floor((n - 1) / n * 100) / 100
         raise UserError(f"{setting(name, fraction)} would hold out {k} of the {n} distinct items (round({fraction:g} "
                         f"x {n})), leaving none to train on.",
-                        f"lower {name} to at most {most:g}, add more items, or {_leave_out(name)}")
+                        f"lower {name} to at most {most:g}, add more items, or {off}")
     rng = np.random.default_rng([int(seed) % 2**64, _SALT])
     chosen = np.zeros(n, dtype=bool)
     chosen[rng.permutation(n)[:k]] = True

@@ -46,6 +46,8 @@ WEIGHT_DECAY=0            # AdamW's weight decay, on the trained matrices only (
 BETA1=0.9                 # AdamW's beta1 (0 to below 1): how slowly its mean of the gradients moves
 BETA2=0.99                # AdamW's beta2 (0 to below 1): the same for its mean of the squared gradients
 ADAM_EPS=1e-8             # AdamW's eps (more than 0), added to the root of that second mean
+L2WRAP=1                  # 1: RWKV-LM's L2Wrap, a tiny extra gradient on each position's largest logit that keeps
+                          #   the logits from drifting up (the loss is unchanged) | 0: off
 
 # ---------------------------------------------------------------- long context
 TRAIN_TYPE="normal"       # normal | infctx: texts longer than memory allows, fed in chunks with the exact gradient

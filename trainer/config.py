@@ -91,6 +91,8 @@ class TrainConfig:
     BETA2: float = _var("AdamW's beta2: how slowly its running mean of the squared gradient moves, 0 to below 1",
                         default=0.99)
     ADAM_EPS: float = _var("AdamW's eps, added to the root of that mean: more than 0", default=1e-8)
+    L2WRAP: bool = _var("1 = RWKV-LM's L2Wrap: a small extra gradient on each position's largest logit keeps "
+                        "the logits from drifting up (the loss is unchanged)", default=True)
     # long context (issue: infctx)
     TRAIN_TYPE: str = _var("normal | infctx", default="normal")
     CHUNK_CTX: int = _var("infctx: tokens per chunk", default=512)
@@ -431,6 +433,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "BETA1": "AdamW's running means stay valid; they move at the new rate from the next step on",
     "BETA2": "AdamW's running means stay valid; they move at the new rate from the next step on",
     "ADAM_EPS": "AdamW's running means stay valid; the new eps applies from the next step on",
+    "L2WRAP": "L2Wrap's extra gradient applies (or not) from the next step on",
     "TRAIN_TYPE": "infctx computes the same gradient in chunks",
     "CHUNK_CTX": "infctx computes the same gradient in chunks of any size",
     "OP": "every WKV kernel computes the same function",

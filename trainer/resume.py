@@ -25,9 +25,9 @@ from .config import TrainConfig, resume_changes
 from .errors import UserError
 
 UNIT_FORMAT = 2
-# Settings newer than some saved runs, as those runs had them (AdamW's constants): a resume compares against
-# these, so that it says what changes.
-BEFORE_THEY_EXISTED = {"WEIGHT_DECAY": "0", "BETA1": "0.9", "BETA2": "0.99", "ADAM_EPS": "1e-08"}
+# Settings newer than some saved runs, as those runs had them (AdamW's constants, no L2Wrap): a resume compares
+# against these, so that it says what changes.
+BEFORE_THEY_EXISTED = {"WEIGHT_DECAY": "0", "BETA1": "0.9", "BETA2": "0.99", "ADAM_EPS": "1e-08", "L2WRAP": "0"}
 
 
 def data_identity(prefix: Path) -> dict:

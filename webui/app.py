@@ -40,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN_TYPE": TRAIN_TYPES, "PRECISION": PRECISIONS, "QUANT": QUANTS, "STRATEGY": STRATEGIES,
     "OPTIMIZER": OPTIMIZERS,
     "ACCELERATOR": ("auto", "cuda", "cpu"), "OP": ("auto", "triton", "fla", "rwkvfla", "chunk", "torch"),
-    "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"),
+    "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"), "L2WRAP": ("0", "1"),
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
 MAX_POINTS = 2000          # points on the loss chart

@@ -42,6 +42,12 @@ LR_INIT=1e-4              # learning rate: lora/pissa/bone 1e-4 to 2e-5; full 1e
 LR_FINAL=1e-5             # learning rate at the end; state tuning 0.01
 WARMUP_STEPS=0            # optimizer steps of warm-up; state tuning: 10
 LR_SCHEDULE="cos"         # cos: smooth decay | wsd: flat, then decay over the last 20% | const
+WEIGHT_DECAY=0            # AdamW's weight decay, on the trained matrices only (not norms, time-mix, states) | 0: off
+BETA1=0.9                 # AdamW's beta1 (0 to below 1): how slowly its mean of the gradients moves
+BETA2=0.99                # AdamW's beta2 (0 to below 1): the same for its mean of the squared gradients
+ADAM_EPS=1e-8             # AdamW's eps (more than 0), added to the root of that second mean
+L2WRAP=1                  # 1: RWKV-LM's L2Wrap, a tiny extra gradient on each position's largest logit that keeps
+                          #   the logits from drifting up (the loss is unchanged) | 0: off
 
 # ---------------------------------------------------------------- long context
 TRAIN_TYPE="normal"       # normal | infctx: texts longer than memory allows, fed in chunks with the exact gradient

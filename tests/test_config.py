@@ -50,9 +50,37 @@ def test_defaults_and_types():
     ({"MODEL": ""}, "MODEL"),
     ({"DATA": ""}, "DATA"),
     ({"ACCELERATOR": "tpu"}, "ACCELERATOR"),
+    ({"WEIGHT_DECAY": "-0.01"}, "WEIGHT_DECAY"),
+    ({"WEIGHT_DECAY": "nan"}, "WEIGHT_DECAY"),
+    ({"WEIGHT_DECAY": "inf"}, "WEIGHT_DECAY"),
+    ({"WEIGHT_DECAY": "a little"}, "WEIGHT_DECAY"),
+    ({"BETA1": "1"}, "BETA1"),
+    ({"BETA1": "-0.1"}, "BETA1"),
+    ({"BETA2": "1.5"}, "BETA2"),
+    ({"BETA2": "nan"}, "BETA2"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"ADAM_EPS": "-1e-8"}, "ADAM_EPS"),
+    ({"ADAM_EPS": "inf"}, "ADAM_EPS"),
+    ({"L2WRAP": "2"}, "L2WRAP"),
 ])
 def test_each_rule_fires(kw, words):
     assert words in err(**kw)
+
+
+def test_optimizer_defaults_are_the_constants_they_replace():
+    """AdamW's settings default to the values the trainer used before they existed (nothing changes for
+    a run that does not set them); L2WRAP is on, as in the official trainers; all of them may change on
+    RESUME=1 (the optimizer's running means stay valid)."""
+    from trainer.config import RESUME_MAY_CHANGE
+    from trainer.strategy import ADAM_BETAS, ADAM_EPS
+    c = cfg()
+    assert (c.BETA1, c.BETA2) == ADAM_BETAS and c.ADAM_EPS == ADAM_EPS and c.WEIGHT_DECAY == 0.0
+    assert c.L2WRAP is True and cfg(L2WRAP=0).L2WRAP is False
+    good = cfg(WEIGHT_DECAY="0.1", BETA1="0", BETA2="0.999", ADAM_EPS="1e-6")
+    assert (good.WEIGHT_DECAY, good.BETA1, good.BETA2, good.ADAM_EPS) == (0.1, 0.0, 0.999, 1e-6)
+    for name in ("WEIGHT_DECAY", "BETA1", "BETA2", "ADAM_EPS", "L2WRAP"):
+        assert name in RESUME_MAY_CHANGE
+    assert "Fix:" in err(BETA2="1") and "BETA2=0.99" in err(BETA2="1")
 
 
 @pytest.mark.parametrize("raw, mode", [("1", "1"), ("0", "0"), ("auto", "auto"), ("AUTO", "auto"), ("yes", "1"),

@@ -120,6 +120,29 @@ def test_an_older_versions_unit_resumes_only_with_the_adapter_of_its_moment(proj
         train(config(RESUME=1, **kw), **quiet)
 
 
+def test_resume_with_weight_decay_is_exact_and_an_older_run_takes_the_new_settings(project):
+    """WEIGHT_DECAY > 0 (two optimizer groups): interrupted and resumed, the losses of the uninterrupted run. A run
+    saved before AdamW's settings and L2WRAP existed (its config lacks them, its optimizer state is one group)
+    resumes with WEIGHT_DECAY=0.1 and L2WRAP=1, and says that they changed."""
+    kw = dict(EPOCH_STEPS=4, EPOCH_COUNT=2, WEIGHT_DECAY="0.1", TRAIN_PARTS="ln", BETA2="0.95")
+    full = train(config(OUTPUT="a", **kw), **quiet)
+    first = train(config(**kw), **quiet, max_steps=2)
+    rest = train(config(RESUME=1, **kw), **quiet)
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5, atol=1e-6)
+    train(config(OUTPUT="old", EPOCH_STEPS=4, EPOCH_COUNT=2, TRAIN_PARTS="ln", L2WRAP=0), **quiet, max_steps=2)
+    path = project / "old" / "train_state.pth"
+    state = checkpoint.load_train_state(path)
+    assert len(state["optimizer"]["param_groups"]) == 1
+    state["config"] = {k: v for k, v in state["config"].items() if k not in resume.BEFORE_THEY_EXISTED}
+    checkpoint.save_atomic(state, path)
+    said = []
+    rest = train(config(OUTPUT="old", RESUME=1, **kw), progress=False, log=said.append)
+    honoured = [s for s in said if s.startswith("resuming with a changed setting")]
+    assert [h.split(": ", 1)[1].split(" (")[0] for h in honoured] == [
+        "WEIGHT_DECAY 0 → 0.1", "BETA2 0.99 → 0.95", "L2WRAP 0 → 1"], honoured
+    assert len(rest.losses) == 6 and np.isfinite(rest.losses).all()     # steps 2..3 of epoch 0, the 4 of epoch 1
+
+
 def test_every_setting_is_either_checked_or_honoured_on_resume():
     """A new setting has to be placed: resume_changes compares it unless it is named as free or checked by content."""
     names = set(TrainConfig.names())

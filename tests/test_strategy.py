@@ -14,9 +14,10 @@ import torch
 from trainer import checkpoint
 from trainer.config import STRATEGIES, TrainConfig
 from trainer.errors import UserError
-from trainer.strategy import (DS_DIR, GRAD_CLIP, Spread, deepspeed_config, deepspeed_stage, is_offload,
-                              strategy_problems)
+from trainer.strategy import (DS_DIR, GRAD_CLIP, Spread, decays, deepspeed_config, deepspeed_regroup_refusal,
+                              deepspeed_stage, is_offload, relaid, strategy_problems)
 
+from rwkv_ref import random_model
 from test_train import config, make_project
 
 
@@ -79,6 +80,9 @@ def test_deepspeed_config_follows_the_settings(strategy):
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_clipping"] == GRAD_CLIP
     assert "bf16" not in ds and "fp16" not in ds        # Fabric adds the precision block from PRECISION
+    # AdamW's settings reach DeepSpeed inside the optimizer Spread.optimizer builds (its client optimizer: see
+    # test_deepspeed_optimizers_carry_the_settings), never as a config block, from which it would build another
+    assert "optimizer" not in ds and "optimizer" not in deepspeed_config(cfg(STRATEGY=strategy, WEIGHT_DECAY=0.1))
 
 
 # ------------------------------------------------------------------ DeepSpeed parts, faked
@@ -226,6 +230,164 @@ def test_fused_adamw_steps_like_foreach_on_a_gpu():
         fused.step()
         plain.step()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ AdamW's settings, weight decay's groups
+def _tiny(mode, parts=()):
+    """A one-layer RWKV-7 (64 wide, vocabulary 100) with ``mode`` applied: its trained tensors, in order."""
+    from trainer.peft import get_method
+    model = random_model(7, 1, 64, vocab_size=100, seed=0)
+    settings = {"lora": {"r": 8, "alpha": 16}, "bone": {"r": 32}, "bat": {"r": 32}}.get(mode, {})
+    get_method(mode)(settings).apply(model, train_parts=parts)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+_LN = ["blocks.0.ln0.weight", "blocks.0.ln0.bias", "blocks.0.ln1.weight", "blocks.0.ln1.bias",
+       "blocks.0.ln2.weight", "blocks.0.ln2.bias"]
+_TIME = [f"blocks.0.att.{n}" for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
+                                       "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2", "r_k")]
+_LINEARS = ["att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"]
+
+
+def test_weight_decay_takes_the_matrices_only():
+    """strategy.decays on a tiny RWKV-7: LoRA with TRAIN_PARTS="emb head ln time" decays the embedding, the head
+    and LoRA's A and B, not the norms, the time-mix vectors ([1, 1, C]), RWKV-7's low-rank time-mix matrices
+    (w1, a1, ...: not .weight, as in RWKV-LM) or r_k; state tuning decays nothing (time_state is [H, N, N]);
+    full fine-tuning decays the embedding, the head and the linear layers' weights; Bone and Bat their blocks."""
+    def split(named):
+        return [n for n, p in named if decays(n, p)], [n for n, p in named if not decays(n, p)]
+
+    lora_ab = [f"blocks.0.{t}.lora_{ab}" for t in _LINEARS for ab in "AB"]
+    yes, no = split(_tiny("lora", ("emb", "head", "ln", "time")))
+    assert yes == ["emb.weight", *lora_ab, "head.weight"]
+    assert no == [*_LN, *_TIME, "blocks.0.att.ln_x.weight", "blocks.0.att.ln_x.bias", "blocks.0.ffn.x_k",
+                  "ln_out.weight", "ln_out.bias"]
+    assert split(_tiny("state")) == ([], ["blocks.0.att.time_state"])
+    yes, no = split(_tiny("full"))
+    assert yes == ["emb.weight", *[f"blocks.0.{t}.weight" for t in _LINEARS], "head.weight"]
+    assert no == [*_LN, *_TIME, "blocks.0.att.ln_x.weight", "blocks.0.att.ln_x.bias", "blocks.0.ffn.x_k",
+                  "ln_out.weight", "ln_out.bias"]
+    for mode in ("bone", "bat"):
+        assert split(_tiny(mode)) == ([f"blocks.0.{t}.disha" for t in _LINEARS], [])
+    # by name, whatever the shape: a state is never decayed, a [1, 1, C] vector neither
+    assert not decays("blocks.3.att.time_state", torch.zeros(2, 32, 32))
+    assert not decays("blocks.3.att.x_r", torch.zeros(1, 1, 64)) and decays("head.weight", torch.zeros(9, 4))
+
+
+def test_adamw_groups_carry_the_settings_and_decay_only_the_matrices():
+    """The torch path on the CPU: WEIGHT_DECAY > 0 makes two groups (decayed, then the rest, each in the model's
+    order), both with BETA1/BETA2/ADAM_EPS; a step with zero gradients moves only the decayed tensors, by exactly
+    lr × WEIGHT_DECAY of themselves. WEIGHT_DECAY=0: one group of everything, as before; state tuning: one group."""
+    named = _tiny("lora", ("emb", "head", "ln", "time"))
+    spread = Spread(cfg(WEIGHT_DECAY=0.25, BETA1=0.8, BETA2=0.95, ADAM_EPS=1e-6))
+    opt = spread.optimizer(spread.groups(named), 0.1, print)
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 2
+    decayed = [p for n, p in named if decays(n, p)]
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in decayed]
+    assert len(opt.param_groups[1]["params"]) == len(named) - len(decayed)
+    for g, wd in zip(opt.param_groups, (0.25, 0.0)):
+        assert (g["weight_decay"], g["betas"], g["eps"]) == (wd, (0.8, 0.95), 1e-6)
+    before = {n: p.detach().clone() for n, p in named}
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in named:
+        want = before[n] * (1 - 0.1 * 0.25) if decays(n, p) else before[n]
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)
+    one = Spread(cfg())
+    opt = one.optimizer(one.groups(named), 0.1, print)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for _, p in named]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["eps"] == 1e-8
+    state = Spread(cfg(WEIGHT_DECAY=0.25))
+    assert [g["weight_decay"] for g in state.groups(_tiny("state"))] == [0.0]
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+def test_deepspeed_and_8bit_optimizers_carry_the_settings(monkeypatch):
+    """DeepSpeed without offload steps torch's AdamW (its client optimizer) with the groups; with offload, its CPU
+    Adam gets the groups, betas and eps (faked: DeepSpeed is not installed here); bitsandbytes' AdamW8bit too."""
+    named = _tiny("lora", ("head", "ln"))
+    kw = dict(WEIGHT_DECAY=0.1, BETA1=0.85, BETA2=0.97, ADAM_EPS=1e-7)
+    spread = Spread(cfg(STRATEGY="deepspeed_stage_2", **kw))
+    opt = spread.optimizer(spread.groups(named), 1e-3, print)
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [(0.1, (0.85, 0.97), 1e-7),
+                                                                                      (0.0, (0.85, 0.97), 1e-7)]
+
+    class Recorder(torch.optim.Optimizer):
+        def __init__(self, params, lr, betas, eps, weight_decay, **more):
+            super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **more))
+
+    _fake_module(monkeypatch, "deepspeed")
+    _fake_module(monkeypatch, "deepspeed.ops")
+    _fake_module(monkeypatch, "deepspeed.ops.adam", DeepSpeedCPUAdam=Recorder)
+    spread = Spread(cfg(STRATEGY="deepspeed_stage_2_offload", **kw))
+    opt = spread.optimizer(spread.groups(named), 1e-3, print)
+    assert type(opt) is Recorder and opt.defaults["adamw_mode"] is True
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [(0.1, (0.85, 0.97), 1e-7),
+                                                                                      (0.0, (0.85, 0.97), 1e-7)]
+    bnb = _fake_module(monkeypatch, "bitsandbytes", optim=types.SimpleNamespace(AdamW8bit=Recorder))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", bnb.optim)
+    spread = Spread(cfg(OPTIMIZER="adamw8bit", **kw))
+    opt = spread.optimizer(spread.groups(named), 1e-3, print)
+    assert isinstance(opt, Recorder) and opt.defaults["min_8bit_size"] == 4096
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [(0.1, (0.85, 0.97), 1e-7),
+                                                                                      (0.0, (0.85, 0.97), 1e-7)]
+
+
+def _stepped(spread, named, steps=2):
+    opt = spread.optimizer(spread.groups(named), 1e-2, print)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("before,after", [(0.0, 0.1), (0.1, 0.0), (0.1, 0.2)])
+def test_resume_lays_the_saved_state_out_in_this_runs_groups(tmp_path, before, after):
+    """RESUME=1 with WEIGHT_DECAY changed (0 → 0.1: one group → two, and back; and between two values) and the
+    betas and eps changed: every tensor keeps its saved running means, and the groups take this run's settings
+    (a loaded state dict brings the saved run's)."""
+    named = _tiny("lora", ("emb", "ln"))
+    saved = _stepped(Spread(cfg(WEIGHT_DECAY=before)), named)
+    sd = saved.state_dict()
+    spread = Spread(cfg(WEIGHT_DECAY=after, BETA1=0.7, BETA2=0.9, ADAM_EPS=1e-5))
+    opt = spread.optimizer(spread.groups(named), 1e-2, print)
+    spread.load_optimizer(opt, {"optimizer": sd}, tmp_path)
+    assert len(opt.param_groups) == (2 if after else 1)
+    assert [g["weight_decay"] for g in opt.param_groups] == ([after, 0.0] if after else [0.0])
+    assert all(g["betas"] == (0.7, 0.9) and g["eps"] == 1e-5 for g in opt.param_groups)
+    for _, p in named:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], saved.state[p][key]), key
+    with pytest.raises(UserError, match="does not fit"):       # another set of tensors is still refused
+        spread.load_optimizer(opt, {"optimizer": _stepped(Spread(cfg()), _tiny("state")).state_dict()}, tmp_path)
+
+
+def test_relaid_keeps_each_tensors_state():
+    saved = {"state": {0: "a", 1: "b", 3: "d"}, "param_groups": [{"lr": 1, "params": [0, 1, 2, 3]}]}
+    out = relaid(saved, [[0, 1, 2, 3]], [[1, 3], [0, 2]])
+    assert out["state"] == {0: "b", 1: "d", 2: "a"}
+    assert [g["params"] for g in out["param_groups"]] == [[0, 1], [2, 3]] and out["param_groups"][1]["lr"] == 1
+    assert relaid(out, [[1, 3], [0, 2]], [[0, 1, 2, 3]])["state"] == saved["state"]
+    assert relaid(saved, [[0, 1, 2]], [[0], [1, 2]]) is saved          # counts differ: loading refuses it
+
+
+def test_deepspeed_resume_refuses_weight_decay_between_zero_and_not():
+    c = cfg(STRATEGY="deepspeed_stage_2", WEIGHT_DECAY=0.1)
+    line = deepspeed_regroup_refusal({"WEIGHT_DECAY": "0.0"}, c)
+    assert line.startswith("WEIGHT_DECAY 0.0 → 0.1") and "DeepSpeed" in line
+    assert deepspeed_regroup_refusal({"WEIGHT_DECAY": "0.05"}, c) is None             # between two: fine
+    assert deepspeed_regroup_refusal({"WEIGHT_DECAY": "0"}, cfg(WEIGHT_DECAY=0.1)) is None    # no DeepSpeed
 
 
 # ------------------------------------------------------------------ OPTIMIZER=adamw8bit

@@ -84,6 +84,15 @@ class TrainConfig:
     LR_FINAL: float = _var("learning rate at the end", default=1e-5)
     WARMUP_STEPS: int = _var("optimizer steps of linear warm-up", default=0)
     LR_SCHEDULE: str = _var("cos | wsd | const", default="cos")
+    WEIGHT_DECAY: float = _var("AdamW's weight decay, on the trained matrices only (strategy.decays); 0 = off",
+                               default=0.0)
+    BETA1: float = _var("AdamW's beta1: how slowly its running mean of the gradient moves, 0 to below 1",
+                        default=0.9)
+    BETA2: float = _var("AdamW's beta2: how slowly its running mean of the squared gradient moves, 0 to below 1",
+                        default=0.99)
+    ADAM_EPS: float = _var("AdamW's eps, added to the root of that mean: more than 0", default=1e-8)
+    L2WRAP: bool = _var("1 = RWKV-LM's L2Wrap: a small extra gradient on each position's largest logit keeps "
+                        "the logits from drifting up (the loss is unchanged)", default=True)
     # long context (issue: infctx)
     TRAIN_TYPE: str = _var("normal | infctx", default="normal")
     CHUNK_CTX: int = _var("infctx: tokens per chunk", default=512)
@@ -192,8 +201,9 @@ class TrainConfig:
         check_infctx(self)
         from .quant import check_quant        # quantisation rules likewise (the device is checked later)
         check_quant(self.QUANT, self.FINETUNE_MODE)
-        from .strategy import check_strategy  # DeepSpeed rules likewise (installed? CUDA? checked at start)
-        check_strategy(self)
+        from .strategy import check_optimizer, check_strategy  # DeepSpeed's and AdamW's rules likewise
+        check_strategy(self)                  # (DeepSpeed installed? CUDA? checked at start)
+        check_optimizer(self)
         from .offload import check_offload    # weight streaming likewise (the model's depth is checked at start)
         check_offload(self)
         if self.RESUME and self.OVERWRITE:
@@ -419,6 +429,11 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "WARMUP_STEPS": "the learning rate follows the new schedule from the next step on",
     "LR_SCHEDULE": "the learning rate follows the new schedule from the next step on",
     "LORA_DROPOUT": "dropout applies from the next step on",
+    "WEIGHT_DECAY": "AdamW's running means stay valid; the new decay applies from the next step on",
+    "BETA1": "AdamW's running means stay valid; they move at the new rate from the next step on",
+    "BETA2": "AdamW's running means stay valid; they move at the new rate from the next step on",
+    "ADAM_EPS": "AdamW's running means stay valid; the new eps applies from the next step on",
+    "L2WRAP": "L2Wrap's extra gradient applies (or not) from the next step on",
     "TRAIN_TYPE": "infctx computes the same gradient in chunks",
     "CHUNK_CTX": "infctx computes the same gradient in chunks of any size",
     "OP": "every WKV kernel computes the same function",

@@ -82,13 +82,15 @@ def infctx_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, mask: Tens
     """The masked mean cross-entropy of ``loop.masked_loss`` over whole sequences, computed chunk by chunk.
 
     ``model``: an ``RWKV`` (anything with ``hidden_with_state(idx, state) -> (hidden, state)``, a ``head``
-    and a ``grad_cp`` attribute; not a Fabric/DDP wrapper: use ``InfctxLoss`` for that). ``input_ids``,
-    ``targets`` [B, T] long, ``mask`` [B, T] (1 = the target counts). ``chunk_len`` >= 1, any T.
+    and ``grad_cp`` and ``l2wrap`` attributes; not a Fabric/DDP wrapper: use ``InfctxLoss`` for that).
+    ``input_ids``, ``targets`` [B, T] long, ``mask`` [B, T] (1 = the target counts). ``chunk_len`` >= 1, any T.
 
     Returns a scalar fp32 tensor; call ``.backward()`` on it (or ``fabric.backward``) as usual. The
     backward pass recomputes each chunk (last to first) and carries the state's gradient back across
     chunk boundaries. The result and its gradients equal ``masked_loss(model(input_ids), targets, mask)``
-    up to floating-point summation order: sum over chunks of masked CE sums / total mask count.
+    up to floating-point summation order: sum over chunks of masked CE sums / total mask count. With
+    ``model.l2wrap`` (L2WRAP=1) each chunk adds L2Wrap's gradient, which the whole sequence's count divides
+    as it divides the loss: the same gradient as the whole sequence's.
 
     ``autocast_ctx``: a context manager (e.g. ``torch.autocast(...)``, ``prep.plan.autocast()``) the
     forward pass runs in; the recompute runs under the same autocast state (checkpoint restores it).
@@ -118,7 +120,7 @@ def infctx_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, mask: Tens
         model.grad_cp = cp_blocks
         try:
             hidden, new_state = model.hidden_with_state(ids, _unflat(flat_state) if flat_state else None)
-            return (head_ce_sum(hidden, model.head.weight, tgt, msk), *_flat(new_state))
+            return (head_ce_sum(hidden, model.head.weight, tgt, msk, model.l2wrap), *_flat(new_state))
         finally:
             model.grad_cp = saved
 

@@ -321,7 +321,7 @@ def _commit_step(run: _Run, pos: _Position) -> None:
     with interrupt_deferred(what="the optimizer step"):
         lr = learning_rate(pos.opt_step, run.total_opt_steps, cfg.LR_INIT, cfg.LR_FINAL, cfg.WARMUP_STEPS,
                            cfg.LR_SCHEDULE)
-        for g in run.optimizer.param_groups:
+        for g in run.optimizer.param_groups:      # every group (WEIGHT_DECAY > 0: decayed and not)
             g["lr"] = lr
         run.spread.step(run.fabric, run.module, run.optimizer)
         pos.stack_trims = gpu.trim_grown_stack(run.prep.device, pos.stack_trims)
@@ -496,7 +496,8 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
     if state is not None:
         from .resume import restore
         restore(prep, state)                 # the saved tensors, before the optimizer takes the parameters
-    optimizer = spread.optimizer([p for p in prep.model.parameters() if p.requires_grad], cfg.LR_INIT, log)
+    trained = [(n, p) for n, p in prep.model.named_parameters() if p.requires_grad]
+    optimizer = spread.optimizer(spread.groups(trained), cfg.LR_INIT, log)    # WEIGHT_DECAY: matrices only
     # what runs forward under Fabric's wrapper (autocast, DDP gradient sync): the model, or for infctx the chunked
     # loss around it (one forward per backward, as DDP needs)
     module = InfctxLoss(prep.model, cfg.CHUNK_CTX) if cfg.TRAIN_TYPE == "infctx" else prep.model

@@ -341,13 +341,14 @@ class Execution:
     top ones (they keep their activations) and, below those, ``keep_products`` blocks that keep their matrix
     products' outputs and recompute only the rest (compiled, traced op); ``ffn_piece_tokens``: the FFN over
     pieces of at least this many tokens (0: whole); ``act_dtype``: the residual stream's dtype under autocast
-    (None, or no autocast: the embedding's)."""
+    (None, or no autocast: the embedding's); ``l2wrap``: the loss's L2Wrap gradient (L2WRAP, head_loss.py)."""
     op: str = "torch"
     grad_cp: bool = False
     plain_top: int = 0
     keep_products: int = 0
     ffn_piece_tokens: int = 0
     act_dtype: torch.dtype | None = None
+    l2wrap: bool = False
 
 
 class RWKV(nn.Module):
@@ -375,14 +376,14 @@ class RWKV(nn.Module):
         """Take the execution options ``ex`` (Execution) in one call: the trainer's plan hands them over once, and
         again with every block checkpointed after an out-of-memory error."""
         self.op, self.grad_cp, self.plain_top, self.keep_products = ex.op, ex.grad_cp, ex.plain_top, ex.keep_products
-        self.act_dtype = ex.act_dtype
+        self.act_dtype, self.l2wrap = ex.act_dtype, ex.l2wrap
         if hasattr(self, "blocks"):          # (built after the first call, with the FFN's default: whole)
             self.ffn_piece_tokens = ex.ffn_piece_tokens
 
     @property
     def execution(self) -> "Execution":
         return Execution(self.op, self.grad_cp, self.plain_top, self.keep_products, self.ffn_piece_tokens,
-                         self.act_dtype)
+                         self.act_dtype, self.l2wrap)
 
     @property
     def ffn_piece_tokens(self) -> int:
@@ -532,12 +533,12 @@ class RWKV(nn.Module):
                 mask: Tensor | None = None) -> Tensor:
         """Logits [B,T,V]; or, given ``targets`` (and ``mask``, default all ones) [B,T], the mean next-token
         cross-entropy over the masked positions (fp32), computed with the head chunk by chunk
-        (trainer/head_loss.py) so that the whole logits never exist."""
+        (trainer/head_loss.py) so that the whole logits never exist; with L2Wrap's gradient if ``l2wrap``."""
         if targets is None:
             return self.forward_with_state(idx, state)[0]
         hidden, _ = self.hidden_with_state(idx, state)
         mask = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.float()
-        return head_ce_sum(hidden, self.head.weight, targets, mask) / mask.sum().clamp(min=1.0)
+        return head_ce_sum(hidden, self.head.weight, targets, mask, self.l2wrap) / mask.sum().clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------- RWKV-LM's random init

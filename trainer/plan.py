@@ -318,7 +318,7 @@ class RunPlan:
         from .model import Execution
         return Execution(op=self.op, grad_cp=self.checkpointing, plain_top=self.plain_top,
                          keep_products=self.keep_products, ffn_piece_tokens=self.ffn_piece_tokens,
-                         act_dtype=self.act_dtype)
+                         act_dtype=self.act_dtype, l2wrap=bool(self.cfg.L2WRAP))
 
     def autocast(self):
         """The autocast context of the run's precision (mixed: frozen bf16/fp16 weights, fp32 trained ones)."""

@@ -25,6 +25,9 @@ from .config import TrainConfig, resume_changes
 from .errors import UserError
 
 UNIT_FORMAT = 2
+# Settings newer than some saved runs, as those runs had them (AdamW's constants, no L2Wrap): a resume compares
+# against these, so that it says what changes.
+BEFORE_THEY_EXISTED = {"WEIGHT_DECAY": "0", "BETA1": "0.9", "BETA2": "0.99", "ADAM_EPS": "1e-08", "L2WRAP": "0"}
 
 
 def data_identity(prefix: Path) -> dict:
@@ -83,7 +86,7 @@ def load(cfg: TrainConfig, base_meta: dict, data: dict | None, log: Callable[[st
 
 def _check_settings(state: dict, cfg: TrainConfig, base_meta: dict, data: dict | None, path: Path,
                     log: Callable[[str], None]) -> None:
-    saved = state["config"]
+    saved = {**BEFORE_THEY_EXISTED, **state["config"]}
     refused, honoured = resume_changes(saved, cfg)
     base = (state.get("meta") or {}).get("base") or {}
     if base.get("fingerprint") and base_meta.get("fingerprint") and base["fingerprint"] != base_meta["fingerprint"]:
@@ -93,6 +96,11 @@ def _check_settings(state: dict, cfg: TrainConfig, base_meta: dict, data: dict |
         refused.insert(0, f"the data {cfg.data_prefix} (tokenized again since: other items or order)")
     elif old_data is None and saved.get("DATA") not in (None, cfg.to_env()["DATA"]):
         refused.insert(0, f"DATA {saved['DATA']} → {cfg.DATA}")
+    from .strategy import deepspeed_regroup_refusal
+    regroup = deepspeed_regroup_refusal(saved, cfg)   # DeepSpeed: WEIGHT_DECAY between 0 and above 0
+    if regroup:
+        refused.append(regroup)
+        honoured = [h for h in honoured if not h.startswith("WEIGHT_DECAY ")]
     saved_opt = saved.get("OPTIMIZER", "adamw")      # runs saved before OPTIMIZER existed ran AdamW
     if saved_opt != cfg.OPTIMIZER and not any(r.startswith("OPTIMIZER ") for r in refused):
         refused.append(f"OPTIMIZER {saved_opt} → {cfg.OPTIMIZER}")

@@ -4,7 +4,7 @@ Everything that differs between PyTorch DDP and DeepSpeed lives here, so the loo
 
     spread = Spread(cfg)                     # checks what it can before any GPU work
     fabric = Fabric(..., strategy=spread.fabric_strategy())
-    optimizer = spread.optimizer(params, lr, log)
+    optimizer = spread.optimizer(spread.groups(named_trained), lr, log)   # WEIGHT_DECAY on the matrices only
     spread.backward(fabric, module, loss, accum, boundary)   # every micro step
     spread.step(fabric, module, optimizer)                   # at the accumulation boundary: clip, step
     with spread.master_weights(model): ...                   # every rank: trained tensors in full fp32
@@ -22,15 +22,24 @@ DeepSpeed differs from DDP in four ways that matter here:
   - offload keeps the optimizer (and with stage 3 the parameters) in host memory: DeepSpeed's CPU Adam
     when it can be built, else torch's AdamW on the CPU (slower; said so).
 The adapter files (``rwkv-N.pth``) are the same single files whatever the strategy.
+
+AdamW's settings (BETA1, BETA2, ADAM_EPS, WEIGHT_DECAY) reach every optimizer the same way: as the arguments and
+parameter groups of the optimizer object built here (torch's AdamW, bitsandbytes' AdamW8bit, DeepSpeed's CPU
+Adam), which Fabric hands to DeepSpeed as its client optimizer. DeepSpeed's config therefore has no
+``optimizer`` block (DeepSpeed would build a second optimizer from it). Weight decay applies to the matrices
+only (``decays``): WEIGHT_DECAY=0 gives one group of all the trained tensors, as before the setting existed;
+above 0, two (decayed, not decayed). A resume lays the saved state out in this run's groups (``relaid``) and
+puts this run's settings on them: a loaded state brings the saved run's.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,8 +47,9 @@ from .checkpoint import DS_DIR  # noqa: F401  (OUTPUT/deepspeed/<tag>/)
 from .errors import UserError
 
 GRAD_CLIP = 1.0
-ADAM_BETAS = (0.9, 0.99)
+ADAM_BETAS = (0.9, 0.99)             # the defaults of BETA1, BETA2 and ADAM_EPS (TrainConfig; bench/ uses them)
 ADAM_EPS = 1e-8
+ADAPTER_MATRICES = ("lora_A", "lora_B", "disha")     # LoRA's and PiSSA's A and B, DiSHA's (Bone, Bat) blocks
 BNB_MIN_8BIT = 4096                  # OPTIMIZER=adamw8bit: smaller tensors keep fp32 states (bitsandbytes' default)
 _DS_PIP = "pip install deepspeed   (on Linux or WSL2, with a CUDA GPU)"
 
@@ -98,6 +108,79 @@ def check_strategy(cfg: Any) -> None:
         raise UserError(*problems[0])
 
 
+def optimizer_problems(cfg: Any) -> list[tuple[str, str]]:
+    """(message, fix) for each of AdamW's settings out of its range: WEIGHT_DECAY >= 0, 0 <= BETA1, BETA2 < 1,
+    ADAM_EPS > 0, all finite."""
+    out: list[tuple[str, str]] = []
+    wd, eps = cfg.WEIGHT_DECAY, cfg.ADAM_EPS
+    if not (math.isfinite(wd) and wd >= 0):
+        out.append((f"WEIGHT_DECAY={wd} must be a number, 0 or more.", "use 0 (off) or a small value such as 0.01"))
+    for name in ("BETA1", "BETA2"):
+        b = getattr(cfg, name)
+        if not (math.isfinite(b) and 0 <= b < 1):
+            out.append((f"{name}={b} must be at least 0 and below 1.", "the usual values are BETA1=0.9 BETA2=0.99"))
+    if not (math.isfinite(eps) and eps > 0):
+        out.append((f"ADAM_EPS={eps} must be a number more than 0.", "the usual value is ADAM_EPS=1e-8"))
+    return out
+
+
+def check_optimizer(cfg: Any) -> None:
+    problems = optimizer_problems(cfg)
+    if problems:
+        raise UserError(*problems[0])
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether WEIGHT_DECAY applies to the trained tensor ``name`` (as ``model.named_parameters`` names it), ``p``.
+
+    Decayed: matrices, i.e. a tensor with at least two dimensions longer than 1 that is a layer's ``.weight``
+    (the embedding, the head, the linear layers full fine-tuning trains) or an adapter's matrix (ADAPTER_MATRICES:
+    LoRA's and PiSSA's lora_A and lora_B, DiSHA's ``disha``, Bone's [r, out] and Bat's [in/r, r, r] blocks).
+    Never decayed: norms and biases (1-D); the time-mix parameters (x_*, w0, time_maa_*, ...: [C] or [1, 1, C]),
+    with RWKV-7's low-rank w1/w2/a1/... and r_k and RWKV-5/6's time_decay/time_faaaa, which are not named
+    ``.weight`` (RWKV-LM's rule too: it decays 2-D ``.weight`` tensors only); state tuning's time_state [H, N, N],
+    by name (pulling the learnt state towards zero is not what decay is for)."""
+    if "time_state" in name or sum(1 for n in p.shape if n > 1) < 2:
+        return False
+    last = name.rsplit(".", 1)[-1]
+    return last == "weight" or last in ADAPTER_MATRICES
+
+
+def relaid(saved: dict, old: list[list[int]], new: list[list[int]]) -> dict:
+    """The optimizer state ``saved`` (a state_dict) of tensors grouped as ``old``, laid out in the groups ``new``
+    instead (each group: the tensors' places in the model's order of the trained tensors). Each tensor keeps its
+    state; every new group starts from the first saved group's settings (the caller sets this run's after
+    loading). Unchanged where the groups are the same or the counts do not match (loading then refuses it)."""
+    saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
+    in_order = [m for g in old for m in g]
+    if old == new or len(saved_ids) != len(in_order) or sorted(in_order) != sorted(m for g in new for m in g):
+        return saved
+    saved_id = dict(zip(in_order, saved_ids))
+    state, groups, k = {}, [], 0
+    for g in new:
+        ids = list(range(k, k + len(g)))
+        state.update({i: saved["state"][saved_id[m]] for i, m in zip(ids, g) if saved_id[m] in saved["state"]})
+        groups.append({**saved["param_groups"][0], "params": ids})
+        k += len(g)
+    return {"state": state, "param_groups": groups}
+
+
+def deepspeed_regroup_refusal(saved: Mapping[str, str], cfg: Any) -> str | None:
+    """RESUME=1 under DeepSpeed with WEIGHT_DECAY moved between 0 and above 0: the trained tensors would go from
+    one optimizer group to two (or back), which DeepSpeed's split optimizer state cannot follow. The line
+    resume refuses with, or None."""
+    if deepspeed_stage(cfg.STRATEGY) is None:
+        return None
+    try:
+        old = float(saved["WEIGHT_DECAY"])
+    except (KeyError, ValueError):
+        return None
+    if (old > 0) == (cfg.WEIGHT_DECAY > 0):
+        return None
+    return (f"WEIGHT_DECAY {saved['WEIGHT_DECAY']} → {cfg.WEIGHT_DECAY} (with DeepSpeed only between two values "
+            "above 0: its split optimizer state keeps the saved run's grouping of the tensors)")
+
+
 def optimizer_unavailable_reason(device) -> str | None:
     """Why OPTIMIZER=adamw8bit cannot run on ``device``, or None when it can: bitsandbytes' 8-bit AdamW has
     CUDA kernels only (its CPU backend has none for the 8-bit update)."""
@@ -145,6 +228,8 @@ class Spread:
         self.deepspeed = self.stage is not None
         self.engine = None                  # DeepSpeed's engine, once Fabric has set it up
         self.fabric = None
+        self.split: list[list[int]] = []    # groups(): the decayed and the other trained tensors (model order)
+        self.layout: list[tuple[list[int], float]] | None = None   # groups(): each group's tensors, its decay
 
     def attach(self, fabric) -> None:
         """After ``fabric.setup``: keep DeepSpeed's engine (it owns the boundary and the checkpoints)."""
@@ -187,12 +272,28 @@ class Spread:
         from lightning_fabric.strategies import DDPStrategy
         return DDPStrategy()
 
+    def groups(self, named: list[tuple[str, torch.Tensor]]) -> list[dict]:
+        """The optimizer's parameter groups of the trained tensors ``named`` (name, tensor; in the model's order):
+        WEIGHT_DECAY=0, one group, as before the setting existed; above 0, the tensors that ``decays`` names with
+        WEIGHT_DECAY, then the others with 0 (an empty group left out). Kept for ``load_optimizer``."""
+        wd = float(self.cfg.WEIGHT_DECAY)
+        self.split = [[i for i, (n, p) in enumerate(named) if decays(n, p) == d] for d in (True, False)]
+        self.layout = ([(ids, w) for ids, w in zip(self.split, (wd, 0.0)) if ids] if wd > 0
+                       else [(list(range(len(named))), 0.0)])
+        return [{"params": [named[i][1] for i in ids], "weight_decay": w} for ids, w in self.layout]
+
+    def settings(self) -> dict:
+        """AdamW's settings of this run (each group's weight decay: ``groups``)."""
+        return {"betas": (float(self.cfg.BETA1), float(self.cfg.BETA2)), "eps": float(self.cfg.ADAM_EPS)}
+
     def optimizer(self, params: list, lr: float, log: Callable[[str], None]) -> torch.optim.Optimizer:
+        """AdamW over ``params`` (tensors, or ``groups``' groups, which carry their weight decay), with BETA1,
+        BETA2 and ADAM_EPS: DeepSpeed's CPU Adam when offloading, bitsandbytes' 8-bit one, or torch's."""
+        kw = self.settings()
         if self.deepspeed and is_offload(self.cfg.STRATEGY):
             try:
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
-                return DeepSpeedCPUAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
-                                        adamw_mode=True)
+                return DeepSpeedCPUAdam(params, lr=lr, weight_decay=0.0, adamw_mode=True, **kw)
             except Exception as exc:       # its C++ op is built on first use; no compiler, no op
                 log(f"note: DeepSpeed's CPU Adam could not be built here ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the offloaded optimizer runs "
@@ -201,14 +302,13 @@ class Spread:
             # bitsandbytes' blockwise 8-bit AdamW: exp_avg and exp_avg_sq as 1-byte codes with an fp32 scale
             # per 256 (2.03 bytes per trained number against 8); tensors under 4096 numbers keep fp32 states.
             # The trained tensors themselves and their gradients stay fp32: only the states are rounded.
-            return adamw8bit(params, lr)
+            return adamw8bit(params, lr, **kw)
         # On a GPU (DeepSpeed aside: its engine wraps the optimizer) the fused AdamW: one kernel for all the
         # trained tensors instead of foreach's dozen per group, and no sqrt(exp_avg_sq) buffer the size of
         # the trained tensors at the step (memory.py's ``step`` term is 0 for it). A state saved by the
         # foreach one (RESUME=1 from an older run) loads and keeps stepping as it was saved.
         fused = not self.deepspeed and bool(params) and all(p.is_cuda for p in _tensors(params))
-        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
-                                 **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kw, **({"fused": True} if fused else {}))
 
     # ------------------------------------------------------------------ steps
     def backward(self, fabric, module, loss: torch.Tensor, accum: int, boundary: bool) -> None:
@@ -277,11 +377,17 @@ class Spread:
                 raise UserError(f"RESUME=1: the saved run in {out}/ used DeepSpeed, this one STRATEGY="
                                 f"{self.cfg.STRATEGY}.", "resume with the STRATEGY and GPU_COUNT of that run")
             try:
-                optimizer.load_state_dict(state["optimizer"])
+                saved = state["optimizer"]
+                if self.layout is not None:      # WEIGHT_DECAY 0 <-> above 0 since then: one group <-> two
+                    one = len(saved["param_groups"]) == 1
+                    old = [sorted(sum(self.split, []))] if one else [ids for ids in self.split if ids]
+                    saved = relaid(saved, old, [ids for ids, _ in self.layout])
+                optimizer.load_state_dict(saved)
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError):
                 raise UserError(f"RESUME=1: the optimizer state in {out}/train_state.pth does not fit this run's "
                                 "trained tensors (damaged, or saved by another set-up).",
                                 "set RESUME=0 and OVERWRITE=1 to start afresh (or another OUTPUT)") from None
+            self.put_settings(optimizer)
             return
         if tag is None:
             raise UserError(f"RESUME=1: the saved run in {out}/ did not use DeepSpeed, this one STRATEGY="
@@ -298,10 +404,22 @@ class Spread:
         if load_path is None:
             raise UserError(f"RESUME=1: DeepSpeed could not read {out / DS_DIR / tag}/.",
                             "set RESUME=0 to start a new run")
+        self.put_settings(optimizer)
+
+    def put_settings(self, optimizer) -> None:
+        """This run's BETA1, BETA2, ADAM_EPS and each group's weight decay on the optimizer's groups: a loaded
+        state brings the saved run's, and RESUME=1 may change them (config.RESUME_MAY_CHANGE)."""
+        decay = [w for _, w in self.layout] if self.layout is not None else None
+        for i, g in enumerate(optimizer.param_groups):
+            g.update(self.settings())
+            if decay is not None and len(decay) == len(optimizer.param_groups):
+                g["weight_decay"] = decay[i]
 
 
-def adamw8bit(params: list, lr: float) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW8bit with the trainer's betas and eps, stepping without a synchronisation per tensor.
+def adamw8bit(params: list, lr: float, betas: tuple[float, float] = ADAM_BETAS,
+              eps: float = ADAM_EPS) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit with the run's betas and eps (``params``' groups carry their weight decay),
+    stepping without a synchronisation per tensor.
 
     Its ``step`` waits for the GPU after every tensor's update (``sync_gpu``), which its paged optimizers need
     and this one (not paged: every kernel is ordered on the stream, nothing is read back) does not: with
@@ -333,7 +451,7 @@ def adamw8bit(params: list, lr: float) -> torch.optim.Optimizer:
                     self.update_step(group, p, gindex, pindex)
             return loss
 
-    return AdamW8bit(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, min_8bit_size=BNB_MIN_8BIT)
+    return AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, min_8bit_size=BNB_MIN_8BIT)
 
 
 def _tensors(params: list):

@@ -41,7 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN_TYPE": TRAIN_TYPES, "PRECISION": PRECISIONS, "QUANT": QUANTS, "STRATEGY": STRATEGIES,
     "OPTIMIZER": OPTIMIZERS,
     "ACCELERATOR": ("auto", "cuda", "cpu"), "OP": ("auto", "triton", "fla", "rwkvfla", "chunk", "torch"),
-    "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"),
+    "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"), "L2WRAP": ("0", "1"),
 }
 OPEN_SECTIONS = ("paths", "method", "data", "schedule")
 NO_VALID_DATA = "(none)"   # VALID_DATA's empty value in its list

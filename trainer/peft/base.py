@@ -126,6 +126,12 @@ def part_names(names: Iterable[str], train_parts: Iterable[str], exclude: Iterab
     return [n for n in names if n not in excluded and any(r.search(n) for r in rules)]
 
 
+def part_of(name: str) -> str | None:
+    """The TRAIN_PARTS part a state-dict name belongs to (emb, head, time, ln), or None (a linear weight, a method's
+    own tensor: classify those first)."""
+    return next((p for p in PARTS if _PART_RULES[p].search(name)), None)
+
+
 class AdaptedLinear(nn.Module):
     """A bias-free ``nn.Linear`` with a frozen base weight plus a method's trainable update.
 

@@ -210,6 +210,9 @@ class Method:
     SUFFIXES: tuple[str, ...] = ()
     # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).
     EXTRA_SUFFIXES: tuple[str, ...] = ()
+    # The settings its trained tensors depend on (their shapes, or the function they compute), each with its
+    # training.sh variable: INIT_ADAPTER goes on from an adapter only under the same values.
+    FIXED_SETTINGS: dict[str, str] = {}
 
     def __init__(self, settings: dict | None = None):
         self.settings = dict(settings or {})

@@ -24,6 +24,9 @@ STATE_MODEL="${STATE_MODEL:-0}" # state tuning: 1 = also write <base>-state-EPOC
                                 # state inside (the rwkv package reads it for RWKV-5/6; for RWKV-7 it ignores it)
 OVERWRITE="${OVERWRITE:-0}"     # 1 = replace a file in MERGE_DIR merged from another checkpoint (merging the same
                                 # checkpoint again always replaces its own files)
+# RWKV-PEFT's files (OUTPUT=its run's folder BASE=the model it trained ./merge.sh N) record neither of these:
+LORA_ALPHA="${LORA_ALPHA:-}"    # its LoRA file: the lora_alpha it was trained with (RWKV-PEFT's default is 32)
+PISSA_INIT="${PISSA_INIT:-}"    # its PiSSA file: the init_pissa.pth it wrote into that folder (the initial A and B)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
@@ -41,6 +44,8 @@ case "$OVERWRITE" in
        exit 2 ;;
 esac
 [ -n "$OUTPUT" ] && EXTRA+=(--output "$OUTPUT")
+[ -n "$LORA_ALPHA" ] && EXTRA+=(--lora-alpha "$LORA_ALPHA")
+[ -n "$PISSA_INIT" ] && EXTRA+=(--pissa-init "$PISSA_INIT")
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 # no EPOCH: tools.merge says how to call it and lists the checkpoints (exit 2)
 exec "${PYTHON:-python3}" -m tools.merge "$@" --dtype "$DTYPE" --merge-dir "$MERGE_DIR" \

@@ -10,6 +10,8 @@ set -a   # every variable below is handed to the trainer
 MODEL="demo.pth"          # base model: a .pth file in model/ (RWKV-5, 6 or 7; sizes are read from the file)
 DATA="sample"             # data: the name make_tokenize.sh printed (data/NAME.bin + data/NAME.idx)
 OUTPUT="output"           # where checkpoints, loss.csv, loss.png and samples.txt go
+INIT_ADAPTER=""           # start a new run from trained tensors: output/rwkv-N.pth, merge/*-state-N.pth, an RWKV-PEFT file | empty: fresh
+PISSA_INIT=""             # only for an RWKV-PEFT PiSSA INIT_ADAPTER: the init_pissa.pth that run wrote beside it
 
 # ---------------------------------------------------------------- method
 FINETUNE_MODE="lora"      # lora | pissa | bone | bat | state | full. Beginners: lora. state = tiny file, mountable in RWKV-Runner

@@ -62,6 +62,10 @@ def test_defaults_and_types():
     ({"ADAM_EPS": "-1e-8"}, "ADAM_EPS"),
     ({"ADAM_EPS": "inf"}, "ADAM_EPS"),
     ({"L2WRAP": "2"}, "L2WRAP"),
+    ({"INIT_ADAPTER": "output/rwkv-0.pth", "RESUME": "1"}, "RESUME=1 and INIT_ADAPTER"),
+    ({"PISSA_INIT": "run/init_pissa.pth"}, "PISSA_INIT"),
+    ({"PISSA_INIT": "run/init_pissa.pth", "INIT_ADAPTER": "run/rwkv-0.pth"}, "FINETUNE_MODE=pissa"),
+    ({"INIT_ADAPTER": "x" * 300}, "INIT_ADAPTER"),
 ])
 def test_each_rule_fires(kw, words):
     assert words in err(**kw)

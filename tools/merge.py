@@ -1,13 +1,17 @@
 """Merge a trained checkpoint into its base model: what ./merge.sh runs.
 
     python -m tools.merge EPOCH [--output FOLDER] [--model-dir model] [--merge-dir merge] [--dtype bf16]
-                                [--base FILE] [--state-model]
+                                [--base FILE] [--state-model] [--lora-alpha A | --pissa-init FILE]
 
 EPOCH is a number (OUTPUT/rwkv-EPOCH.pth), "interrupted" or "best" (the lowest validation loss). Without --output, the checkpoints are taken from
 the OUTPUT that ./training.sh sets (its line is read, the script is not run), else from output/. The method, its settings, TRAIN_PARTS and the
 base model are read from the checkpoint. Writes merge/<base>-<method>-EPOCH.pth (a complete model in the
 official layout), or for state tuning merge/<base>-state-EPOCH.pth (the tuned state alone; with --state-model
 also merge/<base>-state-EPOCH-model.pth, the base model with the state inside), then prints how to use it.
+
+RWKV-PEFT's adapter files (its rwkv-N.pth: --output its folder, --base the model it trained) and plain state files
+are read too (trainer/checkpoint/imports.py). Its LoRA files do not record alpha: --lora-alpha gives it; its PiSSA
+files need their initial A and B from the init_pissa.pth it wrote into that folder: --pissa-init.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from trainer.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.merge", description=__doc__,
+                                 usage="%(prog)s EPOCH [options]   (what ./merge.sh EPOCH runs; --help lists them)",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("epoch", nargs="?", help="the epoch to merge (OUTPUT/rwkv-EPOCH.pth), 'interrupted' or 'best'")
     ap.add_argument("--output", default=None, help="the folder training wrote its checkpoints to (default: "
@@ -32,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="state tuning: also write the base model with the tuned state inside")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace a file in the merge folder that was merged from another checkpoint")
+    ap.add_argument("--lora-alpha", default="", help="an RWKV-PEFT LoRA file: the lora_alpha it was trained with "
+                    "(its files do not record it)")
+    ap.add_argument("--pissa-init", default="", help="an RWKV-PEFT PiSSA file: its init_pissa.pth (the initial A "
+                    "and B)")
     args = ap.parse_args(argv)
+    lora_alpha = _alpha(args.lora_alpha)
 
     from trainer.checkpoint import checkpoint_path, list_epochs, merge_checkpoint
     from trainer.envfile import merge_output_dir
@@ -46,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     path = checkpoint_path(output, args.epoch)
     t0 = time.time()
     res = merge_checkpoint(path, args.model_dir, args.merge_dir, args.dtype, args.base or None, args.state_model,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, lora_alpha=lora_alpha, pissa_init=args.pissa_init or None)
     meta = res.meta
     when = "interrupted mid-epoch" if meta.get("complete") is False else f"after epoch {meta.get('epoch')}"
     if isinstance(meta.get("valid_loss"), (int, float)):
@@ -68,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(usage_text(res))
     return 0
+
+
+def _alpha(text: str) -> float | None:
+    """--lora-alpha (merge.sh's LORA_ALPHA) as a number; empty: not given."""
+    import math
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"LORA_ALPHA={text!r} is not a number more than 0",
+                        "give the lora_alpha the RWKV-PEFT run trained with, e.g. LORA_ALPHA=32 ./merge.sh 0")
+    return value
 
 
 if __name__ == "__main__":

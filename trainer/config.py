@@ -54,6 +54,9 @@ class TrainConfig:
     MODEL: str = _var("base model: a .pth file in model/ (or a path)", default="")
     DATA: str = _var("training data: the binidx name in data/ (data/NAME.bin + .idx)", default="")
     OUTPUT: str = _var("folder for checkpoints, loss.csv and the loss plot", default="output")
+    INIT_ADAPTER: str = _var("start a new run from a trained adapter file (output/rwkv-N.pth, a state file, an "
+                             "RWKV-PEFT adapter) instead of a fresh one; empty = off", default="")
+    PISSA_INIT: str = _var("INIT_ADAPTER of RWKV-PEFT's PiSSA: the init_pissa.pth it wrote beside it", default="")
     # method
     FINETUNE_MODE: str = _var("lora | pissa | bone | bat | state | full", default="lora")
     LORA_R: int = _var("LoRA rank", default=64)
@@ -206,6 +209,7 @@ class TrainConfig:
         check_optimizer(self)
         from .offload import check_offload    # weight streaming likewise (the model's depth is checked at start)
         check_offload(self)
+        self._check_init()
         if self.RESUME and self.OVERWRITE:
             raise UserError("RESUME=1 and OVERWRITE=1 contradict each other: continue the run in OUTPUT, or "
                             "replace it.", "set OVERWRITE=0 to continue it, or RESUME=0 to start afresh over it")
@@ -248,6 +252,26 @@ class TrainConfig:
                     raise UserError(f"{name}={getattr(self, name)} needs a validation set, and there is none.",
                                     "set VALID_DATA (e.g. NAME.valid from make_tokenize.sh --valid 0.05) or "
                                     f"VALID_FRACTION=0.05, or {name}=0")
+
+    def _check_init(self) -> None:
+        """INIT_ADAPTER and PISSA_INIT, without reading them (check_files reads them: init_adapter.load)."""
+        if self.INIT_ADAPTER and self.RESUME:
+            raise UserError(f"RESUME=1 and INIT_ADAPTER={self.INIT_ADAPTER} contradict each other: RESUME continues "
+                            "the run in OUTPUT, which holds its own trained tensors; INIT_ADAPTER starts a new run.",
+                            "set INIT_ADAPTER=\"\" to resume, or RESUME=0 with a new OUTPUT to start from the file")
+        if self.PISSA_INIT and not self.INIT_ADAPTER:
+            raise UserError(f"PISSA_INIT={self.PISSA_INIT} is set but INIT_ADAPTER is empty: it is read only with an "
+                            "RWKV-PEFT PiSSA file as INIT_ADAPTER.", "set INIT_ADAPTER to that file, or PISSA_INIT=\"\"")
+        if self.PISSA_INIT and self.FINETUNE_MODE != "pissa":
+            raise UserError(f"PISSA_INIT={self.PISSA_INIT} is for FINETUNE_MODE=pissa, not {self.FINETUNE_MODE}.",
+                            "set FINETUNE_MODE=pissa to start from an RWKV-PEFT PiSSA file, or PISSA_INIT=\"\"")
+        for name in ("INIT_ADAPTER", "PISSA_INIT"):
+            value = getattr(self, name)
+            if value:
+                check_name_lengths(name, value, f"set {name} in training.sh to a shorter path")
+                if not Path(value).name:
+                    raise UserError(f"{name}={value!r} names a folder, not a file.",
+                                    f"set {name} to the file's path, e.g. {name}=\"output/rwkv-0.pth\"")
 
     def _check_sizes(self) -> None:
         """Whole numbers beyond any real run (MAX_SEED, MAX_CTX, MAX_SVD_NITER, MAX_WHOLE)."""
@@ -334,6 +358,9 @@ class TrainConfig:
                           "writes NAME.valid) or from a held-out file, or use VALID_FRACTION")
         self._check_data_fits()
         self.check_output()
+        if self.INIT_ADAPTER:
+            from .init_adapter import load
+            load(self)                  # the file, its method, settings, base and TRAIN_PARTS (read, not applied)
 
     def _check_output(self) -> None:
         """OUTPUT is a folder, or one can be made there (no file in the way, writable where it can be checked)."""
@@ -451,6 +478,12 @@ RESUME_MAY_CHANGE: dict[str, str] = {
 }
 
 
+# Not compared on RESUME=1: the run's own switches; MODEL and DATA by their contents (resume.py), not their names;
+# INIT_ADAPTER and PISSA_INIT only choose where a new run starts, and the saved unit holds the tensors since (a resume
+# with INIT_ADAPTER set is refused by TrainConfig.validate, so the run's saved value is always "changed" to empty).
+RESUME_IGNORES = ("RESUME", "OVERWRITE", "OUTPUT", "MODEL", "DATA", "INIT_ADAPTER", "PISSA_INIT")
+
+
 def resume_changes(saved: Mapping[str, str], cfg: "TrainConfig") -> tuple[list[str], list[str]]:
     """(refused, honoured): the settings of ``cfg`` that differ from the ``saved`` run's (``to_env`` strings),
     each as "NAME old → new"; honoured ones end with why they are fine. A setting the saved run did not record
@@ -458,8 +491,8 @@ def resume_changes(saved: Mapping[str, str], cfg: "TrainConfig") -> tuple[list[s
     now = cfg.to_env()
     refused, honoured = [], []
     for name in TrainConfig.names():
-        if name not in saved or name in ("RESUME", "OVERWRITE", "OUTPUT", "MODEL", "DATA"):   # the last two: by
-            continue                                                # their contents (resume.py), not their names
+        if name not in saved or name in RESUME_IGNORES:
+            continue
         old, new = str(saved[name]), now[name]
         if old == new or _same_value(old, new):
             continue

@@ -78,7 +78,7 @@ class Prepared:
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.device | None = None,
             rank: int = 0) -> Prepared:
     """Everything before the first step: checks, the plan, model, method, data (rank's share). Used by the dry run."""
-    from . import resume
+    from . import init_adapter, resume
     from .advice import report
     from .quant import check_quant
 
@@ -93,20 +93,22 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     sizes, zero, base_meta = _read_base(cfg)
     data_id = resume.data_identity(cfg.data_prefix)
     state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
+    init = init_adapter.load(cfg, base_meta, log)        # INIT_ADAPTER: its tensors, checked (else None)
     plan = planning.resolve(cfg, sizes, machine)         # every decision; refused with the fix where it cannot run
     for line in report(plan):           # the estimate and the auto searches' choices; warns with fixes, never stops
         log(line)
-    model, method = _build(cfg, plan, zero, log)
+    model, method = _build(cfg, plan, zero, log, init)
     _compile(plan, model, log)
     train_data, valid = split_data(cfg)     # VALID_FRACTION: the held-out items leave the training data
     dataset = _dataset(cfg, model, rank, train_data)
     return Prepared(cfg, plan, model, method, dataset, base_meta, valid, state, data_id)
 
 
-def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None]) -> tuple:
+def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None], init=None) -> tuple:
     """The model as the plan places it (what stays in CPU memory, what is quantised or streamed), the method
-    applied, trained tensors in fp32, its execution options handed over."""
-    from . import offload
+    applied, trained tensors in fp32 (``init``: INIT_ADAPTER's in place of fresh ones), its execution options handed
+    over."""
+    from . import init_adapter, offload
     from .quant import is_quantised_key, quantize_model
     device, stream, emb_cpu = plan.device, plan.stream_quant, plan.emb_on_cpu
     # QLoRA on a GPU: the weights to be quantised stay in the file (mmap) until quantize_model puts each,
@@ -136,6 +138,7 @@ def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()
+    init_adapter.apply(init, method, model, log)     # in fp32 now: its values are not rounded to the weights' dtype
     if emb_cpu:
         model.emb.to(dtype=plan.weight_dtype)     # as stored in the file until now
         model.keep_embedding_on_cpu()

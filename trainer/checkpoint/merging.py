@@ -14,7 +14,8 @@ from ..errors import UserError, check_name_lengths, interrupt_deferred
 from ..model import RWKV, ModelConfig
 
 from .models import (DTYPES, _load_file, _name, detect_config, expected_shapes, load_checkpoint, save_atomic)
-from .runs import META_KEY, _adapter_from_obj, check_base
+from .imports import STATE_SUFFIX, check_given_alpha, read_adapter, state_key
+from .runs import META_KEY, check_base
 
 # ------------------------------------------------------------------------------------------ merge
 # ./merge.sh EPOCH reads output/rwkv-EPOCH.pth (trained tensors + metadata) and the base model it names, and writes
@@ -28,12 +29,7 @@ from .runs import META_KEY, _adapter_from_obj, check_base
 # (v5/v6) loads a model's time_state with ``.transpose(1, 2)`` into its [key, value] state; its RWKV-7 state is
 # [value, key] already (put the tensor into state[3i+1] as it is; it ignores time_state keys in v7 models);
 # web-rwkv (Ai00, RWKV-Runner's WebGPU mode) reads v5/v6/v7 state files with one and the same code.
-STATE_SUFFIX = ".att.time_state"
 MERGE_METHODS_WITH_MODEL = tuple(m for m in METHODS if m != "state")   # state files are used beside the model
-
-
-def state_key(layer: int) -> str:
-    return f"blocks.{layer}{STATE_SUFFIX}"
 
 
 def list_epochs(output_dir) -> list[str]:
@@ -76,63 +72,6 @@ def checkpoint_path(output_dir, epoch) -> Path:
                         "train first (./training.sh), or set OUTPUT in merge.sh to the folder training wrote to")
     raise UserError(f"there is no {p}: {output_dir} has epoch{'s' if len(have) > 1 else ''} {', '.join(have)}",
                     f"run ./merge.sh {have[-2] if have[-1] == 'interrupted' and len(have) > 1 else have[-1]}")
-
-
-def read_training_checkpoint(path) -> tuple[dict[str, Tensor], dict]:
-    """(trained tensors, metadata) of a checkpoint to merge.
-
-    Ours (written by training.sh) as is. A plain RWKV-PEFT / RWKV-LM state file (only ``blocks.N.att.time_state``
-    keys, no metadata) is converted: state tuning has no settings, so nothing is missing except the base model's
-    name (give it as BASE). Any other file is refused with the reason; a plain RWKV-PEFT LoRA file in particular,
-    because LORA_ALPHA (and whether it was PiSSA) is not recorded in it and a guess would merge silently wrong.
-    """
-    p = Path(path)
-    obj = _load_file(p, "checkpoint")
-    if isinstance(obj, Mapping) and META_KEY in obj:
-        return _adapter_from_obj(obj, p)
-    where = _name(p)
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{where} was not written by this toolkit's trainer (it holds a {type(obj).__name__}, "
-                        "not a dict of tensors)", "give a checkpoint from output/ written by ./training.sh")
-    for wrapper in ("state_dict", "module", "model", "optimizer"):
-        if wrapper in obj:
-            raise UserError(f"{where} is a training state of another tool (it has a {wrapper!r} entry), not a "
-                            "checkpoint of trained tensors", "give a checkpoint from output/ written by ./training.sh")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise UserError(f"{where} was not written by this toolkit's trainer (entry {bad[0]!r} is not a tensor)",
-                        "give a checkpoint from output/ written by ./training.sh")
-    keys = list(obj)
-    if "emb.weight" in obj and any(k.startswith("blocks.") for k in keys):
-        raise UserError(f"{where} is a complete RWKV model, not a training checkpoint: there is nothing to merge",
-                        "use it as it is (it already loads in RWKV-Runner, Ai00 and the rwkv package)")
-    lora = [k for k in keys if k.endswith((".lora_A", ".lora_B"))]
-    if lora:
-        a = next((obj[k] for k in lora if k.endswith(".lora_A")), None)
-        rank = f"rank {a.shape[0]}" if a is not None and a.dim() == 2 else "its rank"
-        raise UserError(f"{where} is a plain RWKV-PEFT LoRA checkpoint (no {META_KEY} metadata): {rank} can be read "
-                        "from it, but not LORA_ALPHA (the update's scale) nor whether it was PiSSA (which needs the "
-                        "initial A and B) -- a guess would merge silently wrong",
-                        "merge it with the tool that trained it, giving its lora_alpha, or train with ./training.sh")
-    if any(k.endswith(".disha") for k in keys):
-        raise UserError(f"{where} is a plain RWKV-PEFT DiSHA (Bone/Bat) checkpoint without metadata; only plain "
-                        "state files are converted", "merge it with the tool that trained it, or train with "
-                        "./training.sh")
-    states = [k for k in keys if k.endswith(STATE_SUFFIX)]
-    if states and len(states) == len(keys):
-        layers = sorted(int(k.split(".")[1]) for k in states if k.split(".")[1].isdigit())
-        if layers != list(range(len(states))):
-            raise UserError(f"{where} looks like a state file but its layers are {layers[:6]}...: incomplete",
-                            "give the complete state file")
-        meta = {"method": "state", "settings": {}, "train_parts": [], "quant": "none", "base": {},
-                "epoch": None, "complete": True, "converted_from": "a plain RWKV-PEFT / RWKV-LM state file"}
-        return {k: obj[k] for k in keys}, meta
-    if states:
-        raise UserError(f"{where} has time_state keys and other tensors ({[k for k in keys if k not in states][0]}, "
-                        "...) but no metadata: not a file this toolkit can convert", "give a checkpoint from output/ "
-                        "written by ./training.sh")
-    raise UserError(f"{where} was not written by this toolkit's trainer (no {META_KEY} metadata, first key "
-                    f"{keys[0]!r})", "give a checkpoint from output/ written by ./training.sh")
 
 
 def find_base_model(meta: dict, model_dir="model", override=None, where: str = "the checkpoint") -> Path:
@@ -301,24 +240,11 @@ def _record_merged_from(targets: list[Path], source: str) -> None:
     write_bytes(targets[0].parent / MERGED_FROM, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 
 
-def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: str = "bf16", base=None,
-                     state_model: bool = False, tag: str | None = None, overwrite: bool = False) -> MergeResult:
-    """Merge one training checkpoint with its base model and write the results (see the section comment).
-
-    ``dtype``: "bf16" | "fp16" | "fp32" for every tensor written. ``base``: override of the base model (path or a
-    name in ``model_dir``). ``state_model``: for state tuning, also write the base model with the state inside.
-    ``tag``: the EPOCH part of the names (default: from the checkpoint's file name). Files are written atomically
-    and only after every check has passed; a file in ``merge_dir`` merged from another checkpoint is replaced only
-    with ``overwrite``."""
-    if dtype not in DTYPES:
-        raise UserError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}", "set DTYPE=bf16 in merge.sh")
-    check_name_lengths("MERGE_DIR", merge_dir, "set MERGE_DIR in merge.sh to a shorter folder name")
-    above = next((q for q in (Path(merge_dir), *Path(merge_dir).parents) if q.exists()), Path("."))
-    if not above.is_dir():
-        raise UserError(f"MERGE_DIR={merge_dir}: {above} is a file, not a folder, so nothing can be written there",
-                        "set MERGE_DIR in merge.sh to a folder (default merge), or move the file away")
-    ckpt = Path(checkpoint)
-    tensors, meta = read_training_checkpoint(ckpt)
+def _read_for_merge(ckpt: Path, model_dir, base, lora_alpha, pissa_init) -> tuple:
+    """The checkpoint (ours, or another tool's converted: imports.py) and the base model it is merged into, checked
+    to belong together: (tensors, meta, base path, base state dict, its ModelConfig, notes)."""
+    tensors, meta = read_adapter(ckpt, lora_alpha=lora_alpha, pissa_init=pissa_init)
+    check_given_alpha(meta, lora_alpha, _name(ckpt))
     method = meta.get("method")
     if method not in MERGE_METHODS_WITH_MODEL + ("state",):
         raise UserError(f"{ckpt} records the method {method!r}, which this version cannot merge",
@@ -331,8 +257,37 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
         if rec.get(k) is not None and rec[k] != got:
             raise UserError(f"{ckpt} was trained on {rec.get('name')} ({k.replace('_', ' ')} {rec[k]}) but "
                             f"{base_path} has {k.replace('_', ' ')} {got}", f"use the base model {rec.get('name')}")
+    notes = []
     if rec:
         check_base(meta, base_path, base_sd, where=_name(ckpt))
+    else:
+        notes.append(f"{ckpt} is {meta.get('converted_from', 'a file of another tool')}: it records no base model, "
+                     f"so only the shapes of BASE={base_path} could be checked, not that it is the model it was "
+                     "trained on")
+    return tensors, meta, base_path, base_sd, cfg, notes
+
+
+def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: str = "bf16", base=None,
+                     state_model: bool = False, tag: str | None = None, overwrite: bool = False,
+                     lora_alpha: float | None = None, pissa_init=None) -> MergeResult:
+    """Merge one training checkpoint with its base model and write the results (see the section comment).
+
+    ``dtype``: "bf16" | "fp16" | "fp32" for every tensor written. ``base``: override of the base model (path or a
+    name in ``model_dir``). ``state_model``: for state tuning, also write the base model with the state inside.
+    ``tag``: the EPOCH part of the names (default: from the checkpoint's file name). Files are written atomically
+    and only after every check has passed; a file in ``merge_dir`` merged from another checkpoint is replaced only
+    with ``overwrite``. ``lora_alpha``, ``pissa_init``: what an RWKV-PEFT LoRA / PiSSA file does not record
+    (imports.py)."""
+    if dtype not in DTYPES:
+        raise UserError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}", "set DTYPE=bf16 in merge.sh")
+    check_name_lengths("MERGE_DIR", merge_dir, "set MERGE_DIR in merge.sh to a shorter folder name")
+    above = next((q for q in (Path(merge_dir), *Path(merge_dir).parents) if q.exists()), Path("."))
+    if not above.is_dir():
+        raise UserError(f"MERGE_DIR={merge_dir}: {above} is a file, not a folder, so nothing can be written there",
+                        "set MERGE_DIR in merge.sh to a folder (default merge), or move the file away")
+    ckpt = Path(checkpoint)
+    tensors, meta, base_path, base_sd, cfg, notes = _read_for_merge(ckpt, model_dir, base, lora_alpha, pissa_init)
+    method = meta["method"]
     try:
         merged = merge_state_dicts(base_sd, tensors, meta, DTYPES[dtype])
         detect_config(merged, "the merged model")                        # self-check of the layout
@@ -344,7 +299,7 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
         tag = name[len("rwkv-"):-len(".pth")] if name.startswith("rwkv-") and name.endswith(".pth") else ckpt.stem
     stem = base_path.name[:-len(".pth")] if base_path.name.endswith(".pth") else base_path.name
     out_dir = Path(merge_dir)
-    res = MergeResult(ckpt, base_path, meta, cfg.version)
+    res = MergeResult(ckpt, base_path, meta, cfg.version, notes=notes)
     source = str(ckpt.resolve())
     for name in (f"{stem}-state-{tag}.pth", f"{stem}-state-{tag}-model.pth", f"{stem}-{method}-{tag}.pth"):
         if (out_dir / name).is_dir():
@@ -379,10 +334,12 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
 
 
 def merge_epoch(epoch, output_dir="output", model_dir="model", merge_dir="merge", dtype: str = "bf16", base=None,
-                state_model: bool = False, overwrite: bool = False) -> MergeResult:
+                state_model: bool = False, overwrite: bool = False, lora_alpha: float | None = None,
+                pissa_init=None) -> MergeResult:
     """``./merge.sh EPOCH``: ``merge_checkpoint(output_dir/rwkv-EPOCH.pth, ...)``."""
     path = checkpoint_path(output_dir, epoch)
-    return merge_checkpoint(path, model_dir, merge_dir, dtype, base, state_model, overwrite=overwrite)
+    return merge_checkpoint(path, model_dir, merge_dir, dtype, base, state_model, overwrite=overwrite,
+                            lora_alpha=lora_alpha, pissa_init=pissa_init)
 
 
 def merge_usage_text(res) -> str:

@@ -126,6 +126,12 @@ def part_names(names: Iterable[str], train_parts: Iterable[str], exclude: Iterab
     return [n for n in names if n not in excluded and any(r.search(n) for r in rules)]
 
 
+def part_of(name: str) -> str | None:
+    """The TRAIN_PARTS part a state-dict name belongs to (emb, head, time, ln), or None (a linear weight, a method's
+    own tensor: classify those first)."""
+    return next((p for p in PARTS if _PART_RULES[p].search(name)), None)
+
+
 class AdaptedLinear(nn.Module):
     """A bias-free ``nn.Linear`` with a frozen base weight plus a method's trainable update.
 
@@ -204,6 +210,9 @@ class Method:
     SUFFIXES: tuple[str, ...] = ()
     # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).
     EXTRA_SUFFIXES: tuple[str, ...] = ()
+    # The settings its trained tensors depend on (their shapes, or the function they compute), each with its
+    # training.sh variable: INIT_ADAPTER goes on from an adapter only under the same values.
+    FIXED_SETTINGS: dict[str, str] = {}
 
     def __init__(self, settings: dict | None = None):
         self.settings = dict(settings or {})

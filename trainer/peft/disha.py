@@ -67,6 +67,7 @@ class BatLinear(AdaptedLinear):
 
 class _DiSHA(Method):
     SUFFIXES = ("disha",)
+    FIXED_SETTINGS = {"r": "DISHA_R"}
     LINEAR: type[AdaptedLinear] = BoneLinear
 
     def __init__(self, settings: dict | None = None):

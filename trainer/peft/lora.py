@@ -36,6 +36,7 @@ class LoRA(Method):
     TITLE = "LoRA"
     name = "lora"
     SUFFIXES = ("lora_A", "lora_B")
+    FIXED_SETTINGS = {"r": "LORA_R", "alpha": "LORA_ALPHA"}      # the update is (alpha / r) · B A
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)

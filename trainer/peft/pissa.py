@@ -59,6 +59,7 @@ class PiSSA(Method):
     name = "pissa"
     SUFFIXES = ("lora_A", "lora_B")
     EXTRA_SUFFIXES = INIT
+    FIXED_SETTINGS = {"r": "PISSA_R"}        # SVD_NITER only shapes a fresh start
     ZERO_STAYS_ZERO = True
     WHY_NO_GRADIENT = ("PiSSA starts the adapter of a zero weight at A = B = 0 (its SVD is zero), where neither "
                        "gives the other a gradient, and the other adapters reach the loss only through those "

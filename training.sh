@@ -16,6 +16,7 @@ FINETUNE_MODE="lora"      # lora | pissa | bone | bat | state | full. Beginners:
 LORA_R=64                 # lora: rank. 8-64 usual; higher = more capacity, more memory
 LORA_ALPHA=128            # lora: the update is scaled by LORA_ALPHA/LORA_R; 2×LORA_R is a good start
 LORA_DROPOUT=0            # lora: 0 is fine; 0.05 can help with very small data
+LORA_SCALING="standard"   # lora: standard = LORA_ALPHA/LORA_R | rslora = LORA_ALPHA/sqrt(LORA_R) (steadier at high ranks)
 PISSA_R=64                # pissa: rank
 SVD_NITER=4               # pissa: power iterations of the fast SVD at start-up; 4 is plenty
 DISHA_R=64                # bone / bat: block size; must divide the model width (64 works for every released size)

@@ -50,6 +50,7 @@ def test_defaults_and_types():
     ({"MODEL": ""}, "MODEL"),
     ({"DATA": ""}, "DATA"),
     ({"ACCELERATOR": "tpu"}, "ACCELERATOR"),
+    ({"LORA_SCALING": "rs"}, "LORA_SCALING"),
 ])
 def test_each_rule_fires(kw, words):
     assert words in err(**kw)
@@ -135,3 +136,18 @@ def test_precision_defaults_to_auto_in_the_config_training_sh_and_the_web_form()
     assert field.default == "auto" and "fp32 on" in field.help and "the CPU" in field.help
     for p in PRECISIONS:
         assert TrainConfig.from_env({"MODEL": "m", "DATA": "d", "PRECISION": p}).PRECISION == p
+
+
+@pytest.mark.parametrize("mode", ["pissa", "bone", "bat", "state", "full"])
+def test_rslora_only_with_a_method_scaled_by_alpha(mode):
+    """LORA_SCALING=rslora changes LORA_ALPHA's scaling: refused in one line for a method without it (PiSSA has
+    no alpha), taken for lora; standard (the default) goes with every method."""
+    msg = err(FINETUNE_MODE=mode, LORA_SCALING="rslora")
+    assert msg.startswith(f"LORA_SCALING=rslora changes the LORA_ALPHA scaling of the update, which "
+                          f"FINETUNE_MODE={mode} does not have (only lora scale by alpha).")
+    assert "Fix: set LORA_SCALING=standard, or FINETUNE_MODE to lora" in msg
+    assert cfg(FINETUNE_MODE=mode).LORA_SCALING == "standard"
+    for good in ("lora",):
+        c = cfg(FINETUNE_MODE=good, LORA_SCALING="rslora")
+        assert c.LORA_SCALING == "rslora" and TrainConfig.from_env(c.to_env()) == c
+

@@ -26,6 +26,8 @@ from rwkv_ref import random_model, start_many
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
+# runs beside one per method: (method, its settings, merge folder); merged and checked in the package as the others
+VARIANTS = {"lora-rslora": ("lora", {"LORA_SCALING": "rslora"}, "merge-rslora")}
 VERSIONS = (5, 6, 7)
 TOKENS = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, size=12)]
 
@@ -77,10 +79,11 @@ def runs(tmp_path_factory):
             os.chdir(root)
             make_project(root, v)
             base = our_logits(root)
-            for mode in METHODS:
+            for mode in METHODS + tuple(VARIANTS):
                 out = f"out-{mode}"
-                train_run(mode, out)
-                r = checkpoint.merge_epoch(0, output_dir=out, dtype="fp32", state_model=True)
+                method, kw, merge_dir = VARIANTS.get(mode, (mode, {}, "merge"))
+                train_run(method, out, **kw)
+                r = checkpoint.merge_epoch(0, output_dir=out, merge_dir=merge_dir, dtype="fp32", state_model=True)
                 entry = {"result": r, "ours": our_logits(root, root / out / "rwkv-0.pth"), "base": base, "jobs": {}}
                 if mode == "state":
                     states = checkpoint.load_state_file(r.state)
@@ -111,10 +114,12 @@ def _close(a, b, atol=1e-4):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("mode", METHODS)
+@pytest.mark.parametrize("mode", METHODS + tuple(VARIANTS))
 def test_merged_model_in_rwkv_package_equals_adapter(runs, mode, version):
     res, _ = runs
     e = res[(mode, version)]
+    if mode == "lora-rslora":          # the setting was recorded, and merge used it (else the logits would differ)
+        assert e["result"].meta["settings"]["scaling"] == "rslora"
     assert (e["ours"] - e["base"]).abs().max() > 1e-3, "training changed nothing: the test would prove nothing"
     if mode == "state" and version == 7:
         # the package ignores time_state keys of an RWKV-7 model: it gives the base model's logits (as merge says)

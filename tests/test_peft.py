@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from trainer.peft.base import AdaptedLinear, zero_weights
 VERSIONS = (5, 6, 7)
 N_LAYER, N_EMBD, HEAD, VOCAB = 2, 64, 32, 32
 SETTINGS = {
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "scaling": "standard"},
     "pissa": {"r": 4, "svd_niter": 2},
     "bone": {"r": 8},
     "bat": {"r": 8},
@@ -303,6 +304,32 @@ def test_pissa_init_is_the_principal_part():
     torch.testing.assert_close(m.lora_A, m.pissa_init_A)
 
 
+@pytest.mark.parametrize("method_name", ["lora"])
+def test_rslora_scale_is_alpha_over_root_r_and_merge_reads_it_back(method_name):
+    """LORA_SCALING=rslora: s = alpha / √r (r 4, alpha 8: 4, not 2); the setting is in the metadata and merge
+    uses it: the merged model gives the adapted model's logits (1e-4), a merge taking it as standard does not.
+    A file from before rslora (no "scaling") is standard."""
+    from trainer.peft.lora import LoraLinear
+    torch.manual_seed(0)
+    model = plain_model(7)
+    method = get_method(method_name)({**SETTINGS[method_name], "scaling": "rslora"})
+    method.apply(model)
+    assert {m.scale for m in model.modules() if isinstance(m, LoraLinear)} == {8 / math.sqrt(4)} == {4.0}
+    train_steps(model)
+    idx = tokens(2)
+    with torch.no_grad():
+        want = model(idx)
+    adapter = {k: v.clone() for k, v in method.adapter_state_dict(model).items()}
+    meta = json.loads(json.dumps(method.metadata()))
+    assert meta["scaling"] == "rslora"
+    with torch.no_grad():
+        got = plain_model(7, get_method(method_name).merge(base_sd(7), adapter, meta))(idx)
+        other = plain_model(7, get_method(method_name).merge(base_sd(7), adapter, {**meta, "scaling": "standard"}))(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (other - want).abs().max() > 1e-3
+    assert get_method(method_name)({"r": 4, "alpha": 8}).metadata()["scaling"] == "standard"
+
+
 def test_base_forward_is_the_one_base_product():
     """A quantised base overrides base_forward only: the adapted output goes through it."""
     from trainer.peft.lora import LoraLinear
@@ -319,6 +346,8 @@ def test_errors_are_user_errors():
         get_method("lora")({"r": 0, "alpha": 8})
     with pytest.raises(UserError, match="LORA_ALPHA"):
         get_method("lora")({"r": 4, "alpha": 0})
+    with pytest.raises(UserError, match="LORA_SCALING='rs' is not one of: standard | rslora"):
+        get_method("lora")({"r": 4, "alpha": 8, "scaling": "rs"})
     with pytest.raises(UserError, match="SVD_NITER"):
         get_method("pissa")({"r": 4, "svd_niter": -1})
     with pytest.raises(UserError, match="TRAIN_PARTS"):

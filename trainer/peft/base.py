@@ -200,6 +200,7 @@ class Method:
 
     name: str = ""
     TITLE: str = ""          # the method in words ("LoRA", "full fine-tuning")
+    SCALED_BY_ALPHA = False  # its update is scaled by LORA_ALPHA, so LORA_SCALING applies (LoRA)
     # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
     SUFFIXES: tuple[str, ...] = ()
     # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).

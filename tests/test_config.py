@@ -141,13 +141,13 @@ def test_precision_defaults_to_auto_in_the_config_training_sh_and_the_web_form()
 @pytest.mark.parametrize("mode", ["pissa", "bone", "bat", "state", "full"])
 def test_rslora_only_with_a_method_scaled_by_alpha(mode):
     """LORA_SCALING=rslora changes LORA_ALPHA's scaling: refused in one line for a method without it (PiSSA has
-    no alpha), taken for lora; standard (the default) goes with every method."""
+    no alpha), taken for lora and dora; standard (the default) goes with every method."""
     msg = err(FINETUNE_MODE=mode, LORA_SCALING="rslora")
     assert msg.startswith(f"LORA_SCALING=rslora changes the LORA_ALPHA scaling of the update, which "
-                          f"FINETUNE_MODE={mode} does not have (only lora scale by alpha).")
-    assert "Fix: set LORA_SCALING=standard, or FINETUNE_MODE to lora" in msg
+                          f"FINETUNE_MODE={mode} does not have (only lora or dora scale by alpha).")
+    assert "Fix: set LORA_SCALING=standard, or FINETUNE_MODE to lora or dora" in msg
     assert cfg(FINETUNE_MODE=mode).LORA_SCALING == "standard"
-    for good in ("lora",):
+    for good in ("lora", "dora"):
         c = cfg(FINETUNE_MODE=good, LORA_SCALING="rslora")
         assert c.LORA_SCALING == "rslora" and TrainConfig.from_env(c.to_env()) == c
 

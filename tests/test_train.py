@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 METHOD_KEYS = {   # a key every saved adapter of the method must contain, and the suffixes allowed
     "lora": ("blocks.0.att.key.lora_A", (".lora_A", ".lora_B")),
+    "dora": ("blocks.0.att.key.dora_magnitude", (".lora_A", ".lora_B", ".dora_magnitude")),
     "pissa": ("blocks.0.att.key.lora_B", (".lora_A", ".lora_B", ".pissa_init_A", ".pissa_init_B")),
     "bone": ("blocks.0.ffn.key.disha", (".disha",)),
     "bat": ("blocks.1.att.value.disha", (".disha",)),
@@ -54,7 +55,7 @@ def config(**kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
-@pytest.mark.parametrize("mode", ["lora", "pissa", "bone", "bat", "state", "full"])
+@pytest.mark.parametrize("mode", ["lora", "dora", "pissa", "bone", "bat", "state", "full"])
 def test_every_method_every_version(tmp_path, monkeypatch, mode, version):
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, version)
@@ -276,7 +277,7 @@ def test_dry_run_shows_config_count_and_masked_samples(tmp_path, monkeypatch):
 
 
 def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    """State tuning and PiSSA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
+    """State tuning, PiSSA and DoRA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
     training) stops with one line and the fix; LoRA on it is fine; a base with one silent layer trains with
     a warning that names what cannot learn (the check itself: test_peft)."""
     from tools import train as train_tool
@@ -286,7 +287,7 @@ def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_p
     make_project(tmp_path, 7)
     fresh = checkpoint.init_model(checkpoint.config_from_sizes(7, 2, 128, VOCAB))
     checkpoint.save_atomic(fresh.state_dict(), "model/fresh.pth")
-    for mode in ("state", "pissa"):
+    for mode in ("state", "pissa", "dora"):
         with pytest.raises(UserError, match=f"FINETUNE_MODE={mode} cannot learn on fresh.pth: att.output.weight is "
                                             "zero in every layer; ffn.value.weight is zero in every layer"):
             dry_run(config(MODEL="fresh.pth", FINETUNE_MODE=mode), log=lambda *_: None)

@@ -138,7 +138,7 @@ def test_precision_defaults_to_auto_in_the_config_training_sh_and_the_web_form()
         assert TrainConfig.from_env({"MODEL": "m", "DATA": "d", "PRECISION": p}).PRECISION == p
 
 
-@pytest.mark.parametrize("mode", ["pissa", "bone", "bat", "state", "full"])
+@pytest.mark.parametrize("mode", ["pissa", "bone", "miss", "bat", "state", "full"])
 def test_rslora_only_with_a_method_scaled_by_alpha(mode):
     """LORA_SCALING=rslora changes LORA_ALPHA's scaling: refused in one line for a method without it (PiSSA has
     no alpha), taken for lora and dora; standard (the default) goes with every method."""
@@ -151,3 +151,15 @@ def test_rslora_only_with_a_method_scaled_by_alpha(mode):
         c = cfg(FINETUNE_MODE=good, LORA_SCALING="rslora")
         assert c.LORA_SCALING == "rslora" and TrainConfig.from_env(c.to_env()) == c
 
+
+def test_dora_and_miss_are_methods_and_their_settings_reach_the_method():
+    from trainer.peft import get_method
+    c = cfg(FINETUNE_MODE="dora", LORA_R=16, LORA_ALPHA=32, LORA_SCALING="rslora")
+    cls = get_method(c.FINETUNE_MODE)
+    assert cls(cls.settings_from(c)).metadata() == {"r": 16, "alpha": 32.0, "dropout": 0.0, "scaling": "rslora"}
+    c = cfg(FINETUNE_MODE="miss", DISHA_R=32)
+    assert c.FINETUNE_MODE == "miss" and get_method("miss").settings_from(c) == {"r": 32}
+    assert "miss" in TrainConfig.__dataclass_fields__["FINETUNE_MODE"].metadata["help"]
+    from trainer.envfile import training_fields
+    field = next(f for f in training_fields() if f.name == "LORA_SCALING")     # training.sh's line, the web form
+    assert field.default == "standard" and "rslora" in field.help and field.section == "method"

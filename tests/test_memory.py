@@ -71,7 +71,7 @@ TINY = config_from_sizes(7, 2, 128, vocab_size=256)
 @pytest.mark.parametrize("version", [5, 6, 7])
 @pytest.mark.parametrize("mode,parts", [("lora", ()), ("pissa", ("ln",)), ("bone", ("time",)), ("bat", ()),
                                         ("state", ("time", "ln")), ("full", ()), ("lora", ("emb", "head")),
-                                        ("dora", ("ln",))])
+                                        ("dora", ("ln",)), ("miss", ())])
 def test_param_table_counts_what_the_trainer_builds(monkeypatch, version, mode, parts):
     """Trained and total elements equal those of a model with the method applied as loop.prepare does; so
     does one block's streamed part (OFFLOAD_BLOCKS; its size limit lowered to the tiny model's matrices)."""

@@ -29,6 +29,7 @@ SETTINGS = {
     "dora": {"r": 4, "alpha": 8, "dropout": 0.0, "scaling": "standard"},
     "pissa": {"r": 4, "svd_niter": 2},
     "bone": {"r": 8},
+    "miss": {"r": 8},
     "bat": {"r": 8},
     "state": {},
     "full": {},
@@ -117,6 +118,7 @@ def expected_names(method_name: str, version: int, parts=()) -> set[str]:
         "dora": {f"{m}.{s}" for m in mods for s in ("lora_A", "lora_B", "dora_magnitude")},
         "pissa": {f"{m}.{s}" for m in mods for s in ("lora_A", "lora_B")},
         "bone": {f"{m}.disha" for m in mods},
+        "miss": {f"{m}.disha" for m in mods},
         "bat": {f"{m}.disha" for m in mods},
         "state": {f"blocks.{i}.att.time_state" for i in range(N_LAYER)},
     }[method_name]
@@ -306,7 +308,7 @@ def test_pissa_init_is_the_principal_part():
     torch.testing.assert_close(m.lora_A, m.pissa_init_A)
 
 
-# ------------------------------------------------------------------------------- DoRA, rslora
+# ------------------------------------------------------------------------------- DoRA, rslora, MiSS
 def _dora(out_f=12, in_f=16, r=4, alpha=8.0, scaling="standard", trained=True, seed=0):
     """A DoraLinear on a random W (returned too); ``trained``: B and m moved away from their start."""
     from trainer.peft.dora import DoraLinear
@@ -430,6 +432,22 @@ def test_rslora_scale_is_alpha_over_root_r_and_merge_reads_it_back(method_name):
     assert get_method(method_name)({"r": 4, "alpha": 8}).metadata()["scaling"] == "standard"
 
 
+def test_miss_is_bone_under_its_new_name():
+    """FINETUNE_MODE=miss trains exactly as bone: the same tensors after the same steps, the same settings and
+    merge; it records its own name and says what it is."""
+    bone, bone_method = adapted("bone", 6)
+    miss, miss_method = adapted("miss", 6)
+    train_steps(bone)
+    train_steps(miss)
+    a, b = bone_method.adapter_state_dict(bone), miss_method.adapter_state_dict(miss)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert miss_method.metadata() == bone_method.metadata() == {"r": 8}
+    merged_b = get_method("bone").merge(base_sd(6), a, bone_method.metadata())
+    merged_m = get_method("miss").merge(base_sd(6), b, miss_method.metadata())
+    assert merged_b.keys() == merged_m.keys() and all(torch.equal(merged_b[k], merged_m[k]) for k in merged_b)
+    assert miss_method.name == "miss" and miss_method.TITLE == "MiSS" and "Bone" in miss_method.NOTE
+
+
 def test_base_forward_is_the_one_base_product():
     """A quantised base overrides base_forward only: the adapted output goes through it."""
     from trainer.peft.lora import LoraLinear
@@ -539,7 +557,7 @@ def _never_moved(method_name, version, parts, sd, steps=3, same_batch=False):
 
 
 DEAD_CASES = ([(m, v, k) for m in ("state", "pissa", "dora") for v in VERSIONS for k in ("fresh", *ZERO_PATTERNS)]
-              + [(m, v, "fresh") for m in ("lora", "bone", "bat", "full") for v in VERSIONS])
+              + [(m, v, "fresh") for m in ("lora", "bone", "miss", "bat", "full") for v in VERSIONS])
 
 
 @pytest.mark.parametrize("method_name,version,pattern", DEAD_CASES)
@@ -559,7 +577,7 @@ def test_dead_tensors_are_exactly_those_whose_gradient_stays_zero(method_name, v
         assert dead < never
     else:
         assert dead == never
-    if method_name in ("lora", "bone", "bat", "full"):
+    if method_name in ("lora", "bone", "miss", "bat", "full"):
         assert not dead
     if pattern == "fresh" and method.ZERO_STAYS_ZERO:   # all but the embedding, head, ln0 and ln_out
         assert set(n for n, p in model.named_parameters() if p.requires_grad) - dead == {

@@ -5,7 +5,7 @@ CPU, no bitsandbytes needed (the quantisation maths is pure torch):
     padding, zero blocks, re-quantising a dequantised weight gives the same codes (resume relies on it);
   - the quantised matmul: same output and input gradient as F.linear with the dequantised weight, under
     autocast too, and it keeps no weight-sized tensor for the backward;
-  - for lora, dora, pissa, bone, bat, state × int8, nf4 × RWKV-5/6/7 on a tiny random model: storage bytes,
+  - for lora, dora, pissa, bone, miss, bat, state × int8, nf4 × RWKV-5/6/7 on a tiny random model: storage bytes,
     no quantised key left in the state dict, two optimizer steps change only the adapter, the loss and
     logits stay within the stated distance of the unquantised model, ``dequantised_base`` + the method's
     merge gives the quantised model's logits, a PiSSA resume (load_adapter after quantisation) is exact;

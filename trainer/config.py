@@ -55,7 +55,7 @@ class TrainConfig:
     DATA: str = _var("training data: the binidx name in data/ (data/NAME.bin + .idx)", default="")
     OUTPUT: str = _var("folder for checkpoints, loss.csv and the loss plot", default="output")
     # method
-    FINETUNE_MODE: str = _var(" | ".join(MODES), default="lora")
+    FINETUNE_MODE: str = _var(" | ".join(MODES) + " (miss: Bone's current name)", default="lora")
     LORA_R: int = _var("LoRA rank (lora, dora)", default=64)
     LORA_ALPHA: float = _var("LoRA alpha; the update is scaled by alpha / r", default=128.0)
     LORA_DROPOUT: float = _var("dropout on the LoRA path, 0 to 0.5", default=0.0)

@@ -1,4 +1,4 @@
-"""Fine-tuning methods behind one interface (see base.py): lora, dora, pissa, bone, bat, state, full.
+"""Fine-tuning methods behind one interface (see base.py): lora, dora, pissa, bone (miss), bat, state, full.
 
     from trainer.peft import get_method
     method = get_method(cfg.FINETUNE_MODE)(settings)
@@ -26,6 +26,9 @@ def get_method(name: str) -> type[Method]:
     if name == "bone":
         from .disha import Bone
         return Bone
+    if name == "miss":
+        from .disha import MiSS
+        return MiSS
     if name == "bat":
         from .disha import Bat
         return Bat

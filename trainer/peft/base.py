@@ -206,6 +206,7 @@ class Method:
 
     name: str = ""
     TITLE: str = ""          # the method in words ("LoRA", "full fine-tuning")
+    NOTE: str = ""           # a line the run prints before training (MiSS: that it is Bone under a new name)
     SCALED_BY_ALPHA = False  # its update is scaled by LORA_ALPHA, so LORA_SCALING applies (LoRA, DoRA)
     # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
     SUFFIXES: tuple[str, ...] = ()

@@ -14,13 +14,15 @@ INIT_ADAPTER=""           # start a new run from trained tensors: output/rwkv-N.
 PISSA_INIT=""             # only for an RWKV-PEFT PiSSA INIT_ADAPTER: the init_pissa.pth that run wrote beside it
 
 # ---------------------------------------------------------------- method
-FINETUNE_MODE="lora"      # lora | pissa | bone | bat | state | full. Beginners: lora. state = tiny file, mountable in RWKV-Runner
-LORA_R=64                 # lora: rank. 8-64 usual; higher = more capacity, more memory
-LORA_ALPHA=128            # lora: the update is scaled by LORA_ALPHA/LORA_R; 2×LORA_R is a good start
-LORA_DROPOUT=0            # lora: 0 is fine; 0.05 can help with very small data
+FINETUNE_MODE="lora"      # lora | dora | pissa | bone | miss | bat | state | full. Beginners: lora. dora = LoRA + a learned
+                          #   size per output row. miss = bone (its new name). state = tiny file, mountable in RWKV-Runner
+LORA_R=64                 # lora / dora: rank. 8-64 usual; higher = more capacity, more memory
+LORA_ALPHA=128            # lora / dora: the update is scaled by LORA_ALPHA/LORA_R; 2×LORA_R is a good start
+LORA_DROPOUT=0            # lora / dora: 0 is fine; 0.05 can help with very small data
+LORA_SCALING="standard"   # lora / dora: standard = LORA_ALPHA/LORA_R | rslora = LORA_ALPHA/sqrt(LORA_R) (steadier at high ranks)
 PISSA_R=64                # pissa: rank
 SVD_NITER=4               # pissa: power iterations of the fast SVD at start-up; 4 is plenty
-DISHA_R=64                # bone / bat: block size; must divide the model width (64 works for every released size)
+DISHA_R=64                # bone / miss / bat: block size; must divide the model width (64 works for every released size)
 TRAIN_PARTS=""            # also train: any of "emb head time ln"; empty = only the method (time = the time-mix vectors and matrices)
 
 # ---------------------------------------------------------------- data
@@ -40,7 +42,7 @@ MINI_BSZ=1                # gradient accumulation: micro-batches added up per op
 EPOCH_COUNT=1             # epochs to train
 EPOCH_STEPS=88            # steps per epoch: items / MICRO_BSZ covers every item once (make_tokenize's table; 88 fits the demo's sample)
 EPOCH_SAVE=1              # save a checkpoint every N epochs (the last epoch is always saved)
-LR_INIT=1e-4              # learning rate: lora/pissa/bone 1e-4 to 2e-5; full 1e-5; state tuning 1 (yes, one)
+LR_INIT=1e-4              # learning rate: lora/dora/pissa/bone 1e-4 to 2e-5; full 1e-5; state tuning 1 (yes, one)
 LR_FINAL=1e-5             # learning rate at the end; state tuning 0.01
 WARMUP_STEPS=0            # optimizer steps of warm-up; state tuning: 10
 LR_SCHEDULE="cos"         # cos: smooth decay | wsd: flat, then decay over the last 20% | const
@@ -71,7 +73,7 @@ OPTIMIZER="adamw"         # adamw | adamw8bit: AdamW's two states in 8 bits (bit
                           #   updates; slower where steps are short (1.5B LoRA at ctx 1024 x 1: -24 %; 4096 x 8: -3 %)
 OFFLOAD_BLOCKS="auto"     # blocks whose frozen weights wait in CPU memory and are copied to the GPU as they run, for
                           #   a model that would not fit otherwise: auto = only then, as few as fit | 0 = never | N
-                          #   (lora, pissa, bone, bat, state; one GPU; not with QUANT, GRAD_CP=0 or DeepSpeed;
+                          #   (lora, dora, pissa, bone, bat, state; one GPU; not with QUANT, GRAD_CP=0 or DeepSpeed;
                           #   they must fit in the CPU memory available: checked before loading)
 STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload
                           #   (DeepSpeed ZeRO: splits optimizer state (1), + gradients (2), + weights (3) over

@@ -19,7 +19,7 @@ the trainer like any base model. Data: random token ids, DATALOAD=get (every pos
 LOSS_MASK=none. Sizes (layers x width, vocabulary 65536): tiny 2x128, 0.1B 12x768, 0.4B 24x1024,
 1.5B/1.6B 24x2048, 3B 32x2560, 7B 32x4096; or write LxC (e.g. 4x256).
 
-Methods: lora (r 64, alpha 128 unless --lora-r/--lora-alpha), pissa, bone, bat, state, full, and any of
+Methods: lora and dora (r 64, alpha 128 unless --lora-r/--lora-alpha), pissa, bone, bat, state, full, and any of
 them with +int8 / +nf4 (QUANT); qlora = lora+nf4. --infctx N trains TRAIN_TYPE=infctx with CHUNK_CTX=N
 (0 = normal). --op picks the WKV kernel (auto | fla | rwkvfla | chunk | torch).
 

@@ -35,8 +35,8 @@ def tiny(version=7, layers=3, width=128, mode="lora", op="chunk", seed=1, device
         for blk in m.blocks:
             blk.att.output.weight.normal_(0, 0.02)
             blk.ffn.value.weight.normal_(0, 0.02)
-    if mode == "lora":
-        get_method("lora")({"r": 8, "alpha": 16}).apply(m, train_parts=("time", "ln"))
+    if mode in ("lora", "dora"):
+        get_method(mode)({"r": 8, "alpha": 16}).apply(m, train_parts=("time", "ln"))
         for n, p in m.named_parameters():
             if n.endswith("lora_B"):
                 p.data.normal_(0, 0.05)
@@ -81,7 +81,7 @@ def fresh_dynamo():
 
 
 # ------------------------------------------------------------------------------------------- CPU
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "dora", "full"])
 def test_compiled_blocks_equal_eager_and_share_graphs(fresh_dynamo, mode):
     counters = fresh_dynamo
     idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -445,7 +445,7 @@ def test_trainer_with_cuda_graphs_equals_it_without(tmp_path, monkeypatch, grad_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "dora", "full"])
 def test_inductor_on_the_gpu_equals_eager_in_bf16(fresh_dynamo, mode):
     """The training set-up on a GPU: bf16 autocast, fp32 trained tensors, our Triton op, checkpointing.
     Full fine-tuning trains the [1, 1, C] mixing vectors that inductor's mix-order reduction broke."""

@@ -66,6 +66,7 @@ def test_defaults_and_types():
     ({"PISSA_INIT": "run/init_pissa.pth"}, "PISSA_INIT"),
     ({"PISSA_INIT": "run/init_pissa.pth", "INIT_ADAPTER": "run/rwkv-0.pth"}, "FINETUNE_MODE=pissa"),
     ({"INIT_ADAPTER": "x" * 300}, "INIT_ADAPTER"),
+    ({"LORA_SCALING": "rs"}, "LORA_SCALING"),
 ])
 def test_each_rule_fires(kw, words):
     assert words in err(**kw)
@@ -167,3 +168,30 @@ def test_precision_defaults_to_auto_in_the_config_training_sh_and_the_web_form()
     assert field.default == "auto" and "fp32 on" in field.help and "the CPU" in field.help
     for p in PRECISIONS:
         assert TrainConfig.from_env({"MODEL": "m", "DATA": "d", "PRECISION": p}).PRECISION == p
+
+
+@pytest.mark.parametrize("mode", ["pissa", "bone", "miss", "bat", "state", "full"])
+def test_rslora_only_with_a_method_scaled_by_alpha(mode):
+    """LORA_SCALING=rslora changes LORA_ALPHA's scaling: refused in one line for a method without it (PiSSA has
+    no alpha), taken for lora and dora; standard (the default) goes with every method."""
+    msg = err(FINETUNE_MODE=mode, LORA_SCALING="rslora")
+    assert msg.startswith(f"LORA_SCALING=rslora changes the LORA_ALPHA scaling of the update, which "
+                          f"FINETUNE_MODE={mode} does not have (only lora or dora scale by alpha).")
+    assert "Fix: set LORA_SCALING=standard, or FINETUNE_MODE to lora or dora" in msg
+    assert cfg(FINETUNE_MODE=mode).LORA_SCALING == "standard"
+    for good in ("lora", "dora"):
+        c = cfg(FINETUNE_MODE=good, LORA_SCALING="rslora")
+        assert c.LORA_SCALING == "rslora" and TrainConfig.from_env(c.to_env()) == c
+
+
+def test_dora_and_miss_are_methods_and_their_settings_reach_the_method():
+    from trainer.peft import get_method
+    c = cfg(FINETUNE_MODE="dora", LORA_R=16, LORA_ALPHA=32, LORA_SCALING="rslora")
+    cls = get_method(c.FINETUNE_MODE)
+    assert cls(cls.settings_from(c)).metadata() == {"r": 16, "alpha": 32.0, "dropout": 0.0, "scaling": "rslora"}
+    c = cfg(FINETUNE_MODE="miss", DISHA_R=32)
+    assert c.FINETUNE_MODE == "miss" and get_method("miss").settings_from(c) == {"r": 32}
+    assert "miss" in TrainConfig.__dataclass_fields__["FINETUNE_MODE"].metadata["help"]
+    from trainer.envfile import training_fields
+    field = next(f for f in training_fields() if f.name == "LORA_SCALING")     # training.sh's line, the web form
+    assert field.default == "standard" and "rslora" in field.help and field.section == "method"

@@ -19,8 +19,8 @@ from trainer.peft import get_method
 from rwkv_ref import random_model
 
 VOCAB = 128
-SETTINGS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "pissa": {"r": 4, "svd_niter": 2},
-            "bone": {"r": 16}, "bat": {"r": 16}, "state": {}, "full": {}}
+SETTINGS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "dora": {"r": 4, "alpha": 8},
+            "pissa": {"r": 4, "svd_niter": 2}, "bone": {"r": 16}, "bat": {"r": 16}, "state": {}, "full": {}}
 TOL = 1e-5
 
 
@@ -95,7 +95,7 @@ def test_equals_whole_sequence(version, mode, grad_cp):
     assert_same(*chunked(model, x, y, m, 10), *whole(model, x, y, m))
 
 
-@pytest.mark.parametrize("mode", ["pissa", "bone", "bat"])
+@pytest.mark.parametrize("mode", ["dora", "pissa", "bone", "bat"])
 @pytest.mark.parametrize("version", [5, 6, 7])
 def test_other_methods(version, mode):
     model = build(version, mode)

@@ -16,10 +16,12 @@ from trainer import advice
 from trainer import device as gpu
 from trainer import memory as M
 from trainer import plan as PL
-from trainer.checkpoint import config_from_sizes, detect_config, init_model, load_checkpoint, save_atomic
+from trainer.checkpoint import (config_from_sizes, detect_config, expected_shapes, init_model, load_checkpoint,
+                                save_atomic)
 from trainer.config import TrainConfig
 from trainer.counts import param_table
 from trainer.memory import GiB
+from trainer.peft.base import TARGET_RE
 from trainer.plan import Machine, nominal, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +70,8 @@ TINY = config_from_sizes(7, 2, 128, vocab_size=256)
 # ------------------------------------------------------------------------------------------ the counts
 @pytest.mark.parametrize("version", [5, 6, 7])
 @pytest.mark.parametrize("mode,parts", [("lora", ()), ("pissa", ("ln",)), ("bone", ("time",)), ("bat", ()),
-                                        ("state", ("time", "ln")), ("full", ()), ("lora", ("emb", "head"))])
+                                        ("state", ("time", "ln")), ("full", ()), ("lora", ("emb", "head")),
+                                        ("dora", ("ln",)), ("miss", ())])
 def test_param_table_counts_what_the_trainer_builds(monkeypatch, version, mode, parts):
     """Trained and total elements equal those of a model with the method applied as loop.prepare does; so
     does one block's streamed part (OFFLOAD_BLOCKS; its size limit lowered to the tiny model's matrices)."""
@@ -94,6 +97,31 @@ def test_param_table_counts_what_the_trainer_builds(monkeypatch, version, mode, 
     assert t.trained_small == small
     if mode != "full":
         assert t.block_streamed == sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_dora_counts_are_loras_plus_a_magnitude_per_output_row(version):
+    """DoRA trains LoRA's A and B plus m [out] per adapted linear: its trained count is LoRA's + the adapted
+    linears' output widths, its pieces the same plus the m vectors (small: adamw8bit keeps fp32 states for them);
+    the row norms cost 2·r·out·in (A Wᵀ) + 2·r²·(in + out) per forward pass; the estimate keeps each linear's
+    unscaled output (bf16) per token beside LoRA's: saved grows by that."""
+    sizes = config_from_sizes(version, 2, 128, vocab_size=256)
+    lora, dora = (param_table(cfg_(FINETUNE_MODE=m, LORA_R=8), sizes) for m in ("lora", "dora"))
+    targets = [s for k, s in expected_shapes(sizes).items()
+               if k.endswith(".weight") and TARGET_RE.match(k[: -len(".weight")])]
+    rows = sum(s[0] for s in targets)
+    assert dora.trained - lora.trained == rows and dora.trained_small - lora.trained_small == rows
+    assert dora.adapter_matmul == lora.adapter_matmul and dora.adapted_layers == lora.adapted_layers
+    assert dora.adapter_step_flops == sum(2 * 8 * o * i + 2 * 64 * (i + o) for o, i in targets)
+    assert dora.block_saved == rows // 2 and lora.block_saved == 0
+    kw = dict(LORA_R=8, CTX_LEN=64, MICRO_BSZ=2, GRAD_CP=0, OP="chunk", COMPILE=0)
+    e_lora, e_dora = (estimate(cfg_(FINETUNE_MODE=m, **kw), sizes, emb_on_cpu=False) for m in ("lora", "dora"))
+    BT = 128
+    # (the m vectors are counted among the trained matrix elements, whose bf16 autocast copy a block keeps: 2 bytes
+    # each, an over-count of a few KiB per block, as m is only multiplied element-wise)
+    assert e_dora.terms["saved"] - e_lora.terms["saved"] == pytest.approx(
+        M.ADAPTED_SAVED_BYTES * rows * BT + M.CAST_BYTES * rows)
+    assert e_dora.terms["trained"] - e_lora.terms["trained"] == 4 * rows
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])

@@ -25,7 +25,9 @@ from rwkv_ref import random_model, start_many
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
-METHODS = ("lora", "pissa", "bone", "bat", "state", "full")
+METHODS = ("lora", "dora", "pissa", "bone", "bat", "state", "full")
+# runs beside one per method: (method, its settings, merge folder); merged and checked in the package as the others
+VARIANTS = {"lora-rslora": ("lora", {"LORA_SCALING": "rslora"}, "merge-rslora")}
 VERSIONS = (5, 6, 7)
 TOKENS = [int(t) for t in np.random.default_rng(3).integers(1, VOCAB, size=12)]
 
@@ -77,10 +79,11 @@ def runs(tmp_path_factory):
             os.chdir(root)
             make_project(root, v)
             base = our_logits(root)
-            for mode in METHODS:
+            for mode in METHODS + tuple(VARIANTS):
                 out = f"out-{mode}"
-                train_run(mode, out)
-                r = checkpoint.merge_epoch(0, output_dir=out, dtype="fp32", state_model=True)
+                method, kw, merge_dir = VARIANTS.get(mode, (mode, {}, "merge"))
+                train_run(method, out, **kw)
+                r = checkpoint.merge_epoch(0, output_dir=out, merge_dir=merge_dir, dtype="fp32", state_model=True)
                 entry = {"result": r, "ours": our_logits(root, root / out / "rwkv-0.pth"), "base": base, "jobs": {}}
                 if mode == "state":
                     states = checkpoint.load_state_file(r.state)
@@ -111,10 +114,12 @@ def _close(a, b, atol=1e-4):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("mode", METHODS)
+@pytest.mark.parametrize("mode", METHODS + tuple(VARIANTS))
 def test_merged_model_in_rwkv_package_equals_adapter(runs, mode, version):
     res, _ = runs
     e = res[(mode, version)]
+    if mode == "lora-rslora":          # the setting was recorded, and merge used it (else the logits would differ)
+        assert e["result"].meta["settings"]["scaling"] == "rslora"
     assert (e["ours"] - e["base"]).abs().max() > 1e-3, "training changed nothing: the test would prove nothing"
     if mode == "state" and version == 7:
         # the package ignores time_state keys of an RWKV-7 model: it gives the base model's logits (as merge says)
@@ -421,9 +426,11 @@ def test_printed_rwkv_package_snippets_run_and_match(runs):
         _close(got, want)
 
 
-def test_qlora_checkpoint_merges_into_the_dequantised_base(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_qlora_checkpoint_merges_into_the_dequantised_base(tmp_path, monkeypatch, mode):
     """A QUANT=nf4 run trained on dequantise(quantise(W)): its merge equals our quantised model with the
-    adapter (attach_adapter quantises as training did), not the plain base plus the update."""
+    adapter (attach_adapter quantises as training did; DoRA's row norms are then the quantised weights'), not
+    the plain base plus the update."""
     from trainer.quant import quantize_model
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
@@ -431,14 +438,16 @@ def test_qlora_checkpoint_merges_into_the_dequantised_base(tmp_path, monkeypatch
     checkpoint.save_atomic(base.state_dict(), "model/tiny.pth")
     from trainer.peft import get_method
     model = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
-    method = get_method("lora")({"r": 8, "alpha": 16})
+    method = get_method(mode)({"r": 8, "alpha": 16})
     method.apply(model)
     quantize_model(model, "nf4")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.05)
-    meta = {"method": "lora", "settings": method.metadata(), "train_parts": [], "quant": "nf4", "epoch": 0,
+            if n.endswith("dora_magnitude"):
+                p.mul_(1.1)
+    meta = {"method": mode, "settings": method.metadata(), "train_parts": [], "quant": "nf4", "epoch": 0,
             "complete": True, "base": checkpoint.base_metadata("model/tiny.pth")}
     checkpoint.save_adapter("output/rwkv-0.pth", method.adapter_state_dict(model), meta)
     res = checkpoint.merge_epoch(0, output_dir="output", model_dir="model", merge_dir="merge", dtype="fp32")
@@ -449,7 +458,7 @@ def test_qlora_checkpoint_merges_into_the_dequantised_base(tmp_path, monkeypatch
     with torch.no_grad():
         want, got = tuned(idx), merged(idx)
         plain = checkpoint.load_model("model/tiny.pth", dtype=torch.float32)
-        method2 = get_method("lora")(method.metadata())
+        method2 = get_method(mode)(method.metadata())
         method2.apply(plain)
         method2.load_adapter(plain, method.adapter_state_dict(model))
         unquantised = plain(idx)

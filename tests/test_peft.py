@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -24,9 +25,11 @@ from trainer.peft.base import AdaptedLinear, zero_weights
 VERSIONS = (5, 6, 7)
 N_LAYER, N_EMBD, HEAD, VOCAB = 2, 64, 32, 32
 SETTINGS = {
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "scaling": "standard"},
+    "dora": {"r": 4, "alpha": 8, "dropout": 0.0, "scaling": "standard"},
     "pissa": {"r": 4, "svd_niter": 2},
     "bone": {"r": 8},
+    "miss": {"r": 8},
     "bat": {"r": 8},
     "state": {},
     "full": {},
@@ -112,8 +115,10 @@ def expected_names(method_name: str, version: int, parts=()) -> set[str]:
             for part, lins in (("att", att_lin), ("ffn", ffn_lin)) for lin in lins]
     own = {
         "lora": {f"{m}.{s}" for m in mods for s in ("lora_A", "lora_B")},
+        "dora": {f"{m}.{s}" for m in mods for s in ("lora_A", "lora_B", "dora_magnitude")},
         "pissa": {f"{m}.{s}" for m in mods for s in ("lora_A", "lora_B")},
         "bone": {f"{m}.disha" for m in mods},
+        "miss": {f"{m}.disha" for m in mods},
         "bat": {f"{m}.disha" for m in mods},
         "state": {f"blocks.{i}.att.time_state" for i in range(N_LAYER)},
     }[method_name]
@@ -303,6 +308,146 @@ def test_pissa_init_is_the_principal_part():
     torch.testing.assert_close(m.lora_A, m.pissa_init_A)
 
 
+# ------------------------------------------------------------------------------- DoRA, rslora, MiSS
+def _dora(out_f=12, in_f=16, r=4, alpha=8.0, scaling="standard", trained=True, seed=0):
+    """A DoraLinear on a random W (returned too); ``trained``: B and m moved away from their start."""
+    from trainer.peft.dora import DoraLinear
+    from trainer.peft.lora import lora_scale
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    w = lin.weight.detach().clone()
+    layer = DoraLinear(lin, r, lora_scale(alpha, r, scaling), 0.0)
+    if trained:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.3)
+            layer.dora_magnitude.mul_(torch.rand(out_f) + 0.5)
+    return layer, w
+
+
+def test_dora_formula_start_and_detached_norm():
+    """out = m ⊙ (W + s·B A) / ‖W + s·B A‖ (norm of each output row over the inputs), from the weight written
+    out; the norm computed without forming W + s·B A equals the direct one; the gradients are those of that
+    formula with the norm held constant (detached); at the start (B = 0, m = ‖W‖ per row) the layer is W x
+    exactly."""
+    layer, w = _dora()
+    a, b, m = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.dora_magnitude))
+    v = w + layer.scale * b @ a
+    n = torch.linalg.vector_norm(v, dim=1)
+    torch.testing.assert_close(layer.row_norm(torch.float32), n.detach(), rtol=1e-6, atol=1e-6)
+    x = torch.randn(3, 5, 16)
+    g = torch.randn(3, 5, 12)
+    want = x @ (m[:, None] * v / n.detach()[:, None]).T
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    for mine, ref in ((layer.lora_A, a), (layer.lora_B, b), (layer.dora_magnitude, m)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    start, w = _dora(trained=False)
+    torch.testing.assert_close(start.dora_magnitude.detach(), w.norm(dim=1), rtol=1e-6, atol=0)
+    assert start.dora_magnitude.dtype == torch.float32 and start.dora_magnitude.shape == (12,)
+    assert torch.equal(start(x), nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_dora_equals_peft(scaling):
+    """Our DoRA layer against peft's (LoraConfig(use_dora=True), use_rslora for rslora) on an nn.Linear with the
+    same W, A, B, m and scaling, fp32: the output and the gradients of x, A, B and m agree to 1e-5."""
+    pytest.importorskip("peft", reason="the peft library is not installed (pip install peft): the comparison "
+                                       "with peft's DoRA needs it")
+    from peft import LoraConfig, get_peft_model
+    layer, w = _dora(scaling=scaling)
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 12, bias=False)
+
+        def forward(self, x):
+            return self.lin(x)
+    one = One()
+    one.lin.weight.data.copy_(w)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lin"], use_dora=True,
+                        use_rslora=scaling == "rslora")
+    theirs = get_peft_model(one, config).base_model.model.lin
+    assert theirs.scaling["default"] == pytest.approx(layer.scale)
+    pa, pb = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+    pm = theirs.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        pa.copy_(layer.lora_A)
+        pb.copy_(layer.lora_B)
+        pm.copy_(layer.dora_magnitude)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 5, 12)
+    ours, ref = layer(x), theirs(x2)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    (ours * g).sum().backward()
+    (ref * g).sum().backward()
+    for mine, peft_t in ((x, x2), (layer.lora_A, pa), (layer.lora_B, pb), (layer.dora_magnitude, pm)):
+        torch.testing.assert_close(mine.grad, peft_t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_zero_rows_stay_zero_without_nan():
+    """A zero row of W starts at magnitude 0: its output and the gradients of its m, B row are exactly 0, and
+    nothing is NaN (n is clamped: peft's 0 / 0)."""
+    from trainer.peft.dora import DoraLinear
+    lin = nn.Linear(8, 6, bias=False)
+    with torch.no_grad():
+        lin.weight[2].zero_()
+    layer = DoraLinear(lin, 2, 1.0, 0.0)
+    x = torch.randn(4, 8)
+    out = layer(x)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 2], torch.zeros(4))
+    out.square().sum().backward()
+    for p in (layer.lora_A, layer.lora_B, layer.dora_magnitude):
+        assert torch.isfinite(p.grad).all()
+    assert layer.dora_magnitude.grad[2] == 0 and not layer.lora_B.grad[2].any()
+    assert layer.dora_magnitude.grad[[0, 1, 3, 4, 5]].abs().min() > 0
+
+
+@pytest.mark.parametrize("method_name", ["lora", "dora"])
+def test_rslora_scale_is_alpha_over_root_r_and_merge_reads_it_back(method_name):
+    """LORA_SCALING=rslora: s = alpha / √r (r 4, alpha 8: 4, not 2); the setting is in the metadata and merge
+    uses it: the merged model gives the adapted model's logits (1e-4), a merge taking it as standard does not.
+    A file from before rslora (no "scaling") is standard."""
+    from trainer.peft.lora import LoraLinear
+    torch.manual_seed(0)
+    model = plain_model(7)
+    method = get_method(method_name)({**SETTINGS[method_name], "scaling": "rslora"})
+    method.apply(model)
+    assert {m.scale for m in model.modules() if isinstance(m, LoraLinear)} == {8 / math.sqrt(4)} == {4.0}
+    train_steps(model)
+    idx = tokens(2)
+    with torch.no_grad():
+        want = model(idx)
+    adapter = {k: v.clone() for k, v in method.adapter_state_dict(model).items()}
+    meta = json.loads(json.dumps(method.metadata()))
+    assert meta["scaling"] == "rslora"
+    with torch.no_grad():
+        got = plain_model(7, get_method(method_name).merge(base_sd(7), adapter, meta))(idx)
+        other = plain_model(7, get_method(method_name).merge(base_sd(7), adapter, {**meta, "scaling": "standard"}))(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (other - want).abs().max() > 1e-3
+    assert get_method(method_name)({"r": 4, "alpha": 8}).metadata()["scaling"] == "standard"
+
+
+def test_miss_is_bone_under_its_new_name():
+    """FINETUNE_MODE=miss trains exactly as bone: the same tensors after the same steps, the same settings and
+    merge; it records its own name and says what it is."""
+    bone, bone_method = adapted("bone", 6)
+    miss, miss_method = adapted("miss", 6)
+    train_steps(bone)
+    train_steps(miss)
+    a, b = bone_method.adapter_state_dict(bone), miss_method.adapter_state_dict(miss)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert miss_method.metadata() == bone_method.metadata() == {"r": 8}
+    merged_b = get_method("bone").merge(base_sd(6), a, bone_method.metadata())
+    merged_m = get_method("miss").merge(base_sd(6), b, miss_method.metadata())
+    assert merged_b.keys() == merged_m.keys() and all(torch.equal(merged_b[k], merged_m[k]) for k in merged_b)
+    assert miss_method.name == "miss" and miss_method.TITLE == "MiSS" and "Bone" in miss_method.NOTE
+
+
 def test_base_forward_is_the_one_base_product():
     """A quantised base overrides base_forward only: the adapted output goes through it."""
     from trainer.peft.lora import LoraLinear
@@ -319,6 +464,8 @@ def test_errors_are_user_errors():
         get_method("lora")({"r": 0, "alpha": 8})
     with pytest.raises(UserError, match="LORA_ALPHA"):
         get_method("lora")({"r": 4, "alpha": 0})
+    with pytest.raises(UserError, match="LORA_SCALING='rs' is not one of: standard | rslora"):
+        get_method("dora")({"r": 4, "alpha": 8, "scaling": "rs"})
     with pytest.raises(UserError, match="SVD_NITER"):
         get_method("pissa")({"r": 4, "svd_niter": -1})
     with pytest.raises(UserError, match="TRAIN_PARTS"):
@@ -409,8 +556,8 @@ def _never_moved(method_name, version, parts, sd, steps=3, same_batch=False):
     return method, model, set(params) - moved, losses
 
 
-DEAD_CASES = ([(m, v, k) for m in ("state", "pissa") for v in VERSIONS for k in ("fresh", *ZERO_PATTERNS)]
-              + [(m, v, "fresh") for m in ("lora", "bone", "bat", "full") for v in VERSIONS])
+DEAD_CASES = ([(m, v, k) for m in ("state", "pissa", "dora") for v in VERSIONS for k in ("fresh", *ZERO_PATTERNS)]
+              + [(m, v, "fresh") for m in ("lora", "bone", "miss", "bat", "full") for v in VERSIONS])
 
 
 @pytest.mark.parametrize("method_name,version,pattern", DEAD_CASES)
@@ -420,7 +567,8 @@ def test_dead_tensors_are_exactly_those_whose_gradient_stays_zero(method_name, v
     the trained tensors whose gradient is exactly zero at each of 3 optimizer steps (LoRA's inner A needs
     3: B of att.output moves first). State tuning and PiSSA: those of every silent attention / FFN (RWKV-7:
     layer 0's v_first tensors live on while a later att.output is not zero), PiSSA's adapters of a zero
-    weight; LoRA, Bone, Bat and full: none. A zero key as well cuts more paths: then a part of them."""
+    weight; DoRA as PiSSA (a zero weight's rows start at magnitude 0); LoRA, Bone, Bat and full: none. A zero
+    key as well cuts more paths: then a part of them."""
     sd = _zero_base(version, pattern)
     zero = zero_weights(sd)
     method, model, never, _ = _never_moved(method_name, version, ALL_PARTS, sd)
@@ -429,16 +577,16 @@ def test_dead_tensors_are_exactly_those_whose_gradient_stays_zero(method_name, v
         assert dead < never
     else:
         assert dead == never
-    if method_name in ("lora", "bone", "bat", "full"):
+    if method_name in ("lora", "bone", "miss", "bat", "full"):
         assert not dead
     if pattern == "fresh" and method.ZERO_STAYS_ZERO:   # all but the embedding, head, ln0 and ln_out
         assert set(n for n, p in model.named_parameters() if p.requires_grad) - dead == {
             "emb.weight", "head.weight", "ln_out.weight", "ln_out.bias", "blocks.0.ln0.weight", "blocks.0.ln0.bias"}
 
 
-@pytest.mark.parametrize("method_name", ["state", "pissa"])
+@pytest.mark.parametrize("method_name", ["state", "pissa", "dora"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_state_and_pissa_on_a_fresh_model_learn_nothing_and_are_refused(method_name, version):
+def test_state_pissa_dora_on_a_fresh_model_learn_nothing_and_are_refused(method_name, version):
     """Without TRAIN_PARTS, on a fresh init, the loss is the same number at every step (nothing moves); the
     check refuses it in one line with the fix; LoRA on the same base is not refused."""
     sd = _zero_base(version, "fresh")

@@ -5,7 +5,7 @@ CPU, no bitsandbytes needed (the quantisation maths is pure torch):
     padding, zero blocks, re-quantising a dequantised weight gives the same codes (resume relies on it);
   - the quantised matmul: same output and input gradient as F.linear with the dequantised weight, under
     autocast too, and it keeps no weight-sized tensor for the backward;
-  - for lora, pissa, bone, bat, state × int8, nf4 × RWKV-5/6/7 on a tiny random model: storage bytes,
+  - for lora, dora, pissa, bone, miss, bat, state × int8, nf4 × RWKV-5/6/7 on a tiny random model: storage bytes,
     no quantised key left in the state dict, two optimizer steps change only the adapter, the loss and
     logits stay within the stated distance of the unquantised model, ``dequantised_base`` + the method's
     merge gives the quantised model's logits, a PiSSA resume (load_adapter after quantisation) is exact;
@@ -319,6 +319,30 @@ def test_pissa_resume_after_quantisation(quant):
         assert torch.equal(fresh(tokens(3)), model(tokens(3)))
     # (exact because the run's SVD is the saved one: the loop seeds it with SEED. A run whose SVD differed
     # would rebuild the residual from an already quantised one and carry the format's error twice.)
+
+
+@pytest.mark.parametrize("quant", Q.QUANTS)
+def test_dora_norms_follow_the_quantised_weight(quant):
+    """DoRA with QUANT: once quantised, each layer's n = ‖W + s·B A‖ is the dequantised weight's (base_changed), m
+    the norms of the weights as loaded: at the start out = (‖W‖ / ‖Wq‖) ⊙ Wq x, each quantised row rescaled to
+    its original norm. A resume (load_adapter after quantisation, as the loop does) gives the saved model."""
+    base_sd, model, method, _ = build("dora", 7, quant)
+    name = "blocks.1.ffn.key"
+    layer = model.get_submodule(name)
+    wq = layer.base_weight().float()
+    w = base_sd[name + ".weight"].float()
+    torch.testing.assert_close(layer.row_norm(torch.float32), wq.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.dora_magnitude.detach(), w.norm(dim=1), rtol=1e-6, atol=0)
+    x = torch.randn(3, N_EMBD)
+    with torch.no_grad():
+        want = F.linear(x, wq * (w.norm(dim=1) / wq.norm(dim=1))[:, None])
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    train_steps(model)
+    adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
+    _, fresh, method2, _ = build("dora", 7, quant, seed=1)
+    method2.load_adapter(fresh, adapter)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens(3)), model(tokens(3)))
 
 
 def test_dequantised_base_pissa_needs_the_adapter():

@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 METHOD_KEYS = {   # a key every saved adapter of the method must contain, and the suffixes allowed
     "lora": ("blocks.0.att.key.lora_A", (".lora_A", ".lora_B")),
+    "dora": ("blocks.0.att.key.dora_magnitude", (".lora_A", ".lora_B", ".dora_magnitude")),
     "pissa": ("blocks.0.att.key.lora_B", (".lora_A", ".lora_B", ".pissa_init_A", ".pissa_init_B")),
     "bone": ("blocks.0.ffn.key.disha", (".disha",)),
+    "miss": ("blocks.0.ffn.key.disha", (".disha",)),
     "bat": ("blocks.1.att.value.disha", (".disha",)),
     "state": ("blocks.1.att.time_state", (".time_state",)),
 }
@@ -54,7 +56,7 @@ def config(**kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
-@pytest.mark.parametrize("mode", ["lora", "pissa", "bone", "bat", "state", "full"])
+@pytest.mark.parametrize("mode", ["lora", "dora", "pissa", "bone", "miss", "bat", "state", "full"])
 def test_every_method_every_version(tmp_path, monkeypatch, mode, version):
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, version)
@@ -91,6 +93,27 @@ def test_every_method_every_version(tmp_path, monkeypatch, mode, version):
     model.op = "chunk"
     checkpoint.attach_adapter(model, "output/rwkv-2.pth", "model/tiny.pth")
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_miss_trains_as_bone_and_keeps_its_name(tmp_path, monkeypatch):
+    """FINETUNE_MODE=miss (Bone's current name): the same losses and tensors as bone, bit for bit; the run says
+    what it is, the checkpoint records "miss" and the merged file is named after it."""
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 6)
+    lines = []
+    bone = train(config(FINETUNE_MODE="bone", OUTPUT="b"), progress=False, log=lambda *_: None)
+    miss = train(config(FINETUNE_MODE="miss", OUTPUT="m"), progress=False, log=lines.append)
+    assert miss.losses == bone.losses
+    assert any("MiSS is RWKV-PEFT's current name for Bone" in line for line in lines)
+    a, meta_b = checkpoint.load_adapter("b/rwkv-0.pth")
+    b, meta_m = checkpoint.load_adapter("m/rwkv-0.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (meta_b["method"], meta_m["method"]) == ("bone", "miss") and meta_b["settings"] == meta_m["settings"]
+    merged = checkpoint.merge_epoch(0, output_dir="m", merge_dir="merge", dtype="fp32")
+    assert merged.model.name == "tiny-miss-0.pth"
+    other = checkpoint.merge_epoch(0, output_dir="b", merge_dir="merge", dtype="fp32")
+    sd, sd_b = checkpoint.load_checkpoint(merged.model), checkpoint.load_checkpoint(other.model)
+    assert all(torch.equal(sd[k], sd_b[k]) for k in sd_b)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -276,7 +299,7 @@ def test_dry_run_shows_config_count_and_masked_samples(tmp_path, monkeypatch):
 
 
 def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    """State tuning and PiSSA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
+    """State tuning, PiSSA and DoRA on a fresh RWKV-LM init (zero att.output and ffn.value): the dry run (and so
     training) stops with one line and the fix; LoRA on it is fine; a base with one silent layer trains with
     a warning that names what cannot learn (the check itself: test_peft)."""
     from tools import train as train_tool
@@ -286,7 +309,7 @@ def test_a_method_that_cannot_learn_on_the_base_is_refused_before_training(tmp_p
     make_project(tmp_path, 7)
     fresh = checkpoint.init_model(checkpoint.config_from_sizes(7, 2, 128, VOCAB))
     checkpoint.save_atomic(fresh.state_dict(), "model/fresh.pth")
-    for mode in ("state", "pissa"):
+    for mode in ("state", "pissa", "dora"):
         with pytest.raises(UserError, match=f"FINETUNE_MODE={mode} cannot learn on fresh.pth: att.output.weight is "
                                             "zero in every layer; ffn.value.weight is zero in every layer"):
             dry_run(config(MODEL="fresh.pth", FINETUNE_MODE=mode), log=lambda *_: None)

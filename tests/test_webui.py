@@ -51,7 +51,7 @@ def test_env_file_round_trip_and_bash(tmp_path):
     p = write_env_file(tmp_path / "run.env", values)
     assert read_env_file(p) == values
     text = p.read_text()
-    assert "LORA_R='64'" in text and "# lora: rank" in text and "./training.sh --config" in text
+    assert "LORA_R='64'" in text and "# lora / dora: rank" in text and "./training.sh --config" in text
     # the same file is valid bash, and bash reads the very same values (nothing expanded)
     got = subprocess.run(["bash", "-c", f'set -a; source "{p}"; printf "%s" "$SAMPLE_PROMPT"'],
                          capture_output=True, text=True, check=True).stdout

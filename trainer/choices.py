@@ -2,7 +2,9 @@
 implement a choice (peft, data, quant, strategy) import their list from here, so that adding a choice is one
 line here and its code there."""
 
-METHODS = ("lora", "pissa", "bone", "bat", "state", "full")        # FINETUNE_MODE (trainer/peft)
+METHODS = ("lora", "dora", "pissa", "bone", "miss", "bat", "state", "full")  # FINETUNE_MODE (trainer/peft);
+                                                                  # miss: Bone's current name (RWKV-PEFT's MiSS)
+LORA_SCALINGS = ("standard", "rslora")                            # LORA_SCALING (peft/lora.py lora_scale)
 PARTS = ("emb", "head", "time", "ln")                             # TRAIN_PARTS (peft.base.part_names)
 DATALOADS = ("get", "pad", "only")                                # DATALOAD (data/dataset.py)
 LOSS_MASKS = ("none", "pad", "qa")                                # LOSS_MASK (data/masks.py)

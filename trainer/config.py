@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 from .errors import UserError, check_name_lengths
 
-from .choices import (COMPILES, DATALOADS, GRAD_CPS, LOSS_MASKS, OPTIMIZERS, PARTS, PRECISIONS,  # noqa: F401
-                      QUANTS, SCHEDULES, STRATEGIES, TRAIN_TYPES)
+from .choices import (COMPILES, DATALOADS, GRAD_CPS, LORA_SCALINGS, LOSS_MASKS, OPTIMIZERS, PARTS,  # noqa: F401
+                      PRECISIONS, QUANTS, SCHEDULES, STRATEGIES, TRAIN_TYPES)
 from .choices import METHODS as MODES
 # Options whose variable has its place in training.sh but whose code has not landed yet. They are refused
 # with this reason, never silently ignored; each entry goes when its feature lands.
@@ -58,10 +58,11 @@ class TrainConfig:
                              "RWKV-PEFT adapter) instead of a fresh one; empty = off", default="")
     PISSA_INIT: str = _var("INIT_ADAPTER of RWKV-PEFT's PiSSA: the init_pissa.pth it wrote beside it", default="")
     # method
-    FINETUNE_MODE: str = _var("lora | pissa | bone | bat | state | full", default="lora")
-    LORA_R: int = _var("LoRA rank", default=64)
+    FINETUNE_MODE: str = _var(" | ".join(MODES) + " (miss: Bone's current name)", default="lora")
+    LORA_R: int = _var("LoRA rank (lora, dora)", default=64)
     LORA_ALPHA: float = _var("LoRA alpha; the update is scaled by alpha / r", default=128.0)
     LORA_DROPOUT: float = _var("dropout on the LoRA path, 0 to 0.5", default=0.0)
+    LORA_SCALING: str = _var("standard (alpha / r) | rslora (alpha / sqrt(r)); lora and dora", default="standard")
     PISSA_R: int = _var("PiSSA rank", default=64)
     SVD_NITER: int = _var("power iterations of PiSSA's fast randomized SVD", default=4)
     DISHA_R: int = _var("DiSHA (Bone/Bat) block size; must divide the layer widths", default=64)
@@ -170,8 +171,9 @@ class TrainConfig:
                               ("LR_SCHEDULE", SCHEDULES), ("PRECISION", PRECISIONS),
                               ("TRAIN_TYPE", TRAIN_TYPES), ("QUANT", QUANTS), ("STRATEGY", STRATEGIES),
                               ("OPTIMIZER", OPTIMIZERS), ("ACCELERATOR", ("auto", "cuda", "cpu")),
-                              ("COMPILE", COMPILES), ("GRAD_CP", GRAD_CPS)):
+                              ("COMPILE", COMPILES), ("GRAD_CP", GRAD_CPS), ("LORA_SCALING", LORA_SCALINGS)):
             choice(name, allowed)
+        self._check_scaling()
         for p in self.TRAIN_PARTS:
             if p not in PARTS:
                 raise UserError(f"TRAIN_PARTS has {p!r}, which is not one of: {' '.join(PARTS)}.",
@@ -232,6 +234,15 @@ class TrainConfig:
             raise UserError(f"WANDB={self.WANDB} but the wandb package is not installed.",
                             "pip install wandb (and run `wandb login` once), or set WANDB=\"\"")
         self._check_not_yet_available()
+
+    def _check_scaling(self) -> None:
+        """LORA_SCALING=rslora changes how LORA_ALPHA scales the update: refused for a method without that scale."""
+        from .peft import get_method
+        if self.LORA_SCALING != "standard" and not get_method(self.FINETUNE_MODE).SCALED_BY_ALPHA:
+            scaled = " or ".join(m for m in MODES if get_method(m).SCALED_BY_ALPHA)
+            raise UserError(f"LORA_SCALING={self.LORA_SCALING} changes the LORA_ALPHA scaling of the update, which "
+                            f"FINETUNE_MODE={self.FINETUNE_MODE} does not have (only {scaled} scale by alpha).",
+                            f"set LORA_SCALING=standard, or FINETUNE_MODE to {scaled}")
 
     def _check_validation(self) -> None:
         """VALID_DATA or VALID_FRACTION, and what needs one of them."""

@@ -59,6 +59,8 @@ class ParamTable:
     trained_base: int        # base elements among ``trained`` (TRAIN_PARTS; full: all but v7's unused three)
     trained_small: int = 0   # trained elements in tensors of fewer than BNB_MIN_8BIT (adamw8bit keeps fp32 states)
     block_streamed: int = 0  # frozen elements of one block that OFFLOAD_BLOCKS streams (offload.STREAM_MIN_NUMEL)
+    block_saved: int = 0     # elements per token one block's adapted linears keep for backward beyond the method's
+                             # ACT_FAMILY row (LinearCounts.saved: DoRA's unscaled outputs)
 
 
 def _quantised_bytes(quant: str, shape: tuple[int, ...]) -> int:
@@ -88,7 +90,7 @@ def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
     lowrank = _LOWRANK[sizes.version]
     c = dict.fromkeys(("total", "trained", "frozen", "quantised", "qbytes", "buffers", "matmul", "head", "adapter_mm",
                        "adapter_step", "trained_mm", "adapted", "largest", "block_t", "block_p", "block_tmm",
-                       "trained_base", "small", "streamed"), 0)
+                       "trained_base", "small", "streamed", "block_saved"), 0)
     head_trained = False
     for key, shape, mult in shapes:
         n = math.prod(shape)
@@ -131,10 +133,11 @@ def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
             c["adapter_mm"] += own.matmul * mult
             c["buffers"] += own.buffers * mult
             c["adapter_step"] += own.rebuild_flops * mult
+            c["block_saved"] += own.saved if in_block else 0
     for n in method.extra_trained(sizes):
         c["trained"] += n
         c["small"] += n if n < BNB_MIN_8BIT else 0
     return ParamTable(c["total"], c["trained"], c["frozen"], c["quantised"], c["qbytes"], c["buffers"], c["matmul"],
                       c["head"], c["adapter_mm"], c["adapter_step"], c["trained_mm"], c["adapted"], c["largest"],
                       c["block_t"], c["block_p"], c["block_tmm"], head_trained, c["trained_base"], c["small"],
-                      c["streamed"])
+                      c["streamed"], c["block_saved"])

@@ -122,6 +122,8 @@ def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None
                           or k.startswith(off_prefixes))      # () when nothing is streamed: False
     model = checkpoint.load_model(cfg.model_path, dtype=plan.weight_dtype, device=device, keep_on_cpu=keep)
     method = plan.method
+    if method.NOTE:                          # e.g. that FINETUNE_MODE=miss is Bone under its new name
+        log(method.NOTE)
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
     off = offload.setup(model, plan.offload_blocks, device, dtype=plan.weight_dtype)
     if off is not None:

@@ -30,7 +30,8 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
                products). The top blocks go back first, so the peak is the larger of all that plus a plain
                block's backward work and the fully checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
-             time or ln)·C + the method's act_per_linear per adapted linear, per token; family: the method's
+             time or ln)·C + the method's act_per_linear per adapted linear + ADAPTED_SAVED_BYTES × the
+             block's LinearCounts.saved elements (DoRA's unscaled outputs), per token; family: the method's
              ACT_FAMILY; casts = CAST_BYTES × the block's trained matrix elements (autocast's bf16 copies of
              fp32 weights) + KEPT_PER_ADAPTED × the block's adapted weights
   layer      one block while the backward pass runs through it: (BWD_WORK + WKV_WORK[op])·C·BT
@@ -89,6 +90,8 @@ PARTS_ACT = {7: 33.0, 6: 20.5, 5: 16.0}   # TRAIN_PARTS time and/or ln: their in
 CP_SAVED = {"bf16": 2.0, "fp16": 4.0, "fp32": 4.0}   # checkpointed: each block keeps its input (the residual
                                          # stream: bf16 under bf16 autocast, else fp32; plan.activation_dtype)
 CAST_BYTES = 2.0                         # per trained matrix element: autocast's bf16 copy, kept for backward
+ADAPTED_SAVED_BYTES = 2.0                # per element a method's linear keeps beyond its family's row (counts'
+                                         # block_saved: DoRA's unscaled outputs, bf16 under autocast)
 BWD_WORK = {True: 50.0, False: 30.0}     # a block's backward temporaries (its activations' gradients), by checkpointing
 FFN_HIDDEN = 14.0                        # of those, per token per FFN channel (F = ffn_dim), checkpointed: seven bf16
                                          # [B·T, F] tensors alive at once; in pieces (model.ffn_pieces) they exist
@@ -240,6 +243,7 @@ def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[
         layer += PARTS_ACT[v] * scale * C
     if t.adapted_layers:
         layer += method.act_per_linear() * t.adapted_layers / L
+    layer += ADAPTED_SAVED_BYTES * t.block_saved
     cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
     fixed = cast * t.block_trained_mm + method.KEPT_PER_ADAPTED * t.block_targets
 

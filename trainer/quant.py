@@ -1,6 +1,6 @@
 """QUANT=int8 | nf4: keep the frozen base weights of the attention / FFN linear layers quantised (QLoRA).
 
-The adapter (LoRA, PiSSA, Bone, Bat, the state) trains in bf16/fp32 as usual; only the frozen base
+The adapter (LoRA, DoRA, PiSSA, Bone, Bat, the state) trains in bf16/fp32 as usual; only the frozen base
 product ``W x`` of each of these layers reads W from a quantised copy, dequantised one layer at a time
 inside the forward and again inside the backward (never kept for the backward, see ``_quant_mm``).
 
@@ -110,7 +110,8 @@ def check_quant(quant: str, finetune_mode: str, device=None) -> None:
     if finetune_mode == "full":
         raise UserError(f"QUANT={quant} with FINETUNE_MODE=full: full fine-tuning trains every weight, and a "
                         "quantised weight cannot be trained.",
-                        "set QUANT=none for full fine-tuning, or use lora / pissa / bone / bat / state with QUANT")
+                        "set QUANT=none for full fine-tuning, or use an adapter method (lora, dora, pissa, bone, "
+                        "bat, state) with QUANT")
     if device is not None:
         why = quant_unavailable_reason(device, quant)
         if why:
@@ -258,7 +259,7 @@ class _QuantStore:
 
 
 class _QuantAdapted(_QuantStore):
-    """Mixed in front of an AdaptedLinear subclass (LoraLinear, PissaLinear, BoneLinear, BatLinear): the
+    """Mixed in front of an AdaptedLinear subclass (LoraLinear, DoraLinear, PissaLinear, BoneLinear, ...): the
     class of the module is swapped in place, so it stays an instance of its method's class."""
 
     def base_forward(self, x: Tensor) -> Tensor:
@@ -353,6 +354,7 @@ def quantize_model(model: nn.Module, quant: str, device=None) -> QuantReport | N
             w = m._parameters.pop("weight")
             m.__class__ = _quant_class(type(m))
             m._store(w, quant, device)
+            m.base_changed()                 # what the method computed from W, from the quantised one (DoRA)
         elif isinstance(m, nn.Linear):
             w = m.weight
             q = QuantLinear(m, quant, device)

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402  (a gradio dependency)
 
-from trainer.config import COMPILES, DATALOADS, GRAD_CPS, LOSS_MASKS, MODES, OPTIMIZERS, PARTS, PRECISIONS, QUANTS, \
-    SCHEDULES, STRATEGIES, TRAIN_TYPES  # noqa: E402
+from trainer.config import COMPILES, DATALOADS, GRAD_CPS, LORA_SCALINGS, LOSS_MASKS, MODES, OPTIMIZERS, PARTS, \
+    PRECISIONS, QUANTS, SCHEDULES, STRATEGIES, TRAIN_TYPES  # noqa: E402
 from trainer.data.sources import ENDINGS  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -39,7 +39,7 @@ from .progress import SERIES_COLORS, loss_frame, progress_markdown  # noqa: E402
 CHOICES: dict[str, tuple[str, ...]] = {
     "FINETUNE_MODE": MODES, "DATALOAD": DATALOADS, "LOSS_MASK": LOSS_MASKS, "LR_SCHEDULE": SCHEDULES,
     "TRAIN_TYPE": TRAIN_TYPES, "PRECISION": PRECISIONS, "QUANT": QUANTS, "STRATEGY": STRATEGIES,
-    "OPTIMIZER": OPTIMIZERS,
+    "OPTIMIZER": OPTIMIZERS, "LORA_SCALING": LORA_SCALINGS,
     "ACCELERATOR": ("auto", "cuda", "cpu"), "OP": ("auto", "triton", "fla", "rwkvfla", "chunk", "torch"),
     "GRAD_CP": GRAD_CPS, "COMPILE": COMPILES, "RESUME": ("0", "1"), "L2WRAP": ("0", "1"),
 }

@@ -1,4 +1,4 @@
-"""Fine-tuning methods behind one interface (see base.py): lora, pissa, bone, bat, state, full.
+"""Fine-tuning methods behind one interface (see base.py): lora, dora, pissa, bone (miss), bat, state, full.
 
     from trainer.peft import get_method
     method = get_method(cfg.FINETUNE_MODE)(settings)
@@ -17,12 +17,18 @@ def get_method(name: str) -> type[Method]:
     if name == "lora":
         from .lora import LoRA
         return LoRA
+    if name == "dora":
+        from .dora import DoRA
+        return DoRA
     if name == "pissa":
         from .pissa import PiSSA
         return PiSSA
     if name == "bone":
         from .disha import Bone
         return Bone
+    if name == "miss":
+        from .disha import MiSS
+        return MiSS
     if name == "bat":
         from .disha import Bat
         return Bat

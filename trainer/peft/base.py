@@ -1,6 +1,6 @@
 """What every fine-tuning method shares: the interface, the adapted linear layer, TRAIN_PARTS.
 
-A method (one file each: lora, pissa, disha, state, full) subclasses ``Method`` and is used by the
+A method (one file each: lora, dora, pissa, disha, state, full) subclasses ``Method`` and is used by the
 trainer, the checkpoint code and merge only through this interface:
 
     method = get_method("lora")({"r": 64, "alpha": 128, "dropout": 0.0})
@@ -19,7 +19,8 @@ receptance (those that exist in the model's version). Each is replaced by an ``A
 the frozen base weight as its parameter ``weight`` (so ``blocks.0.att.key.weight`` stays the state-dict
 key) and computes the base product only in ``base_forward``. A quantised base (``trainer/quant.py``)
 overrides exactly two methods: ``base_forward(x)`` and ``base_weight()`` (the dequantised weight, used
-by Bat and by anything that needs W itself).
+by Bat and by anything that needs W itself), and calls ``base_changed()`` once its storage replaced W (DoRA
+keeps the rows' squared norms of W and takes them again from the dequantised weight there).
 
 TRAIN_PARTS adds, by name rule (so every RWKV version is covered without lists per version):
   emb   emb.weight
@@ -156,6 +157,9 @@ class AdaptedLinear(nn.Module):
         """The base weight as a float tensor [out, in] (dequantised where stored quantised)."""
         return self.weight
 
+    def base_changed(self) -> None:
+        """The base weight's storage was replaced (quantize_model): refresh what was computed from W."""
+
     def delta_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -198,7 +202,9 @@ class LinearCounts:
     pieces: tuple[int, ...]         # the sizes of its trained tensors (adamw8bit keeps small ones in fp32)
     matmul: int                     # elements multiplied with every token
     buffers: int = 0                # untrained elements it keeps (PiSSA's initial A and B)
-    rebuild_flops: int = 0          # FLOPs to rebuild its ΔW once per forward pass (Bat)
+    rebuild_flops: int = 0          # FLOPs to rebuild its ΔW once per forward pass (Bat; DoRA's row norms)
+    saved: int = 0                  # elements per token it keeps for the backward pass beyond its ACT_FAMILY's
+                                    # row (DoRA: its unscaled output, which the magnitude's gradient needs)
 
 
 class Method:
@@ -206,6 +212,8 @@ class Method:
 
     name: str = ""
     TITLE: str = ""          # the method in words ("LoRA", "full fine-tuning")
+    NOTE: str = ""           # a line the run prints before training (MiSS: that it is Bone under a new name)
+    SCALED_BY_ALPHA = False  # its update is scaled by LORA_ALPHA, so LORA_SCALING applies (LoRA, DoRA)
     # Suffixes of the method's own tensors, e.g. ("lora_A", "lora_B"): "blocks.0.att.key.lora_A".
     SUFFIXES: tuple[str, ...] = ()
     # Suffixes of untrained tensors the adapter file holds too (PiSSA's initial A and B).

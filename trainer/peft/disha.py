@@ -10,6 +10,8 @@ Bat (block affine, uses W)                 ``disha`` D [in/r, r, r]  (one r × r
     ΔW_ab = W_ab D_b + D_b     — every block of W multiplied by its column's shared matrix, plus it.
 
 These are the layouts RWKV-PEFT uses for its ``.disha`` tensors (Bone [r, out], Bat [in/r, r, r]).
+RWKV-PEFT has since renamed Bone (DiSHA) to MiSS: FINETUNE_MODE=miss is Bone under that name (``MiSS``), the
+same tensors, settings and steps; its files record "miss" and the merged file is named after it.
 Settings: ``{"r": DISHA_R}``; r must divide every adapted layer width. Merge: W + ΔW(W_base) in fp32.
 """
 from __future__ import annotations
@@ -130,6 +132,13 @@ class Bone(_DiSHA):
     @staticmethod
     def _delta(w: Tensor, d: Tensor) -> Tensor:
         return bone_delta(d, tuple(w.shape))
+
+
+class MiSS(Bone):
+    TITLE = "MiSS"
+    name = "miss"
+    NOTE = ("FINETUNE_MODE=miss: MiSS is RWKV-PEFT's current name for Bone (DiSHA); it trains exactly as "
+            "FINETUNE_MODE=bone would (DISHA_R is its block size), and its files are named miss")
 
 
 class Bat(_DiSHA):

@@ -184,7 +184,8 @@ class TrainConfig:
         for name in ("SVD_NITER", "WARMUP_STEPS", "INITIAL_CTX_LEN", "CTX_WARMUP_STEPS", "SEED", "VALID_EVERY",
                      "EARLY_STOP"):
             positive(name, zero_ok=True)
-        self._check_validation()
+        from .validate import check_settings    # the validation set's rules likewise
+        check_settings(self)
         self._check_sizes()
         if not (self.LORA_ALPHA > 0 and math.isfinite(self.LORA_ALPHA)):
             raise UserError(f"LORA_ALPHA={self.LORA_ALPHA} must be a number more than 0.",
@@ -215,6 +216,14 @@ class TrainConfig:
         if self.RESUME and self.OVERWRITE:
             raise UserError("RESUME=1 and OVERWRITE=1 contradict each other: continue the run in OUTPUT, or "
                             "replace it.", "set OVERWRITE=0 to continue it, or RESUME=0 to start afresh over it")
+        self._check_names()
+        if self.WANDB and not wandb_installed():
+            raise UserError(f"WANDB={self.WANDB} but the wandb package is not installed.",
+                            "pip install wandb (and run `wandb login` once), or set WANDB=\"\"")
+        self._check_not_yet_available()
+
+    def _check_names(self) -> None:
+        """MODEL and DATA given; no NUL anywhere; the file and folder names short enough and names, not folders."""
         if not self.MODEL:
             raise UserError("MODEL is empty.", "set MODEL in training.sh to the base model's file name in model/")
         if not self.DATA:
@@ -225,15 +234,12 @@ class TrainConfig:
             if isinstance(v, str) and "\x00" in v:
                 raise UserError(f"{f.name} holds a NUL character (\\x00), which no file name or setting may hold.",
                                 f"retype {f.name}")
-        for name, example in (("MODEL", "rwkv7-g1-0.1b.pth"), ("DATA", "sample"), ("OUTPUT", "output")):
+        names = [("MODEL", "rwkv7-g1-0.1b.pth"), ("DATA", "sample"), ("OUTPUT", "output")]
+        for name, example in names + ([("VALID_DATA", "sample.valid")] if self.VALID_DATA else []):
             check_name_lengths(name, getattr(self, name), f"set {name} in training.sh to a shorter name")
             if not Path(getattr(self, name)).name:
                 raise UserError(f"{name}={getattr(self, name)!r} names a folder, not a file name.",
                                 f"set {name} in training.sh to a name, e.g. {name}=\"{example}\"")
-        if self.WANDB and not wandb_installed():
-            raise UserError(f"WANDB={self.WANDB} but the wandb package is not installed.",
-                            "pip install wandb (and run `wandb login` once), or set WANDB=\"\"")
-        self._check_not_yet_available()
 
     def _check_scaling(self) -> None:
         """LORA_SCALING=rslora changes how LORA_ALPHA scales the update: refused for a method without that scale."""
@@ -243,26 +249,6 @@ class TrainConfig:
             raise UserError(f"LORA_SCALING={self.LORA_SCALING} changes the LORA_ALPHA scaling of the update, which "
                             f"FINETUNE_MODE={self.FINETUNE_MODE} does not have (only {scaled} scale by alpha).",
                             f"set LORA_SCALING=standard, or FINETUNE_MODE to {scaled}")
-
-    def _check_validation(self) -> None:
-        """VALID_DATA or VALID_FRACTION, and what needs one of them."""
-        f = self.VALID_FRACTION
-        if not (0 <= f < 1):
-            raise UserError(f"VALID_FRACTION={f} must be at least 0 and less than 1.",
-                            "hold out a small share, e.g. VALID_FRACTION=0.05, or 0 for no validation set")
-        if f > 0 and self.VALID_DATA:
-            raise UserError(f"VALID_DATA={self.VALID_DATA} and VALID_FRACTION={f} both give a validation set.",
-                            "set one of them: VALID_DATA=\"\" to hold items out of DATA, or VALID_FRACTION=0")
-        if self.VALID_DATA and self.VALID_DATA == self.DATA:
-            raise UserError(f"VALID_DATA={self.VALID_DATA} is the training data: its loss says nothing about "
-                            "items the model has not seen.", "use held-out data (make_tokenize.sh --valid 0.05 "
-                            "writes NAME.valid), or VALID_FRACTION=0.05")
-        if not self.has_validation:
-            for name in ("VALID_EVERY", "EARLY_STOP"):
-                if getattr(self, name):
-                    raise UserError(f"{name}={getattr(self, name)} needs a validation set, and there is none.",
-                                    "set VALID_DATA (e.g. NAME.valid from make_tokenize.sh --valid 0.05) or "
-                                    f"VALID_FRACTION=0.05, or {name}=0")
 
     def _check_init(self) -> None:
         """INIT_ADAPTER and PISSA_INIT, without reading them (check_files reads them: init_adapter.load)."""

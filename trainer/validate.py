@@ -56,6 +56,27 @@ def split_data(cfg) -> tuple:
     return data, None
 
 
+def check_settings(cfg) -> None:
+    """VALID_DATA or VALID_FRACTION, and what needs one of them."""
+    f = cfg.VALID_FRACTION
+    if not (0 <= f < 1):
+        raise UserError(f"VALID_FRACTION={f} must be at least 0 and less than 1.",
+                        "hold out a small share, e.g. VALID_FRACTION=0.05, or 0 for no validation set")
+    if f > 0 and cfg.VALID_DATA:
+        raise UserError(f"VALID_DATA={cfg.VALID_DATA} and VALID_FRACTION={f} both give a validation set.",
+                        "set one of them: VALID_DATA=\"\" to hold items out of DATA, or VALID_FRACTION=0")
+    if cfg.VALID_DATA and cfg.VALID_DATA == cfg.DATA:
+        raise UserError(f"VALID_DATA={cfg.VALID_DATA} is the training data: its loss says nothing about "
+                        "items the model has not seen.", "use held-out data (make_tokenize.sh --valid 0.05 "
+                        "writes NAME.valid), or VALID_FRACTION=0.05")
+    if not cfg.has_validation:
+        for name in ("VALID_EVERY", "EARLY_STOP"):
+            if getattr(cfg, name):
+                raise UserError(f"{name}={getattr(cfg, name)} needs a validation set, and there is none.",
+                                "set VALID_DATA (e.g. NAME.valid from make_tokenize.sh --valid 0.05) or "
+                                f"VALID_FRACTION=0.05, or {name}=0")
+
+
 def check_valid_data(valid, name: str) -> None:
     """Refuses validation data with nothing to predict."""
     sizes = np.asarray(valid.sizes, dtype=np.int64)

@@ -84,3 +84,91 @@ def test_7b_is_refused_in_one_line(tmp_path, capsys):
         load_model(path)
     text = str(e.value)
     assert "RWKV-7b" in text and "grows with the text" in text and "RWKV-7a" in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------------------ training
+def _project(root):
+    import numpy as np
+
+    from trainer.data.binidx import write_binidx
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    save_atomic(random_model_7a(2, 128, 256, seed=2).state_dict(), root / "model" / "tiny7a.pth")
+    rng = np.random.default_rng(1)
+    write_binidx(root / "data" / "toy", [list(rng.integers(1, 256, size=rng.integers(12, 30))) + [0]
+                                          for _ in range(8)])
+
+
+def _config(**kw):
+    from trainer.config import TrainConfig
+    env = dict(MODEL="tiny7a.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="8",
+               LORA_ALPHA="16", PISSA_R="8", DISHA_R="32", CTX_LEN="32", MICRO_BSZ="2", EPOCH_STEPS="4",
+               EPOCH_COUNT="3", PRECISION="fp32", LR_INIT="1e-2", LR_FINAL="1e-2", OP="chunk",
+               GRAD_CP="0", SAMPLE_PROMPT="ab")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+def _is_de(k):
+    from trainer.deepembed import is_deep_embed
+    return is_deep_embed(k)
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora", "pissa", "bone", "miss", "bat", "state", "full"])
+def test_every_method_trains_a_7a_model_deep_embed_frozen(tmp_path, monkeypatch, mode):
+    import numpy as np
+
+    from trainer import checkpoint
+    from trainer.loop import train
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)
+    lr = "0.5" if mode == "state" else ("2e-3" if mode == "full" else "1e-2")
+    res = train(_config(FINETUNE_MODE=mode, LR_INIT=lr, LR_FINAL=lr, GRAD_CP=int(mode == "state")),
+                progress=False, log=lambda *_: None)
+    assert len(res.losses) == 12 and not res.interrupted
+    assert np.mean(res.losses[-4:]) < np.mean(res.losses[:4]) - 0.05, res.losses
+    tensors, _ = checkpoint.load_adapter(tmp_path / "output" / "rwkv-2.pth")
+    base = checkpoint.load_checkpoint(tmp_path / "model" / "tiny7a.pth")
+    de = [k for k in tensors if _is_de(k)]
+    if mode == "full":                    # the whole model is saved, its DeepEmbed as it was
+        assert len(de) == 10 and all(torch.equal(tensors[k], base[k]) for k in de)
+    else:
+        assert not de
+
+
+def test_train_parts_deepembed_trains_them(tmp_path, monkeypatch):
+    from trainer import checkpoint
+    from trainer.loop import train
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)
+    res = train(_config(TRAIN_PARTS="deepembed time", EPOCH_COUNT=1), progress=False, log=lambda *_: None)
+    assert not res.interrupted
+    tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-0.pth")
+    base = checkpoint.load_checkpoint(tmp_path / "model" / "tiny7a.pth")
+    de = sorted(k for k in tensors if _is_de(k))
+    assert len(de) == 10 and all(not torch.equal(tensors[k], base[k]) for k in de)
+    assert "blocks.0.ffn.x_k" in tensors                      # time: the other FFN vectors, not s0/s1/s2 twice
+
+
+def test_parts_rules_and_param_table():
+    import dataclasses
+
+    from trainer.checkpoint import config_from_sizes
+    from trainer.counts import param_table
+    from trainer.peft.base import part_names, part_of
+    names = ["blocks.0.ffn.s1", "blocks.0.ffn.s0", "blocks.0.ffn.x_k", "blocks.3.ffn.s_emb.weight",
+             "blocks.3.ffn.s_emb_x.weight", "blocks.0.ffn.key.weight"]
+    assert part_names(names, ("time",)) == ["blocks.0.ffn.x_k"]
+    assert part_names(names, ("deepembed",)) == [names[0], names[1], names[3], names[4]]
+    assert [part_of(n) for n in names] == ["deepembed", "deepembed", "time", "deepembed", "deepembed", None]
+    plain = config_from_sizes(7, 12, 768, 65536)
+    sizes = dataclasses.replace(plain, deep_embed=32)
+    de_per_layer = 65536 * 1024 + 1024 * 768 + 768 * 32 + 32 * 3072 + 3072
+    for mode, parts in (("lora", ""), ("full", ""), ("lora", "deepembed"), ("full", "deepembed")):
+        cfg = _config(FINETUNE_MODE=mode, TRAIN_PARTS=parts)
+        a, b = param_table(cfg, plain), param_table(cfg, sizes)
+        assert b.total - a.total == 12 * de_per_layer               # 0.8B numbers on a 0.1B model
+        trained = 12 * de_per_layer if parts else 0
+        assert b.trained - a.trained == trained
+        assert b.frozen - a.frozen == 12 * de_per_layer - trained

@@ -172,3 +172,83 @@ def test_parts_rules_and_param_table():
         trained = 12 * de_per_layer if parts else 0
         assert b.trained - a.trained == trained
         assert b.frozen - a.frozen == 12 * de_per_layer - trained
+
+
+# ------------------------------------------------------------------------------------------ merge
+MERGE_RUNS = {"lora": ("lora", "ln"), "dora": ("dora", ""), "pissa": ("pissa", ""), "bone": ("bone", ""),
+              "bat": ("bat", ""), "full": ("full", ""), "lora-de": ("lora", "deepembed time")}
+MERGE_TOKENS = [t % 256 for t in TOKENS[:12]]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """Every method trained 2 steps on a 7a model, merged in fp32, run in the package with RWKV_DE_VERSION=1."""
+    import os
+
+    from trainer import checkpoint
+    from trainer.loop import train
+    root = tmp_path_factory.mktemp("de_merge")
+    (root / "data").mkdir()
+    cwd = os.getcwd()
+    os.chdir(root)
+    res, jobs = {}, []
+    try:
+        _project(root)
+        for name, (mode, parts) in MERGE_RUNS.items():
+            lr = "2e-3" if mode == "full" else "1e-2"
+            train(_config(FINETUNE_MODE=mode, OUTPUT=f"out-{name}", TRAIN_PARTS=parts, EPOCH_STEPS=2, EPOCH_COUNT=1,
+                          LR_INIT=lr, LR_FINAL=lr), progress=False, log=lambda *_: None)
+            r = checkpoint.merge_epoch(0, output_dir=f"out-{name}", merge_dir=f"merge-{name}", dtype="fp32")
+            model = checkpoint.load_model("model/tiny7a.pth", dtype=torch.float32)
+            model.op = "chunk"
+            with torch.no_grad():
+                base = model(torch.tensor([MERGE_TOKENS]))[0]
+            checkpoint.attach_adapter(model, f"out-{name}/rwkv-0.pth", "model/tiny7a.pth")
+            with torch.no_grad():
+                ours = model(torch.tensor([MERGE_TOKENS]))[0]
+            res[name] = {"result": r, "ours": ours, "base": base, "job": len(jobs)}
+            jobs.append({"model": str(root / r.model), "tokens": MERGE_TOKENS})
+    finally:
+        os.chdir(cwd)
+    out = run_rwkv_package("7a", jobs)
+    for e in res.values():
+        e["pkg"] = out[e["job"]]["logits"]
+    return res, root
+
+
+@pytest.mark.parametrize("name", list(MERGE_RUNS))
+def test_merged_7a_in_rwkv_package_equals_adapter(merged, name):
+    from trainer.checkpoint import load_checkpoint
+    res, root = merged
+    e = res[name]
+    assert (e["ours"] - e["base"]).abs().max() > 1e-3, "training changed nothing: the test would prove nothing"
+    _close(e["pkg"], e["ours"], atol=1e-4)
+    sd = load_checkpoint(root / e["result"].model)
+    base = load_checkpoint(root / "model" / "tiny7a.pth")
+    assert set(sd) == set(base)                   # the released layout: s_emb and s_emb_x as stored, unfolded
+    assert tuple(sd["blocks.1.ffn.s_emb.weight"].shape) == (256, 1024)
+    assert torch.equal(sd["blocks.1.ffn.s_emb_x.weight"], base["blocks.1.ffn.s_emb_x.weight"]) == (name != "lora-de")
+
+
+def test_printed_snippet_sets_de_version_and_matches(merged):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tools import merge as merge_tool
+    res, root = merged
+    e = res["lora"]
+    text = merge_tool.usage_text(e["result"])
+    assert 'os.environ["RWKV_DE_VERSION"] = "1"' in text and "RWKV-7a" in text
+    code = text.split("the rwkv package (pip install rwkv):\n")[1]
+    code = "\n".join(line[4:] for line in code.splitlines() if line.startswith("    "))
+    code = code.replace("[token ids]", str(MERGE_TOKENS)).replace('"cuda fp16"', '"cpu fp32"')
+    code += "\nimport json; print('LOGITS', json.dumps([float(x) for x in logits]))"
+    env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RWKV_V7_ON", None)
+    env.pop("RWKV_DE_VERSION", None)
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, text=True, capture_output=True, timeout=300)
+    assert p.returncode == 0, code + "\n" + p.stdout[-2000:] + p.stderr[-2000:]
+    got = torch.tensor(json.loads(p.stdout.split("LOGITS ")[-1]))
+    _close(got, e["ours"][-1], atol=1e-4)

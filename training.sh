@@ -23,7 +23,7 @@ LORA_SCALING="standard"   # lora / dora: standard = LORA_ALPHA/LORA_R | rslora =
 PISSA_R=64                # pissa: rank
 SVD_NITER=4               # pissa: power iterations of the fast SVD at start-up; 4 is plenty
 DISHA_R=64                # bone / miss / bat: block size; must divide the model width (64 works for every released size)
-TRAIN_PARTS=""            # also train: any of "emb head time ln"; empty = only the method (time = the time-mix vectors and matrices)
+TRAIN_PARTS=""            # also train: any of "emb head time ln deepembed"; empty = only the method (time = the time-mix vectors and matrices; deepembed = RWKV-7a's DeepEmbed tensors)
 
 # ---------------------------------------------------------------- data
 CTX_LEN=512               # tokens per sample: make_tokenize.sh suggests one; state tuning likes it short (512)

@@ -26,7 +26,7 @@ _SCRIPT = r"""
 import sys, torch
 torch.set_num_threads(1)
 jobs = torch.load(sys.argv[1], weights_only=False)
-v7 = sys.argv[3] == '7'
+v7 = sys.argv[3] in ('7', '7a')
 from rwkv.model import RWKV
 
 def to_pkg(state):
@@ -75,7 +75,7 @@ torch.save(results, sys.argv[2])
 
 
 class _Run:
-    def __init__(self, version: int, jobs: list[dict]):
+    def __init__(self, version: int | str, jobs: list[dict]):
         self.dir = tempfile.TemporaryDirectory(prefix="rwkv_ref_")
         self.jobs_path = os.path.join(self.dir.name, "jobs.pt")
         self.out_path = os.path.join(self.dir.name, "out.pt")
@@ -83,8 +83,11 @@ class _Run:
         env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0", CUDA_VISIBLE_DEVICES="",
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         env.pop("RWKV_V7_ON", None)
-        if version == 7:
+        env.pop("RWKV_DE_VERSION", None)
+        if version in (7, "7a"):
             env["RWKV_V7_ON"] = "1"
+        if version == "7a":                   # RWKV-7a (DeepEmbed): the package reads it at import
+            env["RWKV_DE_VERSION"] = "1"
         self.proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, self.jobs_path, self.out_path, str(version)],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -98,8 +101,9 @@ class _Run:
             self.dir.cleanup()
 
 
-def run_rwkv_package(version: int, jobs: list[dict], timeout: float = 600) -> list[dict]:
-    """Results of the rwkv package for ``jobs`` (see the module doc). v5 and v6 may share one call."""
+def run_rwkv_package(version: int | str, jobs: list[dict], timeout: float = 600) -> list[dict]:
+    """Results of the rwkv package for ``jobs`` (see the module doc). v5 and v6 may share one call; version "7a"
+    runs RWKV-7a (DeepEmbed) files with RWKV_DE_VERSION=1."""
     return _Run(version, jobs).wait(timeout)
 
 
@@ -126,4 +130,30 @@ def random_model(version: int, n_layer: int = 2, n_embd: int = 128, vocab_size: 
                 p.add_(r * 0.5 / max(p.shape[-2:]) ** 0.5)
             else:
                 p.add_(r * 0.1)
+    return model
+
+
+def random_model_7a(n_layer: int = 2, n_embd: int = 128, vocab_size: int = 1024, seed: int = 0, rank: int = 32,
+                    head_size: int = 64):
+    """random_model(7) with RWKV-7a's DeepEmbed tensors (trainer/deepembed.py) drawn so that the FFN's gate moves
+    well away from 1 (about 1 +- 0.3, different for every token and position), not the identity it starts as."""
+    import dataclasses
+
+    from trainer.checkpoint import config_from_sizes, init_model
+
+    cfg = dataclasses.replace(config_from_sizes(7, n_layer, n_embd, vocab_size, head_size), deep_embed=rank)
+    model = init_model(cfg, seed)
+    base = random_model(7, n_layer, n_embd, vocab_size, seed, head_size)
+    g = torch.Generator().manual_seed(2000 + seed)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p in base.named_parameters():
+            params[name].copy_(p)
+        for blk in model.blocks:
+            f = blk.ffn
+            f.s_emb.weight.copy_(torch.randn(f.s_emb.weight.shape, generator=g) * 0.2 / rank ** 0.5)
+            f.s_emb_x.weight.copy_(torch.randn(f.s_emb_x.weight.shape, generator=g) * 0.2 / (rank * n_embd) ** 0.5)
+            f.s1.copy_(torch.randn(f.s1.shape, generator=g) / n_embd ** 0.5)
+            f.s2.copy_(torch.randn(f.s2.shape, generator=g) / rank ** 0.5)
+            f.s0.copy_(1 + 0.1 * torch.randn(f.s0.shape, generator=g))
     return model

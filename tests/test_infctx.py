@@ -16,7 +16,7 @@ from trainer.infctx import (InfctxLoss, check_infctx, chunk_bounds, ctx_len_at, 
 from trainer.loop import masked_loss
 from trainer.peft import get_method
 
-from rwkv_ref import random_model
+from rwkv_ref import random_model, random_model_7a
 
 VOCAB = 128
 SETTINGS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "dora": {"r": 4, "alpha": 8},
@@ -24,12 +24,14 @@ SETTINGS = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "dora": {"r": 4, "alph
 TOL = 1e-5
 
 
-def build(version, mode, op="torch", grad_cp=False, seed=0, **settings):
-    """A tiny model (2 layers, 64 wide, 2 heads of 32) with ``mode`` applied and every trainable tensor
-    moved off its init (LoRA B and time_state start at zero: their partners' gradients would be zero)."""
+def build(version, mode, op="torch", grad_cp=False, seed=0, train_parts=(), **settings):
+    """A tiny model (2 layers, 64 wide, 2 heads of 32; version "7a": RWKV-7 with DeepEmbed) with ``mode`` applied
+    and every trainable tensor moved off its init (LoRA B and time_state start at zero: their partners' gradients
+    would be zero)."""
     torch.manual_seed(seed)
-    model = random_model(version, 2, 64, vocab_size=VOCAB, seed=seed, head_size=32)
-    get_method(mode)({**SETTINGS[mode], **settings}).apply(model, train_parts=())
+    model = (random_model_7a(2, 64, VOCAB, seed=seed, head_size=32) if version == "7a"
+             else random_model(version, 2, 64, vocab_size=VOCAB, seed=seed, head_size=32))
+    get_method(mode)({**SETTINGS[mode], **settings}).apply(model, train_parts=train_parts)
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -92,6 +94,19 @@ def test_equals_whole_sequence(version, mode, grad_cp):
     model = build(version, mode, grad_cp=grad_cp)
     x, y, m = make_batch(2, 43, seed=version, pad=5)
     assert len(chunk_bounds(38, 10)) == 4
+    assert_same(*chunked(model, x, y, m, 10), *whole(model, x, y, m))
+
+
+@pytest.mark.parametrize("train_parts", [(), ("deepembed",)], ids=["frozen", "trained"])
+@pytest.mark.parametrize("mode", ["lora", "state", "full"])
+def test_7a_deep_embed_equals_whole_sequence(mode, train_parts):
+    """RWKV-7a: each chunk's tokens reach its FFNs' DeepEmbed; with TRAIN_PARTS=deepembed its tensors' gradients
+    (the s_emb rows of the tokens of every chunk) equal the whole sequence's too."""
+    model = build("7a", mode, grad_cp=True, train_parts=train_parts)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ("blocks.1.ffn.s_emb.weight" in trained) == bool(train_parts)
+    assert ("blocks.1.ffn.s1" in trained) == bool(train_parts)
+    x, y, m = make_batch(2, 43, seed=7, pad=5)
     assert_same(*chunked(model, x, y, m, 10), *whole(model, x, y, m))
 
 

@@ -99,6 +99,32 @@ def test_param_table_counts_what_the_trainer_builds(monkeypatch, version, mode, 
         assert t.block_streamed == sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
 
 
+@pytest.mark.parametrize("mode,parts", [("lora", ()), ("full", ()), ("full", ("deepembed",)),
+                                        ("state", ("deepembed", "time")), ("bat", ("ln",))])
+def test_7a_deep_embed_counts_as_frozen_base_unless_trained(mode, parts):
+    """RWKV-7a: the DeepEmbed tensors are base weights, frozen (full fine-tuning too) unless TRAIN_PARTS has
+    deepembed: the counts equal the model's with the method applied, and the estimate holds their weights."""
+    from trainer.peft import get_method
+    sizes = dataclasses.replace(config_from_sizes(7, 2, 128, vocab_size=256), deep_embed=32)
+    cfg = cfg_(FINETUNE_MODE=mode, TRAIN_PARTS=" ".join(parts), LORA_R=8, DISHA_R=32)
+    model = init_model(sizes)
+    total = sum(p.numel() for p in model.parameters())
+    method = get_method(mode)(get_method(mode).settings_from(cfg))
+    method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    for name in ("v0", "v1", "v2"):
+        getattr(model.blocks[0].att, name).requires_grad_(False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    t = param_table(cfg, sizes)
+    assert (t.total, t.trained) == (total, trained)
+    de = sum(p.numel() for n, p in model.named_parameters() if ".s_emb" in n or n.rsplit(".", 1)[-1] in
+             ("s0", "s1", "s2"))
+    assert de == 2 * (256 * 1024 + 1024 * 128 + 128 * 32 + 32 * 512 + 512)
+    assert t.frozen + t.trained_base == total and t.frozen >= (0 if "deepembed" in parts else de)
+    big = dataclasses.replace(B15, deep_embed=32)      # a 1.5B 7a: 1.6B DeepEmbed numbers, 3 GiB in bf16
+    a, b = estimate(cfg_(), B15), estimate(cfg_(), big)
+    assert b.peak_allocated - a.peak_allocated >= 2 * 24 * 65536 * 1024
+
+
 @pytest.mark.parametrize("version", [5, 6, 7])
 def test_dora_counts_are_loras_plus_a_magnitude_per_output_row(version):
     """DoRA trains LoRA's A and B plus m [out] per adapted linear: its trained count is LoRA's + the adapted

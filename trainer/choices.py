@@ -5,7 +5,7 @@ line here and its code there."""
 METHODS = ("lora", "dora", "pissa", "bone", "miss", "bat", "state", "full")  # FINETUNE_MODE (trainer/peft);
                                                                   # miss: Bone's current name (RWKV-PEFT's MiSS)
 LORA_SCALINGS = ("standard", "rslora")                            # LORA_SCALING (peft/lora.py lora_scale)
-PARTS = ("emb", "head", "time", "ln")                             # TRAIN_PARTS (peft.base.part_names)
+PARTS = ("emb", "head", "time", "ln", "deepembed")                # TRAIN_PARTS (peft.base.part_names)
 DATALOADS = ("get", "pad", "only")                                # DATALOAD (data/dataset.py)
 LOSS_MASKS = ("none", "pad", "qa")                                # LOSS_MASK (data/masks.py)
 SCHEDULES = ("cos", "wsd", "const")                               # LR_SCHEDULE (schedule.py)

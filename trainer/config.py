@@ -66,7 +66,7 @@ class TrainConfig:
     PISSA_R: int = _var("PiSSA rank", default=64)
     SVD_NITER: int = _var("power iterations of PiSSA's fast randomized SVD", default=4)
     DISHA_R: int = _var("DiSHA (Bone/Bat) block size; must divide the layer widths", default=64)
-    TRAIN_PARTS: tuple[str, ...] = _var("extra parts to train: any of emb head time ln", default=())
+    TRAIN_PARTS: tuple[str, ...] = _var("extra parts to train: any of emb head time ln deepembed", default=())
     # data
     CTX_LEN: int = _var("tokens per training sample", default=512)
     DATALOAD: str = _var("get | pad | only", default="pad")

@@ -77,6 +77,7 @@ def _quantised_bytes(quant: str, shape: tuple[int, ...]) -> int:
 def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
     """Count what the trainer's ``prepare`` would hold for ``cfg`` on a model of ``sizes`` (``method``: cfg's
     fine-tuning method, built from its settings when not given)."""
+    from .deepembed import is_deep_embed
     from .offload import STREAM_MIN_NUMEL
     from .peft import get_method
     from .peft.base import part_names
@@ -109,7 +110,7 @@ def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
             c["head"] += n if key == "head.weight" else 0
         if is_target:
             c["largest"] = max(c["largest"], n)
-        if (method.TRAINS_BASE or key in part_set) and not unused:
+        if ((method.TRAINS_BASE and not is_deep_embed(key)) or key in part_set) and not unused:
             c["trained"] += n * mult
             c["trained_base"] += n * mult
             c["small"] += n * mult if n < BNB_MIN_8BIT else 0

@@ -31,7 +31,8 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
                block's backward work and the fully checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
              time or ln)·C + the method's act_per_linear per adapted linear + ADAPTED_SAVED_BYTES × the
-             block's LinearCounts.saved elements (DoRA's unscaled outputs), per token; family: the method's
+             block's LinearCounts.saved elements (DoRA's unscaled outputs) + DE_SAVED·(r² + F) on an RWKV-7a
+             model (DeepEmbed rank r), per token; family: the method's
              ACT_FAMILY; casts = CAST_BYTES × the block's trained matrix elements (autocast's bf16 copies of
              fp32 weights) + KEPT_PER_ADAPTED × the block's adapted weights
   layer      one block while the backward pass runs through it: (BWD_WORK + WKV_WORK[op])·C·BT
@@ -93,6 +94,9 @@ CAST_BYTES = 2.0                         # per trained matrix element: autocast'
 ADAPTED_SAVED_BYTES = 2.0                # per element a method's linear keeps beyond its family's row (counts'
                                          # block_saved: DoRA's unscaled outputs, bf16 under autocast)
 BWD_WORK = {True: 50.0, False: 30.0}     # a block's backward temporaries (its activations' gradients), by checkpointing
+DE_SAVED = 2.0                           # RWKV-7a (DeepEmbed): per token per layer, bytes per element of its r x r
+                                         # matrix and of the FFN's gate [F], kept for backward (bf16; from the
+                                         # code: trainer/deepembed.py, not measured)
 FFN_HIDDEN = 14.0                        # of those, per token per FFN channel (F = ffn_dim), checkpointed: seven bf16
                                          # [B·T, F] tensors alive at once; in pieces (model.ffn_pieces) they exist
                                          # for one piece at a time
@@ -244,6 +248,7 @@ def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[
     if t.adapted_layers:
         layer += method.act_per_linear() * t.adapted_layers / L
     layer += ADAPTED_SAVED_BYTES * t.block_saved
+    layer += DE_SAVED * (sizes.deep_embed ** 2 + sizes.ffn_dim) if getattr(sizes, "deep_embed", 0) else 0.0
     cast = 0.0 if ds else CAST_BYTES          # without autocast nothing is cast
     fixed = cast * t.block_trained_mm + method.KEPT_PER_ADAPTED * t.block_targets
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .deepembed import add_deep_embed, deep_embed_inputs, deep_gate, deep_mix
 from .head_loss import head_ce_sum
 from .ops import is_traceable, wkv
 
@@ -53,6 +54,7 @@ class ModelConfig:
     d_aaa: int = 0          # v7: a1/a2 rank
     d_mv: int = 0           # v7: v1/v2 rank
     d_gate: int = 0         # v7: g1/g2 rank
+    deep_embed: int = 0     # v7: RWKV-7a's DeepEmbed rank r (trainer/deepembed.py; 32), 0: none
 
     @property
     def n_head(self) -> int:
@@ -214,15 +216,16 @@ def ffn_pieces(tokens: int, piece_tokens: int) -> int:
     return max(n, 1)
 
 
-def _in_pieces(f, x: Tensor, piece_tokens: int) -> Tensor:
+def _in_pieces(f, x: Tensor, piece_tokens: int, *more: Tensor) -> Tensor:
     """f (token-wise: [N, C] -> [N, D]) over x [B, T, C] in ffn_pieces(B·T, piece_tokens) pieces of its
     tokens: the FFN's [N, 4C] hidden tensors, the largest in a checkpointed block's backward pass, then
-    exist for one piece at a time (RWKV.ffn_piece_tokens). The same numbers as f(x)."""
+    exist for one piece at a time (RWKV.ffn_piece_tokens). The same numbers as f(x). ``more``: token-wise
+    tensors [B, T, *] cut alongside x, f's further arguments."""
     B, T, C = x.shape
     n = ffn_pieces(B * T, piece_tokens)
     if n == 1:
-        return f(x)
-    return torch.cat([f(t) for t in x.reshape(B * T, C).chunk(n)]).view(B, T, -1)
+        return f(x, *more)
+    return torch.cat([f(*p) for p in zip(*(a.reshape(B * T, -1).chunk(n) for a in (x, *more)))]).view(B, T, -1)
 
 
 class ChannelMix5(nn.Module):
@@ -267,10 +270,15 @@ class ChannelMix7(nn.Module):
         self.x_k = nn.Parameter(_vec(C))
         self.key = nn.Linear(C, Fd, bias=False)
         self.value = nn.Linear(Fd, C, bias=False)
+        if cfg.deep_embed:                   # RWKV-7a: the key gated per token (trainer/deepembed.py)
+            add_deep_embed(self, cfg)
 
-    def forward(self, x, shift):
-        x = x + (_shift(x, shift) - x) * self.x_k
-        return _in_pieces(lambda t: self.value(torch.relu(self.key(t)) ** 2), x, self.piece_tokens)
+    def forward(self, x, shift, de=None):
+        xk = x + (_shift(x, shift) - x) * self.x_k
+        if de is None:
+            return _in_pieces(lambda t: self.value(torch.relu(self.key(t)) ** 2), xk, self.piece_tokens)
+        return _in_pieces(lambda t, s: self.value(torch.relu(self.key(t)) ** 2 * deep_gate(self, s)), xk,
+                          self.piece_tokens, deep_mix(self, x, de))
 
 
 _CLASSES = {5: (TimeMix5, ChannelMix5), 6: (TimeMix6, ChannelMix6), 7: (TimeMix7, ChannelMix7)}
@@ -290,7 +298,7 @@ class Block(nn.Module):
         self.att = att_cls(cfg, layer_id)
         self.ffn = ffn_cls(cfg, layer_id)
 
-    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, op: str):
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, op: str, de=None):
         # The residual stream keeps the dtype it enters with (RWKV.act_dtype): under autocast the norms
         # return fp32 and would otherwise turn a bf16 stream into fp32 from the first layer on.
         dt = x.dtype
@@ -300,7 +308,7 @@ class Block(nn.Module):
         out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, op)
         x = x + out.to(dt)
         xf = self.ln2(x).to(dt)
-        x = x + self.ffn(xf, ffn_shift).to(dt)
+        x = x + (self.ffn(xf, ffn_shift) if de is None else self.ffn(xf, ffn_shift, de)).to(dt)
         return x, v_first, xa[:, -1].float(), wkv_state, xf[:, -1].float()
 
 
@@ -482,7 +490,7 @@ class RWKV(nn.Module):
         x = self.embed(idx)
         if self.act_dtype is not None and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.act_dtype)     # (without autocast, e.g. DeepSpeed's fp16/bf16 engine: the weights' dtype)
-        v_first = None
+        v_first, de = None, deep_embed_inputs(self, idx, x)      # de: RWKV-7a's tokens for every FFN
         new_state: State = []
         # training: gradient checkpointing (all blocks but the ``plain_top`` top ones), compiled with the block
         # where the op is traced into the graph (else eager); the blocks without it as CUDA graphs where
@@ -511,7 +519,7 @@ class RWKV(nn.Module):
                 att_shift, wkv_state, ffn_shift = zero, blk.att.initial_state(B), zero
             else:
                 att_shift, wkv_state, ffn_shift = state[i]
-            args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op)
+            args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op) + ((de,) if de is not None else ())
             call = (cp_call if i < n_cp - n_kp else kp_call) if i < n_cp else plain_call
             if self.offload is not None:
                 self.offload.before(i)             # its weights in their GPU slot

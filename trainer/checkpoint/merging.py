@@ -201,6 +201,7 @@ class MergeResult:
     model: Path | None = None       # the merged model (None for state tuning without STATE_MODEL)
     state: Path | None = None       # the state file (state tuning)
     notes: list = field(default_factory=list)
+    deep_embed: bool = False        # RWKV-7a (DeepEmbed): the rwkv package needs RWKV_DE_VERSION=1
 
 
 MERGED_FROM = ".merged-from.json"     # MERGE_DIR: which checkpoint each file there was merged from
@@ -299,7 +300,7 @@ def merge_checkpoint(checkpoint, model_dir="model", merge_dir="merge", dtype: st
         tag = name[len("rwkv-"):-len(".pth")] if name.startswith("rwkv-") and name.endswith(".pth") else ckpt.stem
     stem = base_path.name[:-len(".pth")] if base_path.name.endswith(".pth") else base_path.name
     out_dir = Path(merge_dir)
-    res = MergeResult(ckpt, base_path, meta, cfg.version, notes=notes)
+    res = MergeResult(ckpt, base_path, meta, cfg.version, notes=notes, deep_embed=bool(cfg.deep_embed))
     source = str(ckpt.resolve())
     for name in (f"{stem}-state-{tag}.pth", f"{stem}-state-{tag}-model.pth", f"{stem}-{method}-{tag}.pth"):
         if (out_dir / name).is_dir():
@@ -346,6 +347,9 @@ def merge_usage_text(res) -> str:
     """How to use what merge wrote: RWKV-Runner, Ai00, the rwkv package."""
     v7 = res.version == 7
     env = 'import os; os.environ["RWKV_V7_ON"] = "1"   # RWKV-7: before importing rwkv\n    ' if v7 else ""
+    if res.deep_embed:    # without it the package runs a 7a file as plain RWKV-7, silently wrong
+        env = ('import os; os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_DE_VERSION"] = "1"   # RWKV-7a '
+               '(DeepEmbed): both before importing rwkv\n    ')
     lines = []
     if res.state is not None:
         shape = "s" if v7 else "s.transpose(1, 2)"
@@ -373,6 +377,8 @@ def merge_usage_text(res) -> str:
             "  RWKV-Runner: copy it into RWKV-Runner's models/ folder and choose it as the model in Configs.",
             "  Ai00: convert it with Ai00's convert_safetensors.py (--input FILE.pth --output FILE.st) and set",
             "        model_path to the .st file in Ai00's Config.toml.",
+            *(["  RWKV-7a (DeepEmbed): RWKV-Runner and Ai00 run it only in their versions that know RWKV-7a."]
+              if res.deep_embed else []),
             "  the rwkv package (pip install rwkv):",
             f"    {env}from rwkv.model import RWKV",
             f"    model = RWKV(model=\"{path}\", strategy=\"cuda fp16\")   # or \"cpu fp32\"; the path without .pth",

@@ -166,8 +166,26 @@ def detect_config(sd: Mapping[str, Tensor], path="checkpoint") -> ModelConfig:
         else:                                  # one layer, v1 dropped: unused, any rank will do
             cfg.d_mv = _lora_dim(1.7, C)
         cfg.d_gate = need(a + "g1").shape[1]
+        cfg.deep_embed = _deep_embed_rank(sd, where)
     _check_layout(sd, cfg, where)
     return cfg
+
+
+def _deep_embed_rank(sd: Mapping[str, Tensor], where: str) -> int:
+    """An RWKV-7 file's DeepEmbed rank (RWKV-7a: ``blocks.N.ffn.s1`` [C, r], trainer/deepembed.py), 0 for a plain
+    RWKV-7; RWKV-7b (DeepEmbedAttention, ``blocks.N.qkv.*``) is refused."""
+    if any(k.startswith("blocks.") and ".qkv." in k for k in sd):
+        raise UserError(f"{where} is an RWKV-7b model (DeepEmbedAttention: 'blocks.N.qkv.' keys), which is not "
+                        "supported: its attention keeps a cache that grows with the text, so state tuning, infctx "
+                        "training and the carried state do not work as they are",
+                        "use an RWKV-7 or RWKV-7a (DeepEmbed) model")
+    s1 = sd.get("blocks.0.ffn.s1")
+    if s1 is None:
+        return 0
+    if s1.dim() != 2 or s1.shape[1] < 1:
+        raise UserError(f"{where}: 'blocks.0.ffn.s1' has shape {list(s1.shape)}, expected [n_embd, rank] for an "
+                        "RWKV-7a (DeepEmbed) model", "the file is damaged or has a layout we do not support")
+    return int(s1.shape[1])
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

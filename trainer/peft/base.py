@@ -29,6 +29,8 @@ TRAIN_PARTS adds, by name rule (so every RWKV version is covered without lists p
         k_a, r_k, ...): names ``blocks.N.att.X`` / ``blocks.N.ffn.X`` with no further dot, i.e. not a
         Linear weight and not a norm; the method's own tensors (time_state) are excluded
   ln    every norm weight and bias: ln0, ln1, ln2, ln_out and att.ln_x (``...lnSOMETHING.weight|bias``)
+  deepembed  RWKV-7a's DeepEmbed tensors (ffn.s_emb, s_emb_x, s0, s1, s2: trainer/deepembed.py); not in ``time``,
+        and frozen even under full fine-tuning unless named (s_emb alone is vocabulary x r² numbers a layer)
 Those tensors are saved in the adapter and merge puts them in place of the base's.
 
 Whether a method can learn on a given base (``check_base``, called by loop.prepare): a block's attention
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..choices import PARTS
+from ..deepembed import DEEPEMBED_RE
 from ..errors import UserError
 
 
@@ -60,8 +63,9 @@ TARGET_RE = re.compile(r"^blocks\.\d+\.(att\.(receptance|key|value|output|gate)|
 _PART_RULES = {
     "emb": re.compile(r"^emb\.weight$"),
     "head": re.compile(r"^head\.weight$"),
-    "time": re.compile(r"^blocks\.\d+\.(att|ffn)\.[^.]+$"),
+    "time": re.compile(r"^blocks\.\d+\.(att|ffn)\.(?!s[012]$)[^.]+$"),
     "ln": re.compile(r"(^|\.)ln[^.]*\.(weight|bias)$"),
+    "deepembed": DEEPEMBED_RE,
 }
 
 
@@ -128,7 +132,7 @@ def part_names(names: Iterable[str], train_parts: Iterable[str], exclude: Iterab
 
 
 def part_of(name: str) -> str | None:
-    """The TRAIN_PARTS part a state-dict name belongs to (emb, head, time, ln), or None (a linear weight, a method's
+    """The TRAIN_PARTS part a state-dict name belongs to (emb, head, time, ln, deepembed), or None (a linear weight, a method's
     own tensor: classify those first)."""
     return next((p for p in PARTS if _PART_RULES[p].search(name)), None)
 

@@ -1,11 +1,13 @@
 """Full fine-tuning: every parameter trains; the adapter is the whole state dict; merge returns it.
 
-Settings: none (``{}``). TRAIN_PARTS changes nothing (everything already trains).
+Settings: none (``{}``). TRAIN_PARTS changes nothing (everything already trains), but for RWKV-7a's DeepEmbed
+tensors, which stay frozen unless TRAIN_PARTS has ``deepembed`` (trainer/deepembed.py).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..deepembed import is_deep_embed
 from ..errors import UserError
 from .base import Method, merge_rest
 
@@ -23,7 +25,8 @@ class Full(Method):
     LEANER = "lora"
 
     def trainable_names(self, model: nn.Module) -> list[str]:
-        return [n for n, _ in model.named_parameters()]
+        de = "deepembed" in self.train_parts
+        return [n for n, _ in model.named_parameters() if de or not is_deep_embed(n)]
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}

@@ -1,0 +1,254 @@
+"""RWKV-7a (DeepEmbed in every FFN) against the `rwkv` package run with RWKV_DE_VERSION=1; RWKV-7b refused."""
+import pytest
+import torch
+
+from rwkv_ref import random_model_7a, run_rwkv_package
+from trainer.checkpoint import detect_config, load_model, save_atomic
+from trainer.errors import UserError
+
+VOCAB, T, SPLIT = 1024, 48, 19
+TOKENS = torch.randint(0, VOCAB, (T,), generator=torch.Generator().manual_seed(17)).tolist()
+TOKENS[7] = 0
+
+
+def _close(a, b, atol=1e-5):
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= atol, f"max abs error {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    path = tmp_path_factory.mktemp("de") / "v7a.pth"
+    save_atomic(random_model_7a(2, 128, VOCAB, seed=3).state_dict(), path)
+    out = run_rwkv_package("7a", [dict(model=str(path), tokens=TOKENS, split=SPLIT)])[0]
+    return path, out
+
+
+def test_logits_and_state_match_rwkv_package(ref):
+    path, r = ref
+    model = load_model(path)
+    assert model.cfg.version == 7 and model.cfg.deep_embed == 32
+    idx = torch.tensor([TOKENS])
+    with torch.no_grad():
+        logits, state = model.forward_with_state(idx)
+        l1, s1 = model.forward_with_state(idx[:, :SPLIT])
+        l2, s2 = model.forward_with_state(idx[:, SPLIT:], s1)
+        assert logits.std() > 0.3
+        _close(logits[0], r["logits"])
+        _close(torch.cat([l1, l2], 1)[0], r["logits"])           # two parts, the state carried
+        _close(r["logits_split"], r["logits"])
+        for ours, theirs in zip(state, r["state"]):
+            for a, b in zip(ours, theirs):
+                _close(a[0], b)
+        for a, b in zip(s2, state):
+            for x, y in zip(a, b):
+                _close(x, y)
+        # the DeepEmbed gate matters: the same model with the gate at 1 gives other logits
+        for blk in model.blocks:
+            blk.ffn.s2.zero_()
+            blk.ffn.s0.fill_(1.0)
+        assert (model(idx) - logits).abs().max() > 0.05
+
+
+def test_ffn_in_pieces_and_batch_equal_whole():
+    model = random_model_7a(2, 128, 256, seed=5).eval()
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(idx)
+        model.ffn_piece_tokens = 6
+        _close(model(idx), whole)
+        model.ffn_piece_tokens = 0
+        _close(model(idx[1:]), whole[1:])
+
+
+def test_detected_from_keys_and_sizes_checked(tmp_path):
+    sd = random_model_7a(1, 128, 256, seed=1, rank=8).state_dict()
+    cfg = detect_config(sd)
+    assert (cfg.version, cfg.deep_embed, cfg.ffn_dim) == (7, 8, 512)
+    bad = dict(sd)
+    bad["blocks.0.ffn.s_emb.weight"] = torch.zeros(256, 32)
+    with pytest.raises(UserError, match="s_emb.weight' has shape"):
+        detect_config(bad)
+    part = {k: v for k, v in sd.items() if not k.endswith("ffn.s2")}
+    with pytest.raises(UserError, match="missing 'blocks.0.ffn.s2'"):
+        detect_config(part)
+
+
+def test_7b_is_refused_in_one_line(tmp_path, capsys):
+    sd = random_model_7a(1, 128, 256, seed=1).state_dict()
+    sd["blocks.0.qkv.qq.weight"] = torch.zeros(256, 128)
+    sd["blocks.0.qkv.k_emb.weight"] = torch.zeros(256, 256)
+    path = tmp_path / "v7b.pth"
+    save_atomic(sd, path)
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    text = str(e.value)
+    assert "RWKV-7b" in text and "grows with the text" in text and "RWKV-7a" in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------------------ training
+def _project(root):
+    import numpy as np
+
+    from trainer.data.binidx import write_binidx
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    save_atomic(random_model_7a(2, 128, 256, seed=2).state_dict(), root / "model" / "tiny7a.pth")
+    rng = np.random.default_rng(1)
+    write_binidx(root / "data" / "toy", [list(rng.integers(1, 256, size=rng.integers(12, 30))) + [0]
+                                          for _ in range(8)])
+
+
+def _config(**kw):
+    from trainer.config import TrainConfig
+    env = dict(MODEL="tiny7a.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="8",
+               LORA_ALPHA="16", PISSA_R="8", DISHA_R="32", CTX_LEN="32", MICRO_BSZ="2", EPOCH_STEPS="4",
+               EPOCH_COUNT="3", PRECISION="fp32", LR_INIT="1e-2", LR_FINAL="1e-2", OP="chunk",
+               GRAD_CP="0", SAMPLE_PROMPT="ab")
+    env.update({k: str(v) for k, v in kw.items()})
+    return TrainConfig.from_env(env)
+
+
+def _is_de(k):
+    from trainer.deepembed import is_deep_embed
+    return is_deep_embed(k)
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora", "pissa", "bone", "miss", "bat", "state", "full"])
+def test_every_method_trains_a_7a_model_deep_embed_frozen(tmp_path, monkeypatch, mode):
+    import numpy as np
+
+    from trainer import checkpoint
+    from trainer.loop import train
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)
+    lr = "0.5" if mode == "state" else ("2e-3" if mode == "full" else "1e-2")
+    res = train(_config(FINETUNE_MODE=mode, LR_INIT=lr, LR_FINAL=lr, GRAD_CP=int(mode == "state")),
+                progress=False, log=lambda *_: None)
+    assert len(res.losses) == 12 and not res.interrupted
+    assert np.mean(res.losses[-4:]) < np.mean(res.losses[:4]) - 0.05, res.losses
+    tensors, _ = checkpoint.load_adapter(tmp_path / "output" / "rwkv-2.pth")
+    base = checkpoint.load_checkpoint(tmp_path / "model" / "tiny7a.pth")
+    de = [k for k in tensors if _is_de(k)]
+    if mode == "full":                    # the whole model is saved, its DeepEmbed as it was
+        assert len(de) == 10 and all(torch.equal(tensors[k], base[k]) for k in de)
+    else:
+        assert not de
+
+
+def test_train_parts_deepembed_trains_them(tmp_path, monkeypatch):
+    from trainer import checkpoint
+    from trainer.loop import train
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)
+    res = train(_config(TRAIN_PARTS="deepembed time", EPOCH_COUNT=1), progress=False, log=lambda *_: None)
+    assert not res.interrupted
+    tensors, meta = checkpoint.load_adapter(tmp_path / "output" / "rwkv-0.pth")
+    base = checkpoint.load_checkpoint(tmp_path / "model" / "tiny7a.pth")
+    de = sorted(k for k in tensors if _is_de(k))
+    assert len(de) == 10 and all(not torch.equal(tensors[k], base[k]) for k in de)
+    assert "blocks.0.ffn.x_k" in tensors                      # time: the other FFN vectors, not s0/s1/s2 twice
+
+
+def test_parts_rules_and_param_table():
+    import dataclasses
+
+    from trainer.checkpoint import config_from_sizes
+    from trainer.counts import param_table
+    from trainer.peft.base import part_names, part_of
+    names = ["blocks.0.ffn.s1", "blocks.0.ffn.s0", "blocks.0.ffn.x_k", "blocks.3.ffn.s_emb.weight",
+             "blocks.3.ffn.s_emb_x.weight", "blocks.0.ffn.key.weight"]
+    assert part_names(names, ("time",)) == ["blocks.0.ffn.x_k"]
+    assert part_names(names, ("deepembed",)) == [names[0], names[1], names[3], names[4]]
+    assert [part_of(n) for n in names] == ["deepembed", "deepembed", "time", "deepembed", "deepembed", None]
+    plain = config_from_sizes(7, 12, 768, 65536)
+    sizes = dataclasses.replace(plain, deep_embed=32)
+    de_per_layer = 65536 * 1024 + 1024 * 768 + 768 * 32 + 32 * 3072 + 3072
+    for mode, parts in (("lora", ""), ("full", ""), ("lora", "deepembed"), ("full", "deepembed")):
+        cfg = _config(FINETUNE_MODE=mode, TRAIN_PARTS=parts)
+        a, b = param_table(cfg, plain), param_table(cfg, sizes)
+        assert b.total - a.total == 12 * de_per_layer               # 0.8B numbers on a 0.1B model
+        trained = 12 * de_per_layer if parts else 0
+        assert b.trained - a.trained == trained
+        assert b.frozen - a.frozen == 12 * de_per_layer - trained
+
+
+# ------------------------------------------------------------------------------------------ merge
+MERGE_RUNS = {"lora": ("lora", "ln"), "dora": ("dora", ""), "pissa": ("pissa", ""), "bone": ("bone", ""),
+              "bat": ("bat", ""), "full": ("full", ""), "lora-de": ("lora", "deepembed time")}
+MERGE_TOKENS = [t % 256 for t in TOKENS[:12]]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """Every method trained 2 steps on a 7a model, merged in fp32, run in the package with RWKV_DE_VERSION=1."""
+    import os
+
+    from trainer import checkpoint
+    from trainer.loop import train
+    root = tmp_path_factory.mktemp("de_merge")
+    (root / "data").mkdir()
+    cwd = os.getcwd()
+    os.chdir(root)
+    res, jobs = {}, []
+    try:
+        _project(root)
+        for name, (mode, parts) in MERGE_RUNS.items():
+            lr = "2e-3" if mode == "full" else "1e-2"
+            train(_config(FINETUNE_MODE=mode, OUTPUT=f"out-{name}", TRAIN_PARTS=parts, EPOCH_STEPS=2, EPOCH_COUNT=1,
+                          LR_INIT=lr, LR_FINAL=lr), progress=False, log=lambda *_: None)
+            r = checkpoint.merge_epoch(0, output_dir=f"out-{name}", merge_dir=f"merge-{name}", dtype="fp32")
+            model = checkpoint.load_model("model/tiny7a.pth", dtype=torch.float32)
+            model.op = "chunk"
+            with torch.no_grad():
+                base = model(torch.tensor([MERGE_TOKENS]))[0]
+            checkpoint.attach_adapter(model, f"out-{name}/rwkv-0.pth", "model/tiny7a.pth")
+            with torch.no_grad():
+                ours = model(torch.tensor([MERGE_TOKENS]))[0]
+            res[name] = {"result": r, "ours": ours, "base": base, "job": len(jobs)}
+            jobs.append({"model": str(root / r.model), "tokens": MERGE_TOKENS})
+    finally:
+        os.chdir(cwd)
+    out = run_rwkv_package("7a", jobs)
+    for e in res.values():
+        e["pkg"] = out[e["job"]]["logits"]
+    return res, root
+
+
+@pytest.mark.parametrize("name", list(MERGE_RUNS))
+def test_merged_7a_in_rwkv_package_equals_adapter(merged, name):
+    from trainer.checkpoint import load_checkpoint
+    res, root = merged
+    e = res[name]
+    assert (e["ours"] - e["base"]).abs().max() > 1e-3, "training changed nothing: the test would prove nothing"
+    _close(e["pkg"], e["ours"], atol=1e-4)
+    sd = load_checkpoint(root / e["result"].model)
+    base = load_checkpoint(root / "model" / "tiny7a.pth")
+    assert set(sd) == set(base)                   # the released layout: s_emb and s_emb_x as stored, unfolded
+    assert tuple(sd["blocks.1.ffn.s_emb.weight"].shape) == (256, 1024)
+    assert torch.equal(sd["blocks.1.ffn.s_emb_x.weight"], base["blocks.1.ffn.s_emb_x.weight"]) == (name != "lora-de")
+
+
+def test_printed_snippet_sets_de_version_and_matches(merged):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tools import merge as merge_tool
+    res, root = merged
+    e = res["lora"]
+    text = merge_tool.usage_text(e["result"])
+    assert 'os.environ["RWKV_DE_VERSION"] = "1"' in text and "RWKV-7a" in text
+    code = text.split("the rwkv package (pip install rwkv):\n")[1]
+    code = "\n".join(line[4:] for line in code.splitlines() if line.startswith("    "))
+    code = code.replace("[token ids]", str(MERGE_TOKENS)).replace('"cuda fp16"', '"cpu fp32"')
+    code += "\nimport json; print('LOGITS', json.dumps([float(x) for x in logits]))"
+    env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RWKV_V7_ON", None)
+    env.pop("RWKV_DE_VERSION", None)
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, text=True, capture_output=True, timeout=300)
+    assert p.returncode == 0, code + "\n" + p.stdout[-2000:] + p.stderr[-2000:]
+    got = torch.tensor(json.loads(p.stdout.split("LOGITS ")[-1]))
+    _close(got, e["ours"][-1], atol=1e-4)

@@ -129,6 +129,19 @@ def test_early_stop_stops_saves_and_resume_goes_on_counting(tmp_path, monkeypatc
                                               "1.000000", "5.000000", "5.000000"]
 
 
+def test_early_stop_due_after_the_last_step_ends_the_run_as_usual(tmp_path, monkeypatch):
+    from trainer import validate
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    write_binidx(tmp_path / "data" / "held", _items(3, 9))
+    losses = iter([2.0, 3.0])
+    monkeypatch.setattr(validate.Validation, "loss", lambda self, *a: (next(losses), 10))
+    res = train(config(VALID_DATA="held", VALID_EVERY=1, EARLY_STOP=1, EPOCH_STEPS=2), progress=False,
+                log=lambda *_: None)
+    assert not res.interrupted and not res.stopped_early
+    assert sorted(p.name for p in (tmp_path / "output").glob("rwkv-*.pth")) == ["rwkv-0.pth", "rwkv-best.pth"]
+
+
 def test_tools_train_exits_0_after_early_stop(tmp_path, monkeypatch):
     from tools.train import main
     from trainer import validate
@@ -136,10 +149,12 @@ def test_tools_train_exits_0_after_early_stop(tmp_path, monkeypatch):
     make_project(tmp_path, 7)
     write_binidx(tmp_path / "data" / "held", _items(3, 9))
     monkeypatch.setattr(validate.Validation, "loss", lambda self, *a: (1.0, 10))
-    env = config(VALID_DATA="held", VALID_EVERY=1, EARLY_STOP=1).to_env()
+    env = config(VALID_DATA="held", VALID_EVERY=1, EARLY_STOP=1, EPOCH_STEPS=4).to_env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert main(["--no-progress"]) == 0
+    assert (tmp_path / "output" / "rwkv-interrupted.pth").is_file()      # it did stop early, at step 2 of 4
+    assert not (tmp_path / "output" / "rwkv-0.pth").exists()
 
 
 @pytest.mark.parametrize("settings, words", [

@@ -388,9 +388,9 @@ def _validate(run: _Run, pos: _Position) -> None:
                + (f"; {run.record.since} of EARLY_STOP={cfg.EARLY_STOP}" if cfg.EARLY_STOP else ""))
     line = (f"validation after optimizer step {pos.opt_step}: loss {loss:.4f} over {tokens:,} tokens "
             f"({took:.2f} s), {how}")
-    run.bar.write(line) if run.progress else run.log(line)
-    if cfg.EARLY_STOP and run.record.since >= cfg.EARLY_STOP:
-        raise EarlyStop
+    (run.bar.write if run.progress else run.log)(line)
+    if cfg.EARLY_STOP and run.record.since >= cfg.EARLY_STOP and pos.opt_step < run.total_opt_steps:
+        raise EarlyStop               # (after the last step the run ends anyway, with its usual save)
 
 
 def _micro_step(run: _Run, pos: _Position, warmup_ctx: bool, chunk_multiple: int) -> None:

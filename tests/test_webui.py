@@ -914,3 +914,69 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
     assert http(url, "/download/merge/%00x")[0] == 404
     assert http(url, "/download/merge/" + "x" * 5000)[0] == 404
     assert "Traceback" not in (root / "server.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------ merge tab
+def test_merge_tab_takes_an_rwkv_peft_lora_file_with_its_alpha(tmp_path, monkeypatch):
+    """An RWKV-PEFT LoRA file (its layout: X.lora_A [r, in] / X.lora_B [out, r] under the model's names, no
+    metadata) merges through the page's action with BASE and LORA_ALPHA: W + alpha/r · B·A; without the alpha it
+    is refused with one line pointing at the Merge tab's field, and nothing is written."""
+    import torch
+
+    from trainer import checkpoint
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    base = checkpoint.load_checkpoint("model/tiny.pth")
+    g = torch.Generator().manual_seed(3)
+    adapter = {}
+    for i in range(2):
+        for m in ("att.receptance", "att.value", "ffn.key"):
+            out_dim, in_dim = base[f"blocks.{i}.{m}.weight"].shape
+            adapter[f"blocks.{i}.{m}.lora_A"] = torch.randn(4, in_dim, generator=g) * 0.1
+            adapter[f"blocks.{i}.{m}.lora_B"] = torch.randn(out_dim, 4, generator=g) * 0.1
+    Path("peft").mkdir()
+    torch.save(adapter, "peft/rwkv-0.pth")
+    kw = dict(merge_dir=tmp_path / "merge", model_dir=tmp_path / "model", base="tiny.pth")
+    with pytest.raises(UserError) as e:
+        actions.merge("peft", "0", "fp32", **kw)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "does not record the alpha" in msg, msg
+    assert "LORA_ALPHA = 32 in the Merge tab" in msg and "./merge.sh" not in msg, msg
+    assert not (tmp_path / "merge").exists()
+    with pytest.raises(UserError, match="LORA_ALPHA='x' is not a number"):
+        actions.merge("peft", "0", "fp32", lora_alpha="x", **kw)
+
+    text, files = actions.merge("peft", "0", "fp32", lora_alpha=" 8 ", **kw)
+    assert "an RWKV-PEFT LoRA file (rank 4, LORA_ALPHA=8 as given)" in text and "records no base model" in text
+    merged = checkpoint.load_checkpoint(files[0])
+    assert files[0].name == "tiny-lora-0.pth" and merged.keys() == base.keys()
+    for k, w in base.items():
+        stem = k[:-len(".weight")]
+        want = w.float() + 8 / 4 * adapter[stem + ".lora_B"] @ adapter[stem + ".lora_A"] \
+            if stem + ".lora_A" in adapter else w.float()
+        assert torch.allclose(merged[k].float(), want, atol=1e-6), k
+
+
+def test_merge_tab_refuses_what_merge_sh_refuses_for_our_own_checkpoints(tmp_path, monkeypatch):
+    """Our checkpoints record alpha and PiSSA's initial A and B: a value given for one is refused as merge.sh
+    refuses it, and empty fields merge it as before."""
+    import torch
+
+    from trainer import checkpoint
+    from trainer.loop import train
+    from test_train import config
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, 7)
+    train(config(EPOCH_STEPS=1), progress=False, log=lambda *_: None)
+    kw = dict(merge_dir=tmp_path / "merge", model_dir=tmp_path / "model")
+    with pytest.raises(UserError, match="records the alpha it was trained with, 16"):
+        actions.merge("output", "0", "fp32", lora_alpha="32", **kw)
+    torch.save({}, "init_pissa.pth")
+    with pytest.raises(UserError, match="holds PiSSA's initial A and B itself.*leave PISSA_INIT empty"):
+        actions.merge("output", "0", "fp32", pissa_init="init_pissa.pth", **kw)
+    assert not (tmp_path / "merge").exists()
+    actions.merge("output", "0", "fp32", lora_alpha="16", **kw)      # its own alpha: as merge.sh, no refusal
+    _, files = actions.merge("output", "0", "fp32", base="", lora_alpha="", pissa_init="", **kw)
+    again = checkpoint.merge_epoch(0, output_dir="output", merge_dir="m-sh", model_dir="model", dtype="fp32")
+    a, b = checkpoint.load_checkpoint(files[0]), checkpoint.load_checkpoint(again.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,6 +19,7 @@ import argparse
 import time
 
 from trainer.checkpoint import merge_usage_text as usage_text  # noqa: F401  (its home is beside the merge)
+from trainer.checkpoint.imports import parse_lora_alpha
 from trainer.errors import UserError, run_cli
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pissa-init", default="", help="an RWKV-PEFT PiSSA file: its init_pissa.pth (the initial A "
                     "and B)")
     args = ap.parse_args(argv)
-    lora_alpha = _alpha(args.lora_alpha)
+    lora_alpha = parse_lora_alpha(args.lora_alpha)
 
     from trainer.checkpoint import checkpoint_path, list_epochs, merge_checkpoint
     from trainer.envfile import merge_output_dir
@@ -78,21 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(usage_text(res))
     return 0
-
-
-def _alpha(text: str) -> float | None:
-    """--lora-alpha (merge.sh's LORA_ALPHA) as a number; empty: not given."""
-    import math
-    if not text.strip():
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"LORA_ALPHA={text!r} is not a number more than 0",
-                        "give the lora_alpha the RWKV-PEFT run trained with, e.g. LORA_ALPHA=32 ./merge.sh 0")
-    return value
 
 
 if __name__ == "__main__":

@@ -290,17 +290,24 @@ def trained_output(last_job_output: str | None = None, folder: Path = Path("outp
 
 
 def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = False,
-          merge_dir: Path = MERGE_DIR, model_dir: Path = MODEL_DIR) -> tuple[str, list[Path]]:
-    """./merge.sh EPOCH: returns (what merge.sh prints, the files written)."""
+          merge_dir: Path = MERGE_DIR, model_dir: Path = MODEL_DIR, base: str = "", lora_alpha: str = "",
+          pissa_init: str = "") -> tuple[str, list[Path]]:
+    """./merge.sh EPOCH: returns (what merge.sh prints, the files written). ``base``, ``lora_alpha``,
+    ``pissa_init``: merge.sh's BASE, LORA_ALPHA and PISSA_INIT as typed (empty: not given)."""
     import time
 
     from trainer.checkpoint import merge_epoch, merge_usage_text
+    from trainer.checkpoint.imports import parse_lora_alpha
     if not epoch:
         raise UserError(f"no checkpoint chosen ({output_dir} has {', '.join(list_epochs(output_dir)) or 'none'}).",
                         "train first, then pick an epoch")
     t0 = time.time()
-    res = merge_epoch(epoch, output_dir=output_dir, model_dir=model_dir, merge_dir=merge_dir, dtype=dtype,
-                      state_model=state_model)
+    try:
+        res = merge_epoch(epoch, output_dir=output_dir, model_dir=model_dir, merge_dir=merge_dir, dtype=dtype,
+                          state_model=state_model, base=(base or "").strip() or None,
+                          lora_alpha=parse_lora_alpha(lora_alpha or ""), pissa_init=(pissa_init or "").strip() or None)
+    except UserError as err:
+        raise merge_tab_error(err) from None
     meta = res.meta
     settings = ", ".join(f"{k}={v}" for k, v in (meta.get("settings") or {}).items())
     files = [p for p in (res.state, res.model) if p is not None]
@@ -309,6 +316,19 @@ def merge(output_dir: str, epoch: str, dtype: str = "bf16", state_model: bool = 
     lines += [f"wrote {p.resolve()} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files]
     lines += [f"note: {n}" for n in res.notes]
     return "\n".join(lines) + "\n\n" + merge_usage_text(res), files
+
+
+_MERGE_TAB_FIELDS = "BASE|LORA_ALPHA|PISSA_INIT"
+
+
+def merge_tab_error(err: UserError) -> UserError:
+    """merge.sh's refusal with its fix pointing at the Merge tab's fields (BASE, LORA_ALPHA, PISSA_INIT), not at
+    merge.sh's variables."""
+    import re
+    fix = re.sub(rf"\b({_MERGE_TAB_FIELDS})=(<[^>]*>\S*|\S+) \./merge\.sh(?: (?:\.\.\.|\d+|EPOCH))?", r"\1 = \2 in the Merge tab",
+                 err.fix or "")
+    fix = re.sub(rf"\b(set (?:{_MERGE_TAB_FIELDS})) in merge\.sh", r"\1 in the Merge tab", fix)
+    return UserError(err.message, fix or None) if fix != (err.fix or "") else err
 
 
 # ------------------------------------------------------------------------------------------ chat

@@ -213,6 +213,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
                     m_dtype = gr.Dropdown(["bf16", "fp16", "fp32"], value="bf16", label="DTYPE", elem_id="merge-dtype")
                     m_state = gr.Checkbox(False, label="STATE_MODEL", info="state tuning: also write the base "
                                           "model with the state inside")
+                m_peft = _merge_peft_fields()
                 with gr.Row():
                     m_refresh = gr.Button("Refresh list", elem_id="merge-refresh")
                     m_btn = gr.Button("Merge", variant="primary", elem_id="merge")
@@ -406,9 +407,10 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             e = actions.list_epochs(out_dir or "output")
             return gr.update(choices=e, value=e[-1] if e else None)
 
-        def on_merge(out_dir, epoch, dtype, state_model):
+        def on_merge(out_dir, epoch, dtype, state_model, base, lora_alpha, pissa_init):
             try:
-                text, files = actions.merge(out_dir, epoch, dtype, state_model)
+                text, files = actions.merge(out_dir, epoch, dtype, state_model, base=base, lora_alpha=lora_alpha,
+                                            pissa_init=pissa_init)
             except Exception as err:  # noqa: BLE001
                 return _message(err), ""
             links = [f"[download {p.name}](/download/{p.as_posix()}) ({p.stat().st_size / 2**20:.1f} MiB) · "
@@ -417,7 +419,7 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
 
         m_refresh.click(epochs_update, m_out, m_epoch)
         m_out.change(epochs_update, m_out, m_epoch)
-        m_btn.click(on_merge, [m_out, m_epoch, m_dtype, m_state], [m_text, m_link])
+        m_btn.click(on_merge, [m_out, m_epoch, m_dtype, m_state, *m_peft], [m_text, m_link])
 
         # ---- chat
         def chat_lists(out_dirs):
@@ -498,6 +500,18 @@ def build(jobs: JobManager, chat: actions.ChatModels, max_upload_mb: float = 102
             return [epochs_update(merge_out)] + on_chat_refresh([merge_out, form_out], *current)
         c_refresh.click(tab_refresh, [m_out, comps["OUTPUT"]] + chat_sel, [m_epoch] + chat_sel)
     return demo
+
+
+def _merge_peft_fields() -> list:
+    """The Merge tab's fields for what RWKV-PEFT's adapter files do not record (merge.sh's BASE, LORA_ALPHA,
+    PISSA_INIT); empty: not given, as for this toolkit's own checkpoints, which record all three."""
+    with gr.Accordion("RWKV-PEFT files (its rwkv-N.pth: OUTPUT = its run's folder)", open=False):
+        with gr.Row():
+            return [gr.Textbox("", label="BASE (the model it trained: a file in model/ or a path)",
+                               elem_id="merge-base"),
+                    gr.Textbox("", label="LORA_ALPHA (RWKV-PEFT LoRA files only)", elem_id="merge-lora-alpha"),
+                    gr.Textbox("", label="PISSA_INIT (RWKV-PEFT PiSSA files only: its init_pissa.pth)",
+                               elem_id="merge-pissa-init")]
 
 
 def _pairs(history: list) -> list[tuple[str, str]]:

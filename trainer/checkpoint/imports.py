@@ -230,6 +230,20 @@ def _state(tensors: dict, parts: list[str], where: str) -> tuple:
     return tensors, _meta("state", {}, parts, "a plain RWKV-PEFT / RWKV-LM state file")
 
 
+def parse_lora_alpha(text: str) -> float | None:
+    """LORA_ALPHA as typed (merge.sh's variable, the web page's field) as a number; empty: not given."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"LORA_ALPHA={text!r} is not a number more than 0",
+                        "give the lora_alpha the RWKV-PEFT run trained with, e.g. LORA_ALPHA=32 ./merge.sh 0")
+    return value
+
+
 def check_given_alpha(meta: dict, lora_alpha: float | None, where: str) -> None:
     """LORA_ALPHA given for a checkpoint of ours, which records its own: refused unless it is that very value."""
     if lora_alpha is None or meta.get("converted_from"):

@@ -252,3 +252,41 @@ def test_printed_snippet_sets_de_version_and_matches(merged):
     assert p.returncode == 0, code + "\n" + p.stdout[-2000:] + p.stderr[-2000:]
     got = torch.tensor(json.loads(p.stdout.split("LOGITS ")[-1]))
     _close(got, e["ours"][-1], atol=1e-4)
+
+
+def test_make_model_deep_embed_makes_a_7a_the_rwkv_package_runs(tmp_path, capsys):
+    """tools.make_model --deep-embed: an RWKV-7a file (rank 32) detected as such, whose logits are the rwkv
+    package's (RWKV_DE_VERSION=1); its gate near 1 but not 1 (token by token); the rest the plain RWKV-7's."""
+    from tools import make_model
+    from trainer.checkpoint import load_checkpoint
+    from trainer.deepembed import deep_embed_inputs, deep_gate, deep_mix
+    from trainer.errors import run_cli
+    path, plain = tmp_path / "v7a.pth", tmp_path / "v7.pth"
+    common = ["--version", "7", "--layers", "2", "--width", "128", "--vocab", str(VOCAB), "--dtype", "fp32",
+              "--seed", "5"]
+    assert make_model.main(common + ["--out", str(path), "--deep-embed"]) == 0
+    assert "RWKV-7a (DeepEmbed rank 32)" in capsys.readouterr().out
+    make_model.main(common + ["--out", str(plain)])
+    sd, sd7 = load_checkpoint(path), load_checkpoint(plain)
+    cfg = detect_config(sd, path)
+    assert cfg.version == 7 and cfg.deep_embed == 32 and sd["blocks.1.ffn.s_emb.weight"].shape == (VOCAB, 1024)
+    assert {k for k in sd if k not in sd7} == {f"blocks.{i}.ffn.{n}" for i in range(2) for n in
+                                               ("s_emb.weight", "s_emb_x.weight", "s1", "s2", "s0")}
+    assert all(torch.equal(sd7[k], sd[k]) for k in sd7)
+    model = load_model(path)
+    idx = torch.tensor([TOKENS])
+    with torch.no_grad():
+        x = model.emb(idx)
+        ffn, blk = model.blocks[0].ffn, model.blocks[0]          # block 0's FFN input, its attention left out
+        gate = deep_gate(ffn, deep_mix(ffn, blk.ln2(blk.ln0(x)), deep_embed_inputs(model, idx, x)))
+        logits = model(idx)[0]
+    by_token = (gate - gate.mean(1, keepdim=True)).std().item()
+    assert abs(gate.mean().item() - 1) < 0.05 and 0.05 < gate.std().item() < 0.5 and by_token > 0.05, \
+        (gate.mean(), gate.std(), by_token)
+    out = run_rwkv_package("7a", [dict(model=str(path), tokens=TOKENS, split=SPLIT)])[0]
+    _close(logits, out["logits"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(make_model.main, ["--version", "6", "--layers", "1", "--width", "64", "--out", str(plain),
+                                  "--deep-embed"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "use --version 7 --deep-embed" in err

@@ -2,12 +2,13 @@
 
     python -m tools.make_model --version 7 --layers 2 --width 128 --out model/demo.pth
                                [--vocab 65536] [--head-size 64] [--seed 0] [--dtype bf16|fp16|fp32]
-                               [--output-gain 0.3]
+                               [--output-gain 0.3] [--deep-embed]
 
 Small ones are for trying the toolkit on a CPU; the rwkv package and RWKV-Runner load the file too.
 RWKV-LM starts every block's output projections (att.output, ffn.value) at zero; on such a model state
 tuning and PiSSA cannot learn (training refuses them). So these get small random ones (--output-gain, the
-demo's); --output-gain 0 gives RWKV-LM's initialisation exactly.
+demo's); --output-gain 0 gives RWKV-LM's initialisation exactly. --deep-embed makes an RWKV-7a model
+(DeepEmbed rank 32, what the rwkv package runs with RWKV_DE_VERSION=1), its gate drawn near 1 as in a trained one.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="scale of the random att.output / ffn.value weights (default %(default)s: every method "
                     "learns on the model); 0 = RWKV-LM's zero projections, on which state tuning and PiSSA "
                     "cannot learn")
+    ap.add_argument("--deep-embed", action="store_true", help="with --version 7: an RWKV-7a (DeepEmbed) model, "
+                    "rank 32; the rwkv package runs it with RWKV_DE_VERSION=1")
     args = ap.parse_args(argv)
 
     from trainer.checkpoint import DTYPES, config_from_sizes, init_model, save_atomic
@@ -43,13 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.output_gain <= 10:
         raise UserError(f"--output-gain {args.output_gain} is outside 0 to 10.",
                         f"use {FINETUNE_OUTPUT_GAIN} (the default), or 0 for RWKV-LM's zero output projections")
+    cfg = _deep_embed_config(cfg, args.deep_embed)
     model = init_model(cfg, seed=args.seed, output_gain=args.output_gain)
+    if cfg.deep_embed:
+        from trainer.deepembed import random_deep_embed_
+        random_deep_embed_(model, seed=args.seed)
     sd = {k: v.to(DTYPES[args.dtype]).contiguous() for k, v in model.state_dict().items()}
     save_atomic(sd, args.out)
     n = sum(v.numel() for v in sd.values())
-    print(f"wrote {args.out}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd} wide, head size "
+    print(f"wrote {args.out}: RWKV-{cfg.version}{'a (DeepEmbed rank ' + str(cfg.deep_embed) + ')' if cfg.deep_embed else ''}, {cfg.n_layer} layers x {cfg.n_embd} wide, head size "
           f"{cfg.head_size}, vocabulary {cfg.vocab_size}, {n / 1e6:.2f} M parameters, {args.dtype}")
     return 0
+
+
+def _deep_embed_config(cfg, deep_embed: bool):
+    """``cfg`` with RWKV-7a's DeepEmbed at the rwkv package's rank for --deep-embed (RWKV-7 only)."""
+    import dataclasses
+
+    from trainer.deepembed import PACKAGE_RANK
+    if not deep_embed:
+        return cfg
+    if cfg.version != 7:
+        raise UserError(f"--deep-embed is RWKV-7a, an RWKV-7 model, not RWKV-{cfg.version}.",
+                        "use --version 7 --deep-embed, or leave --deep-embed out")
+    return dataclasses.replace(cfg, deep_embed=PACKAGE_RANK)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,34 @@ def add_deep_embed(ffn: nn.Module, cfg) -> None:
         ffn.s_emb_x.weight.zero_()
 
 
+PACKAGE_RANK = 32      # the only DeepEmbed rank the rwkv package runs (its RWKV_DE_VERSION=1 code assumes it)
+
+
+def random_deep_embed_(model: nn.Module, seed: int = 0, spread: float = 0.2) -> None:
+    """Draw every FFN's DeepEmbed tensors of a new 7a model so that its gate is near 1 and differs by token and
+    position (about 1 +- ``spread``), as in a trained model, instead of exactly 1 (add_deep_embed): on zeros
+    TRAIN_PARTS=deepembed gets no gradient. A generator of its own, so the rest of the model is unchanged."""
+    g = torch.Generator().manual_seed(7000 + seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            f = blk.ffn
+            r, C = f.s1.shape[1], f.s1.shape[0]
+            f.s1.copy_(torch.randn(f.s1.shape, generator=g) / C ** 0.5)          # x s1: entries about 1
+            f.s_emb.weight.copy_(torch.randn(f.s_emb.weight.shape, generator=g) * spread / r ** 0.5)
+            f.s_emb_x.weight.copy_(torch.randn(f.s_emb_x.weight.shape, generator=g) * spread / (r * C) ** 0.5)
+            f.s2.copy_(torch.randn(f.s2.shape, generator=g) / r ** 0.5)
+            f.s0.copy_(1 + spread / 2 * torch.randn(f.s0.shape, generator=g))
+
+
+def rank_note(rank: int, where: str) -> str | None:
+    """One line for a 7a file whose DeepEmbed rank the rwkv package cannot run (we run any); None otherwise."""
+    if not rank or rank == PACKAGE_RANK:
+        return None
+    return (f"note: {where} is an RWKV-7a model with DeepEmbed rank {rank}: this toolkit runs it, but the rwkv "
+            f"package (RWKV_DE_VERSION=1) runs rank {PACKAGE_RANK} only, so it cannot run this model or what is "
+            "merged from it")
+
+
 def deep_embed_inputs(model: nn.Module, idx: Tensor, x: Tensor) -> tuple[Tensor, Tensor] | None:
     """What every FFN of a 7a model needs besides its input: the token ids [B,T] and their embedding after ln0
     [B,T,C] in the residual stream's dtype. None for a model without DeepEmbed."""

@@ -290,3 +290,27 @@ def test_make_model_deep_embed_makes_a_7a_the_rwkv_package_runs(tmp_path, capsys
                                   "--deep-embed"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "use --version 7 --deep-embed" in err
+
+
+def test_a_rank_the_rwkv_package_cannot_run_is_noted_not_refused(tmp_path, monkeypatch):
+    """Our model runs any DeepEmbed rank, the rwkv package 32 only: training's log and merge's notes say so in one
+    line for rank 8, and nothing for the released rank 32."""
+    from trainer import checkpoint
+    from trainer.loop import prepare
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)                                                     # rank 32
+    save_atomic(random_model_7a(2, 128, 256, seed=2, rank=8).state_dict(), tmp_path / "model" / "r8.pth")
+    for name, rank in (("tiny7a.pth", 32), ("r8.pth", 8)):
+        said = []
+        prep = prepare(_config(MODEL=name, EPOCH_COUNT=1), log=said.append)
+        assert prep.model.cfg.deep_embed == rank
+        notes = [s for s in said if "rwkv package" in s and "DeepEmbed rank" in s]
+        assert notes == ([] if rank == 32 else [f"note: model/r8.pth is an RWKV-7a model with DeepEmbed rank 8: "
+                                                "this toolkit runs it, but the rwkv package (RWKV_DE_VERSION=1) "
+                                                "runs rank 32 only, so it cannot run this model or what is merged "
+                                                "from it"]), said
+    torch.save({"blocks.0.att.receptance.lora_A": torch.zeros(4, 128),
+                "blocks.0.att.receptance.lora_B": torch.zeros(128, 4)}, "rwkv-0.pth")
+    res = checkpoint.merge_checkpoint("rwkv-0.pth", "model", "merged", "fp32", base="r8.pth", lora_alpha=8)
+    assert sum("runs rank 32 only" in n for n in res.notes) == 1

@@ -78,7 +78,7 @@ def rank_note(rank: int, where: str) -> str | None:
     """One line for a 7a file whose DeepEmbed rank the rwkv package cannot run (we run any); None otherwise."""
     if not rank or rank == PACKAGE_RANK:
         return None
-    return (f"note: {where} is an RWKV-7a model with DeepEmbed rank {rank}: this toolkit runs it, but the rwkv "
+    return (f"{where} is an RWKV-7a model with DeepEmbed rank {rank}: this toolkit runs it, but the rwkv "
             f"package (RWKV_DE_VERSION=1) runs rank {PACKAGE_RANK} only, so it cannot run this model or what is "
             "merged from it")
 

@@ -80,6 +80,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
     """Everything before the first step: checks, the plan, model, method, data (rank's share). Used by the dry run."""
     from . import init_adapter, resume
     from .advice import report
+    from .deepembed import rank_note
     from .quant import check_quant
 
     cfg.check_files()
@@ -91,6 +92,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, device: torch.
         log(note)
     check_quant(cfg.QUANT, cfg.FINETUNE_MODE, machine.device)
     sizes, zero, base_meta = _read_base(cfg)
+    for line in filter(None, [rank_note(sizes.deep_embed, cfg.model_path)]):   # a 7a rank the rwkv package lacks
+        log(f"note: {line}")
     data_id = resume.data_identity(cfg.data_prefix)
     state = resume.load(cfg, base_meta, data_id, log)     # RESUME=1: the saved unit, checked (else None)
     init = init_adapter.load(cfg, base_meta, log)        # INIT_ADAPTER: its tensors, checked (else None)

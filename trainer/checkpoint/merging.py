@@ -265,6 +265,8 @@ def _read_for_merge(ckpt: Path, model_dir, base, lora_alpha, pissa_init) -> tupl
         notes.append(f"{ckpt} is {meta.get('converted_from', 'a file of another tool')}: it records no base model, "
                      f"so only the shapes of BASE={base_path} could be checked, not that it is the model it was "
                      "trained on")
+    from ..deepembed import rank_note
+    notes += [n for n in [rank_note(cfg.deep_embed, base_path)] if n]     # a 7a rank the rwkv package lacks
     return tensors, meta, base_path, base_sd, cfg, notes
 
 

@@ -890,9 +890,9 @@ def test_wrong_values_give_one_line_never_a_traceback(server):
         ("on_check", form_values(**{**ok, "DATA": "../../etc/passwd"}), 0, "error: DATA: "),
         ("on_check", form_values(**{**ok, "LORA_R": "abc"}), 0, "error: LORA_R='abc' is not a whole number"),
         ("on_start", ["run", *form_values(**{**ok, "OUTPUT": "afile"})], 0, "error: OUTPUT=afile is a file"),
-        ("on_merge", ["afile", "0", "bf16", False], 0, "error: OUTPUT=afile is a file"),
-        ("on_merge", ["output", "0", "bf16", False], 0, "error: output/rwkv-0.pth "),
-        ("on_merge", ["output", None, "bf16", False], 0, "error: no checkpoint chosen"),
+        ("on_merge", ["afile", "0", "bf16", False, "", "", ""], 0, "error: OUTPUT=afile is a file"),
+        ("on_merge", ["output", "0", "bf16", False, "", "", ""], 0, "error: output/rwkv-0.pth "),
+        ("on_merge", ["output", None, "bf16", False, "", "", ""], 0, "error: no checkpoint chosen"),
         ("on_stop", [], 0, "no training job is running."),
     ]
     for name, args, at, want in cases:

@@ -355,6 +355,16 @@ def test_evaluate_with_adapter_gives_the_trained_models_loss(tmp_path, monkeypat
     assert tuned["loss"] < base["loss"] - 0.1
 
 
+def train_in_processes(root: Path, **settings) -> str:
+    """``python -m tools.train`` in ``root`` with ``config(**settings)`` (GPU_COUNT=2 on the CPU: two DDP processes
+    over gloo); its output. Fails the test if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **config(**settings).to_env()}
+    p = subprocess.run([sys.executable, "-m", "tools.train", "--no-progress"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
 def test_two_processes_ddp_equal_one_process_with_the_doubled_batch(tmp_path):
     """Several GPUs, proven on the CPU: 2 DDP processes (gloo) with MICRO_BSZ=1 take the same steps as one
     process with MICRO_BSZ=2 (each step sees the same items), and write the same checkpoint."""
@@ -363,13 +373,9 @@ def test_two_processes_ddp_equal_one_process_with_the_doubled_batch(tmp_path):
     common = dict(EPOCH_STEPS=2, EPOCH_COUNT=2, CTX_LEN=24, ACCELERATOR="cpu", TRAIN_PARTS="ln")
 
     def run(out, **kw):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               **config(OUTPUT=out, **common, **kw).to_env()}
-        p = subprocess.run([sys.executable, "-m", "tools.train", "--no-progress"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        text = train_in_processes(tmp_path, OUTPUT=out, **common, **kw)
         with open(tmp_path / out / "loss.csv") as fh:
-            return [float(r.split(",")[2]) for r in fh.read().splitlines()[1:]], p.stdout + p.stderr
+            return [float(r.split(",")[2]) for r in fh.read().splitlines()[1:]], text
 
     one, _ = run("one", MICRO_BSZ=4)
     two, log = run("two", MICRO_BSZ=2, GPU_COUNT=2)

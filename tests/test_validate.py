@@ -284,22 +284,14 @@ def test_gpu_validation_with_streamed_blocks(tmp_path, monkeypatch):
 def test_two_processes_validate_as_one(tmp_path):
     """DDP (2 processes, gloo, on the CPU): each validates its share of the items (5: one process gets a blank
     row) and the all-reduce gives the one-process loss."""
-    import os
-    import subprocess
-    import sys
-
-    from test_train import ROOT
+    from test_train import train_in_processes
     items = [list(range(5 + i, 45 + i)) + [0] for i in range(8)]
     make_project(tmp_path, 7, items=items)
     write_binidx(tmp_path / "data" / "held", _items(5, 7))
     common = dict(EPOCH_STEPS=2, EPOCH_COUNT=2, CTX_LEN=24, ACCELERATOR="cpu", VALID_DATA="held")
 
     def run(out, **kw):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               **config(OUTPUT=out, **common, **kw).to_env()}
-        p = subprocess.run([sys.executable, "-m", "tools.train", "--no-progress"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        train_in_processes(tmp_path, OUTPUT=out, **common, **kw)
         return [float(r["valid_loss"]) for r in _rows(tmp_path / out) if r["valid_loss"]]
 
     one = run("one", MICRO_BSZ=4)

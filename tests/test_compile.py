@@ -103,6 +103,26 @@ def test_compiled_blocks_equal_eager_and_share_graphs(fresh_dynamo, mode):
     assert graphs[2] == graphs[5] <= 6, graphs
 
 
+def test_generating_from_compiled_blocks_compiles_nothing(fresh_dynamo):
+    """The sample at each save generates from the trained, compiled model: it runs the blocks eagerly (no graph
+    for the prompt's length, none for the one-token steps) and gives the uncompiled model's tokens."""
+    from trainer.inference import generate
+    counters = fresh_dynamo
+    eager, compiled = twins(layers=2)
+    compiled.compile_blocks(backend="aot_eager")
+    idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    loss_and_grads(compiled, idx)                               # a training step compiles the training graphs
+    trained = counters["stats"]["unique_graphs"]
+    assert trained > 0
+    prompt = [5, 17, 99, 3, 42]
+    got = generate(compiled, prompt, max_tokens=12, top_p=0.9, seed=3, stop_token=None, vocab_limit=None)
+    want = generate(eager, prompt, max_tokens=12, top_p=0.9, seed=3, stop_token=None, vocab_limit=None)
+    assert got == want and len(got) == 12
+    assert counters["stats"]["unique_graphs"] == trained and compiled.training
+    loss_and_grads(compiled, idx)                               # training goes on compiled, with its graphs
+    assert counters["stats"]["unique_graphs"] == trained
+
+
 def test_compiled_ffn_in_pieces_equals_eager(fresh_dynamo):
     """The FFN over pieces of the tokens (RWKV.ffn_piece_tokens, set by the trainer under checkpointing),
     compiled with the checkpointed block, gives the eager whole FFN's loss and gradients."""

@@ -83,6 +83,9 @@ def generate(model: RWKV, prompt_ids: Sequence[int], max_tokens: int = 100, temp
 
     Starts from the model's initial state (a tuned ``time_state`` is used). ``vocab_limit`` keeps ids
     the tokenizer cannot decode from being sampled. Returns the new ids only.
+
+    Compiled blocks (the trainer's sample at each save) run eagerly here: the prompt's length and the one-token
+    steps would each compile graphs of their own (seconds to tens of seconds at 1.5B) for a few dozen tokens.
     """
     if not prompt_ids:
         prompt_ids = [END_OF_DOC]    # an empty prompt: start as after the end of a document
@@ -91,20 +94,21 @@ def generate(model: RWKV, prompt_ids: Sequence[int], max_tokens: int = 100, temp
     model.eval()
     out: list[int] = []
     try:
-        idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-        logits, state = model.forward_with_state(idx)
-        for _ in range(max_tokens):
-            last = logits[0, -1]
-            if vocab_limit is not None and last.numel() > vocab_limit:
-                last = last.clone()
-                last[vocab_limit:] = -float("inf")
-            tok = sample_logits(last, temperature, top_p, gen)
-            out.append(tok)
-            if on_token:
-                on_token(tok)
-            if stop_token is not None and tok == stop_token:
-                break
-            logits, state = model.forward_with_state(torch.tensor([[tok]], device=model.device), state)
+        with torch.compiler.set_stance("force_eager"):   # compiled blocks run eagerly: see above
+            idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
+            logits, state = model.forward_with_state(idx)
+            for _ in range(max_tokens):
+                last = logits[0, -1]
+                if vocab_limit is not None and last.numel() > vocab_limit:
+                    last = last.clone()
+                    last[vocab_limit:] = -float("inf")
+                tok = sample_logits(last, temperature, top_p, gen)
+                out.append(tok)
+                if on_token:
+                    on_token(tok)
+                if stop_token is not None and tok == stop_token:
+                    break
+                logits, state = model.forward_with_state(torch.tensor([[tok]], device=model.device), state)
     finally:
         model.train(was_training)
     return out

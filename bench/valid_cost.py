@@ -7,7 +7,8 @@ of --items items of CTX_LEN + 1 random tokens each (full length: the dearest cas
 for --steps optimizer steps with VALID_EVERY=--valid-every, and prints one JSON line: the training speed
 (median step, from loss.csv's rows), each validation's seconds and tokens as the trainer logged them, and what
 one validation costs in training steps. The first validation includes compiling the blocks for a forward pass
-without gradients (once per run); the later ones are the steady cost.
+without gradients (once per run); the later ones are the steady cost. Also the seconds of the sample written at
+the save (``sample_s``: 64 tokens from training.sh's default prompt).
 """
 from __future__ import annotations
 
@@ -57,8 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     env = ts.row_env(dict(method="lora", ctx=args.ctx, bsz=args.bsz, grad_cp=args.grad_cp, train_parts="ln"),
                      str(model), str(work / "train"), str(work / "out"), args.steps - 1, 0)
     env.update(DATALOAD="pad", EPOCH_STEPS=str(args.steps), VALID_DATA=str(work / "valid"),
-               VALID_EVERY=str(args.valid_every), SAMPLE_PROMPT="")
+               VALID_EVERY=str(args.valid_every), SAMPLE_PROMPT="User: Hello, who are you?\n\nAssistant:")
     logs: list[str] = []
+    from trainer.runfiles import RunFiles
+    sample, sample_s = RunFiles.sample, []
+
+    def timed_sample(self, *a, **kw):        # the sample written at each save (issue 32's wait), timed
+        t = time.perf_counter()
+        try:
+            return sample(self, *a, **kw)
+        finally:
+            sample_s.append(round(time.perf_counter() - t, 3))
+    RunFiles.sample = timed_sample
     t0 = time.perf_counter()
     train(TrainConfig.from_env(env), log=logs.append, progress=False)
     wall = time.perf_counter() - t0
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "valid_s_steady": round(statistics.median(later), 3) if later else None,
         "valid_tokens_per_s_steady": round(valids[-1]["tokens"] / statistics.median(later)) if later else None,
         "valid_in_train_steps": round(statistics.median(later) / step_s, 1) if later else None,
-        "wall_s": round(wall, 1), "commit": ts._git("rev-parse", "--short", "HEAD"),
+        "sample_s": sample_s, "wall_s": round(wall, 1), "commit": ts._git("rev-parse", "--short", "HEAD"),
         "said": [ln for ln in logs if ln.startswith(("validation", "Estimated", "GRAD_CP"))][:6],
     }
     print(json.dumps(out))

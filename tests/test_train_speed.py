@@ -157,3 +157,4 @@ def test_valid_cost_on_the_cpu(tmp_path):
     assert [v["step"] for v in r["validations"]] == [2, 4] and r["device"] == "cpu"
     assert all(v["tokens"] == 6 * 32 and v["seconds"] > 0 for v in r["validations"])
     assert r["valid_s_steady"] == r["validations"][1]["seconds"] and r["valid_in_train_steps"] > 0
+    assert len(r["sample_s"]) == 1 and r["sample_s"][0] > 0        # the one save's sample, timed

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# What waits for a GPU since session 19 (bench/RESULTS.md, "Session 19"), in one device call: the GPU tests no GPU
+# has run yet, then the measurements the README and the issues ask for. Each step has its own time limit, so one
+# that hangs does not take the others with it; each writes its log (and JSON rows) under OUT.
+# Usage, on the device machine after installing the carried wheels:  OUT=/path bash bench/pending_gpu.sh [STEP ...]
+# STEPs (default: all, in this order): tests valid dora   (valid also times the sample written at the save: its
+# record's sample_s, issue 32's wait)
+set -uo pipefail
+OUT=${OUT:-/tmp/pending_gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+MODELS=${MODELS:-/tmp/models}
+step() {   # name, seconds, command...
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '(passed|failed|skipped|error|tokens/s|valid_s_steady)' "$OUT/$name.log" | tail -1 | cut -c1-300)"
+}
+want() { [ $# -eq 0 ] || [[ " $* " == *" $STEP "* ]]; }
+for STEP in tests valid dora; do
+    want "$@" || continue
+    case $STEP in
+    tests)   # issue 28's moved code, issue 29's validation pass, issue 30's L2WRAP kernel and optimizer paths
+        step tests 420 python3 -m pytest -o addopts= -q -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+            tests/test_offload.py tests/test_strategy.py tests/test_quant.py tests/test_infctx.py \
+            tests/test_head_loss.py tests/test_validate.py ;;
+    valid)   # issue 29: what a validation pass costs at 1.5B (the README states it)
+        step valid 420 python3 bench/valid_cost.py --size 1.5B --ctx 1024 --bsz 1 --items 100 --steps 12 \
+            --valid-every 4 --model-dir "$MODELS" --json "$OUT/valid_cost.jsonl" ;;
+    dora)    # issue 30: DoRA at most 5 % slower than LoRA (both with L2WRAP on, the default)
+        step dora 480 python3 bench/train_speed.py --version 7 --size 1.5B --method lora dora --ctx 1024 --bsz 1 \
+            --train-parts ln --grad-cp 1 --steps 6 --warmup 3 --model-dir "$MODELS" --json "$OUT/speed.jsonl" ;;
+    esac
+done

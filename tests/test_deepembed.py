@@ -99,13 +99,9 @@ def _project(root):
 
 
 def _config(**kw):
-    from trainer.config import TrainConfig
-    env = dict(MODEL="tiny7a.pth", DATA="toy", OUTPUT="output", FINETUNE_MODE="lora", LORA_R="8",
-               LORA_ALPHA="16", PISSA_R="8", DISHA_R="32", CTX_LEN="32", MICRO_BSZ="2", EPOCH_STEPS="4",
-               EPOCH_COUNT="3", PRECISION="fp32", LR_INIT="1e-2", LR_FINAL="1e-2", OP="chunk",
-               GRAD_CP="0", SAMPLE_PROMPT="ab")
-    env.update({k: str(v) for k, v in kw.items()})
-    return TrainConfig.from_env(env)
+    """test_train's tiny run on the 7a model, over 3 epochs."""
+    from test_train import config
+    return config(**{"MODEL": "tiny7a.pth", "EPOCH_COUNT": 3, **kw})
 
 
 def _is_de(k):

@@ -306,17 +306,23 @@ def test_method_with_quant_cpu(method_name, quant, version):
             assert dq[k] is v
 
 
+def _assert_trained_then_resumed(mode, quant, model, method, seed):
+    """A few training steps, then the adapter loaded into a fresh quantised model of another seed (as the loop
+    resumes: load_adapter after quantisation): exactly the trained model."""
+    train_steps(model)
+    adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
+    _, fresh, method2, _ = build(mode, 7, quant, seed=seed)
+    method2.load_adapter(fresh, adapter)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens(3)), model(tokens(3)))
+
+
 @pytest.mark.parametrize("quant", Q.QUANTS)
 def test_pissa_resume_after_quantisation(quant):
     """The loop loads a saved adapter after prepare(): PiSSA then rebuilds its residual through ``weight``
     (the dequantised one) and ``set_residual`` (re-quantised): the model is the one that was saved."""
     base_sd, model, method, _ = build("pissa", 7, quant)
-    train_steps(model)
-    adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
-    _, fresh, method2, _ = build("pissa", 7, quant, seed=0)
-    method2.load_adapter(fresh, adapter)
-    with torch.no_grad():
-        assert torch.equal(fresh(tokens(3)), model(tokens(3)))
+    _assert_trained_then_resumed("pissa", quant, model, method, seed=0)
     # (exact because the run's SVD is the saved one: the loop seeds it with SEED. A run whose SVD differed
     # would rebuild the residual from an already quantised one and carry the format's error twice.)
 
@@ -337,12 +343,7 @@ def test_dora_norms_follow_the_quantised_weight(quant):
     with torch.no_grad():
         want = F.linear(x, wq * (w.norm(dim=1) / wq.norm(dim=1))[:, None])
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
-    train_steps(model)
-    adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
-    _, fresh, method2, _ = build("dora", 7, quant, seed=1)
-    method2.load_adapter(fresh, adapter)
-    with torch.no_grad():
-        assert torch.equal(fresh(tokens(3)), model(tokens(3)))
+    _assert_trained_then_resumed("dora", quant, model, method, seed=1)
 
 
 def test_dequantised_base_pissa_needs_the_adapter():

@@ -120,11 +120,11 @@ def _as_the_run_did(args, config: dict, data):
     if not fraction:
         raise UserError(f"--held-out: {args.adapter} was trained without VALID_FRACTION, so it held no items out",
                         "leave --held-out out, and give its validation data (VALID_DATA) as --data")
-    from trainer.data.split import ItemView, content_keys, held_out
-    _, valid = held_out(content_keys(data), fraction, seed, name="VALID_FRACTION")
+    from trainer.validate import held_out_views
+    _, valid = held_out_views(args.data, fraction, seed, off=None)      # the items the run held out
     print(f"--held-out: the {len(valid)} items VALID_FRACTION={fraction} (SEED={seed}) held out of {args.data}",
           file=sys.stderr)
-    return ItemView(data, valid)
+    return valid
 
 
 if __name__ == "__main__":

@@ -33,24 +33,32 @@ BEST = "rwkv-best.pth"
 
 # --------------------------------------------------------------------------- which items
 @functools.lru_cache(maxsize=4)
-def _held_out(prefix: str, stamp: tuple, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _held_out(prefix: str, stamp: tuple, fraction: float, seed: int, off: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(training item indices, validation item indices) of the binidx at ``prefix`` (``stamp``: its size and
     time, so that a file tokenized again is split again)."""
     from .data.binidx import BinIdx
     from .data.split import content_keys, held_out
-    return held_out(content_keys(BinIdx(prefix)), fraction, seed, name="VALID_FRACTION", off="set VALID_FRACTION=0")
+    return held_out(content_keys(BinIdx(prefix)), fraction, seed, name="VALID_FRACTION", off=off)
+
+
+def held_out_views(prefix, fraction: float, seed: int, off: str | None = "set VALID_FRACTION=0") -> tuple:
+    """(training items, validation items) that VALID_FRACTION=``fraction`` with SEED=``seed`` makes of the binidx at
+    ``prefix``, as data.split.ItemView each: the trainer's split, and tools.evaluate --held-out's. ``off``: how a
+    refusal says to switch it off (None: data.split's wording)."""
+    from .data.binidx import BinIdx, paths
+    from .data.split import ItemView
+    stamp = tuple((s.st_size, s.st_mtime_ns) for s in (p.stat() for p in paths(prefix)))
+    train, valid = _held_out(str(prefix), stamp, float(fraction), int(seed), off)
+    data = BinIdx(prefix)
+    return ItemView(data, train), ItemView(data, valid)
 
 
 def split_data(cfg) -> tuple:
     """The training data and the validation data (None without VALID_DATA / VALID_FRACTION) of ``cfg``."""
-    from .data.binidx import BinIdx, paths
-    data = BinIdx(cfg.data_prefix)
+    from .data.binidx import BinIdx
     if cfg.VALID_FRACTION > 0:
-        from .data.split import ItemView
-        st = [p.stat() for p in paths(cfg.data_prefix)]
-        train, valid = _held_out(str(cfg.data_prefix), tuple((s.st_size, s.st_mtime_ns) for s in st),
-                                 float(cfg.VALID_FRACTION), int(cfg.SEED))
-        return ItemView(data, train), ItemView(data, valid)
+        return held_out_views(cfg.data_prefix, cfg.VALID_FRACTION, cfg.SEED)
+    data = BinIdx(cfg.data_prefix)
     if cfg.VALID_DATA:
         return data, BinIdx(cfg.valid_prefix)
     return data, None

@@ -79,7 +79,7 @@ STRATEGY="auto"           # auto (one GPU, or DDP on several) | deepspeed_stage_
                           #   (DeepSpeed ZeRO: splits optimizer state (1), + gradients (2), + weights (3) over
                           #   GPUs; _offload keeps them in CPU memory, not on WSL2; pip install deepspeed)
 GPU_COUNT=1               # GPUs per machine: each trains MICRO_BSZ samples per step
-NODES=1                   # machines
+NODES=1                   # machines: each started with NODE_RANK and MASTER_ADDR (README, Several machines)
 SEED=42                   # random seed: same seed + same settings = same run
 WANDB=""                  # a wandb project name to log there too; empty = off (loss.csv and loss.png are always written)
 RESUME=0                  # 1 = continue the run saved in OUTPUT (optimizer, position and schedule included)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from .schedule import learning_rate
 from . import validate
 from .validate import EarlyStop, Record, Validation, split_data
 
-from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread  # noqa: F401  (re-exported)
+from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread, together  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -218,6 +219,8 @@ def dry_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
     log(f"Model: RWKV-{mc.version}, {mc.n_layer} layers × {mc.n_embd} wide, head size {mc.head_size}, "
         f"vocabulary {mc.vocab_size} ({total / 1e6:.2f} M parameters)")
     log(f"Device: {prep.device}, precision {prep.precision}, WKV op '{prep.op}'")
+    if cfg.NODES > 1:
+        log(_machines_line(cfg))
     log("Plan (trainer/plan.py; the web page's memory panel shows the same):")
     for line in prep.plan.describe():
         log(f"  {line}")
@@ -235,6 +238,16 @@ def dry_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
         log(preview(prep.dataset[j], tok))
     log("Dry run only: nothing was trained.")
     return prep
+
+
+def _machines_line(cfg: TrainConfig) -> str:
+    """NODES > 1: this machine's part, or why it could not start (the dry run shows; training refuses)."""
+    try:
+        env = {**os.environ, **planning.rendezvous(cfg, os.environ)}
+    except UserError as err:
+        return f"Machines: {cfg.NODES}; training here would stop: {err}"
+    return (f"Machines: {cfg.NODES} × {cfg.GPU_COUNT} GPU(s); this one is NODE_RANK={env['NODE_RANK'].strip()}, "
+            f"meeting the first at {env['MASTER_ADDR'].strip()}:{env['MASTER_PORT'].strip()}")
 
 
 # --------------------------------------------------------------------------- loss
@@ -486,6 +499,7 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
     from .infctx import InfctxLoss
 
     machine = planning.Machine.probe(planning.device_for(cfg), memory_too=False)
+    os.environ.update(planning.rendezvous(cfg, os.environ))     # several machines: where they meet, checked
     precision, _ = planning.precision_of(cfg, machine)
     if machine.type == "cuda":
         torch.set_float32_matmul_precision("high")      # TF32 for the few fp32 matmuls (Hopper/Ampere)
@@ -498,14 +512,10 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
     main = fabric.global_rank == 0        # only rank 0 logs and writes files
     if not main:
         log, progress = (lambda *_: None), False
-    prep = prepare(cfg, log, device=fabric.device, rank=fabric.global_rank)
-    torch.manual_seed(cfg.SEED + 1 + fabric.global_rank)   # the training stream (dropout), apart from init
+    # every process prepares, or all stop with one line (before the first collective: fabric.setup)
+    prep, optimizer = together(fabric, lambda: _prepared(cfg, log, fabric.device, fabric.global_rank, spread),
+                               cfg.NODES)
     state = prep.resume
-    if state is not None:
-        from .resume import restore
-        restore(prep, state)                 # the saved tensors, before the optimizer takes the parameters
-    trained = [(n, p) for n, p in prep.model.named_parameters() if p.requires_grad]
-    optimizer = spread.optimizer(spread.groups(trained), cfg.LR_INIT, log)    # WEIGHT_DECAY: matrices only
     # what runs forward under Fabric's wrapper (autocast, DDP gradient sync): the model, or for infctx the chunked
     # loss around it (one forward per backward, as DDP needs)
     module = InfctxLoss(prep.model, cfg.CHUNK_CTX) if cfg.TRAIN_TYPE == "infctx" else prep.model
@@ -527,10 +537,10 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
     if prep.op in ("fla", "rwkvfla"):
         log("note: the first steps compile the GPU kernels (Triton, from flash-linear-attention): this takes a "
             "few minutes once, and later runs reuse the compiled kernels.")
-    wandb = _wandb_run(cfg) if main else None
     # OUTPUT from here on: held by this run, a killed run's temporaries swept, OVERWRITE's clearing, loss.csv cut
-    # back to the resumed step; released when the loop ends
-    files = RunFiles(cfg.output_dir, prep, write=main, spread=spread, log=log)
+    # back to the resumed step; released when the loop ends. A refusal on the first process stops all of them.
+    wandb, files = together(fabric, lambda: (_wandb_run(cfg) if main else None, RunFiles(
+        cfg.output_dir, prep, write=main, spread=spread, log=log)), cfg.NODES)
     bar = tqdm(total=cfg.EPOCH_COUNT * cfg.EPOCH_STEPS, initial=pos.epoch * cfg.EPOCH_STEPS + pos.step,
                disable=not progress, unit="step", dynamic_ncols=True)
     run = _Run(cfg, prep, fabric, spread, module, optimizer, files, bar, log, progress, wandb,
@@ -543,6 +553,17 @@ def _setup(cfg: TrainConfig, log: Callable[[str], None], progress: bool) -> tupl
         log(validate.describe(cfg, prep.valid) + (f"; best so far {run.record.best:.4f} (optimizer step "
                                                     f"{run.record.best_step})" if run.record.best_step >= 0 else ""))
     return run, pos, main
+
+
+def _prepared(cfg: TrainConfig, log: Callable[[str], None], device: torch.device, rank: int, spread: Spread):
+    """One process's prepared run, its saved tensors restored on resume, and the optimizer over its trained tensors."""
+    prep = prepare(cfg, log, device=device, rank=rank)
+    torch.manual_seed(cfg.SEED + 1 + rank)   # the training stream (dropout), apart from init
+    if prep.resume is not None:
+        from .resume import restore
+        restore(prep, prep.resume)           # the saved tensors, before the optimizer takes the parameters
+    trained = [(n, p) for n, p in prep.model.named_parameters() if p.requires_grad]
+    return prep, spread.optimizer(spread.groups(trained), cfg.LR_INIT, log)    # WEIGHT_DECAY: matrices only
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int | None = None,

@@ -17,6 +17,7 @@ searches call the memory estimate (trainer/memory.py) on candidate plans.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,33 @@ def device_for(cfg: Any) -> torch.device:
         raise UserError(f"GPU_COUNT={cfg.GPU_COUNT} NODES={cfg.NODES} but there is no CUDA GPU here.",
                         "set GPU_COUNT=1 NODES=1 to train on the CPU")
     return torch.device(want)
+
+
+DEFAULT_PORT = "29500"   # the rendezvous port when several machines train and MASTER_PORT is not set (torchrun's)
+
+
+def rendezvous(cfg: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """NODES > 1: where the machines meet, checked before any process starts (without NODE_RANK every machine would
+    take itself for the first, and all would wait forever). The variables to add to the environment (MASTER_PORT's
+    default); {} on one machine."""
+    if cfg.NODES == 1 or "LOCAL_RANK" in environ:      # one machine, or a process Lightning started (already set)
+        return {}
+    others = ", ".join(map(str, range(1, cfg.NODES))) if cfg.NODES <= 5 else f"1 to {cfg.NODES - 1}"
+    example = (f"on the first machine `NODE_RANK=0 MASTER_ADDR=<its address> ./training.sh`, on the others the same "
+               f"with NODE_RANK={others} (README, Several machines)")
+    missing = [name for name in ("NODE_RANK", "MASTER_ADDR") if not environ.get(name, "").strip()]
+    if missing:
+        raise UserError(f"NODES={cfg.NODES} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                        "each machine needs its number and the first machine's address.", f"start {example}")
+    rank = environ["NODE_RANK"].strip()
+    if not rank.isdigit() or int(rank) >= cfg.NODES:
+        raise UserError(f"NODE_RANK={rank} but NODES={cfg.NODES}: the machines are numbered 0 to {cfg.NODES - 1}.",
+                        f"start {example}")
+    port = environ.get("MASTER_PORT", "").strip()
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"MASTER_PORT={port} is not a port number.", "set MASTER_PORT to a free port from 1024 to "
+                        f"65535, the same on every machine, or leave it unset ({DEFAULT_PORT})")
+    return {} if port else {"MASTER_PORT": DEFAULT_PORT}
 
 
 # ------------------------------------------------------------------------------------------ precision

@@ -219,6 +219,36 @@ def deepspeed_config(cfg: Any) -> dict:
     }
 
 
+def together(fabric, work: Callable[[], Any], machines: int = 1) -> Any:
+    """``work()`` on every process, and a UserError in any of them stops all of them with one line: no process goes
+    on into a collective that another has left (where it would wait forever, or fail with a traceback). The first
+    process shows its own error, or else the first failing process's; on several machines, a machine's first
+    failing process shows its own too (the terminal there). Call it before any collective of the run."""
+    try:
+        result, failure = work(), None
+    except UserError as err:
+        result, failure = None, err
+    if fabric.world_size == 1:
+        if failure is not None:
+            raise failure
+        return result
+    import torch.distributed as dist
+    told: list = [None] * fabric.world_size
+    dist.all_gather_object(told, None if failure is None else (failure.message, failure.fix))
+    failed = [r for r, t in enumerate(told) if t is not None]
+    if not failed:
+        return result
+    rank, per_machine = fabric.global_rank, fabric.world_size // machines
+    first_here = next((r for r in failed if r // per_machine == rank // per_machine), None)
+    if failure is not None and (rank == 0 or (machines > 1 and rank == first_here)):
+        raise failure
+    if rank == 0:
+        where = f"process {failed[0]}" + (f" (on the machine with NODE_RANK={failed[0] // per_machine})"
+                                          if machines > 1 else "")
+        raise UserError(f"{where}: {told[failed[0]][0]}", told[failed[0]][1])
+    raise SystemExit(2)          # its line is shown by the first process
+
+
 class Spread:
     """One GPU, DDP, or DeepSpeed: the few places where the training loop differs between them."""
 

@@ -67,7 +67,8 @@ OP="auto"                 # WKV kernel: auto picks the fastest that works | trit
 GRAD_CP="auto"            # gradient checkpointing: auto = only as much as needed to fit this GPU (fastest that fits)
                           #   | 1 = every block: least memory, ~30% slower | 0 = none: fastest, most memory
 COMPILE="auto"            # torch.compile the model's blocks: faster steps after ~1 min of compiling | auto = on a GPU | 1 | 0 = off
-QUANT="none"              # none | int8 | nf4: frozen base weights stored in 8 / 4 bits (QLoRA; NVIDIA GPU, not with full)
+QUANT="none"              # none | int8 | nf4 | fp8: frozen base weights stored in 8 / 4 / 8 bits (QLoRA; NVIDIA GPU, not
+                          #   with full; fp8: GPUs with fp8 tensor cores, RTX 40xx / H100 and newer, multiply in fp8)
 OPTIMIZER="adamw"         # adamw | adamw8bit: AdamW's two states in 8 bits (bitsandbytes; NVIDIA GPU, not with
                           #   DeepSpeed): 6 bytes less per trained number (LoRA 1.5B: 0.3 GB), slightly rounded
                           #   updates; slower where steps are short (1.5B LoRA at ctx 1024 x 1: -24 %; 4096 x 8: -3 %)

@@ -109,7 +109,7 @@ def parse_method(method: str) -> tuple[str, str]:
         return "lora", "nf4"
     base, _, quant = method.partition("+")
     if base not in BASE_METHODS or (quant and quant not in QUANT_TYPES):
-        raise SystemExit(f"--method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally +int8 or +nf4")
+        raise SystemExit(f"--method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally +int8, +nf4 or +fp8")
     return base, quant or "none"
 
 

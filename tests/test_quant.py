@@ -1,4 +1,4 @@
-"""QUANT=int8|nf4 (trainer/quant.py).
+"""QUANT=int8|nf4|fp8 (trainer/quant.py).
 
 CPU, no bitsandbytes needed (the quantisation maths is pure torch):
   - nf4 / int8 codes and scales against a slow per-block / per-row reference, bounds of the error,
@@ -40,15 +40,16 @@ N_LAYER, N_EMBD, VOCAB = 2, 128, 256
 # Relative RMS error of the logits of the quantised model against the same model unquantised (fp32), on
 # the tiny random models here. Why these numbers: nf4 stores each weight with a relative RMS error of about
 # 9 % for Gaussian weights (its 16 levels over ±absmax of a block of 64; checked below, NF4_WEIGHT_ERR),
-# int8 about 0.75 % (255 levels over ±absmax of a row). Every block output is such a product, added to the
+# int8 about 0.75 % (255 levels over ±absmax of a row), fp8 about 2.6 % (e4m3 keeps 3 bits of mantissa: each
+# weight rounded by up to 1/16 of itself, whatever its size). Every block output is such a product, added to the
 # residual stream that also carries the unquantised embedding, and the head is not quantised, so the logits
 # move by at most about the weights' relative error: the bounds are that error, rounded up (measured on
-# RWKV-5/6/7 here: nf4 0.035-0.064, int8 0.003-0.005).
-LOGIT_BOUND = {"nf4": 0.10, "int8": 0.01}
+# RWKV-5/6/7 here: nf4 0.035-0.064, int8 0.003-0.005, fp8 0.011-0.016).
+LOGIT_BOUND = {"nf4": 0.10, "int8": 0.01, "fp8": 0.03}
 # The loss moves far less than the logits: the error is noise uncorrelated with the gradient of the loss
-# (p − onehot), so it cancels to first order over positions. Measured: nf4 ≤ 0.004, int8 ≤ 0.0002 relative;
-# the bounds are 2.5-5× that.
-LOSS_BOUND = {"nf4": 0.01, "int8": 0.001}
+# (p − onehot), so it cancels to first order over positions. Measured: nf4 ≤ 0.004, int8 ≤ 0.0002, fp8 ≤ 0.0008
+# relative; the bounds are 2.5-5× that.
+LOSS_BOUND = {"nf4": 0.01, "int8": 0.001, "fp8": 0.003}
 
 
 def assert_only_trained_changed(before: dict, after: dict, trained: set, version: int) -> None:
@@ -112,6 +113,67 @@ def test_int8_codes_against_reference():
     assert ((d.float() - wb).abs() <= rowmax[:, None] / 254 + 2 ** -8 * wb.abs() + 1e-12).all()
 
 
+def test_fp8_codes_against_reference():
+    """One scale per row (absmax / 448: the row's largest weight is e4m3's largest number), each weight w / scale
+    rounded to the nearest e4m3 (PyTorch's conversion), stored as its byte; dequantised: code × scale in fp32,
+    then bf16. A zero row has scale 1/448 and zero codes."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 48, generator=g) * 0.04
+    w[2] = 0.0
+    codes, scale = Q.quantize_weight(w, "fp8")
+    assert codes.dtype == torch.uint8 and codes.shape == (5, 48) and scale.dtype == torch.float32
+    wb = w.to(torch.bfloat16).float()
+    for i in range(5):
+        m = wb[i].abs().max()
+        want_scale = (m if m > 0 else torch.tensor(1.0)) / 448.0
+        assert scale[i] == want_scale
+        assert torch.equal(codes[i].view(torch.float8_e4m3fn).float(), (wb[i] / want_scale).to(torch.float8_e4m3fn).float())
+    d = Q.dequantize_weight(codes, scale, (5, 48), "fp8")
+    assert torch.equal(d[2].float(), torch.zeros(48))
+    assert torch.equal(d.float().abs().amax(dim=1), wb.abs().amax(dim=1))           # the row maximum is exact
+    # e4m3 rounds to 3 bits of mantissa: within 1/16 of the weight (and 2^-10 scale near zero), then bf16's 2^-9
+    assert ((d.float() - wb).abs() <= wb.abs() / 16 + scale[:, None] * 2 ** -9 + 2 ** -8 * wb.abs() + 1e-12).all()
+
+
+FP8_PRODUCT_ERR = 0.035       # relative error of an fp8 × fp8 product against the dequantised weight's product
+
+
+def test_fp8_product_and_its_gradient():
+    """QUANT=fp8's forward on an fp8 GPU (``_fp8_mm``; PyTorch runs the same product on the CPU, so it is checked
+    here): x Wᵀ with x rounded to e4m3 per row, against x Wᵀ with the dequantised W: within the activations'
+    rounding. Its backward is exactly the dequantised weight's (gradients are not rounded to fp8); compiled, the
+    same numbers."""
+    lin, ql = _layer("fp8")
+    w = ql.dequantised().float()
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = Q._fp8_mm(x, ql.qweight, ql.qscale, 96, 128)
+    ref = F.linear(x, w)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert 0.005 < rel(y, ref) < FP8_PRODUCT_ERR, rel(y, ref)
+    # by hand: the activation's rows rounded to e4m3 with their own scales, the weight as stored
+    sx = x.detach().reshape(-1, 128).abs().amax(dim=1, keepdim=True) / 448
+    x8 = (x.detach().reshape(-1, 128) / sx).to(torch.float8_e4m3fn).float() * sx
+    assert rel(y.detach().reshape(-1, 96), x8 @ w.t()) < 4e-3          # bf16's rounding of the output
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx, g @ w)
+    compiled = torch.compile(lambda a: Q._fp8_mm(a, ql.qweight, ql.qscale, 96, 128), backend="aot_eager")
+    assert torch.equal(compiled(x), y)
+
+
+def test_fp8_refused_without_fp8_tensor_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 6))
+    with pytest.raises(UserError, match=r"QUANT=fp8: this GPU \(NVIDIA GeForce RTX 3090, compute capability 8.6\) "
+                                        r"has no fp8 tensor cores") as err:
+        Q.check_quant("fp8", "lora", "cuda")
+    assert "QUANT=int8" in err.value.fix
+    with pytest.raises(UserError, match="NVIDIA GPU with fp8 tensor cores"):
+        Q.check_quant("fp8", "lora", "cpu")
+
+
 @pytest.mark.parametrize("quant", Q.QUANTS)
 def test_requantising_is_exact(quant):
     """quantise(dequantise(quantise(W))) = quantise(W): a PiSSA resume re-quantises the dequantised residual."""
@@ -121,13 +183,13 @@ def test_requantising_is_exact(quant):
     assert torch.equal(c, c2) and torch.equal(s, s2)
 
 
-NF4_WEIGHT_ERR, INT8_WEIGHT_ERR = 0.095, 0.0080
+NF4_WEIGHT_ERR, INT8_WEIGHT_ERR, FP8_WEIGHT_ERR = 0.095, 0.0080, 0.027
 
 
 def test_weight_error_of_gaussian_weights():
     """The per-weight relative RMS errors the logit bounds above start from."""
     w = torch.randn(512, 512, generator=torch.Generator().manual_seed(3)) * 0.02
-    for quant, bound in (("nf4", NF4_WEIGHT_ERR), ("int8", INT8_WEIGHT_ERR)):
+    for quant, bound in (("nf4", NF4_WEIGHT_ERR), ("int8", INT8_WEIGHT_ERR), ("fp8", FP8_WEIGHT_ERR)):
         c, s = Q.quantize_weight(w, quant)
         err = ((Q.dequantize_weight(c, s, (512, 512), quant).float() - w).norm() / w.norm()).item()
         assert bound * 0.8 < err < bound, (quant, err)
@@ -513,6 +575,10 @@ def test_method_with_quant_gpu(method_name, quant, version, no_tf32):
     merged = merged_model(method, base_sd, adapter, quant, version, dtype=torch.float32, device=dev)
     fp32_model = model.float()                 # codes stay as they are (integer buffers)
     idx = tokens(2, device=dev)
+    if quant == "fp8":       # the GPU multiplies in fp8 (activations rounded too); the weights: on the CPU, below
+        with torch.no_grad():
+            assert rel(merged(idx), fp32_model(idx)) < FP8_PRODUCT_ERR * 2
+        merged, fp32_model, idx = merged.cpu(), fp32_model.cpu(), idx.cpu()
     with torch.no_grad():
         err = rel(merged(idx), fp32_model(idx))
         assert err < (5e-3 if method_name == "pissa" else 1e-4), err

@@ -109,7 +109,7 @@ class TrainConfig:
     GRAD_CP: str = _var("gradient checkpointing: 1 saves memory, 0 is faster, auto checkpoints only the blocks "
                         "that must be to fit in the GPU's memory", default="auto")
     COMPILE: str = _var("torch.compile the blocks: auto (on a GPU) | 1 | 0", default="auto")
-    QUANT: str = _var("none | int8 | nf4: store the frozen base weights quantised", default="none")
+    QUANT: str = _var("none | int8 | nf4 | fp8: store the frozen base weights quantised", default="none")
     OPTIMIZER: str = _var("adamw | adamw8bit: AdamW's two states in 8 bits (bitsandbytes; NVIDIA GPU)",
                           default="adamw")
     OFFLOAD_BLOCKS: str = _var("blocks whose frozen weights stay in CPU memory, copied to the GPU as they run: "

@@ -43,7 +43,8 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
              GPU (its Triton cross-entropy writes the gradient over them), the input's gradient (weight
              bytes·BT·C) and, when the head trains, its bf16 copy and fp32 gradient (6·V·C); chunk =
              head_loss.chunk_tokens(V, C if the head trains)
-  dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8 INT8_DEQUANT_BYTES)
+  dequant    QUANT: the largest adapted weight dequantised (nf4 2 B/weight; int8, fp8 INT8_DEQUANT_BYTES);
+             fp8 at least its forward's rounded input (FP8_INPUT_BYTES per element of B·T × 4C)
   infctx     the states carried into each chunk, ceil(CTX_LEN/CHUNK_CTX)·L·S, one chunk's state gradients
              L²·S (S = B·(H·N² + 2C)·4), and L·INFCTX_ACT·C·BT
 
@@ -130,7 +131,8 @@ DEEPSPEED_BUCKET_ELEMS = int(2e8)        # strategy.py's reduce and allgather bu
 DS_ACT_SCALE = 0.62                      # DeepSpeed (bf16 model, no autocast): activations vs autocast's
 CP_SAVED_DS = 2.0                        # its blocks' inputs are bf16
 INFCTX_ACT = 9.2                         # infctx: per chunk token and channel per layer, beside the above
-INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight
+INT8_DEQUANT_BYTES = 10.0                # int8 dequantisation: fp32 products then bf16, per weight (fp8 too)
+FP8_INPUT_BYTES = 5.0                    # QUANT=fp8's forward: its input scaled in fp32 (4) and rounded to e4m3 (1)
 QUANTISE_WORK = 11.0                     # while loading: quantising the largest weight (fp32 copies, codes)
 DEFAULT_GPU_OP = "fla"                   # the constants for an op this table does not know
 # Compiled blocks keep far fewer and smaller tensors for the backward pass than eager PyTorch, whose ops the
@@ -309,7 +311,9 @@ def estimate(plan: Any, sizes: Any) -> Estimate:
     per_logit = HEAD_BYTES if plan.op in CPU_OPS else float(wbytes)   # a GPU's Triton cross-entropy works in place
     head = per_logit * chunk * V + wbytes * BT * C + (6.0 * V * C if t.head_trained else 0.0)
     quant = plan.cfg.QUANT
-    dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant == "int8" else 2.0) if quant != "none" else 0.0
+    dequant = t.largest_target * (INT8_DEQUANT_BYTES if quant in ("int8", "fp8") else 2.0) if quant != "none" else 0.0
+    if quant == "fp8":      # the forward's fp8 product: the largest input (the FFN's 4C) in fp32, then in e4m3
+        dequant = max(dequant, FP8_INPUT_BYTES * BT * 4 * C)
     carried = 0.0
     if plan.cfg.TRAIN_TYPE == "infctx":   # the states carried into every chunk, the gradients of one chunk's states
         chunks = -(-plan.cfg.CTX_LEN // T)               # (all layers, for each layer: L²), and what a chunk keeps

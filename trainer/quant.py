@@ -1,4 +1,4 @@
-"""QUANT=int8 | nf4: keep the frozen base weights of the attention / FFN linear layers quantised (QLoRA).
+"""QUANT=int8 | nf4 | fp8: keep the frozen base weights of the attention / FFN linear layers quantised (QLoRA).
 
 The adapter (LoRA, DoRA, PiSSA, Bone, Bat, the state) trains in bf16/fp32 as usual; only the frozen base
 product ``W x`` of each of these layers reads W from a quantised copy, dequantised one layer at a time
@@ -20,6 +20,13 @@ Formats (the formats of bitsandbytes 0.45+; bytes per weight against 2 for bf16)
         0.5 + 4/64 = 0.5625 bytes per weight (3.56× smaller than bf16). No double quantisation.
   int8  one absmax per output row (fp32), each weight round(127 · w / absmax) as int8 (LLM.int8()'s
         vector-wise quantisation, threshold 0, weight only): 1 + 4/in_features ≈ 1.0 byte per weight (2×).
+  fp8   one scale per output row (fp32, absmax / 448), each weight w / scale rounded to float8 e4m3 (stored as
+        its bytes): 1 + 4/in_features bytes per weight, like int8, with a float's relative precision. Only on
+        GPUs that multiply fp8 (compute capability 8.9+: RTX 40xx, L4, L40, H100, ...): there the forward
+        product is fp8 × fp8 (``torch._scaled_mm``, the activations rounded to e4m3 with one scale per row,
+        the output in bf16). That rounding of the activations is the one thing of training that the merged
+        model (the same weights, in bf16) does not repeat; the backward multiplies with the weight dequantised
+        to bf16, as for int8 and nf4.
 Quantisation always starts from the weight rounded to bf16, and dequantises to bf16 (code·absmax in fp32,
 then rounded) -- the values the forward multiplies with, whatever the run's precision.
 
@@ -62,17 +69,21 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
 INT8_INV_127 = 7.874015718698502e-3        # 1/127 as bitsandbytes' int8_vectorwise_dequant writes it
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0                            # the largest e4m3 number
+FP8_CAPABILITY = (8, 9)                    # the first NVIDIA GPUs with fp8 tensor cores (Ada; Hopper is 9.0)
+NAMES = " | ".join(("none",) + QUANTS)
 
 INSTALL_FIX = "pip install bitsandbytes (or: pip install -e '.[gpu]'), on a machine with an NVIDIA GPU and CUDA"
 
 
 def bytes_per_weight(quant: str, in_features: int | None = None) -> float:
-    """Bytes of storage per base weight: none 2 (bf16), int8 1 + 4/in_features, nf4 0.5 + 4/64."""
+    """Bytes of storage per base weight: none 2 (bf16), int8 and fp8 1 + 4/in_features, nf4 0.5 + 4/64."""
     if quant in (None, "", "none"):
         return 2.0
     if quant == "nf4":
         return 0.5 + 4 / NF4_BLOCK
-    if quant == "int8":
+    if quant in ("int8", "fp8"):
         return 1.0 + (4 / in_features if in_features else 0.0)
     raise ValueError(f"unknown QUANT {quant!r}")
 
@@ -81,12 +92,31 @@ def bytes_per_weight(quant: str, in_features: int | None = None) -> float:
 def quant_unavailable_reason(device, quant: str = "nf4") -> str | None:
     """Why QUANT cannot run on ``device`` (a torch.device or str), or None when it can.
 
-    Both modes need a CUDA GPU (on the CPU quantisation saves nothing worth its cost); nf4 also needs
-    bitsandbytes for its dequantisation kernel. int8 is plain torch and does not."""
+    Every mode needs a CUDA GPU (on the CPU quantisation saves nothing worth its cost); nf4 also needs
+    bitsandbytes for its dequantisation kernel, fp8 a GPU that multiplies fp8. int8 is plain torch."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
-        return "quantisation needs an NVIDIA GPU (bitsandbytes)"
+        return "quantisation needs an NVIDIA GPU" + (" with fp8 tensor cores" if quant == "fp8" else " (bitsandbytes)")
+    if quant == "fp8":
+        return fp8_unavailable_reason(dev)
     return bitsandbytes_missing("QUANT=nf4") if quant == "nf4" else None
+
+
+def fp8_unavailable_reason(device: torch.device) -> str | None:
+    """None where this GPU multiplies fp8 (compute capability 8.9 and newer, and this PyTorch's fp8 product runs
+    there: tried once on a tiny product), else why not."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    if cap < FP8_CAPABILITY:
+        return (f"this GPU ({name}, compute capability {cap[0]}.{cap[1]}) has no fp8 tensor cores; fp8 needs "
+                f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer (RTX 40xx, L4, L40, H100, H200, ...)")
+    try:
+        a = torch.ones(16, 16, device=device)
+        _fp8_product(a, torch.ones(16, 16, device=device).to(FP8), torch.ones(16, device=device))
+    except Exception as err:                          # an old PyTorch, a driver without the kernel
+        return f"PyTorch {torch.__version__} cannot multiply fp8 on this GPU ({type(err).__name__}: {err})"
+    return None
 
 
 def bitsandbytes_missing(who: str) -> str | None:
@@ -106,7 +136,7 @@ def check_quant(quant: str, finetune_mode: str, device=None) -> None:
     if quant in (None, "", "none"):
         return
     if quant not in QUANTS:
-        raise UserError(f"QUANT={quant!r} is not one of none | int8 | nf4.", "set QUANT=none, int8 or nf4")
+        raise UserError(f"QUANT={quant!r} is not one of {NAMES}.", f"set QUANT to one of {NAMES}")
     if finetune_mode == "full":
         raise UserError(f"QUANT={quant} with FINETUNE_MODE=full: full fine-tuning trains every weight, and a "
                         "quantised weight cannot be trained.",
@@ -116,6 +146,7 @@ def check_quant(quant: str, finetune_mode: str, device=None) -> None:
         why = quant_unavailable_reason(device, quant)
         if why:
             fix = INSTALL_FIX if "bitsandbytes package" in why or "does not load" in why else \
+                "set QUANT=int8 (the same memory) or nf4 on this GPU" if quant == "fp8" and "GPU (" in why else \
                 "train on a machine with an NVIDIA GPU, or set QUANT=none"
             said = why.removesuffix(f"; {INSTALL_FIX}")             # the fix is said once, as the fix
             raise UserError(f"{said if said.startswith('QUANT=') else f'QUANT={quant}: {said}'}.", fix)
@@ -129,7 +160,8 @@ def _nf4_tables(device) -> tuple[Tensor, Tensor]:
 
 def quantize_weight(w: Tensor, quant: str) -> tuple[Tensor, Tensor]:
     """(codes, scales) of a 2-D weight: nf4 (uint8 [ceil(n/64)·32] two codes a byte, fp32 absmax per block),
-    int8 (int8 [out, in], fp32 absmax per row). Computed where ``w`` is; the same bits on CPU and GPU."""
+    int8 (int8 [out, in], fp32 absmax per row), fp8 (e4m3 [out, in] as uint8 bytes, fp32 absmax/448 per row).
+    Computed where ``w`` is; the same bits on CPU and GPU."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {list(w.shape)}")
     a = w.detach().to(torch.bfloat16).float()
@@ -148,6 +180,10 @@ def quantize_weight(w: Tensor, quant: str) -> tuple[Tensor, Tensor]:
         rowmax = a.abs().amax(dim=1)
         scale = 127.0 / torch.where(rowmax > 0, rowmax, torch.ones_like(rowmax))
         return torch.round(a * scale.unsqueeze(1)).to(torch.int8), rowmax
+    if quant == "fp8":
+        rowmax = a.abs().amax(dim=1)
+        scale = torch.where(rowmax > 0, rowmax, torch.ones_like(rowmax)) / FP8_MAX
+        return (a / scale.unsqueeze(1)).to(FP8).view(torch.uint8), scale
     raise ValueError(f"unknown QUANT {quant!r}")
 
 
@@ -159,6 +195,8 @@ def dequantize_weight(codes: Tensor, scales: Tensor, shape: tuple[int, int], qua
     n = out_f * in_f
     if quant == "int8":
         return (codes * scales.view(-1, 1) * INT8_INV_127).to(torch.bfloat16)
+    if quant == "fp8":
+        return (codes.view(FP8).float() * scales.view(-1, 1)).to(torch.bfloat16)
     if quant != "nf4":
         raise ValueError(f"unknown QUANT {quant!r}")
     if use_bnb is None:
@@ -226,11 +264,54 @@ def _quant_mm_backward(ctx, grad):
 _quant_mm.register_autograd(_quant_mm_backward, setup_context=_quant_mm_setup)
 
 
+def _fp8_product(x: Tensor, w8: Tensor, w_scale: Tensor) -> Tensor:
+    """x Wᵀ with W = w8 · w_scale (e4m3 [out, in], one fp32 scale per row) multiplied in fp8: x [M, in] rounded
+    to e4m3 with one scale per row (its absmax / 448); the product in bf16 (fp8 tensor cores)."""
+    x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-30)
+    x8 = (x.float() / x_scale).to(FP8)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1).float(),
+                            out_dtype=torch.bfloat16)
+
+
+# QUANT=fp8's forward on a GPU with fp8 tensor cores: x Wᵀ multiplied in fp8 (one opaque node, as _quant_mm); the
+# backward (x's gradient) multiplies with W dequantised to bf16 (_quant_mm), so gradients are not rounded to fp8.
+@torch.library.custom_op("rwkv_peft::fp8_matmul", mutates_args=())
+def _fp8_mm(x: Tensor, codes: Tensor, scales: Tensor, rows: int, cols: int) -> Tensor:
+    """x Wᵀ [..., rows] in x's dtype, W [rows, cols] the fp8 ``codes`` (uint8 bytes) × ``scales`` (fp32 as int32)."""
+    flat = x.reshape(-1, cols)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _fp8_product(flat, codes.view(FP8), scales.view(torch.float32))
+    return y.to(x.dtype).view(*x.shape[:-1], rows)
+
+
+@_fp8_mm.register_fake
+def _fp8_mm_fake(x, codes, scales, rows, cols):
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+def _fp8_mm_setup(ctx, inputs, output):
+    x, codes, scales, rows, cols = inputs
+    ctx.save_for_backward(codes, scales)
+    ctx.meta = (rows, cols)
+
+
+def _fp8_mm_backward(ctx, grad):
+    codes, scales = ctx.saved_tensors
+    rows, cols = ctx.meta
+    return _quant_mm(grad, codes, scales, rows, cols, "fp8", True), None, None, None, None
+
+
+_fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup)
+
+
 def _quant_linear(x: Tensor, layer: "_QuantStore") -> Tensor:
-    """x Wᵀ of a quantised layer, in the autocast dtype where autocast is on (as F.linear would be)."""
+    """x Wᵀ of a quantised layer, in the autocast dtype where autocast is on (as F.linear would be). fp8 on a GPU
+    multiplies in fp8 (check_quant let it run only where the GPU can); elsewhere W is dequantised for the product."""
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     rows, cols = layer.qshape
+    if layer.quant == "fp8" and x.is_cuda:
+        return _fp8_mm(x.to(dt), layer.qweight, layer.qscale, rows, cols)
     return _quant_mm(x.to(dt), layer.qweight, layer.qscale, rows, cols, layer.quant, False)
 
 
@@ -337,7 +418,7 @@ def quantize_model(model: nn.Module, quant: str, device=None) -> QuantReport | N
     if quant in (None, "", "none"):
         return None
     if quant not in QUANTS:
-        raise UserError(f"QUANT={quant!r} is not one of none | int8 | nf4.", "set QUANT=none, int8 or nf4")
+        raise UserError(f"QUANT={quant!r} is not one of {NAMES}.", f"set QUANT to one of {NAMES}")
     found = {n: m for n, m in model.named_modules() if TARGET_RE.match(n)}
     if not found:
         raise ValueError("no attention / FFN linear layers found: is this an RWKV model from trainer.model?")
@@ -396,8 +477,8 @@ def dequantised_base(sd: dict[str, Tensor], quant: str, adapter: dict[str, Tenso
     if quant in (None, "", "none"):
         return sd
     if quant not in QUANTS:
-        raise UserError(f"the checkpoint says QUANT={quant!r}, which this version does not know (none | int8 | "
-                        "nf4).", "merge with the version of the toolkit that trained it")
+        raise UserError(f"the checkpoint says QUANT={quant!r}, which this version does not know ({NAMES}).",
+                        "merge with the version of the toolkit that trained it")
     if adapter is None:
         # Without the run's tensors a PiSSA layer would silently start from quantise(W): refuse instead.
         raise UserError(f"this checkpoint was trained with QUANT={quant}; its base cannot be rebuilt without the "

@@ -67,14 +67,14 @@ def test_rendezvous_is_checked_before_any_process_starts():
         assert err.value.fix
 
 
-def test_a_second_machine_without_its_number_is_one_line(tmp_path):
+def test_a_machine_without_its_number_is_refused_before_anything(tmp_path, monkeypatch):
     make_project(tmp_path, 7, items=ITEMS)
-    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), **config(**COMMON, NODES=2).to_env())
-    p = subprocess.run([sys.executable, "-m", "tools.train", "--no-progress"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert p.stderr.strip().splitlines()[-1].startswith("error: NODES=2 but NODE_RANK and MASTER_ADDR are not set")
+    monkeypatch.chdir(tmp_path)
+    for name in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="NODES=2 but NODE_RANK and MASTER_ADDR are not set") as err:
+        train(config(**COMMON, NODES=2), progress=False, log=lambda *_: None)
+    assert "NODE_RANK=0 MASTER_ADDR=" in err.value.fix
     assert not (tmp_path / "output").exists()
 
 
@@ -115,3 +115,55 @@ def test_two_machines_train_resume_and_refuse_as_one(tmp_path, monkeypatch):
     np.testing.assert_allclose(losses(first / "output"), expect, rtol=2e-5)
     a, _ = checkpoint.load_adapter(first / "output" / "rwkv-1.pth")
     assert set(a) and all(v.isfinite().all() for v in a.values())
+
+
+class _Fabric:
+    def __init__(self, world_size, global_rank):
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+def _together_as(rank, world, machines, failing, monkeypatch):
+    """``together`` on process ``rank`` of ``world`` when the processes in ``failing`` raise a UserError (each
+    naming itself): what that process returns or raises."""
+    import torch.distributed as dist
+    from trainer.strategy import together
+
+    def gather(out, mine):          # every process's contribution, as all_gather_object would collect them
+        for r in range(world):
+            out[r] = (f"bad on {r}.", "fix it") if r in failing else None
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+
+    def work():
+        if rank in failing:
+            raise UserError(f"bad on {rank}.", "fix it")
+        return "ready"
+    try:
+        return together(_Fabric(world, rank), work, machines)
+    except (UserError, SystemExit) as stop:
+        return stop
+
+
+def test_together_stops_every_process_with_one_line_each_machine(monkeypatch):
+    """The logic of strategy.together without processes: a refusal anywhere stops all; the first process shows
+    its own line or the first failing one's; another machine's first failing process shows its own; the rest
+    leave quietly with exit code 2."""
+    def run(rank, world=2, machines=1, failing=()):
+        return _together_as(rank, world, machines, set(failing), monkeypatch)
+
+    assert run(0) == "ready" and run(1) == "ready"
+    said = run(0, failing={0, 1})
+    assert isinstance(said, UserError) and said.message == "bad on 0."                 # its own, once
+    assert isinstance(run(1, failing={0, 1}), SystemExit) and run(1, failing={0, 1}).code == 2
+    said = run(0, failing={1})                                                          # only another one
+    assert isinstance(said, UserError) and said.message == "process 1: bad on 1." and said.fix == "fix it"
+    assert isinstance(run(1, failing={1}), SystemExit)                                  # shown by process 0
+    # two machines of 2: process 2 is NODE_RANK=1's first
+    said = run(0, world=4, machines=2, failing={2, 3})
+    assert said.message == "process 2 (on the machine with NODE_RANK=1): bad on 2."
+    assert run(2, world=4, machines=2, failing={2, 3}).message == "bad on 2."          # its machine's screen
+    assert isinstance(run(3, world=4, machines=2, failing={2, 3}), SystemExit)
+    assert isinstance(run(1, world=4, machines=2, failing={2, 3}), SystemExit)
+    # one process: the error as it is
+    from trainer.strategy import together
+    with pytest.raises(UserError, match="alone"):
+        together(_Fabric(1, 0), lambda: (_ for _ in ()).throw(UserError("alone.")))

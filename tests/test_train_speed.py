@@ -126,9 +126,10 @@ def test_method_and_size_names():
     assert train_speed.parse_method("lora+nf4") == ("lora", "nf4")
     assert train_speed.parse_method("qlora") == ("lora", "nf4")
     assert train_speed.parse_method("state") == ("state", "none")
+    assert train_speed.parse_method("dora+fp8") == ("dora", "fp8")
     assert train_speed.parse_size("7B") == (32, 4096) and train_speed.parse_size("4x256") == (4, 256)
     with pytest.raises(SystemExit):
-        train_speed.parse_method("lora+fp8")
+        train_speed.parse_method("lora+fp4")
 
 
 def test_out_of_memory_is_a_row_status(tmp_path, monkeypatch):

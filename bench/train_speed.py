@@ -17,7 +17,7 @@ Model: random weights from ``checkpoint.config_from_sizes`` + ``init_model`` (RW
 saved once per shape in bf16 under --model-dir (the first 7B takes minutes on the CPU), then loaded by
 the trainer like any base model. Data: random token ids, DATALOAD=get (every position trains),
 LOSS_MASK=none. Sizes (layers x width, vocabulary 65536): tiny 2x128, 0.1B 12x768, 0.4B 24x1024,
-1.5B/1.6B 24x2048, 3B 32x2560, 7B 32x4096; or write LxC (e.g. 4x256).
+1.5B/1.6B 24x2048, 3B/2.9B 32x2560, 7B/7.2B 32x4096, 13.3B 61x4096; or write LxC (e.g. 4x256).
 
 Methods: lora and dora (r 64, alpha 128 unless --lora-r/--lora-alpha), pissa, bone, bat, state, full, and any of
 them with +int8 / +nf4 (QUANT); qlora = lora+nf4. --infctx N trains TRAIN_TYPE=infctx with CHUNK_CTX=N
@@ -86,7 +86,8 @@ if str(ROOT) not in sys.path:
 
 GiB = 2 ** 30
 SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "1.6B": (24, 2048),
-         "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096)}
+         "3B": (32, 2560), "2.9B": (32, 2560), "7B": (32, 4096), "7.2B": (32, 4096),
+         "13.3B": (61, 4096)}    # RWKV-7 G1 13.3B: bench/fits_table.py says where the shape comes from
 from trainer.choices import METHODS as BASE_METHODS  # noqa: E402
 from trainer.choices import OPTIMIZERS, QUANT_TYPES  # noqa: E402
 ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts", "stream")

@@ -480,3 +480,25 @@ def test_inductor_on_the_gpu_equals_eager_in_bf16(fresh_dynamo, mode):
     assert lb == pytest.approx(la, rel=1e-2)
     assert_grads_close(ga, gb, 5e-2)
     assert fresh_dynamo["stats"]["unique_graphs"] <= 2 and not fresh_dynamo["graph_break"]
+
+
+def test_compiled_code_is_kept_in_the_users_cache_folder(tmp_path, monkeypatch):
+    """keep_compiled (called before the blocks compile) puts inductor's cache under $XDG_CACHE_HOME or ~/.cache,
+    not inductor's default under /tmp that Ubuntu empties at boot; a folder the user chose stays; where the cache
+    folder cannot be made, the default stays. Inductor reads the folder from the environment (checked through its
+    own cache_dir())."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from trainer.device import keep_compiled
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    want = tmp_path / "xdg" / "rwkv-peft-simple" / "torchinductor"
+    assert keep_compiled() == str(want) and want.is_dir()
+    assert cache_dir() == str(want)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert keep_compiled() == str(tmp_path / "mine") and cache_dir() == str(tmp_path / "mine")
+    env = {"HOME": str(tmp_path / "home")}
+    assert keep_compiled(env) == str(tmp_path / "home" / ".cache" / "rwkv-peft-simple" / "torchinductor")
+    (tmp_path / "file").write_text("")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "file")}           # not a folder: nothing set
+    assert keep_compiled(env) is None and "TORCHINDUCTOR_CACHE_DIR" not in env

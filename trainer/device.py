@@ -6,15 +6,39 @@
     configure_allocator(device)    expandable segments on, where may_grow_segments says they work
     trim_thread_stack(device)      give back the CUDA driver's idle per-thread stack reserve
     trim_grown_stack(device, n)    the same after a step, where an autotune grew it again
+    keep_compiled()                torch.compile's cache in the user's cache folder, kept across reboots
 """
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 GiB = 2 ** 30
 CONTEXT_AT_PREFLIGHT = int(0.25 * GiB)   # the bare CUDA context when the plan asks for free memory, its stack
                                          # reserve given back (H100, bench/RESULTS.md)
+
+
+def keep_compiled(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Point torch.compile's cache (inductor's graphs and kernels, the Triton kernels it generates) at the user's
+    cache folder, $XDG_CACHE_HOME or ~/.cache, under rwkv-peft-simple/torchinductor, unless
+    TORCHINDUCTOR_CACHE_DIR is set already. Inductor's own default is /tmp/torchinductor_<user>, which Ubuntu (also
+    under WSL2 with systemd) empties at every boot, so the first run after a restart compiled everything again.
+    The folder it uses, or None where the cache folder cannot be made (the default then stays)."""
+    if environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return environ["TORCHINDUCTOR_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "rwkv-peft-simple" / "torchinductor"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return None
+    environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return str(folder)
 
 
 def host_available(meminfo: str = "/proc/meminfo") -> int | None:

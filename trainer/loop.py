@@ -176,7 +176,10 @@ def _compile(plan: RunPlan, model, log: Callable[[str], None]) -> None:
     if not plan.compiled:
         return
     import torch._dynamo as dynamo
+
+    from .device import keep_compiled
     dynamo.config.suppress_errors = True   # a block that fails to compile runs uncompiled, with a warning
+    keep_compiled()                        # a warm cache after a reboot too: the first step compiles less
     if plan.graphs_note:
         log(plan.graphs_note)
     model.compile_blocks(cudagraphs=plan.cudagraphs)

@@ -385,11 +385,11 @@ class TrainConfig:
         out = self.output_dir
         found = run_files(out)
         if self.RESUME:
-            if not (out / TRAIN_STATE).is_file() and self.NODES > 1:
-                raise UserError(f"RESUME=1 but this machine has nothing to resume in {out}/ (no {TRAIN_STATE}).",
-                                "with NODES > 1 every machine needs the run's files: make OUTPUT a folder the "
-                                "machines share, or copy it from the first machine (NODE_RANK=0) to the others")
             if not (out / TRAIN_STATE).is_file():
+                if self.NODES > 1 and os.environ.get("NODE_RANK", "0").strip() not in ("", "0"):   # not the first
+                    raise UserError(f"RESUME=1 but this machine has nothing to resume in {out}/ (no {TRAIN_STATE}).",
+                                    "with NODES > 1 every machine needs the run's files: make OUTPUT a folder the "
+                                    "machines share, or copy it from the first machine (NODE_RANK=0) to the others")
                 raise UserError(f"RESUME=1 but there is nothing to resume in {out}/ (no {TRAIN_STATE}).",
                                 "set RESUME=0 to start a new run" + (" (with OVERWRITE=1 to replace the files there, "
                                                                      "or another OUTPUT)" if found else ""))

@@ -223,7 +223,8 @@ def together(fabric, work: Callable[[], Any], machines: int = 1) -> Any:
     """``work()`` on every process, and a UserError in any of them stops all of them with one line: no process goes
     on into a collective that another has left (where it would wait forever, or fail with a traceback). The first
     process shows its own error, or else the first failing process's; on several machines, a machine's first
-    failing process shows its own too (the terminal there). Call it before any collective of the run."""
+    failing process shows its own too (the terminal there). Call it where every process has made the same
+    collective calls so far (its all-gather must meet the others': not inside work that only some processes do)."""
     try:
         result, failure = work(), None
     except UserError as err:

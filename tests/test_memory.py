@@ -120,9 +120,36 @@ def test_7a_deep_embed_counts_as_frozen_base_unless_trained(mode, parts):
              ("s0", "s1", "s2"))
     assert de == 2 * (256 * 1024 + 1024 * 128 + 128 * 32 + 32 * 512 + 512)
     assert t.frozen + t.trained_base == total and t.frozen >= (0 if "deepembed" in parts else de)
+    if mode != "full":                # offload streams the DeepEmbed matrices, never the table (tables.is_table)
+        from trainer import offload
+        assert t.block_streamed == sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
     big = dataclasses.replace(B15, deep_embed=32)      # a 1.5B 7a: 1.6B DeepEmbed numbers, 3 GiB in bf16
-    a, b = estimate(cfg_(), B15), estimate(cfg_(), big)
+    a, b = estimate(cfg_(), B15), estimate(cfg_(), big, deep_embed_on_cpu=False)
     assert b.peak_allocated - a.peak_allocated >= 2 * 24 * 65536 * 1024
+
+
+@pytest.mark.parametrize("changes, on_cpu", [
+    ({}, True), (dict(FINETUNE_MODE="state"), True), (dict(FINETUNE_MODE="full"), True), (dict(QUANT="nf4"), True),
+    (dict(TRAIN_PARTS="deepembed"), False), (dict(GPU_COUNT=2), False), (dict(STRATEGY="deepspeed_stage_2"), False)])
+def test_deep_embed_tables_stay_on_the_cpu_where_frozen_on_one_gpu(changes, on_cpu):
+    """A 1.5B RWKV-7a model's s_emb tables (24 x 65536 x 32², 3 GiB in bf16) stay in CPU memory where they are
+    frozen (every method, full fine-tuning included, unless TRAIN_PARTS has deepembed) on one GPU without
+    DeepSpeed, as the embedding does: the estimate drops by exactly their bytes, and the plan says where they are.
+    A plain RWKV-7 has none. Checkpointed blocks keep their s_emb rows (r² a token) as an input either way."""
+    big = dataclasses.replace(B15, deep_embed=32)
+    cfg = cfg_(**changes)
+    plan = plan_(cfg, big)
+    assert PL.deep_embed_on_cpu(cfg, big) is on_cpu and plan.deep_embed_on_cpu is on_cpu
+    assert f"DeepEmbed tables (ffn.s_emb) in {'CPU' if on_cpu else 'GPU'} memory" in plan.describe()[3]
+    tables = 24 * 65536 * 32 ** 2 * 2
+    on_gpu_ = estimate(cfg, big, deep_embed_on_cpu=False)
+    assert on_gpu_.terms["weights"] - plan.estimate.terms["weights"] == (tables if on_cpu else 0)
+    assert on_gpu_.peak_allocated - plan.estimate.peak_allocated == (tables if on_cpu else 0)
+    assert on_gpu_.total - plan.estimate.total == pytest.approx(tables if on_cpu else 0)
+    plain = plan_(cfg, B15)
+    assert not PL.deep_embed_on_cpu(cfg, B15) and "DeepEmbed" not in " ".join(plain.describe())
+    if not changes:                  # every block checkpointed, 1 x 1024 tokens: its s_emb rows in bf16
+        assert plan.estimate.terms["saved"] - plain.estimate.terms["saved"] == 24 * 1024 * 32 ** 2 * 2
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])

@@ -134,8 +134,9 @@ def test_7a_deep_embed_counts_as_frozen_base_unless_trained(mode, parts):
 def test_deep_embed_tables_stay_on_the_cpu_where_frozen_on_one_gpu(changes, on_cpu):
     """A 1.5B RWKV-7a model's s_emb tables (24 x 65536 x 32², 3 GiB in bf16) stay in CPU memory where they are
     frozen (every method, full fine-tuning included, unless TRAIN_PARTS has deepembed) on one GPU without
-    DeepSpeed, as the embedding does: the estimate drops by exactly their bytes, and the plan says where they are.
-    A plain RWKV-7 has none. Checkpointed blocks keep their s_emb rows (r² a token) as an input either way."""
+    DeepSpeed, as the embedding does: the weights drop by exactly their bytes, the peak by that less the rows
+    the checkpointed blocks then keep as an input (r² a token; a table on the GPU is looked up inside the block,
+    so its blocks keep the ids), and the plan says where they are. A plain RWKV-7 has none."""
     big = dataclasses.replace(B15, deep_embed=32)
     cfg = cfg_(**changes)
     plan = plan_(cfg, big)
@@ -144,12 +145,15 @@ def test_deep_embed_tables_stay_on_the_cpu_where_frozen_on_one_gpu(changes, on_c
     tables = 24 * 65536 * 32 ** 2 * 2
     on_gpu_ = estimate(cfg, big, deep_embed_on_cpu=False)
     assert on_gpu_.terms["weights"] - plan.estimate.terms["weights"] == (tables if on_cpu else 0)
-    assert on_gpu_.peak_allocated - plan.estimate.peak_allocated == (tables if on_cpu else 0)
-    assert on_gpu_.total - plan.estimate.total == pytest.approx(tables if on_cpu else 0)
+    rows = plan.estimate.terms["saved"] - on_gpu_.terms["saved"]
+    assert 0 <= rows <= 24 * 1024 * 32 ** 2 * 2 and (on_cpu or rows == 0)        # 1 x 1024 tokens in bf16, a layer
+    if not changes:                  # every block checkpointed: each keeps its rows
+        assert rows == 24 * 1024 * 32 ** 2 * 2
+    drop = on_gpu_.peak_allocated - plan.estimate.peak_allocated      # the rows count where the peak is the step's
+    assert (tables - rows - 1 <= drop <= tables) if on_cpu else drop == 0
     plain = plan_(cfg, B15)
     assert not PL.deep_embed_on_cpu(cfg, B15) and "DeepEmbed" not in " ".join(plain.describe())
-    if not changes:                  # every block checkpointed, 1 x 1024 tokens: its s_emb rows in bf16
-        assert plan.estimate.terms["saved"] - plain.estimate.terms["saved"] == 24 * 1024 * 32 ** 2 * 2
+
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])

@@ -35,7 +35,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .tables import lookup
+from .tables import held, lookup
 
 DEEPEMBED_KEYS = ("s_emb.weight", "s_emb_x.weight", "s1", "s2", "s0")     # in each blocks.N.ffn.
 DEEPEMBED_RE = re.compile(r"^blocks\.\d+\.ffn\.(s_emb\.weight|s_emb_x\.weight|s[012])$")
@@ -97,15 +97,19 @@ def deep_embed_inputs(model: nn.Module, idx: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def deep_rows(ffn: nn.Module, de: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """What a block's FFN gets from deep_embed_inputs' ``de``: its s_emb rows of the tokens [B,T,r*r] on e's
-    device (with gradient where the table trains), and e."""
+    """What a block's FFN gets from deep_embed_inputs' ``de``: where its s_emb table is held in CPU memory, the rows
+    of the tokens [B,T,r*r] looked up there (before the block: outside its graph and checkpoint) and e; else the
+    token ids themselves and e, the block looking its rows up (a checkpointed block then keeps B·T ids, not B·T·r²
+    rows, and recomputes the lookup)."""
     ids, e0 = de
-    return lookup(ffn.s_emb.weight, ids, e0.device), e0
+    return (lookup(ffn.s_emb.weight, ids, e0.device) if held(ffn.s_emb.weight) else ids), e0
 
 
 def deep_mix(ffn: nn.Module, x: Tensor, de: tuple[Tensor, Tensor]) -> Tensor:
-    """(x s1) S for every token: [B,T,C] -> [B,T,r] (see the module doc); ``de``: deep_rows' (rows, e)."""
+    """(x s1) S for every token: [B,T,C] -> [B,T,r] (see the module doc); ``de``: deep_rows' (rows or ids, e)."""
     rows, e0 = de
+    if not rows.is_floating_point():                            # the ids: the table is where the block runs
+        rows = lookup(ffn.s_emb.weight, rows, e0.device)
     r = ffn.s1.shape[1]
     S = rows + ffn.s_emb_x(e0)
     xs = (x @ ffn.s1).unsqueeze(-2)                              # [B,T,1,r]

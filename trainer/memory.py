@@ -26,11 +26,11 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
                                     the trainer runs on a GPU (DeepSpeed: below)
   saved      what the forward pass keeps for the backward pass:
                no checkpointing: L × (layer·BT + casts)
-               checkpointing: L × CP_SAVED·C·BT (each block keeps only its inputs; RWKV-7a: + r²·BT of its s_emb
-               rows, in the table's dtype), but the plan's p top blocks as without checkpointing and its m blocks
-               below them plus KP_SAVED·C·BT (they keep their matrix products). The top blocks go back first, so
-               the peak is the larger of all that plus a plain block's backward work and the fully checkpointed
-               blocks' inputs plus one recomputed block
+               checkpointing: L × CP_SAVED·C·BT (each block keeps only its inputs; RWKV-7a with its tables in
+               CPU memory: + r²·BT of its s_emb rows, in the table's dtype), but the plan's p top blocks as
+               without checkpointing and its m blocks below them plus KP_SAVED·C·BT (they keep their matrix
+               products). The top blocks go back first, so the peak is the larger of all that plus a plain
+               block's backward work and the fully checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
              time or ln)·C + the method's act_per_linear per adapted linear + ADAPTED_SAVED_BYTES × the
              block's LinearCounts.saved elements (DoRA's unscaled outputs) + DE_SAVED·(r² + F) on an RWKV-7a
@@ -275,9 +275,8 @@ def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[
     if not cp:
         return L * plain_saved, work
     cp_in = (CP_SAVED_DS if ds else CP_SAVED.get(plan.precision, 4.0)) * C * BT
-    if getattr(sizes, "deep_embed", 0):    # RWKV-7a: its s_emb rows are an input too (model.hidden_with_state)
-        fp32 = plan.precision == "fp32" or ("deepembed" in plan.cfg.TRAIN_PARTS and not ds)   # trained: fp32
-        cp_in += sizes.deep_embed ** 2 * BT * (4.0 if fp32 else 2.0)
+    if getattr(sizes, "deep_embed", 0) and plan.deep_embed_on_cpu:   # RWKV-7a with its tables in CPU memory: each
+        cp_in += sizes.deep_embed ** 2 * BT * (4.0 if plan.precision == "fp32" else 2.0)   # block's rows an input
     cp_saved = (L - L_plain) * cp_in
     kp_saved = L_kp * KP_SAVED.get(family, 0.0) * C * BT
     saved = cp_saved + L_plain * plain_saved + kp_saved

@@ -178,6 +178,7 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
     from trainer.plan import nominal
     from trainer.ops import chunk as chunk_mod
     from trainer.peft import get_method
+    from trainer.tables import keeps
 
     ops._load_builtin()
     if op == "null":
@@ -207,11 +208,11 @@ def simulate(cfg: Any, sizes: Any, steps: int = 2, op: str = "chunk", deepspeed:
         # --- as loop.prepare: the model in the weight dtype, the method, quantisation, fp32 trained tensors
         with torch.device("meta"):
             model = RWKV(sizes)
-        emb_cpu = not deepspeed and plan.emb_on_cpu      # RWKV.keep_embedding_on_cpu: not GPU memory
-        for mod in model.modules():
+        on_cpu = (not deepspeed and plan.emb_on_cpu, not deepspeed and plan.deep_embed_on_cpu)   # tables.py:
+        for name, mod in model.named_modules():                                                  # not GPU memory
             for n, p in list(mod._parameters.items()):
                 if p is not None:
-                    with live.off() if emb_cpu and mod is model.emb else contextlib.nullcontext():
+                    with live.off() if keeps(f"{name}.{n}", *on_cpu) else contextlib.nullcontext():
                         mod._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=wdtype))
                         live.track(mod._parameters[n])
         cls = get_method(cfg.FINETUNE_MODE)
@@ -372,7 +373,8 @@ def compare_rows(rows: list[dict]) -> list[Compared]:
         # rows measured before session 12 had the embedding on the GPU, before session 13 the FFN whole
         est = nominal(cfg, sizes, op=r.get("op_resolved") or r.get("op"),
                       tiers=(int(r.get("plain_top") or 0), int(r.get("keep_products") or 0)),
-                      emb_on_cpu=bool(r.get("emb_on_cpu")), ffn_pieces=int(r.get("ffn_pieces") or 1)).estimate
+                      emb_on_cpu=bool(r.get("emb_on_cpu")), deep_embed_on_cpu=bool(r.get("deep_embed_on_cpu")),
+                      ffn_pieces=int(r.get("ffn_pieces") or 1)).estimate
         alloc = max(r.get("peak_alloc_bytes") or 0, r.get("load_alloc_bytes") or 0)
         used = max(r.get("peak_used_bytes") or 0, r.get("load_used_bytes") or 0) or None
         if used is not None and r.get("used_baseline_bytes") is not None:

@@ -4,6 +4,7 @@
     python bench/train_speed.py --version 7 6 --size 0.4B --method lora state full --ctx 512 4096 --bsz 1 8
     python bench/train_speed.py --grid peft-table --json bench/memory_measured.jsonl
     python bench/train_speed.py --size tiny --method lora --ctx 64 --steps 2 --warmup 1    # a CPU check
+    python bench/train_speed.py --version 7 --size 1.5B --deep-embed 32 --method lora     # an RWKV-7a model
 
 Every list option takes several values; the rows are their product (or a named --grid). Each row runs
 in a fresh subprocess (so memory peaks do not leak between rows and one out-of-memory row does not end
@@ -17,10 +18,12 @@ Model: random weights from ``checkpoint.config_from_sizes`` + ``init_model`` (RW
 saved once per shape in bf16 under --model-dir (the first 7B takes minutes on the CPU), then loaded by
 the trainer like any base model. Data: random token ids, DATALOAD=get (every position trains),
 LOSS_MASK=none. Sizes (layers x width, vocabulary 65536): tiny 2x128, 0.1B 12x768, 0.4B 24x1024,
-1.5B/1.6B 24x2048, 3B/2.9B 32x2560, 7B/7.2B 32x4096, 13.3B 61x4096; or write LxC (e.g. 4x256).
+1.5B/1.6B 24x2048, 3B/2.9B 32x2560, 7B/7.2B 32x4096, 13.3B 61x4096; or write LxC (e.g. 4x256). --deep-embed R
+(RWKV-7 only) makes every row's model an RWKV-7a one with DeepEmbed rank R (32: the released models'), made by
+tools.make_model's code.
 
 Methods: lora and dora (r 64, alpha 128 unless --lora-r/--lora-alpha), pissa, bone, bat, state, full, and any of
-them with +int8 / +nf4 (QUANT); qlora = lora+nf4. --infctx N trains TRAIN_TYPE=infctx with CHUNK_CTX=N
+them with +int8 / +nf4 / +fp8 (QUANT); qlora = lora+nf4. --infctx N trains TRAIN_TYPE=infctx with CHUNK_CTX=N
 (0 = normal). --op picks the WKV kernel (auto | fla | rwkvfla | chunk | torch).
 
 Printed per row:
@@ -56,7 +59,8 @@ torch profiler's tables (N rows: by GPU time, CPU time, own CPU time) over the m
 with TRAIN_SPEED_TRACE=FILE.json.gz also its chrome trace. TRAIN_SPEED_CUDAGRAPHS=0 or 1 forces the
 plan's choice of CUDA graphs (plan.use_cudagraphs) for A/B runs; TRAIN_SPEED_CUDA_STACK=keep leaves the
 CUDA driver's default thread-stack reserve in place (device.trim_thread_stack) and TRAIN_SPEED_EMB=gpu keeps
-the frozen embedding on the GPU (plan.embedding_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
+the frozen embedding on the GPU (plan.embedding_on_cpu), TRAIN_SPEED_DEEP_EMBED=gpu a 7a model's frozen DeepEmbed
+tables (plan.deep_embed_on_cpu), TRAIN_SPEED_FFN_PIECE=N sets the FFN's pieces
 (RWKV.ffn_piece_tokens: at least N tokens each, 0 = whole), for A/B runs. TRAIN_SPEED_MEMORY_SNAPSHOT=FILE
 pickles the CUDA allocator's history (torch.cuda.memory._snapshot; bench/peak_blocks.py reads it).
 TRAIN_SPEED_STACK_LOG=1 records which Triton kernels grew the CUDA driver's thread-stack limit, and when
@@ -90,6 +94,7 @@ SIZES = {"tiny": (2, 128), "0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2
          "13.3B": (61, 4096)}    # RWKV-7 G1 13.3B: bench/fits_table.py says where the shape comes from
 from trainer.choices import METHODS as BASE_METHODS  # noqa: E402
 from trainer.choices import OPTIMIZERS, QUANT_TYPES  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 ROW_KEYS = ("version", "size", "method", "ctx", "bsz", "grad_cp", "op", "infctx", "compile", "train_parts", "stream")
 
 
@@ -144,9 +149,12 @@ def _forced_plan(row: dict) -> tuple[int, int] | None:
 
 
 def _row(version, size, method, ctx, bsz, grad_cp, op="auto", infctx=0, compile="auto", train_parts="",
-         stream="auto"):
-    return dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=_cp_value(grad_cp), op=op,
-                infctx=infctx, compile=str(compile), train_parts=train_parts, stream=stream)
+         stream="auto", deep_embed=0):
+    row = dict(version=version, size=size, method=method, ctx=ctx, bsz=bsz, grad_cp=_cp_value(grad_cp), op=op,
+               infctx=infctx, compile=str(compile), train_parts=train_parts, stream=stream)
+    if deep_embed:                       # RWKV-7a (a plain row, and an older record, has no such key)
+        row["deep_embed"] = int(deep_embed)
+    return row
 
 
 def named_grid(name: str) -> tuple[list[dict], dict]:
@@ -212,9 +220,12 @@ def row_config(row: dict):
 
 
 def row_sizes(row: dict):
+    """The model's ModelConfig of a row (RWKV-7a where it has deep_embed); UserError for a 7a row not of RWKV-7."""
+    from tools.make_model import deep_embed_config
     from trainer.checkpoint import config_from_sizes
     layers, width = parse_size(row["size"])
-    return config_from_sizes(int(row["version"]), layers, width, vocab_size=int(row.get("vocab", 65536)))
+    plain = config_from_sizes(int(row["version"]), layers, width, vocab_size=int(row.get("vocab", 65536)))
+    return deep_embed_config(plain, int(row.get("deep_embed") or 0))
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -365,7 +376,6 @@ def run_row(spec: dict) -> dict:
         out["used_baseline_bytes"] = used.baseline()
     from trainer import loop
     from trainer.config import TrainConfig
-    from trainer.errors import UserError
 
     env = row_env(spec, spec["model_path"], spec["data_prefix"], spec["output"], spec["steps"], spec["warmup"],
                   spec["precision"], spec["lora_r"], spec["lora_alpha"])
@@ -389,6 +399,8 @@ def run_row(spec: dict) -> dict:
             changes["cudagraphs"] = p.compiled and graphs_env == "1"
         if os.environ.get("TRAIN_SPEED_EMB") == "gpu":    # A/B: the embedding on the GPU, as before session 12
             changes["emb_on_cpu"] = False
+        if os.environ.get("TRAIN_SPEED_DEEP_EMBED") == "gpu":     # A/B: a 7a model's tables on the GPU
+            changes["deep_embed_on_cpu"] = False
         if os.environ.get("TRAIN_SPEED_FFN_PIECE"):       # A/B: the FFN's pieces of at least N tokens (0: whole)
             n = int(os.environ["TRAIN_SPEED_FFN_PIECE"])
             changes.update(ffn_piece_tokens=n, ffn_pieces=ffn_pieces(math.prod(p.batch), n))
@@ -423,6 +435,8 @@ def run_row(spec: dict) -> dict:
             self.lock = None
             phase["op"] = prep.op
             out["emb_on_cpu"] = prep.model.emb.weight.device.type == "cpu" and cuda
+            if prep.model.cfg.deep_embed:
+                out["deep_embed_on_cpu"] = prep.model.blocks[0].ffn.s_emb.weight.device.type == "cpu" and cuda
             out["ffn_pieces"] = ffn_pieces(math.prod(prep.plan.batch), prep.model.ffn_piece_tokens)
             if cuda:
                 torch.cuda.synchronize()
@@ -616,31 +630,33 @@ def _tagged(stdout: str, tag: str) -> dict | None:
     return None
 
 
-def ensure_model(version: int, layers: int, width: int, vocab: int, model_dir: Path, timeout: float) -> Path:
-    path = model_dir / f"rwkv{version}-{layers}x{width}-v{vocab}.pth"
+def ensure_model(version: int, layers: int, width: int, vocab: int, model_dir: Path, timeout: float,
+                 deep_embed: int = 0) -> Path:
+    kind = f"{version}a{deep_embed}" if deep_embed else f"{version}"       # RWKV-7a: rwkv7a32-...
+    path = model_dir / f"rwkv{kind}-{layers}x{width}-v{vocab}.pth"
     if path.is_file():
         return path
     model_dir.mkdir(parents=True, exist_ok=True)
-    print(f"making random RWKV-{version} {layers}x{width} weights once (cached as {path}) ...", flush=True)
+    print(f"making random RWKV-{kind} {layers}x{width} weights once (cached as {path}) ...", flush=True)
     t = time.perf_counter()
-    rc, so, se = _child(["--_make-model", json.dumps([version, layers, width, vocab, str(path)])], timeout)
+    rc, so, se = _child(["--_make-model", json.dumps([version, layers, width, vocab, str(path), deep_embed])],
+                        timeout)
     if rc != 0 or not path.is_file():
         raise SystemExit(f"could not make {path}:\n{se[-2000:]}")
     print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
     return path
 
 
-def make_model_file(version: int, layers: int, width: int, vocab: int, path: str) -> None:
+def make_model_file(version: int, layers: int, width: int, vocab: int, path: str, deep_embed: int = 0) -> None:
+    """The random model of a row in bf16 at ``path``: tools.make_model's (RWKV-LM's initialisation, output
+    projections at zero as RWKV-LM's; RWKV-7a's DeepEmbed of rank ``deep_embed`` drawn where not 0)."""
     import torch
-    from trainer.checkpoint import config_from_sizes, init_model, save_atomic
-    from trainer.model import RWKV, init_weights_
+    from tools.make_model import deep_embed_config, new_model
+    from trainer.checkpoint import config_from_sizes, save_atomic
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = config_from_sizes(version, layers, width, vocab_size=vocab)
-    if torch.cuda.is_available():       # the GPU's generator and QR: seconds instead of minutes for 7B
-        with torch.device("cuda"):
-            model = init_weights_(RWKV(cfg))
-    else:
-        model = init_model(cfg)
+    cfg = deep_embed_config(config_from_sizes(version, layers, width, vocab_size=vocab), deep_embed)
+    # the GPU's generator and QR where there is one: seconds instead of minutes for 7B
+    model = new_model(cfg, output_gain=0.0, device="cuda" if torch.cuda.is_available() else "cpu")
     sd = {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     del model
     save_atomic(sd, path)
@@ -673,7 +689,8 @@ def format_row(row: dict, res: dict) -> str:
     steps = res.get("measured_steps") or 0
     if med and res.get("tokens_per_s") and steps >= 5 and abs(med / res["tokens_per_s"] - 1) > 0.2:
         status += f" (median step {med:,.0f} tok/s: a slow step in the window)"
-    return (f"{row['version']:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
+    version = f"{row['version']}a" if row.get("deep_embed") else row["version"]       # RWKV-7a
+    return (f"{version:>1} {row['size']:>5} {row['method']:<10} {row['ctx']:>5} {row['bsz']:>3} "
             f"{row['grad_cp']:>2} {op:<7} {row['infctx'] or '-':>6} {row.get('compile') or 'auto':>4} "
             f"{row.get('stream') or 'auto':>4} | "
             f"{tps:>9} {step:>7} | "
@@ -693,6 +710,8 @@ def row_command(row: dict, opts: argparse.Namespace) -> str:
              "--vocab", str(opts.vocab), "--optimizer", opts.optimizer]
     if opts.offload:
         parts += ["--offload", str(opts.offload)]
+    if row.get("deep_embed"):
+        parts += ["--deep-embed", str(row["deep_embed"])]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -721,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="OPTIMIZER")
     ap.add_argument("--offload", type=int, default=0, help="OFFLOAD_BLOCKS (default 0: none)")
+    ap.add_argument("--deep-embed", type=int, default=0, help="RWKV-7a: DeepEmbed rank of every row's model (32: "
+                    "the released models'; default 0: plain RWKV-7)")
     ap.add_argument("--grid", default=None, help="peft-table | anchors | mfu | memfit (replaces the list options)")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured)")
@@ -751,11 +772,16 @@ def main(argv: list[str] | None = None) -> int:
             opts.version, opts.size, opts.method, opts.ctx, opts.bsz, opts.grad_cp, opts.op, opts.infctx,
             opts.compile, opts.stream)]
         defaults = {}
+    if opts.deep_embed:
+        rows = [dict(r, deep_embed=opts.deep_embed) for r in rows]
     opts.steps = opts.steps if opts.steps is not None else defaults.get("steps", 10)
     opts.warmup = opts.warmup if opts.warmup is not None else defaults.get("warmup", 3)
     for r in rows:
-        parse_size(r["size"])
         parse_method(r["method"])
+        try:
+            row_sizes(r)                      # the size's name, and --deep-embed on RWKV-7 only
+        except UserError as err:
+            raise SystemExit(f"RWKV-{r['version']} {r['size']}: {err}") from None
     skipped = [r for r in rows if r["infctx"] and r["infctx"] > r["ctx"]]
     rows = [r for r in rows if r not in skipped]
     if skipped:
@@ -793,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(HEADER))
     for row in rows:
         layers, width = parse_size(row["size"])
-        model = ensure_model(row["version"], layers, width, opts.vocab, Path(opts.model_dir), opts.row_timeout)
+        model = ensure_model(row["version"], layers, width, opts.vocab, Path(opts.model_dir), opts.row_timeout,
+                             int(row.get("deep_embed") or 0))
         spec = dict(row, model_path=str(model), data_prefix=str(data_prefix), output=str(work / "out"),
                     steps=opts.steps, warmup=opts.warmup, precision=opts.precision, lora_r=opts.lora_r,
                     lora_alpha=opts.lora_alpha, vocab=opts.vocab, peak_tflops=peak, optimizer=opts.optimizer,

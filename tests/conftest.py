@@ -55,3 +55,20 @@ def small_disk(tmp_path):
     yield make
     for d in mounted:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def tables_elsewhere(monkeypatch):
+    """On a one-GPU run the frozen tables held in CPU memory (trainer/tables.py) are on another device than the
+    tokens: their rows are gathered there and copied. On a CPU-only machine every table is on the tokens' device,
+    so this makes tables.lookup treat the held ones as elsewhere; the list it returns grows by one per such
+    lookup."""
+    from trainer import tables
+    seen = []
+
+    def elsewhere(w, device):
+        if tables.held(w):
+            seen.append(w)
+        return tables.held(w)
+    monkeypatch.setattr(tables, "_elsewhere", elsewhere)
+    return seen

@@ -136,6 +136,38 @@ def test_compiled_ffn_in_pieces_equals_eager(fresh_dynamo):
     assert_grads_close(ga, gb, 1e-5)
 
 
+@pytest.mark.parametrize("tables", ["trained", "held"])
+def test_compiled_7a_blocks_equal_eager(fresh_dynamo, tables_elsewhere, tables):
+    """RWKV-7a, checkpointed blocks compiled: each block's s_emb rows are an input of its graph, looked up before
+    it. The eager loss and gradients with the tables trained (TRAIN_PARTS=deepembed: s_emb's gradient too) or held
+    in CPU memory (their rows gathered as on one GPU: the gathering stays out of the graph); a second step compiles
+    nothing new."""
+    from rwkv_ref import random_model_7a
+    from trainer.tables import hold_tables
+    counters = fresh_dynamo
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    models = []
+    for _ in range(2):
+        m = random_model_7a(3, 128, VOCAB, seed=2)
+        get_method("lora")({"r": 8, "alpha": 16}).apply(m, train_parts=("deepembed",) if tables == "trained" else ())
+        if tables == "held":
+            hold_tables(m, emb=True, deep_embed=True)
+        m.op, m.grad_cp = "chunk", True
+        models.append(m.train())
+    eager, compiled = models
+    compiled.load_state_dict(eager.state_dict())          # LoRA's A drawn alike
+    compiled.compile_blocks(backend="aot_eager")
+    la, ga = loss_and_grads(eager, idx)
+    lb, gb = loss_and_grads(compiled, idx)
+    assert lb == pytest.approx(la, rel=1e-6)
+    assert_grads_close(ga, gb, 1e-5)
+    assert ("blocks.2.ffn.s_emb.weight" in gb) == (tables == "trained")
+    assert len(tables_elsewhere) == (2 * 4 if tables == "held" else 0)       # emb + 3 tables, each model once
+    graphs = counters["stats"]["unique_graphs"]
+    loss_and_grads(compiled, idx)
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantised_blocks_compile_whole(fresh_dynamo, quant):
     """QUANT: the quantised layers' product is one custom op (trainer/quant.py), so a compiled QLoRA block is

@@ -255,7 +255,7 @@ def test_make_model_deep_embed_makes_a_7a_the_rwkv_package_runs(tmp_path, capsys
     package's (RWKV_DE_VERSION=1); its gate near 1 but not 1 (token by token); the rest the plain RWKV-7's."""
     from tools import make_model
     from trainer.checkpoint import load_checkpoint
-    from trainer.deepembed import deep_embed_inputs, deep_gate, deep_mix
+    from trainer.deepembed import deep_embed_inputs, deep_gate, deep_mix, deep_rows
     from trainer.errors import run_cli
     path, plain = tmp_path / "v7a.pth", tmp_path / "v7.pth"
     common = ["--version", "7", "--layers", "2", "--width", "128", "--vocab", str(VOCAB), "--dtype", "fp32",
@@ -274,7 +274,7 @@ def test_make_model_deep_embed_makes_a_7a_the_rwkv_package_runs(tmp_path, capsys
     with torch.no_grad():
         x = model.emb(idx)
         ffn, blk = model.blocks[0].ffn, model.blocks[0]          # block 0's FFN input, its attention left out
-        gate = deep_gate(ffn, deep_mix(ffn, blk.ln2(blk.ln0(x)), deep_embed_inputs(model, idx, x)))
+        gate = deep_gate(ffn, deep_mix(ffn, blk.ln2(blk.ln0(x)), deep_rows(ffn, deep_embed_inputs(model, idx, x))))
         logits = model(idx)[0]
     by_token = (gate - gate.mean(1, keepdim=True)).std().item()
     assert abs(gate.mean().item() - 1) < 0.05 and 0.05 < gate.std().item() < 0.5 and by_token > 0.05, \
@@ -310,3 +310,131 @@ def test_a_rank_the_rwkv_package_cannot_run_is_noted_not_refused(tmp_path, monke
                 "blocks.0.att.receptance.lora_B": torch.zeros(128, 4)}, "rwkv-0.pth")
     res = checkpoint.merge_checkpoint("rwkv-0.pth", "model", "merged", "fp32", base="r8.pth", lora_alpha=8)
     assert sum("runs rank 32 only" in n for n in res.notes) == 1
+
+
+# ------------------------------------------------------------------------------ tables in CPU memory
+def _lora_7a(train_parts=("time", "ln"), seed=4):
+    """A tiny 7a model with LoRA (B moved off zero) and ``train_parts``, training, checkpointing off."""
+    from trainer.peft import get_method
+    model = random_model_7a(2, 128, 256, seed=seed)
+    get_method("lora")({"r": 8, "alpha": 16}).apply(model, train_parts=train_parts)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    model.op = "chunk"
+    return model.train()
+
+
+def _logits_and_grads(model, idx):
+    logits = model(idx)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+IDX = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.parametrize("grad_cp", [False, True])
+def test_tables_held_in_cpu_memory_give_the_same_logits_and_gradients(tables_elsewhere, grad_cp):
+    """The frozen embedding and DeepEmbed tables held in CPU memory (tables.hold_tables, as on one GPU), their
+    rows gathered where they are and copied (forced: every table is on the CPU here): the logits and every
+    gradient exactly those of the tables in place, checkpointed or not. One lookup per table and forward pass:
+    a checkpointed block's recompute looks nothing up (the rows are its input)."""
+    from trainer.tables import held, hold_tables
+    model = _lora_7a()
+    model.grad_cp = grad_cp
+    want_logits, want = _logits_and_grads(model, IDX)
+    assert tables_elsewhere == [] and len(want) > 10
+    keys = hold_tables(model, emb=True, deep_embed=True)
+    assert keys == ["emb.weight", "blocks.0.ffn.s_emb.weight", "blocks.1.ffn.s_emb.weight"]
+    assert {n for n, p in model.named_parameters() if held(p)} == set(keys)
+    logits, got = _logits_and_grads(model, IDX)
+    assert len(tables_elsewhere) == 3                                # emb + 2 layers' s_emb
+    assert torch.equal(logits, want_logits) and got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    with torch.no_grad():                                            # inference's calls, the state carried
+        whole, _ = model.forward_with_state(IDX)
+        first, state = model.forward_with_state(IDX[:, :10])
+        rest, _ = model.forward_with_state(IDX[:, 10:], state)
+    _close(torch.cat([first, rest], 1), whole)
+    _close(whole, want_logits)
+
+
+def test_trained_tables_get_the_gradient_of_a_plain_lookup(monkeypatch, tables_elsewhere):
+    """TRAIN_PARTS=deepembed: the s_emb rows looked up before each block carry the gradient to s_emb.weight, equal
+    (1e-6 of its largest entry) to that of the table multiplied by the tokens' one-hot vectors (the lookup as a
+    product), checkpointed or not; a trained table is refused by hold_on_cpu."""
+    import torch.nn.functional as F
+
+    from trainer import deepembed, tables
+    model = _lora_7a(train_parts=("deepembed",))
+    with pytest.raises(ValueError, match="frozen"):
+        tables.hold_tables(model, emb=False, deep_embed=True)
+    names = [f"blocks.{i}.ffn.s_emb.weight" for i in range(2)]
+    runs = {}
+    for cp in (False, True):
+        model.grad_cp = cp
+        runs[cp] = _logits_and_grads(model, IDX)[1]
+    with monkeypatch.context() as m:
+        m.setattr(deepembed, "lookup", lambda w, ids, device: (F.one_hot(ids, w.shape[0]).to(w.dtype) @ w).to(device))
+        ref = _logits_and_grads(model, IDX)[1]
+    for cp, got in runs.items():
+        for n in names:
+            scale = ref[n].abs().max().item()
+            assert scale > 0 and (got[n] - ref[n]).abs().max().item() <= 1e-6 * scale, (cp, n)
+        assert all((got[n] - ref[n]).abs().max() <= 1e-6 * ref[n].abs().max() for n in ref)
+    assert tables_elsewhere == []                        # nothing held: a trained table stays where it is
+
+
+def test_to_device_leaves_the_held_tables_where_they_are():
+    """QLoRA's streaming and OFFLOAD_BLOCKS move a model's parts to the GPU with tables.to_device: every tensor
+    goes (here to 'meta') but the held tables; offload never streams a DeepEmbed table (its rows are read before
+    the block runs)."""
+    from trainer import offload, tables
+    model = _lora_7a()
+    tables.hold_tables(model, emb=True, deep_embed=True)
+    tables.to_device(model, "meta")
+    where = {n: p.device.type for n, p in model.named_parameters()}
+    assert {n for n, d in where.items() if d == "cpu"} == {"emb.weight", "blocks.0.ffn.s_emb.weight",
+                                                           "blocks.1.ffn.s_emb.weight"}
+    assert all(b.device.type == "meta" for b in model.buffers())
+    streamed = offload.streamable(_lora_7a().blocks[1])
+    assert "ffn.s_emb_x.weight" in streamed and "ffn.s_emb.weight" not in streamed
+
+
+def test_a_run_holding_the_tables_trains_as_one_with_them_in_place(tmp_path, monkeypatch, tables_elsewhere):
+    """What a one-GPU run does (plan.emb_on_cpu, plan.deep_embed_on_cpu; forced here, the lookups taking the other
+    device's path): the loader leaves both kinds of table in the file, the trainer holds them in CPU memory, the
+    plan says so, and the losses equal a run's with the tables in place, step by step."""
+    import dataclasses
+
+    from trainer import checkpoint
+    from trainer import plan as planning
+    from trainer.loop import prepare, train
+    from trainer.tables import held
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path)
+    cfg = dict(EPOCH_COUNT=1, GRAD_CP=1, TRAIN_PARTS="ln", OVERWRITE=1)
+    want = train(_config(**cfg), progress=False, log=lambda *_: None).losses
+    assert tables_elsewhere == []
+    resolve, load, keeps = planning.resolve, checkpoint.load_model, []
+    monkeypatch.setattr(planning, "resolve", lambda *a, **k: dataclasses.replace(
+        resolve(*a, **k), emb_on_cpu=True, deep_embed_on_cpu=True))
+
+    def loading(*a, keep_on_cpu=None, **k):
+        keeps.append(keep_on_cpu)
+        return load(*a, keep_on_cpu=keep_on_cpu, **k)
+    monkeypatch.setattr(checkpoint, "load_model", loading)
+    prep = prepare(_config(**cfg), log=lambda *_: None)
+    assert {n for n, p in prep.model.named_parameters() if held(p)} == {
+        "emb.weight", "blocks.0.ffn.s_emb.weight", "blocks.1.ffn.s_emb.weight"}
+    assert len(keeps) == 1 and [keeps[0](n) for n in ("emb.weight", "blocks.1.ffn.s_emb.weight", "blocks.1.ffn.s_emb_x.weight",
+                           "blocks.1.ffn.key.weight", "head.weight")] == [True, True, False, False, False]
+    assert any("embedding in CPU memory; DeepEmbed tables (ffn.s_emb) in CPU memory" in ln
+               for ln in prep.plan.describe())
+    got = train(_config(**cfg), progress=False, log=lambda *_: None).losses
+    assert len(got) == 4 and got == want and len(tables_elsewhere) >= 3 * 4

@@ -110,6 +110,19 @@ def test_7a_deep_embed_equals_whole_sequence(mode, train_parts):
     assert_same(*chunked(model, x, y, m, 10), *whole(model, x, y, m))
 
 
+def test_7a_tables_held_in_cpu_memory_equal_whole_sequence(tables_elsewhere):
+    """RWKV-7a with the frozen tables held in CPU memory (tables.hold_tables; their rows gathered as on one GPU):
+    chunks recomputed inside the backward pass look each chunk's rows up again, and equal the whole sequence with
+    the tables in place."""
+    from trainer.tables import hold_tables
+    model = build("7a", "lora", grad_cp=True)
+    x, y, m = make_batch(2, 43, seed=7, pad=5)
+    want = whole(model, x, y, m)
+    hold_tables(model, emb=True, deep_embed=True)
+    assert_same(*chunked(model, x, y, m, 10), *want)
+    assert len(tables_elsewhere) == 3 * 4 * 2             # 3 tables, 4 chunks, each chunk's forward run twice
+
+
 @pytest.mark.parametrize("mode", ["dora", "pissa", "bone", "bat"])
 @pytest.mark.parametrize("version", [5, 6, 7])
 def test_other_methods(version, mode):

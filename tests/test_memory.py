@@ -120,9 +120,40 @@ def test_7a_deep_embed_counts_as_frozen_base_unless_trained(mode, parts):
              ("s0", "s1", "s2"))
     assert de == 2 * (256 * 1024 + 1024 * 128 + 128 * 32 + 32 * 512 + 512)
     assert t.frozen + t.trained_base == total and t.frozen >= (0 if "deepembed" in parts else de)
+    if mode != "full":                # offload streams the DeepEmbed matrices, never the table (tables.is_table)
+        from trainer import offload
+        assert t.block_streamed == sum(p.numel() for p in offload.streamable(model.blocks[1]).values()) > 0
     big = dataclasses.replace(B15, deep_embed=32)      # a 1.5B 7a: 1.6B DeepEmbed numbers, 3 GiB in bf16
-    a, b = estimate(cfg_(), B15), estimate(cfg_(), big)
+    a, b = estimate(cfg_(), B15), estimate(cfg_(), big, deep_embed_on_cpu=False)
     assert b.peak_allocated - a.peak_allocated >= 2 * 24 * 65536 * 1024
+
+
+@pytest.mark.parametrize("changes, on_cpu", [
+    ({}, True), (dict(FINETUNE_MODE="state"), True), (dict(FINETUNE_MODE="full"), True), (dict(QUANT="nf4"), True),
+    (dict(TRAIN_PARTS="deepembed"), False), (dict(GPU_COUNT=2), False), (dict(STRATEGY="deepspeed_stage_2"), False)])
+def test_deep_embed_tables_stay_on_the_cpu_where_frozen_on_one_gpu(changes, on_cpu):
+    """A 1.5B RWKV-7a model's s_emb tables (24 x 65536 x 32², 3 GiB in bf16) stay in CPU memory where they are
+    frozen (every method, full fine-tuning included, unless TRAIN_PARTS has deepembed) on one GPU without
+    DeepSpeed, as the embedding does: the weights drop by exactly their bytes, the peak by that less the rows
+    the checkpointed blocks then keep as an input (r² a token; a table on the GPU is looked up inside the block,
+    so its blocks keep the ids), and the plan says where they are. A plain RWKV-7 has none."""
+    big = dataclasses.replace(B15, deep_embed=32)
+    cfg = cfg_(**changes)
+    plan = plan_(cfg, big)
+    assert PL.deep_embed_on_cpu(cfg, big) is on_cpu and plan.deep_embed_on_cpu is on_cpu
+    assert f"DeepEmbed tables (ffn.s_emb) in {'CPU' if on_cpu else 'GPU'} memory" in plan.describe()[3]
+    tables = 24 * 65536 * 32 ** 2 * 2
+    on_gpu_ = estimate(cfg, big, deep_embed_on_cpu=False)
+    assert on_gpu_.terms["weights"] - plan.estimate.terms["weights"] == (tables if on_cpu else 0)
+    rows = plan.estimate.terms["saved"] - on_gpu_.terms["saved"]
+    assert 0 <= rows <= 24 * 1024 * 32 ** 2 * 2 and (on_cpu or rows == 0)        # 1 x 1024 tokens in bf16, a layer
+    if not changes:                  # every block checkpointed: each keeps its rows
+        assert rows == 24 * 1024 * 32 ** 2 * 2
+    drop = on_gpu_.peak_allocated - plan.estimate.peak_allocated      # the rows count where the peak is the step's
+    assert (tables - rows - 1 <= drop <= tables) if on_cpu else drop == 0
+    plain = plan_(cfg, B15)
+    assert not PL.deep_embed_on_cpu(cfg, B15) and "DeepEmbed" not in " ".join(plain.describe())
+
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])

@@ -132,6 +132,47 @@ def test_method_and_size_names():
         train_speed.parse_method("lora+fp4")
 
 
+def test_a_7a_row_makes_its_model_with_make_models_code_and_trains(tmp_path, monkeypatch, capsys):
+    """--deep-embed R: a row's model is an RWKV-7a one of rank R, made by tools.make_model's code (its DeepEmbed
+    drawn: the gate is not 1), cached under a name of its own; the row's sizes (what the estimate and the
+    calibration read) are the file's; the row trains through the trainer, its estimate without the s_emb tables
+    (in CPU memory on one GPU); its command repeats the option; RWKV-6 rows are refused."""
+    from tools.make_model import new_model
+    from trainer import device as gpu
+    from trainer import loop
+    from trainer import plan as planning
+    from trainer.checkpoint import detect_config, load_checkpoint
+    from trainer.counts import param_table
+    for name in ("RunFiles", "learning_rate"):                     # run_row replaces these: restored afterwards
+        monkeypatch.setattr(loop, name, getattr(loop, name))
+    monkeypatch.setattr(planning, "resolve", planning.resolve)
+    monkeypatch.setattr(gpu, "trim_thread_stack", gpu.trim_thread_stack)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # make_model_file's: the tests keep one
+    path = tmp_path / "rwkv7a8-2x128-v512.pth"
+    train_speed.make_model_file(7, 2, 128, 512, str(path), 8)
+    assert train_speed.ensure_model(7, 2, 128, 512, tmp_path, 1, deep_embed=8) == path   # made: not again
+    row = dict(train_speed._row(7, "tiny", "lora", 16, 2, 1, op="chunk", deep_embed=8), vocab=512)
+    sd, sizes = load_checkpoint(path), train_speed.row_sizes(row)
+    assert detect_config(sd) == sizes and sizes.deep_embed == 8
+    made = new_model(sizes, output_gain=0.0).state_dict()
+    assert sd.keys() == made.keys() and all(torch.equal(sd[k], made[k].bfloat16()) for k in sd)
+    assert sd["blocks.1.ffn.s_emb.weight"].abs().max() > 0 and (sd["blocks.1.ffn.s0"] != 1).any()
+    train_speed.make_data(tmp_path / "data", 512, 4096)
+    res = train_speed.run_row(dict(row, model_path=str(path), data_prefix=str(tmp_path / "data"),
+                                   output=str(tmp_path / "out"), steps=1, warmup=1, precision="bf16", lora_r=8,
+                                   lora_alpha=16.0, peak_tflops=None))
+    assert res["status"] == "ok" and res["deep_embed_on_cpu"] is False and res["loss_last"] > 0
+    t = param_table(train_speed.row_config(row), sizes)
+    assert res["params_total"] == sum(v.numel() for v in sd.values()) == t.total
+    tables = 512 * 128 + 2 * 512 * 8 ** 2                          # emb + s_emb: the GPU plan keeps them on the CPU
+    assert res["est_terms"]["weights"] == (t.frozen + t.buffers - tables) * 2
+    assert train_speed.format_row(row, res).startswith("7a  tiny lora")
+    assert train_speed.main(["--size", "tiny", "--deep-embed", "8", "--list"]) == 0
+    assert "--deep-embed 8" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="RWKV-7a, an RWKV-7 model, not RWKV-6"):
+        train_speed.main(["--version", "6", "--size", "tiny", "--deep-embed", "32", "--list"])
+
+
 def test_out_of_memory_is_a_row_status(tmp_path, monkeypatch):
     from trainer import loop
     monkeypatch.setattr(loop, "RunFiles", loop.RunFiles)          # run_row replaces it: restore afterwards

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rank 32; the rwkv package runs it with RWKV_DE_VERSION=1")
     args = ap.parse_args(argv)
 
-    from trainer.checkpoint import DTYPES, config_from_sizes, init_model, save_atomic
+    from trainer.checkpoint import DTYPES, config_from_sizes, save_atomic
+    from trainer.deepembed import PACKAGE_RANK
 
     if not args.out.endswith(".pth"):
         raise UserError(f"--out {args.out} should end with .pth", f"e.g. --out {args.out}.pth")
@@ -46,11 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.output_gain <= 10:
         raise UserError(f"--output-gain {args.output_gain} is outside 0 to 10.",
                         f"use {FINETUNE_OUTPUT_GAIN} (the default), or 0 for RWKV-LM's zero output projections")
-    cfg = _deep_embed_config(cfg, args.deep_embed)
-    model = init_model(cfg, seed=args.seed, output_gain=args.output_gain)
-    if cfg.deep_embed:
-        from trainer.deepembed import random_deep_embed_
-        random_deep_embed_(model, seed=args.seed)
+    cfg = deep_embed_config(cfg, PACKAGE_RANK if args.deep_embed else 0)
+    model = new_model(cfg, seed=args.seed, output_gain=args.output_gain)
     sd = {k: v.to(DTYPES[args.dtype]).contiguous() for k, v in model.state_dict().items()}
     save_atomic(sd, args.out)
     n = sum(v.numel() for v in sd.values())
@@ -59,17 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _deep_embed_config(cfg, deep_embed: bool):
-    """``cfg`` with RWKV-7a's DeepEmbed at the rwkv package's rank for --deep-embed (RWKV-7 only)."""
+def deep_embed_config(cfg, rank: int):
+    """``cfg`` with RWKV-7a's DeepEmbed of rank ``rank`` (--deep-embed: the rwkv package's; 0: none), RWKV-7 only
+    (bench/train_speed.py's --deep-embed too)."""
     import dataclasses
-
-    from trainer.deepembed import PACKAGE_RANK
-    if not deep_embed:
+    if not rank:
         return cfg
     if cfg.version != 7:
         raise UserError(f"--deep-embed is RWKV-7a, an RWKV-7 model, not RWKV-{cfg.version}.",
                         "use --version 7 --deep-embed, or leave --deep-embed out")
-    return dataclasses.replace(cfg, deep_embed=PACKAGE_RANK)
+    return dataclasses.replace(cfg, deep_embed=rank)
+
+
+def new_model(cfg, seed: int = 0, output_gain: float = FINETUNE_OUTPUT_GAIN, device="cpu"):
+    """The model this tool writes for ``cfg``: RWKV-LM's initialisation (model.init_weights_; a GPU ``device``
+    makes a 7B in seconds, with other values than the CPU's), a 7a model's DeepEmbed drawn so that its gate is near
+    1 but not 1 (deepembed.random_deep_embed_). bench/train_speed.py makes its models with it too."""
+    import torch
+
+    from trainer.deepembed import random_deep_embed_
+    from trainer.model import RWKV, init_weights_
+    with torch.device(device):
+        model = init_weights_(RWKV(cfg), seed, output_gain)
+    if cfg.deep_embed:
+        random_deep_embed_(model, seed=seed)
+    return model
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
     from .peft import get_method
     from .peft.base import part_names
     from .strategy import BNB_MIN_8BIT
+    from .tables import is_table
     if method is None:
         cls = get_method(cfg.FINETUNE_MODE)
         method = cls(cls.settings_from(cfg))
@@ -123,7 +124,7 @@ def param_table(cfg: Any, sizes: Any, method: Any = None) -> ParamTable:
             c["qbytes"] += _quantised_bytes(quant, shape) * mult
         else:
             c["frozen"] += n * mult
-            c["streamed"] += n if in_block and n >= STREAM_MIN_NUMEL else 0
+            c["streamed"] += n if in_block and n >= STREAM_MIN_NUMEL and not is_table(key) else 0
         own = method.linear_counts(*shape) if is_target else None
         if own is not None:
             c["adapted"] += mult

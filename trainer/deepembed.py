@@ -17,8 +17,10 @@ sees it):
     out  = value(relu(key(x_k-mixed x))^2 * gate)
 
 (the ``rwkv`` package, with RWKV_DE_VERSION=1, folds ``ln0(emb) @ s_emb_x.T`` into s_emb when it loads the file;
-we keep the two as stored, so that merge writes the released layout). The token ids reach every FFN with
-``deep_embed_inputs``; the attention is plain RWKV-7, so state, infctx and the WKV kernels are unchanged.
+we keep the two as stored, so that merge writes the released layout). ``deep_embed_inputs`` gives a forward pass's
+tokens and e; ``deep_rows`` looks each block's s_emb rows up before the block runs (outside its compiled graph and
+its checkpoint: a frozen table can then stay in CPU memory, trainer/tables.py) and hands them to the FFN with e. The
+attention is plain RWKV-7, so state, infctx and the WKV kernels are unchanged.
 
 The tensors are frozen unless TRAIN_PARTS has ``deepembed`` (``DEEPEMBED_RE``): s_emb alone is V·r² numbers a
 layer (65536 x 1024 = 67M: a 0.1B 7a model has 0.8B of them).
@@ -32,6 +34,8 @@ import re
 
 import torch
 from torch import Tensor, nn
+
+from .tables import held, lookup
 
 DEEPEMBED_KEYS = ("s_emb.weight", "s_emb_x.weight", "s1", "s2", "s0")     # in each blocks.N.ffn.
 DEEPEMBED_RE = re.compile(r"^blocks\.\d+\.ffn\.(s_emb\.weight|s_emb_x\.weight|s[012])$")
@@ -84,19 +88,30 @@ def rank_note(rank: int, where: str) -> str | None:
 
 
 def deep_embed_inputs(model: nn.Module, idx: Tensor, x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """What every FFN of a 7a model needs besides its input: the token ids [B,T] and their embedding after ln0
-    [B,T,C] in the residual stream's dtype. None for a model without DeepEmbed."""
+    """What deep_rows needs for every block of a 7a model: the token ids [B,T] on the s_emb tables' device (copied
+    there once per forward pass, not once per table) and their embedding after ln0 [B,T,C] in the residual
+    stream's dtype. None for a model without DeepEmbed."""
     if not getattr(model.cfg, "deep_embed", 0):
         return None
-    return idx, model.blocks[0].ln0(x).to(x.dtype)
+    return idx.to(model.blocks[0].ffn.s_emb.weight.device), model.blocks[0].ln0(x).to(x.dtype)
+
+
+def deep_rows(ffn: nn.Module, de: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """What a block's FFN gets from deep_embed_inputs' ``de``: where its s_emb table is held in CPU memory, the rows
+    of the tokens [B,T,r*r] looked up there (before the block: outside its graph and checkpoint) and e; else the
+    token ids themselves and e, the block looking its rows up (a checkpointed block then keeps B·T ids, not B·T·r²
+    rows, and recomputes the lookup)."""
+    ids, e0 = de
+    return (lookup(ffn.s_emb.weight, ids, e0.device) if held(ffn.s_emb.weight) else ids), e0
 
 
 def deep_mix(ffn: nn.Module, x: Tensor, de: tuple[Tensor, Tensor]) -> Tensor:
-    """(x s1) S for every token: [B,T,C] -> [B,T,r] (see the module doc)."""
-    idx, e0 = de
+    """(x s1) S for every token: [B,T,C] -> [B,T,r] (see the module doc); ``de``: deep_rows' (rows or ids, e)."""
+    rows, e0 = de
+    if not rows.is_floating_point():                            # the ids: the table is where the block runs
+        rows = lookup(ffn.s_emb.weight, rows, e0.device)
     r = ffn.s1.shape[1]
-    table = ffn.s_emb(idx.to(ffn.s_emb.weight.device)).to(e0.device)
-    S = table + ffn.s_emb_x(e0)
+    S = rows + ffn.s_emb_x(e0)
     xs = (x @ ffn.s1).unsqueeze(-2)                              # [B,T,1,r]
     return (xs @ S.view(*S.shape[:-1], r, r).to(xs.dtype)).squeeze(-2)
 

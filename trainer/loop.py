@@ -112,23 +112,24 @@ def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None
     """The model as the plan places it (what stays in CPU memory, what is quantised or streamed), the method
     applied, trained tensors in fp32 (``init``: INIT_ADAPTER's in place of fresh ones), its execution options handed
     over."""
-    from . import init_adapter, offload
+    from . import init_adapter, offload, tables
     from .quant import is_quantised_key, quantize_model
-    device, stream, emb_cpu = plan.device, plan.stream_quant, plan.emb_on_cpu
+    device, stream, on_cpu = plan.device, plan.stream_quant, (plan.emb_on_cpu, plan.deep_embed_on_cpu)
     # QLoRA on a GPU: the weights to be quantised stay in the file (mmap) until quantize_model puts each,
     # quantised, on the GPU; so the whole model is never there in bf16. OFFLOAD_BLOCKS: those blocks stay in CPU
     # memory from the file on; offload.setup puts the rest of them on the GPU and their frozen matrices in pinned
-    # memory. The frozen embedding stays in CPU memory on one GPU.
+    # memory. The frozen embedding and DeepEmbed tables stay in CPU memory on one GPU (tables.py): never on it.
     off_prefixes = tuple(f"blocks.{b}." for b in plan.offload_blocks)
     keep = None
-    if stream or emb_cpu or off_prefixes:
-        keep = lambda k: ((stream and is_quantised_key(k)) or (emb_cpu and k == "emb.weight")  # noqa: E731
+    if stream or any(on_cpu) or off_prefixes:
+        keep = lambda k: ((stream and is_quantised_key(k)) or tables.keeps(k, *on_cpu)  # noqa: E731
                           or k.startswith(off_prefixes))      # () when nothing is streamed: False
     model = checkpoint.load_model(cfg.model_path, dtype=plan.weight_dtype, device=device, keep_on_cpu=keep)
     method = plan.method
     if method.NOTE:                          # e.g. that FINETUNE_MODE=miss is Bone under its new name
         log(method.NOTE)
     method.apply(model, train_parts=cfg.TRAIN_PARTS)
+    tables.hold_tables(model, *on_cpu, dtype=plan.weight_dtype)    # frozen now; as stored in the file until now
     off = offload.setup(model, plan.offload_blocks, device, dtype=plan.weight_dtype)
     if off is not None:
         log(f"OFFLOAD_BLOCKS: blocks {', '.join(map(str, off.order))} ({len(off.order)} of {plan.sizes.n_layer}) "
@@ -138,16 +139,11 @@ def _build(cfg: TrainConfig, plan: RunPlan, zero: set, log: Callable[[str], None
     if report is not None:
         log(report.line())
     if stream:                               # the adapters were made beside the weights, on the CPU
-        for part in model.children():
-            if not (emb_cpu and part is model.emb):
-                part.to(device)
+        tables.to_device(model, device)
     for p in model.parameters():             # trained tensors in fp32 (exact optimizer), frozen ones lean
         if p.requires_grad:
             p.data = p.data.float()
     init_adapter.apply(init, method, model, log)     # in fp32 now: its values are not rounded to the weights' dtype
-    if emb_cpu:
-        model.emb.to(dtype=plan.weight_dtype)     # as stored in the file until now
-        model.keep_embedding_on_cpu()
     if model.cfg.version == 7:               # stored in layer 0 but unused there: nothing to train (and DDP
         for name in ("v0", "v1", "v2"):      # refuses parameters that get no gradient)
             getattr(model.blocks[0].att, name).requires_grad_(False)

@@ -15,8 +15,9 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
 
   weights    frozen base elements × the weight bytes (2; 4 in fp32); the quantised att/ffn linears at their exact
              storage (nf4: 32 code bytes + 4 scale bytes per 64 weights; int8: 1 per weight + 4 per row); a
-             method's buffers × 2; less the embedding (V·C × 2) where the plan keeps it in CPU memory, less the
-             streamed blocks' frozen matrices but two (OFFLOAD_BLOCKS)
+             method's buffers × 2; less the embedding (V·C × 2) and an RWKV-7a model's DeepEmbed tables
+             (L·V·r² × 2) where the plan keeps them in CPU memory, less the streamed blocks' frozen matrices but two
+             (OFFLOAD_BLOCKS)
   trained    P × 4                  the trainer keeps trained tensors in fp32
   optimizer  P × 8                  AdamW's exp_avg and exp_avg_sq (OPTIMIZER=adamw8bit: OPT8_BYTES, and 8
                                     for the numbers in tensors under 4096 numbers, which keep fp32 states)
@@ -25,8 +26,9 @@ but v7's unused layer-0 v0/v1/v2). Counts: trainer/counts.py.
                                     the trainer runs on a GPU (DeepSpeed: below)
   saved      what the forward pass keeps for the backward pass:
                no checkpointing: L × (layer·BT + casts)
-               checkpointing: L × CP_SAVED·C·BT (each block keeps only its input), but the plan's p top blocks
-               as without checkpointing and its m blocks below them plus KP_SAVED·C·BT (they keep their matrix
+               checkpointing: L × CP_SAVED·C·BT (each block keeps only its inputs; RWKV-7a with its tables in
+               CPU memory: + r²·BT of its s_emb rows, in the table's dtype), but the plan's p top blocks as
+               without checkpointing and its m blocks below them plus KP_SAVED·C·BT (they keep their matrix
                products). The top blocks go back first, so the peak is the larger of all that plus a plain
                block's backward work and the fully checkpointed blocks' inputs plus one recomputed block
              layer = (ACT[version][family] + WKV_SAVED[op][version] + PARTS_ACT[version] if TRAIN_PARTS has
@@ -187,7 +189,7 @@ class _Resident:
     opt: float
     grads: float
     step: float
-    emb: float                           # the embedding's bytes kept in CPU memory instead
+    host: float                          # the tables' bytes kept in CPU memory instead (embedding, DeepEmbed)
     off: float                           # the streamed blocks' bytes kept in CPU memory instead
     ds: bool
     stage: int
@@ -196,8 +198,8 @@ class _Resident:
 def _resident(plan: Any, sizes: Any, t: Any, wbytes: int, notes: list[str]) -> _Resident:
     P = t.trained
     frozen_w = t.frozen * wbytes + t.quantised_bytes + t.buffers * wbytes
-    emb_w = sizes.vocab_size * sizes.n_embd * wbytes if plan.emb_on_cpu else 0
-    frozen_w -= emb_w                                # the frozen embedding stays in CPU memory
+    host_w = host_table_bytes(plan, sizes, wbytes)
+    frozen_w -= host_w                               # the frozen tables stay in CPU memory
     n_off = plan.offload
     off_w = (n_off - min(n_off, 2)) * t.block_streamed * wbytes    # streamed blocks take turns in two slots
     frozen_w -= off_w
@@ -230,7 +232,16 @@ def _resident(plan: Any, sizes: Any, t: Any, wbytes: int, notes: list[str]) -> _
                 frozen_w, trained_w = frozen_w / W + gathered, trained_w / W
         notes.append("DeepSpeed: weights and optimizer follow its ZeRO layout; its activations are scaled from "
                      "the autocast ones (simulated, not measured yet)")
-    return _Resident(frozen_w, trained_w, opt, grads, step, emb_w, off_w, bool(stage), stage)
+    return _Resident(frozen_w, trained_w, opt, grads, step, host_w, off_w, bool(stage), stage)
+
+
+def host_table_bytes(plan: Any, sizes: Any, wbytes: int) -> float:
+    """The frozen tables the plan keeps in CPU memory (trainer/tables.py): the embedding V·C, an RWKV-7a model's
+    DeepEmbed tables L·V·r², in the weight dtype."""
+    V = sizes.vocab_size
+    emb = V * sizes.n_embd if plan.emb_on_cpu else 0
+    de = sizes.n_layer * V * sizes.deep_embed ** 2 if plan.deep_embed_on_cpu else 0
+    return float((emb + de) * wbytes)
 
 
 def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[float, float]:
@@ -264,6 +275,8 @@ def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[
     if not cp:
         return L * plain_saved, work
     cp_in = (CP_SAVED_DS if ds else CP_SAVED.get(plan.precision, 4.0)) * C * BT
+    if getattr(sizes, "deep_embed", 0) and plan.deep_embed_on_cpu:   # RWKV-7a with its tables in CPU memory: each
+        cp_in += sizes.deep_embed ** 2 * BT * (4.0 if plan.precision == "fp32" else 2.0)   # block's rows an input
     cp_saved = (L - L_plain) * cp_in
     kp_saved = L_kp * KP_SAVED.get(family, 0.0) * C * BT
     saved = cp_saved + L_plain * plain_saved + kp_saved
@@ -281,13 +294,13 @@ def _activations(plan: Any, sizes: Any, t: Any, method: Any, ds: bool) -> tuple[
 def _load_peak(plan: Any, t: Any, method: Any, wbytes: int, r: _Resident) -> float:
     """Set-up: the whole model in the weight dtype on the GPU, then the method's tensors."""
     P, quant = t.trained, plan.cfg.QUANT
-    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes - r.emb - r.off
+    load_peak = (t.total + (P - t.trained_base) + t.buffers) * wbytes - r.host - r.off
     if quant != "none" and not plan.stream_quant:
         load_peak += QUANTISE_WORK * t.largest_target
     elif quant != "none":        # quantised from the file into the GPU one weight at a time (loop.prepare)
         load_peak = r.frozen + P * wbytes + (QUANTISE_WORK + wbytes) * t.largest_target
-    if method.TRAINS_BASE:
-        load_peak = t.total * max(wbytes, 4)       # every tensor ends in fp32, one at a time from bf16
+    if method.TRAINS_BASE:     # every tensor ends in fp32, one at a time from bf16 (but the frozen DeepEmbed
+        load_peak = (t.total - r.host / wbytes) * max(wbytes, 4)      # tables kept in CPU memory)
     if r.stage == 3 and plan.world > 1:
         load_peak /= plan.world
     return load_peak

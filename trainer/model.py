@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .deepembed import add_deep_embed, deep_embed_inputs, deep_gate, deep_mix
+from .deepembed import add_deep_embed, deep_embed_inputs, deep_gate, deep_mix, deep_rows
 from .head_loss import head_ce_sum
 from .ops import is_traceable, wkv
+from .tables import hold_on_cpu, lookup
 
 LN_X_EPS = 64e-5                    # GroupNorm eps of ln_x: 1e-5 * head_size_divisor(8) ** 2
 EXP_MINUS_HALF = math.exp(-0.5)     # RWKV-7: decay = exp(-e^-0.5 * sigmoid(.)), in (0.545, 1)
@@ -406,23 +407,13 @@ class RWKV(nn.Module):
     def keep_embedding_on_cpu(self) -> None:
         """Keep the (frozen) embedding in pinned CPU memory, the rest where it is: each forward looks its
         tokens up there and copies only their rows to the GPU (B·T·C values instead of the whole V·C table:
-        0.25 GiB of GPU memory less for a 1.5B model). For one GPU without DeepSpeed (plan.embedding_on_cpu)."""
-        w = self.emb.weight
-        if w.requires_grad:
-            raise ValueError("only a frozen embedding can stay on the CPU")
-        cpu = w.detach().to("cpu")
-        self.emb.weight = nn.Parameter(cpu.pin_memory() if torch.cuda.is_available() else cpu,
-                                       requires_grad=False)
+        0.25 GiB of GPU memory less for a 1.5B model). For one GPU without DeepSpeed (plan.embedding_on_cpu;
+        the trainer holds it and a 7a model's DeepEmbed tables with tables.hold_tables)."""
+        hold_on_cpu(self.emb)
 
     def embed(self, idx: Tensor) -> Tensor:
         """The embedding of the tokens idx [B,T] on idx's device (see keep_embedding_on_cpu)."""
-        w = self.emb.weight
-        if w.device == idx.device:
-            return self.emb(idx)
-        ids = idx.to(w.device).flatten()
-        out = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype, pin_memory=w.is_pinned())
-        torch.index_select(w, 0, ids, out=out)
-        return out.view(*idx.shape, w.shape[1]).to(idx.device, non_blocking=True)
+        return lookup(self.emb.weight, idx)
 
     def compile_blocks(self, backend: str = "inductor", cudagraphs: bool = False) -> None:
         """torch.compile every block: the element-wise work between the matrix products (token shift, the
@@ -490,7 +481,7 @@ class RWKV(nn.Module):
         x = self.embed(idx)
         if self.act_dtype is not None and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.act_dtype)     # (without autocast, e.g. DeepSpeed's fp16/bf16 engine: the weights' dtype)
-        v_first, de = None, deep_embed_inputs(self, idx, x)      # de: RWKV-7a's tokens for every FFN
+        v_first, de = None, deep_embed_inputs(self, idx, x)      # de: RWKV-7a's tokens, each FFN's rows from them
         new_state: State = []
         # training: gradient checkpointing (all blocks but the ``plain_top`` top ones), compiled with the block
         # where the op is traced into the graph (else eager); the blocks without it as CUDA graphs where
@@ -519,10 +510,12 @@ class RWKV(nn.Module):
                 att_shift, wkv_state, ffn_shift = zero, blk.att.initial_state(B), zero
             else:
                 att_shift, wkv_state, ffn_shift = state[i]
-            args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op) + ((de,) if de is not None else ())
             call = (cp_call if i < n_cp - n_kp else kp_call) if i < n_cp else plain_call
             if self.offload is not None:
                 self.offload.before(i)             # its weights in their GPU slot
+            # a 7a block gets its s_emb rows, looked up here: outside its graph and checkpoint (tables.py)
+            args = (x, v_first, att_shift, wkv_state, ffn_shift, self.op) + (() if de is None else
+                                                                              (deep_rows(blk.ffn, de),))
             if call is not None:
                 x, v_first, att_shift, wkv_state, ffn_shift = call(blk, *args)
             else:

@@ -31,13 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .tables import is_table, to_device
+
 STREAM_MIN_NUMEL = 65536        # a block's frozen tensors at least this big are streamed (the matrices);
                                 # the norms, mixing vectors and adapters stay on the GPU
 
 
 def streamable(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The frozen tensors of a block that streaming moves to CPU memory: {name: parameter}."""
-    return {n: p for n, p in block.named_parameters() if not p.requires_grad and p.numel() >= STREAM_MIN_NUMEL}
+    """The frozen tensors of a block that streaming moves to CPU memory: {name: parameter}. Not an RWKV-7a
+    DeepEmbed table: only its tokens' rows are read (before the block runs), and it stays in CPU memory anyway."""
+    return {n: p for n, p in block.named_parameters()
+            if not p.requires_grad and p.numel() >= STREAM_MIN_NUMEL and not is_table(n)}
 
 
 def choose_blocks(n_layer: int, count: int) -> list[int]:
@@ -185,7 +189,8 @@ def setup(model: nn.Module, blocks: list[int], device: torch.device,
         return None
     off = BlockOffload(model, blocks, device, dtype)
     for b in off.order:
-        model.blocks[b].to(off.device)       # the slots' views are there already: left as they are
+        to_device(model.blocks[b], off.device)   # the slots' views are there already: left as they are (and
+                                                 # a held DeepEmbed table in CPU memory)
         if dtype is not None:
             for t in itertools.chain(model.blocks[b].parameters(), model.blocks[b].buffers()):
                 if t.is_floating_point() and t.dtype != dtype:

@@ -10,9 +10,9 @@ Where each thing is decided (all in this file): the device (device_for), precisi
 dtype (precision_name, precision_of, activation_dtype), the WKV op (_op), compiling (compile_choice), CUDA graphs
 (use_cudagraphs and the "memory is tight" veto in resolve), gradient checkpointing's tiers (GRAD_CP=auto:
 _search_tiers), which blocks stream their weights from CPU memory (OFFLOAD_BLOCKS: _offload_number,
-_search_offload), the embedding kept in CPU memory (embedding_on_cpu), QLoRA's loading from the file
-(stream_quant), the FFN's pieces, the allocator's expandable segments (Machine.grow_segments). The ``auto``
-searches call the memory estimate (trainer/memory.py) on candidate plans.
+_search_offload), the embedding and DeepEmbed tables kept in CPU memory (embedding_on_cpu, deep_embed_on_cpu),
+QLoRA's loading from the file (stream_quant), the FFN's pieces, the allocator's expandable segments
+(Machine.grow_segments). The ``auto`` searches call the memory estimate (trainer/memory.py) on candidate plans.
 """
 from __future__ import annotations
 
@@ -239,12 +239,27 @@ def use_cudagraphs(cfg: Any, machine: Machine, n_embd: int, method: Any) -> bool
 
 
 def embedding_on_cpu(cfg: Any, method: Any) -> bool:
-    """Whether a GPU run keeps the embedding in CPU memory (RWKV.keep_embedding_on_cpu): where it is frozen (a
-    method that does not train the base, emb not in TRAIN_PARTS) and one process trains without DeepSpeed (DDP
-    wants every parameter on the GPU; DeepSpeed moves the whole model there)."""
+    """Whether a GPU run keeps the embedding in CPU memory (trainer/tables.py): where it is frozen (a method that
+    does not train the base, emb not in TRAIN_PARTS) and _tables_may_stay."""
     from .peft.base import part_names
     if method.TRAINS_BASE or part_names(["emb.weight"], tuple(cfg.TRAIN_PARTS)):
         return False
+    return _tables_may_stay(cfg)
+
+
+def deep_embed_on_cpu(cfg: Any, sizes: Any) -> bool:
+    """Whether a GPU run keeps an RWKV-7a model's DeepEmbed tables (ffn.s_emb, V x r² a layer: 3 GiB at 1.5B) in
+    CPU memory (trainer/tables.py): where they are frozen (TRAIN_PARTS without deepembed: every method, full
+    fine-tuning too, leaves them so otherwise) and _tables_may_stay."""
+    from .peft.base import part_names
+    if not getattr(sizes, "deep_embed", 0) or part_names(["blocks.0.ffn.s_emb.weight"], tuple(cfg.TRAIN_PARTS)):
+        return False
+    return _tables_may_stay(cfg)
+
+
+def _tables_may_stay(cfg: Any) -> bool:
+    """Frozen tables may stay in CPU memory: one process, no DeepSpeed (DDP wants every parameter on the GPU;
+    DeepSpeed moves the whole model there)."""
     return cfg.GPU_COUNT * cfg.NODES == 1 and not cfg.STRATEGY.startswith("deepspeed_stage_")
 
 
@@ -317,6 +332,7 @@ class RunPlan:
     offload: int                         # blocks whose frozen weights stream from CPU memory
     host_limit: int | None               # OFFLOAD_BLOCKS=auto: the most the CPU memory holds (None: unknown)
     emb_on_cpu: bool                     # the frozen embedding stays in CPU memory
+    deep_embed_on_cpu: bool              # ... and so do an RWKV-7a model's frozen DeepEmbed tables (ffn.s_emb)
     stream_quant: bool                   # QUANT: weights go from the file into the GPU one at a time, quantised
     batch: tuple[int, int]               # (B, T) of one forward call: MICRO_BSZ × CTX_LEN (infctx: CHUNK_CTX)
     world: int                           # processes (GPU_COUNT × NODES)
@@ -398,6 +414,8 @@ class RunPlan:
                 f"gradient checkpointing: {self.tiers()}; FFN in {self.ffn_pieces} piece(s)",
                 f"blocks streaming their frozen weights from CPU memory: {off}; embedding in "
                 f"{'CPU' if self.emb_on_cpu else 'GPU'} memory"
+                + (f"; DeepEmbed tables (ffn.s_emb) in {'CPU' if self.deep_embed_on_cpu else 'GPU'} memory"
+                   if getattr(self.sizes, "deep_embed", 0) else "")
                 + ("; quantised weights loaded from the file one at a time" if self.stream_quant else ""),
                 f"{self.world} process(es)" + (f", DeepSpeed ZeRO stage {self.ds_stage}"
                                               + (" with CPU offload" if self.ds_offload else "") if self.ds_stage else "")]
@@ -486,6 +504,7 @@ def resolve(cfg: Any, sizes: Any, machine: Machine, *, op: str | None = None,
         ffn_piece_tokens=FFN_PIECE_TOKENS if checkpointing else 0,
         ffn_pieces=ffn_pieces(B * T, FFN_PIECE_TOKENS if checkpointing else 0),
         offload=offload, host_limit=None, emb_on_cpu=cuda and embedding_on_cpu(cfg, method),
+        deep_embed_on_cpu=cuda and deep_embed_on_cpu(cfg, sizes),
         stream_quant=cfg.QUANT != "none" and cuda and not method.NEEDS_BASE_ON_GPU, batch=(B, T),
         world=cfg.GPU_COUNT * cfg.NODES, ds_stage=deepspeed_stage(cfg.STRATEGY) or 0,
         ds_offload=is_offload(cfg.STRATEGY), grow_segments=machine.grow_segments, free=machine.free)

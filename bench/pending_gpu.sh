@@ -5,7 +5,7 @@
 # Usage, on the device machine after installing the carried wheels:  OUT=/path bash bench/pending_gpu.sh [STEP ...]
 # STEPs (default: all, in this order): tests valid dora   (valid also times the sample written at the save: its
 # record's sample_s, issue 32's wait). Also: quick (the GPU tests that need no fla kernels: no autotuning),
-# fp8 (QUANT=fp8 against bf16 and int8 at 1.5B). Time limits: T_TESTS T_VALID T_DORA T_QUICK T_FP8 (seconds).
+# fp8 (QUANT=fp8 against bf16 and int8 at 1.5B), de (a 1.5B RWKV-7a: s_emb tables in CPU memory or not). Time limits: T_TESTS T_VALID T_DORA T_QUICK T_FP8 T_DE (seconds).
 set -uo pipefail
 OUT=${OUT:-/tmp/pending_gpu}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -17,8 +17,8 @@ step() {   # name, seconds, command...
     echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '(passed|failed|skipped|error|tokens/s|valid_s_steady)' "$OUT/$name.log" | tail -1 | cut -c1-300)"
 }
 want() { [ $# -eq 0 ] || [[ " $* " == *" $STEP "* ]]; }
-for STEP in tests quick valid dora fp8; do
-    [ $# -eq 0 ] && [[ $STEP == quick || $STEP == fp8 ]] && continue
+for STEP in tests quick valid dora fp8 de; do
+    [ $# -eq 0 ] && [[ $STEP == quick || $STEP == fp8 || $STEP == de ]] && continue
     want "$@" || continue
     case $STEP in
     tests)   # issue 28's moved code, issue 29's validation pass, issue 30's L2WRAP kernel and optimizer paths
@@ -38,5 +38,9 @@ for STEP in tests quick valid dora fp8; do
         step fp8 "${T_FP8:-300}" python3 bench/train_speed.py --version 7 --size 1.5B --method lora+fp8 lora+int8 \
             --ctx 1024 --bsz 1 --train-parts ln --grad-cp 1 --steps 5 --warmup 2 --peak-tflops 989 \
             --model-dir "$MODELS" --json "$OUT/speed.jsonl" ;;
+    de)      # issue 31: a 1.5B RWKV-7a, its s_emb tables in CPU memory (the default) against on the GPU
+        step de "${T_DE:-300}" bash -c 'for where in cpu gpu; do TRAIN_SPEED_DEEP_EMBED=$where python3 \
+            bench/train_speed.py --version 7 --size 1.5B --deep-embed 32 --method lora --ctx 1024 --bsz 1 --grad-cp 1 \
+            --steps 5 --warmup 2 --peak-tflops 989 --model-dir "$0" --json "$1/de_$where.jsonl"; done' "$MODELS" "$OUT" ;;
     esac
 done

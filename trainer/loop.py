@@ -33,7 +33,7 @@ from .schedule import learning_rate
 from . import validate
 from .validate import EarlyStop, Record, Validation, split_data
 
-from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread, together  # noqa: F401  (re-exported)
+from .strategy import ADAM_BETAS, ADAM_EPS, GRAD_CLIP, Spread, leave_group, together  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -592,5 +592,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int |
         run.files.close()
         if run.wandb is not None:
             run.wandb.finish()
+        if run.fabric.world_size > 1:
+            leave_group()
     run.result.global_step = pos.opt_step
     return run.result

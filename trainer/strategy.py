@@ -219,6 +219,16 @@ def deepspeed_config(cfg: Any) -> dict:
     }
 
 
+def leave_group() -> None:
+    """Leave torch.distributed's process group where there is one (several processes), as the run ends: else its
+    threads may die with the interpreter ("terminate called without an active exception" after the run's last
+    line, an abort instead of the exit code)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
 def together(fabric, work: Callable[[], Any], machines: int = 1) -> Any:
     """``work()`` on every process, and a UserError in any of them stops all of them with one line: no process goes
     on into a collective that another has left (where it would wait forever, or fail with a traceback). The first
@@ -239,6 +249,7 @@ def together(fabric, work: Callable[[], Any], machines: int = 1) -> Any:
     failed = [r for r, t in enumerate(told) if t is not None]
     if not failed:
         return result
+    leave_group()                # every process stops here
     rank, per_machine = fabric.global_rank, fabric.world_size // machines
     first_here = next((r for r in failed if r // per_machine == rank // per_machine), None)
     if failure is not None and (rank == 0 or (machines > 1 and rank == first_here)):

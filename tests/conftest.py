@@ -13,6 +13,22 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_compile_cache():
+    """One inductor cache for the whole run, in-process and subprocess compiles alike: the trainer's keep_compiled
+    would otherwise move it to the user's cache folder partway through (the first trainer test that compiles),
+    and the graphs compiled before and after would not be shared (a cold machine compiled some twice)."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    set_here = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if set_here:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+    yield
+    if set_here:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 @pytest.fixture(autouse=True)
 def cpu_memory_not_read(monkeypatch):
     """What OFFLOAD_BLOCKS may keep in CPU memory depends on the machine's free memory (device.host_available):

@@ -395,14 +395,15 @@ def test_state_tuning_with_frozen_weights_and_grad_cp(version):
 
 
 def test_embedding_kept_on_the_cpu_gives_the_same_logits():
-    """RWKV.keep_embedding_on_cpu (a GPU run's frozen embedding): refused while it trains; the same logits
+    """tables.hold_on_cpu on the embedding (a GPU run's frozen embedding): refused while it trains; the same logits
     after it. Its cross-device lookup is checked on a GPU in test_train."""
+    from trainer.tables import hold_on_cpu
     model = random_model(7, 2, 64, vocab_size=97, seed=3)
     idx = torch.randint(0, 97, (2, 9))
     before = model(idx)
     with pytest.raises(ValueError, match="frozen"):
-        model.keep_embedding_on_cpu()
+        hold_on_cpu(model.emb)
     model.emb.weight.requires_grad_(False)
-    model.keep_embedding_on_cpu()
+    hold_on_cpu(model.emb)
     assert model.emb.weight.device.type == "cpu" and not model.emb.weight.requires_grad
     assert torch.equal(model(idx), before)

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .deepembed import add_deep_embed, deep_embed_inputs, deep_gate, deep_mix, deep_rows
 from .head_loss import head_ce_sum
 from .ops import is_traceable, wkv
-from .tables import hold_on_cpu, lookup
+from .tables import lookup
 
 LN_X_EPS = 64e-5                    # GroupNorm eps of ln_x: 1e-5 * head_size_divisor(8) ** 2
 EXP_MINUS_HALF = math.exp(-0.5)     # RWKV-7: decay = exp(-e^-0.5 * sigmoid(.)), in (0.545, 1)
@@ -404,15 +404,9 @@ class RWKV(nn.Module):
         for blk in self.blocks:
             blk.ffn.piece_tokens = max(int(n), 0)
 
-    def keep_embedding_on_cpu(self) -> None:
-        """Keep the (frozen) embedding in pinned CPU memory, the rest where it is: each forward looks its
-        tokens up there and copies only their rows to the GPU (B·T·C values instead of the whole V·C table:
-        0.25 GiB of GPU memory less for a 1.5B model). For one GPU without DeepSpeed (plan.embedding_on_cpu;
-        the trainer holds it and a 7a model's DeepEmbed tables with tables.hold_tables)."""
-        hold_on_cpu(self.emb)
-
     def embed(self, idx: Tensor) -> Tensor:
-        """The embedding of the tokens idx [B,T] on idx's device (see keep_embedding_on_cpu)."""
+        """The embedding of the tokens idx [B,T] on idx's device, wherever the table is (a frozen one may be held in
+        CPU memory: trainer/tables.py)."""
         return lookup(self.emb.weight, idx)
 
     def compile_blocks(self, backend: str = "inductor", cudagraphs: bool = False) -> None:
